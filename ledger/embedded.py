@@ -90,20 +90,9 @@ def _pid_alive(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except ImportError:
         return True
-    except Exception:
-        # NoSuchProcess / AccessDenied: it vanished between the two checks, or we cannot look; kill(0) said
-        # it existed, so only the vanished case is dead.
-        return _pid_exists_plain(pid)
-
-
-def _pid_exists_plain(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    except Exception as exc:
+        # AccessDenied: we cannot look, but kill(0) said it exists. NoSuchProcess: it just exited.
+        return type(exc).__name__ != "NoSuchProcess"
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -382,7 +371,11 @@ def _live_nats(home: Path) -> dict[str, Any] | None:
 
 
 def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None) -> ServerInfo:
-    """Find the embedded nats-server of ``home``, or start it (JetStream on, loopback only)."""
+    """Find the embedded nats-server of ``home``, or start it (JetStream on, loopback only).
+
+    ``sync_always`` and ``port`` shape a server this call starts. A running one is returned as it is
+    (its settings are in ``home/nats.json``), except that asking for a different port is an error.
+    """
     home = Path(home).resolve()
     state_file, store, config, log = _nats_paths(home)
     with _locked(home, "nats"):
