@@ -1,0 +1,645 @@
+"""The ``Ledger`` client: append, read and follow a room's events on JetStream.
+
+Every other part of room-ledger (bridge, projector, CLI, agents) goes through this class::
+
+    async with Ledger(Settings.from_env()) as ledger:
+        position = await ledger.append(make_event("support-42", FloorRequest(agent_id="triage")))
+        async for record in ledger.read("support-42"):
+            ...
+
+Appends go out pipelined on the core NATS connection with one shared reply inbox (parsing
+acknowledgements with msgspec), and ``append_many`` groups events into JetStream atomic
+batches so the server fsyncs once per batch rather than once per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import fnmatch
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from ledger import events as ev
+from ledger.errors import (
+    AppendError,
+    ConflictError,
+    ConnectError,
+    EventTooLarge,
+    LedgerError,
+    StreamConfigError,
+    UnknownRoom,
+)
+from ledger.settings import Settings
+from ledger.subjects import Subjects, category_of, room_token
+
+log = logging.getLogger("ledger.client")
+
+MSG_ID: Final = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+BATCH_ID: Final = "Nats-Batch-Id"
+BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+BATCH_COMMIT: Final = "Nats-Batch-Commit"
+
+#: JetStream's "wrong last sequence" error code.
+ERR_WRONG_LAST_SEQUENCE: Final = 10071
+#: The server takes at most 1,000 messages in one atomic batch; 500 keeps headroom.
+ATOMIC_BATCH_SIZE: Final = 500
+#: Per-event overhead on the wire besides the payload: subject, headers, reply.
+_HEADER_ALLOWANCE: Final = 512
+#: How long an append waits for its acknowledgement before giving up.
+ACK_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an appended event sits in the stream."""
+
+    seq: int
+    #: True when the server already had an event with this id (stored once, not an error).
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An event as read from the log: the event with its stream sequence, subject and time."""
+
+    seq: int
+    subject: str
+    time: datetime
+    event: ev.Event
+
+    @property
+    def room(self) -> str:
+        return self.event.room
+
+    @property
+    def type(self) -> str:
+        return ev.event_type(self.event)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSummary:
+    room: str
+    events: int
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    batch: str | None = None
+    count: int = 0
+    error: _ApiError | None = None
+
+
+_ack_decoder: Final = msgspec.json.Decoder(_PubAck)
+
+
+def _type_matcher(types: Sequence[str] | None) -> Any:
+    if not types:
+        return None
+    patterns = list(types)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Ledger:
+    """An async context manager around one NATS connection and the ledger's stream."""
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "room-ledger") -> None:
+        self.settings = settings or Settings.from_env()
+        self.subjects = Subjects(self.settings.subject_prefix)
+        self._name = name
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._inbox_prefix = ""
+        self._inbox_sub: Subscription | None = None
+        self._pending: dict[str, asyncio.Future[_PubAck]] = {}
+        self._atomic = False
+        self._stream_max_msg_size = self.settings.max_msg_size
+        self.nats_url = ""
+        # One batch at a time, so events keep their order across concurrent append_many calls.
+        self._append_lock = asyncio.Lock()
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Ledger:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self, *, ensure_stream: bool = True) -> None:
+        urls = await self._resolve_urls()
+        self.nats_url = ",".join(urls)
+        options: dict[str, Any] = {
+            "servers": list(urls),
+            "name": self._name,
+            "allow_reconnect": True,
+            # Keep reconnecting for as long as the process lives: an outage must not end a bridge.
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 3,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "pending_size": 8 * 1024 * 1024,
+        }
+        s = self.settings
+        if s.nats_creds:
+            options["user_credentials"] = str(s.nats_creds)
+        if s.nats_nkey_seed:
+            options["nkeys_seed"] = str(s.nats_nkey_seed)
+        if s.nats_user:
+            options["user"] = s.nats_user
+            options["password"] = s.nats_password or ""
+        if s.nats_tls_ca or s.nats_tls_cert:
+            context = ssl.create_default_context(cafile=str(s.nats_tls_ca) if s.nats_tls_ca else None)
+            if s.nats_tls_cert:
+                context.load_cert_chain(str(s.nats_tls_cert), str(s.nats_tls_key) if s.nats_tls_key else None)
+            options["tls"] = context
+        try:
+            # The first connection must fail fast and clearly; only later drops reconnect forever.
+            self._nc = await asyncio.wait_for(self._first_connect(options), timeout=10)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise ConnectError(self._unreachable_message(exc)) from exc
+        self._js = self._nc.jetstream(timeout=ACK_TIMEOUT_S)
+        self._inbox_prefix = self._nc.new_inbox()
+        self._inbox_sub = await self._nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_ack)
+        if ensure_stream:
+            await self.ensure_stream()
+
+    async def _first_connect(self, options: dict[str, Any]) -> NatsClient:
+        nc = NatsClient()
+        first = dict(options, max_reconnect_attempts=0, allow_reconnect=False)
+        await nc.connect(**first)
+        await nc.close()
+        # Connect again with reconnection on, now that the server is known to answer.
+        nc = NatsClient()
+        await nc.connect(**options)
+        return nc
+
+    def _unreachable_message(self, exc: BaseException) -> str:
+        where = self.nats_url or "(no URL)"
+        detail = str(exc) or type(exc).__name__
+        if self.settings.embedded_nats:
+            return (
+                f"cannot reach the embedded NATS at {where} ({detail}): remove the stale state under "
+                f"{self.settings.home} or run `ledger up`"
+            )
+        return (
+            f"cannot reach NATS at {where} ({detail}): start it, check LEDGER_NATS_URL, "
+            "or unset LEDGER_NATS_URL to use the embedded server"
+        )
+
+    async def _resolve_urls(self) -> tuple[str, ...]:
+        if self.settings.nats_urls:
+            return self.settings.nats_urls
+        from ledger import embedded
+
+        info = await asyncio.to_thread(
+            embedded.ensure_nats, self.settings.home, sync_always=self.settings.nats_sync_always
+        )
+        return (info.url,)
+
+    async def close(self) -> None:
+        self._closing = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectError("ledger closed before the append was acknowledged"))
+        self._pending.clear()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._nc = None
+        self._js = None
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise LedgerError("the ledger is not connected: use `async with Ledger(...)` or await connect()")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise LedgerError("the ledger is not connected: use `async with Ledger(...)` or await connect()")
+        return self._js
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._closing:
+            return
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        log.warning("disconnected from NATS at %s; reconnecting", self.nats_url)
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+
+    # --- the stream --------------------------------------------------------------------------
+
+    def desired_stream_config(self) -> js_api.StreamConfig:
+        s = self.settings
+        return js_api.StreamConfig(
+            name=s.stream,
+            description="room-ledger: every event of every LiveKit room",
+            subjects=self.subjects.stream_subjects(),
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.FILE,
+            num_replicas=s.replicas,
+            max_age=s.max_age_s or 0,
+            max_msg_size=s.max_msg_size,
+            duplicate_window=s.duplicate_window_s,
+            discard=js_api.DiscardPolicy.OLD,
+            allow_direct=True,
+            allow_atomic=True,
+            deny_delete=False,
+            deny_purge=False,
+        )
+
+    async def ensure_stream(self) -> js_api.StreamInfo:
+        """Create the stream, or bring an existing one to the configured settings."""
+        desired = self.desired_stream_config()
+        jsm = self.js
+        try:
+            info = await jsm.stream_info(desired.name or "")
+        except nats.js.errors.NotFoundError:
+            info = None
+        try:
+            if info is None:
+                info = await jsm.add_stream(desired)
+            else:
+                current = info.config
+                changes = self.stream_differences(current)
+                if changes:
+                    if "num_replicas" in changes and (current.num_replicas or 1) != desired.num_replicas:
+                        log.info("changing stream replicas from %s to %s", current.num_replicas, desired.num_replicas)
+                    info = await jsm.update_stream(desired)
+        except nats.js.errors.APIError as exc:
+            raise StreamConfigError(
+                f"cannot create or update stream {desired.name!r} with subjects {desired.subjects}: "
+                f"{exc.description} (err_code {exc.err_code}); if another stream already holds these "
+                "subjects, set LEDGER_STREAM / LEDGER_SUBJECT_PREFIX to ones of your own"
+            ) from exc
+        self._atomic = bool(info.config.allow_atomic)
+        self._stream_max_msg_size = int(info.config.max_msg_size or self.settings.max_msg_size)
+        if self._stream_max_msg_size <= 0:
+            self._stream_max_msg_size = self.settings.max_msg_size
+        return info
+
+    def stream_differences(self, current: js_api.StreamConfig) -> dict[str, tuple[Any, Any]]:
+        """Settings of an existing stream that differ from the configured ones: name -> (now, wanted)."""
+        desired = self.desired_stream_config()
+        differences: dict[str, tuple[Any, Any]] = {}
+        for field in ("subjects", "num_replicas", "max_age", "max_msg_size", "duplicate_window", "allow_direct",
+                      "allow_atomic"):
+            now = getattr(current, field)
+            wanted = getattr(desired, field)
+            if field == "max_age":
+                now, wanted = now or 0, wanted or 0
+            if field in ("max_age", "duplicate_window"):
+                if abs(float(now or 0) - float(wanted or 0)) > 0.001:
+                    differences[field] = (now, wanted)
+            elif field == "num_replicas":
+                if (now or 1) != (wanted or 1):
+                    differences[field] = (now, wanted)
+            elif bool(now) != bool(wanted) if isinstance(wanted, bool) else now != wanted:
+                differences[field] = (now, wanted)
+        return differences
+
+    async def stream_info(self) -> js_api.StreamInfo:
+        return await self.js.stream_info(self.settings.stream)
+
+    async def head(self) -> int:
+        """The stream's last sequence (0 when empty)."""
+        info = await self.stream_info()
+        return int(info.state.last_seq or 0)
+
+    # --- append ------------------------------------------------------------------------------
+
+    def _encode_checked(self, event: ev.KnownEvent) -> bytes:
+        data = ev.encode(event)
+        subject_len = len(self.subjects.event(event.room, event.type))
+        if len(data) + subject_len + _HEADER_ALLOWANCE > self._stream_max_msg_size:
+            raise EventTooLarge(event.id, len(data) + subject_len + _HEADER_ALLOWANCE, self._stream_max_msg_size)
+        return data
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._inbox_prefix) + 1 :]
+        future = self._pending.pop(token, None)
+        if future is None or future.done():
+            return
+        if not msg.data:
+            # An empty reply acknowledges the start of an atomic batch.
+            future.set_result(_PubAck())
+            return
+        try:
+            future.set_result(_ack_decoder.decode(msg.data))
+        except msgspec.DecodeError as exc:
+            future.set_exception(AppendError(f"unreadable acknowledgement from the server: {exc}"))
+
+    def _expect_reply(self) -> tuple[str, asyncio.Future[_PubAck]]:
+        token = uuid.uuid4().hex
+        future: asyncio.Future[_PubAck] = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        return f"{self._inbox_prefix}.{token}", future
+
+    async def _await_ack(self, future: asyncio.Future[_PubAck], what: str) -> _PubAck:
+        try:
+            return await asyncio.wait_for(future, ACK_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise AppendError(
+                f"no acknowledgement for {what} within {ACK_TIMEOUT_S:.0f}s from NATS at {self.nats_url}: "
+                "is JetStream enabled and the stream reachable? The append is safe to retry (same event id)"
+            ) from exc
+
+    async def append(
+        self,
+        event: ev.KnownEvent,
+        *,
+        expect_room_seq: int | None = None,
+        expect_category: str | None = None,
+    ) -> Position:
+        """Append one event; returns its position.
+
+        ``expect_room_seq=N``: store it only if the room's last event is still at sequence N
+        (0 = the room is empty), else raise :class:`ConflictError`. With ``expect_category``
+        the check covers only that category of the room (e.g. ``"floor"``).
+        """
+        data = self._encode_checked(event)
+        headers = {MSG_ID: event.id}
+        if expect_room_seq is not None:
+            scope = (
+                self.subjects.room_category(event.room, expect_category)
+                if expect_category
+                else self.subjects.room(event.room)
+            )
+            headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expect_room_seq)
+            headers[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = scope
+        else:
+            scope = ""
+        reply, future = self._expect_reply()
+        await self.nc.publish(self.subjects.event(event.room, event.type), data, reply=reply, headers=headers)
+        ack = await self._await_ack(future, f"event {event.id}")
+        if ack.error is not None:
+            if ack.error.err_code == ERR_WRONG_LAST_SEQUENCE:
+                raise ConflictError(scope, expect_room_seq or 0, f"{scope} moved past sequence {expect_room_seq}: "
+                                    f"{ack.error.description}; re-read the room and retry")
+            raise AppendError(
+                f"stream refused event {event.id}: {ack.error.description} (err_code {ack.error.err_code})",
+                err_code=ack.error.err_code,
+            )
+        return Position(ack.seq, ack.duplicate)
+
+    async def append_many(self, events: Iterable[ev.KnownEvent]) -> list[Position]:
+        """Append many events, in order, every one acknowledged.
+
+        Events go in atomic batches of up to 500 (one fsync per batch). A batch the server
+        rejects because it holds an already-stored id (a retry, or a second bridge) is sent
+        again event by event, so each duplicate is reported as such and the rest are stored.
+        """
+        items = list(events)
+        encoded = [self._encode_checked(e) for e in items]
+        positions: list[Position] = []
+        async with self._append_lock:
+            for start in range(0, len(items), ATOMIC_BATCH_SIZE):
+                chunk = items[start : start + ATOMIC_BATCH_SIZE]
+                payloads = encoded[start : start + ATOMIC_BATCH_SIZE]
+                if self._atomic and len(chunk) > 1:
+                    batch_positions = await self._append_atomic(chunk, payloads)
+                    if batch_positions is None:
+                        batch_positions = await self._append_pipelined(chunk, payloads)
+                else:
+                    batch_positions = await self._append_pipelined(chunk, payloads)
+                positions.extend(batch_positions)
+        return positions
+
+    async def _append_atomic(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position] | None:
+        batch_id = uuid.uuid4().hex
+        publish = self.nc.publish
+        first_reply, first_future = self._expect_reply()
+        commit_reply, commit_future = self._expect_reply()
+        last = len(chunk) - 1
+        for index, (event, payload) in enumerate(zip(chunk, payloads, strict=True)):
+            headers = {MSG_ID: event.id, BATCH_ID: batch_id, BATCH_SEQUENCE: str(index + 1)}
+            reply = ""
+            if index == 0:
+                reply = first_reply
+            if index == last:
+                headers[BATCH_COMMIT] = "1"
+                reply = commit_reply
+            await publish(self.subjects.event(event.room, event.type), payload, reply=reply, headers=headers)
+        first = await self._await_ack(first_future, f"atomic batch {batch_id}")
+        commit = await self._await_ack(commit_future, f"atomic batch {batch_id}")
+        error = first.error or commit.error
+        if error is not None:
+            if "duplicate" in error.description.lower():
+                return None
+            if "atomic" in error.description.lower() and "disabled" in error.description.lower():
+                self._atomic = False
+                return None
+            raise AppendError(
+                f"stream refused a batch of {len(chunk)} events: {error.description} (err_code {error.err_code})",
+                err_code=error.err_code,
+            )
+        first_seq = commit.seq - len(chunk) + 1
+        return [Position(first_seq + i) for i in range(len(chunk))]
+
+    async def _append_pipelined(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
+        futures: list[asyncio.Future[_PubAck]] = []
+        for event, payload in zip(chunk, payloads, strict=True):
+            reply, future = self._expect_reply()
+            futures.append(future)
+            await self.nc.publish(
+                self.subjects.event(event.room, event.type), payload, reply=reply, headers={MSG_ID: event.id}
+            )
+        positions: list[Position] = []
+        for event, future in zip(chunk, futures, strict=True):
+            ack = await self._await_ack(future, f"event {event.id}")
+            if ack.error is not None:
+                raise AppendError(
+                    f"stream refused event {event.id}: {ack.error.description} (err_code {ack.error.err_code})",
+                    err_code=ack.error.err_code,
+                )
+            positions.append(Position(ack.seq, ack.duplicate))
+        return positions
+
+    # --- read --------------------------------------------------------------------------------
+
+    def _filter_for(self, room: str, types: Sequence[str] | None) -> str:
+        if types:
+            categories = {category_of(t) for t in types}
+            # A glob like "floor.*" names one category; "*" or "*.state" could be any.
+            if len(categories) == 1 and not any(ch in next(iter(categories)) for ch in "*?["):
+                return self.subjects.room_category(room, next(iter(categories)))
+        return self.subjects.room(room)
+
+    async def room_last_seq(self, room: str) -> int:
+        """The sequence of the room's last event, 0 when it has none."""
+        try:
+            msg = await self.js.get_last_msg(self.settings.stream, self.subjects.room(room), direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def read(
+        self,
+        room: str,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        types: Sequence[str] | None = None,
+        since_time: datetime | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[Record]:
+        """The room's events in order: after sequence ``after`` (or from ``since_time``).
+
+        Without ``follow`` the read ends at the room's last event as of the call (or ``until``);
+        with it the read continues with live events until the caller stops iterating.
+        """
+        subject = self._filter_for(room, types)
+        wanted = _type_matcher(types)
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            mem_storage=True,
+        )
+        if since_time is not None:
+            config = js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+                opt_start_time=since_time,
+                mem_storage=True,
+            )
+        sub = await self.js.subscribe(
+            subject,
+            stream=self.settings.stream,
+            ordered_consumer=True,
+            idle_heartbeat=2.0,
+            config=config,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+        try:
+            if not follow:
+                info = await sub.consumer_info()
+                if (info.num_pending or 0) == 0:
+                    return
+            async for msg in sub.messages:
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                if until is not None and seq > until:
+                    return
+                event = ev.decode(msg.data)
+                name = ev.event_type(event)
+                if wanted is None or wanted(name):
+                    yield Record(seq=seq, subject=msg.subject, time=meta.timestamp, event=event)
+                if not follow and meta.num_pending == 0:
+                    return
+                if until is not None and seq >= until:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def follow(
+        self, room: str, *, after: int = 0, types: Sequence[str] | None = None
+    ) -> AsyncIterator[Record]:
+        """History after ``after``, then live events: no gap, no duplicate, across reconnects."""
+        async for record in self.read(room, after=after, types=types, follow=True):
+            yield record
+
+    async def read_all(self, *, after: int = 0, follow: bool = False) -> AsyncIterator[Record]:
+        """Every room's events in stream order (for projectors and tools)."""
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
+        )
+        sub = await self.js.subscribe(
+            self.subjects.all_rooms(),
+            stream=self.settings.stream,
+            ordered_consumer=True,
+            idle_heartbeat=2.0,
+            config=config,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+        try:
+            if not follow:
+                info = await sub.consumer_info()
+                if (info.num_pending or 0) == 0:
+                    return
+            async for msg in sub.messages:
+                meta = msg.metadata
+                yield Record(
+                    seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode(msg.data)
+                )
+                if not follow and meta.num_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # --- rooms -------------------------------------------------------------------------------
+
+    async def room_summaries(self) -> list[RoomSummary]:
+        """Every room in the log with its event count."""
+        from ledger.subjects import room_from_token
+
+        info = await self.js.stream_info(self.settings.stream, subjects_filter=self.subjects.all_rooms())
+        counts: dict[str, int] = {}
+        prefix_len = len(self.settings.subject_prefix) + 1
+        for subject, count in (info.state.subjects or {}).items():
+            token = subject[prefix_len:].split(".", 1)[0]
+            room = room_from_token(token)
+            counts[room] = counts.get(room, 0) + int(count)
+        return [RoomSummary(room, n) for room, n in sorted(counts.items())]
+
+    async def rooms(self) -> list[str]:
+        return [summary.room for summary in await self.room_summaries()]
+
+    async def require_room(self, room: str) -> None:
+        """Raise :class:`UnknownRoom` (with close names) when the room has no events."""
+        if await self.room_last_seq(room):
+            return
+        names = await self.rooms()
+        raise UnknownRoom(room, difflib.get_close_matches(room, names, n=3, cutoff=0.5))
+
+    async def purge_room(self, room: str) -> int:
+        """Remove every message of a room from the stream; returns how many went."""
+        token = room_token(room)
+        del token  # validated: purge only ever targets an encoded room subject
+        request = msgspec.json.encode({"filter": self.subjects.room(room)})
+        msg = await self.nc.request(f"$JS.API.STREAM.PURGE.{self.settings.stream}", request, timeout=ACK_TIMEOUT_S)
+        reply = msgspec.json.decode(msg.data)
+        if "error" in reply:
+            raise AppendError(f"purge of room {room!r} failed: {reply['error'].get('description')}")
+        return int(reply.get("purged", 0))

@@ -1,0 +1,483 @@
+"""The event model of the log (v1): one envelope, one body per type.
+
+Every message in the stream is one event, JSON-encoded by msgspec::
+
+    {"type": "floor.request", "id": "…", "room": "…", "at": "…", "observed_at": "…",
+     "sender": {"identity": "…", "kind": "agent"}, "body": {…}}
+
+An event does not carry its stream sequence or subject; a read returns it inside a
+:class:`ledger.client.Record` with both.
+
+Schema evolution: the log is permanent, so these rules are never broken
+-----------------------------------------------------------------------
+1. A tag (``type``) is permanent. A type is never renamed and a retired tag is never reused.
+2. A new field gets a default, so old events still decode.
+3. A field never changes type. To change a meaning, add a new field (or a new type) and keep
+   the old one readable.
+4. Readers ignore fields they don't know (msgspec's default), so a newer writer does not break
+   an older reader.
+5. A type this reader does not know decodes to :class:`OpaqueEvent`, which keeps its raw bytes;
+   reducers skip it and count it, ``ledger replay`` shows it.
+6. Breaking changes need a new tag (``floor.request.v2``) and an upcaster in this module
+   mapping the old tag to the new struct at decode time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from ledger.errors import MalformedEvent
+
+SenderKind: TypeAlias = Literal["agent", "standard", "sip", "egress", "ingress", "unknown"]
+AgentStatusValue: TypeAlias = Literal["processing", "idle", "resolved"]
+ConversationItemType: TypeAlias = Literal[
+    "message", "function_call", "function_call_output", "agent_handoff", "agent_config_update"
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_event_id() -> str:
+    """A fresh id for an event whose source gives no identity of its own."""
+    return uuid.uuid4().hex
+
+
+def derived_event_id(*parts: str) -> str:
+    """A deterministic id from a source identity, so two bridges store the event once.
+
+    The parts are length-prefixed before hashing so ("ab", "c") and ("a", "bc") differ.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(4, "big"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+class Sender(msgspec.Struct, frozen=True, omit_defaults=True):
+    identity: str = ""
+    kind: SenderKind = "unknown"
+
+
+UNKNOWN_SENDER: Final = Sender()
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+class Body(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Base of every body; kept apart so bodies can be built before the envelope."""
+
+
+class ParticipantJoined(Body, frozen=True):
+    identity: str
+    sid: str = ""
+    name: str = ""
+    kind: SenderKind = "unknown"
+    attributes: dict[str, str] = {}
+    metadata: str = ""
+    #: True when recorded from the snapshot taken as the bridge joins (it was already there).
+    snapshot: bool = False
+
+
+class ParticipantLeft(Body, frozen=True):
+    identity: str
+    sid: str = ""
+    reason: str = ""
+
+
+class ParticipantAttributes(Body, frozen=True):
+    identity: str
+    #: What changed; an empty string means the attribute was deleted.
+    changed: dict[str, str] = {}
+    #: Every attribute after the change.
+    attributes: dict[str, str] = {}
+    name: str | None = None
+    metadata: str | None = None
+
+
+class RoomMetadata(Body, frozen=True):
+    metadata: str
+
+
+class AgentState(Body, frozen=True):
+    identity: str
+    #: initializing, idle, listening, thinking, speaking (LiveKit Agents' ``lk.agent.state``).
+    state: str
+    old_state: str | None = None
+
+
+class AgentStatus(Body, frozen=True):
+    """The coordination payload agents broadcast (seed 000)."""
+
+    agent_id: str
+    status: AgentStatusValue
+    action_lock: bool = False
+    task: str | None = None
+
+
+class FloorRequest(Body, frozen=True):
+    agent_id: str
+    task: str | None = None
+
+
+class FloorRelease(Body, frozen=True):
+    agent_id: str
+    reason: str | None = None
+
+
+class Transcript(Body, frozen=True):
+    speaker: str
+    text: str
+    segment_id: str = ""
+    track_id: str | None = None
+    language: str | None = None
+    final: bool = True
+
+
+class ChatMessage(Body, frozen=True):
+    message_id: str
+    text: str
+    identity: str = ""
+
+
+class ConversationItem(Body, frozen=True):
+    """One item of an AgentSession's chat context, as published on ``lk.agent.session``."""
+
+    item_id: str
+    item_type: ConversationItemType = "message"
+    role: str | None = None
+    text: str = ""
+    #: The participant whose session produced (or heard) the item.
+    speaker: str | None = None
+    interrupted: bool = False
+    name: str | None = None
+    call_id: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+    is_error: bool = False
+    old_agent_id: str | None = None
+    new_agent_id: str | None = None
+    #: Unix seconds, as LiveKit Agents stamps items.
+    created_at: float | None = None
+
+
+class Handoff(Body, frozen=True):
+    from_agent: str
+    to_agent: str
+    reason: str | None = None
+    #: The log sequence the target must hydrate to (read-your-writes).
+    min_seq: int | None = None
+
+
+class SessionPatch(Body, frozen=True):
+    """An RFC 7386 JSON merge patch of the room's shared session document."""
+
+    patch: dict[str, Any]
+
+
+class ContextSummary(Body, frozen=True):
+    text: str
+    #: The last sequence the summary covers; conversation after it is replayed verbatim.
+    covers_seq: int
+
+
+class Data(Body, frozen=True):
+    """Any packet or stream not typed otherwise, and anything rejected (with the reason)."""
+
+    topic: str = ""
+    #: "packet", "text_stream" or "byte_stream".
+    transport: str = "packet"
+    #: The payload as text when it is valid UTF-8, else base64 in ``payload_b64``.
+    text: str | None = None
+    payload_b64: str | None = None
+    json: Any = None
+    size: int = 0
+    #: Why the payload was not recorded as a typed event ("" when it is just untyped data).
+    reason: str = ""
+    stream_id: str | None = None
+    attributes: dict[str, str] = {}
+
+
+class BridgeJoined(Body, frozen=True):
+    bridge_id: str
+    livekit_url: str = ""
+
+
+class BridgeGap(Body, frozen=True):
+    """A span during which the bridge could not see the room; the log may miss events in it."""
+
+    bridge_id: str
+    started_at: datetime
+    ended_at: datetime
+    reason: str = ""
+
+
+class BridgeLeft(Body, frozen=True):
+    bridge_id: str
+    reason: str = ""
+
+
+# --- envelopes ------------------------------------------------------------------------------
+
+
+class _Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    id: str
+    room: str
+    at: datetime | None = None
+    observed_at: datetime = msgspec.field(default_factory=utcnow)
+    sender: Sender = UNKNOWN_SENDER
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class ParticipantJoinedEvent(_Envelope, frozen=True, tag="participant.joined"):
+    body: ParticipantJoined
+
+
+class ParticipantLeftEvent(_Envelope, frozen=True, tag="participant.left"):
+    body: ParticipantLeft
+
+
+class ParticipantAttributesEvent(_Envelope, frozen=True, tag="participant.attributes"):
+    body: ParticipantAttributes
+
+
+class RoomMetadataEvent(_Envelope, frozen=True, tag="room.metadata"):
+    body: RoomMetadata
+
+
+class AgentStateEvent(_Envelope, frozen=True, tag="agent.state"):
+    body: AgentState
+
+
+class AgentStatusEvent(_Envelope, frozen=True, tag="agent.status"):
+    body: AgentStatus
+
+
+class FloorRequestEvent(_Envelope, frozen=True, tag="floor.request"):
+    body: FloorRequest
+
+
+class FloorReleaseEvent(_Envelope, frozen=True, tag="floor.release"):
+    body: FloorRelease
+
+
+class TranscriptEvent(_Envelope, frozen=True, tag="transcript"):
+    body: Transcript
+
+
+class ChatMessageEvent(_Envelope, frozen=True, tag="chat.message"):
+    body: ChatMessage
+
+
+class ConversationItemEvent(_Envelope, frozen=True, tag="conversation.item"):
+    body: ConversationItem
+
+
+class HandoffEvent(_Envelope, frozen=True, tag="handoff"):
+    body: Handoff
+
+
+class SessionPatchEvent(_Envelope, frozen=True, tag="session.patch"):
+    body: SessionPatch
+
+
+class ContextSummaryEvent(_Envelope, frozen=True, tag="context.summary"):
+    body: ContextSummary
+
+
+class DataEvent(_Envelope, frozen=True, tag="data"):
+    body: Data
+
+
+class BridgeJoinedEvent(_Envelope, frozen=True, tag="bridge.joined"):
+    body: BridgeJoined
+
+
+class BridgeGapEvent(_Envelope, frozen=True, tag="bridge.gap"):
+    body: BridgeGap
+
+
+class BridgeLeftEvent(_Envelope, frozen=True, tag="bridge.left"):
+    body: BridgeLeft
+
+
+KnownEvent: TypeAlias = (
+    ParticipantJoinedEvent
+    | ParticipantLeftEvent
+    | ParticipantAttributesEvent
+    | RoomMetadataEvent
+    | AgentStateEvent
+    | AgentStatusEvent
+    | FloorRequestEvent
+    | FloorReleaseEvent
+    | TranscriptEvent
+    | ChatMessageEvent
+    | ConversationItemEvent
+    | HandoffEvent
+    | SessionPatchEvent
+    | ContextSummaryEvent
+    | DataEvent
+    | BridgeJoinedEvent
+    | BridgeGapEvent
+    | BridgeLeftEvent
+)
+
+
+class OpaqueEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event of a type this reader does not know. It keeps its bytes; reducers skip it."""
+
+    id: str
+    room: str
+    type: str
+    raw: bytes
+    at: datetime | None = None
+    observed_at: datetime | None = None
+    sender: Sender = UNKNOWN_SENDER
+
+
+Event: TypeAlias = KnownEvent | OpaqueEvent
+
+#: Tag -> envelope class, for every type this version knows.
+EVENT_TYPES: Final[dict[str, type[_Envelope]]] = {
+    str(cls.__struct_config__.tag): cls
+    for cls in (
+        ParticipantJoinedEvent,
+        ParticipantLeftEvent,
+        ParticipantAttributesEvent,
+        RoomMetadataEvent,
+        AgentStateEvent,
+        AgentStatusEvent,
+        FloorRequestEvent,
+        FloorReleaseEvent,
+        TranscriptEvent,
+        ChatMessageEvent,
+        ConversationItemEvent,
+        HandoffEvent,
+        SessionPatchEvent,
+        ContextSummaryEvent,
+        DataEvent,
+        BridgeJoinedEvent,
+        BridgeGapEvent,
+        BridgeLeftEvent,
+    )
+}
+
+def _body_type(cls: type[_Envelope]) -> type[Body]:
+    field_types: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    body_type: type[Body] = field_types["body"]
+    return body_type
+
+
+_BODY_OF_EVENT: Final[dict[type[_Envelope], type[Body]]] = {cls: _body_type(cls) for cls in EVENT_TYPES.values()}
+_EVENT_FOR_BODY: Final[dict[type[Body], type[_Envelope]]] = {b: e for e, b in _BODY_OF_EVENT.items()}
+
+
+class _Head(msgspec.Struct, kw_only=True):
+    """Just enough of an envelope to keep an event of unknown type."""
+
+    id: str
+    room: str
+    type: str
+    at: datetime | None = None
+    observed_at: datetime | None = None
+    sender: Sender = UNKNOWN_SENDER
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final[msgspec.json.Decoder[KnownEvent]] = msgspec.json.Decoder(KnownEvent)
+_head_decoder: Final = msgspec.json.Decoder(_Head)
+
+
+def encode(event: KnownEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> Event:
+    """Decode one stored event.
+
+    Unknown types come back as :class:`OpaqueEvent`; a known type with a wrong shape raises
+    :class:`MalformedEvent` naming the field path (``… - at `$.body.action_lock```).
+    """
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        try:
+            head = _head_decoder.decode(data)
+        except msgspec.DecodeError:
+            raise MalformedEvent("?", str(exc)) from exc
+        if head.type in EVENT_TYPES:
+            raise MalformedEvent(head.type, str(exc)) from exc
+        return OpaqueEvent(
+            id=head.id,
+            room=head.room,
+            type=head.type,
+            raw=bytes(data),
+            at=head.at,
+            observed_at=head.observed_at,
+            sender=head.sender,
+        )
+    except msgspec.DecodeError as exc:
+        raise MalformedEvent("?", f"not JSON: {exc}") from exc
+
+
+def event_type(event: Event) -> str:
+    if isinstance(event, OpaqueEvent):
+        return event.type
+    return str(event.__struct_config__.tag)
+
+
+def make_event(
+    room: str,
+    body: Body,
+    *,
+    id: str | None = None,
+    sender: Sender = UNKNOWN_SENDER,
+    at: datetime | None = None,
+    observed_at: datetime | None = None,
+) -> KnownEvent:
+    """Wrap a body in the envelope of its type: ``make_event("r1", FloorRequest(agent_id="a"))``."""
+    cls = _EVENT_FOR_BODY.get(type(body))
+    if cls is None:
+        raise TypeError(f"{type(body).__name__} is not an event body")
+    event: KnownEvent = cls(  # type: ignore[assignment,call-arg]
+        id=id or new_event_id(),
+        room=room,
+        at=at,
+        observed_at=observed_at or utcnow(),
+        sender=sender,
+        body=body,
+    )
+    return event
+
+
+def body_from_dict(event_type_name: str, body: Any) -> Body:
+    """Validate a body given as plain data (JSON from an agent) against its type."""
+    cls = EVENT_TYPES.get(event_type_name)
+    if cls is None:
+        raise MalformedEvent(event_type_name, "unknown event type")
+    body_type = _BODY_OF_EVENT[cls]
+    try:
+        result: Body = msgspec.convert(body, body_type)
+    except msgspec.ValidationError as exc:
+        raise MalformedEvent(event_type_name, str(exc)) from exc
+    return result
+
+
+def to_builtins(event: Event) -> dict[str, Any]:
+    """The event as plain JSON-able data (for ``--json`` output)."""
+    if isinstance(event, OpaqueEvent):
+        return dict(msgspec.json.decode(event.raw))
+    result: dict[str, Any] = msgspec.to_builtins(event)
+    return result
