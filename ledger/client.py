@@ -608,6 +608,15 @@ class Ledger:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    # --- hydration (ledger/hydrate.py) ------------------------------------------------------
+
+    async def hydrate(self, room: str, *, min_seq: int | None = None, full_conversation: bool = False,
+                      timeout: float = 5.0) -> Any:
+        """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
+        from ledger.hydrate import hydrate
+
+        return await hydrate(self, room, min_seq=min_seq, full_conversation=full_conversation, timeout=timeout)
+
     # --- rooms -------------------------------------------------------------------------------
 
     async def room_summaries(self) -> list[RoomSummary]:
