@@ -1,0 +1,631 @@
+"""Pure reducers: fold a room's events into its state. No I/O, no clock, no randomness.
+
+Every reader uses exactly these functions: the Postgres projector, ``ledger replay --at``
+and hydration's catch-up. So every reader computes the same floor holder, the same session
+document and the same conversation from the same log::
+
+    state = fold(records)            # records: ledger.client.Record, in log order
+    state.apply(next_record)         # or apply(state, next_record)
+
+Rules (the log is the only input; ties are broken by stream sequence)
+---------------------------------------------------------------------
+Floor (DESIGN.md): the earliest claim in log order (``floor.request``, or ``agent.status`` with
+``action_lock=true`` and a status other than ``resolved``) takes a free floor; later claims queue in
+log order; a claim by the holder only updates its task; a claim already queued is not queued twice.
+The floor is released by ``floor.release``, ``agent.status`` with ``action_lock=false`` or
+``status=resolved``, a ``handoff`` from the holder to another agent, or the holder leaving the room
+(``participant.left`` of the agent id, or of the identity that made the claim). On release the head
+of the queue takes the floor at the releasing event's sequence. A release by a queued agent
+withdraws its claim.
+
+Conversation: items are keyed by item id; the first appearance fixes the position and sequence,
+a later event with the same item id updates the content in place.
+
+- ``conversation.item`` (the ``lk.agent.session`` feed) is canonical. Its sender identity is the
+  *feed owner*. User messages are heard by every agent's session, so only one feed's user
+  messages are kept: the first feed in log order that produced one, until that agent leaves
+  (then the next feed that produces one). The agents' own items are always kept.
+- ``transcript``: skipped when the transcriber (the sender) or the speaker already has a feed
+  (the feed carries the same words). Otherwise one canonical transcriber per transcribed track
+  (``track_id``, else the speaker): the first in log order, until it leaves; the others'
+  segments are duplicates and are skipped. Role: ``assistant`` when the speaker is an agent.
+- ``chat.message``: kept (role from the sender's kind), keyed by message id.
+
+Session: RFC 7386 merge patches applied in log order; ``session_version`` is the sequence of
+the last patch. Summary: the latest ``context.summary`` in log order.
+
+Unknown event types are counted (``skipped_unknown``) and skipped. A record at or below the
+state's last sequence is ignored, so applying the same records twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from ledger import events as ev
+
+__all__ = [
+    "ConversationItem",
+    "Floor",
+    "FloorClaim",
+    "FloorTenure",
+    "Gap",
+    "Participant",
+    "RoomIndex",
+    "RoomState",
+    "Summary",
+    "apply",
+    "fold",
+    "merge_patch",
+]
+
+
+class RecordLike(Protocol):
+    """What a reducer needs of a read record (``ledger.client.Record`` fits)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def time(self) -> datetime: ...
+
+    @property
+    def event(self) -> ev.Event: ...
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+class FloorClaim(msgspec.Struct, kw_only=True):
+    """A queued claim on the floor."""
+
+    agent_id: str
+    task: str | None = None
+    seq: int
+    time: datetime
+    #: The participant identity that made the claim (its leaving withdraws the claim).
+    identity: str = ""
+
+
+class FloorTenure(msgspec.Struct, kw_only=True):
+    """One holder's time with the floor; ``end_seq`` is None while it still holds it."""
+
+    holder: str
+    task: str | None = None
+    start_seq: int
+    start_time: datetime
+    end_seq: int | None = None
+    end_time: datetime | None = None
+    #: release, status_idle, resolved, handoff, left
+    end_reason: str | None = None
+
+
+class Floor(msgspec.Struct, kw_only=True):
+    holder: str | None = None
+    task: str | None = None
+    since_seq: int | None = None
+    since_time: datetime | None = None
+    holder_identity: str = ""
+    queue: list[FloorClaim] = msgspec.field(default_factory=list)
+    history: list[FloorTenure] = msgspec.field(default_factory=list)
+
+
+class Participant(msgspec.Struct, kw_only=True):
+    identity: str
+    kind: str = "unknown"
+    name: str = ""
+    sid: str = ""
+    metadata: str = ""
+    attributes: dict[str, str] = msgspec.field(default_factory=dict)
+    present: bool = False
+    #: ``lk.agent.state``: initializing, idle, listening, thinking, speaking.
+    agent_state: str | None = None
+    #: Coordination status (``agent.status``): processing, idle, resolved.
+    status: str | None = None
+    task: str | None = None
+    lock: bool = False
+    joined_seq: int | None = None
+    left_seq: int | None = None
+    last_seq: int = 0
+
+    @property
+    def is_agent(self) -> bool:
+        return self.kind == "agent" or self.status is not None or self.agent_state is not None
+
+
+class ConversationItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    item_id: str
+    #: message, function_call, function_call_output, agent_handoff, agent_config_update
+    type: str = "message"
+    #: user, assistant, system, developer (None for non-message items)
+    role: str | None = None
+    speaker: str | None = None
+    text: str = ""
+    seq: int
+    time: datetime
+    #: conversation.item, transcript or chat.message
+    source: str = "conversation.item"
+    interrupted: bool = False
+    created_at: float | None = None
+    name: str | None = None
+    call_id: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+    is_error: bool = False
+    old_agent_id: str | None = None
+    new_agent_id: str | None = None
+    language: str | None = None
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    text: str
+    covers_seq: int
+    seq: int
+    time: datetime
+    author: str = ""
+
+
+class Gap(msgspec.Struct, kw_only=True):
+    seq: int
+    bridge_id: str
+    started_at: datetime
+    ended_at: datetime
+    reason: str = ""
+
+
+class RoomIndex(msgspec.Struct, kw_only=True):
+    first_seq: int | None = None
+    last_seq: int = 0
+    last_activity: datetime | None = None
+    events: int = 0
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    gaps: list[Gap] = msgspec.field(default_factory=list)
+
+
+class RoomState(msgspec.Struct, kw_only=True):
+    """Everything the reducers know about one room. Mutable; change it only through :func:`apply`."""
+
+    room: str = ""
+    floor: Floor = msgspec.field(default_factory=Floor)
+    participants: dict[str, Participant] = msgspec.field(default_factory=dict)
+    session: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Sequence of the last ``session.patch`` (0: never patched).
+    session_version: int = 0
+    conversation: list[ConversationItem] = msgspec.field(default_factory=list)
+    summary: Summary | None = None
+    metadata: str = ""
+    index: RoomIndex = msgspec.field(default_factory=RoomIndex)
+    skipped_unknown: int = 0
+    # Bookkeeping for the conversation rules (part of the state so a fold can resume from it).
+    #: Identities that publish an ``lk.agent.session`` feed.
+    feeds: list[str] = msgspec.field(default_factory=list)
+    #: The feed whose user messages are kept.
+    user_feed: str | None = None
+    #: Transcribed track (or speaker) -> its canonical transcriber.
+    transcribers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Number of conversation items ever added (the projector keeps only unsaved ones in memory).
+    conversation_count: int = 0
+    #: item id -> position in :attr:`conversation` (derived; not stored, rebuilt when out of step).
+    positions: dict[str, int] = msgspec.field(default_factory=dict)
+
+    @property
+    def seq(self) -> int:
+        """The sequence of the last event folded in (0 when none)."""
+        return self.index.last_seq
+
+    def apply(self, record: RecordLike) -> None:
+        apply(self, record)
+
+    def agents(self) -> dict[str, Participant]:
+        return {k: p for k, p in self.participants.items() if p.is_agent}
+
+    def item_position(self, item_id: str) -> int | None:
+        """Index of an item in :attr:`conversation`, or None."""
+        if len(self.positions) != len(self.conversation):
+            self.positions = {item.item_id: i for i, item in enumerate(self.conversation)}
+        return self.positions.get(item_id)
+
+    def forget_conversation(self) -> None:
+        """Drop the in-memory items (the projector does so once they are written)."""
+        self.conversation = []
+        self.positions = {}
+
+
+def fold(records: Iterable[RecordLike], state: RoomState | None = None) -> RoomState:
+    """Fold records (one room's, in log order) into a state (a new one unless given)."""
+    result = state if state is not None else RoomState()
+    for record in records:
+        apply(result, record)
+    return result
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch; returns the patched value (dicts are changed in place)."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict):
+            target[key] = merge_patch(target.get(key), value)
+        else:
+            target[key] = value
+    return target
+
+
+# --- apply ----------------------------------------------------------------------------------
+
+#: Status values that mean "not holding the floor any more".
+_RELEASING_STATUS: Final = frozenset({"resolved"})
+
+
+def apply(state: RoomState, record: RecordLike) -> None:
+    """Fold one record into ``state``. Records at or below the state's sequence are ignored."""
+    seq = record.seq
+    index = state.index
+    if seq <= index.last_seq:
+        return
+    event = record.event
+    if not state.room:
+        state.room = event.room
+    name = ev.event_type(event)
+    time = record.time
+    if index.first_seq is None:
+        index.first_seq = seq
+    index.last_seq = seq
+    index.last_activity = time
+    index.events += 1
+    index.counts[name] = index.counts.get(name, 0) + 1
+
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        state.skipped_unknown += 1
+        return
+    handler(state, event, seq, time)
+
+
+# --- participants ---------------------------------------------------------------------------
+
+
+def _participant(state: RoomState, identity: str, kind: str | None = None) -> Participant:
+    p = state.participants.get(identity)
+    if p is None:
+        p = Participant(identity=identity, kind=kind or "unknown")
+        state.participants[identity] = p
+    elif kind and kind != "unknown" and p.kind == "unknown":
+        p.kind = kind
+    return p
+
+
+def _on_joined(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ParticipantJoined = event.body
+    p = _participant(state, body.identity, body.kind)
+    if body.kind != "unknown":
+        p.kind = body.kind
+    p.present = True
+    p.sid = body.sid or p.sid
+    p.name = body.name or p.name
+    p.metadata = body.metadata or p.metadata
+    if body.attributes:
+        p.attributes = dict(body.attributes)
+    if "lk.agent.state" in p.attributes:
+        p.agent_state = p.attributes["lk.agent.state"]
+    if p.joined_seq is None or not body.snapshot or p.left_seq is not None:
+        p.joined_seq = seq
+    p.left_seq = None
+    p.last_seq = seq
+
+
+def _on_left(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ParticipantLeft = event.body
+    identity = body.identity
+    p = _participant(state, identity)
+    p.present = False
+    p.left_seq = seq
+    p.last_seq = seq
+    floor = state.floor
+    if floor.holder is not None and identity in (floor.holder, floor.holder_identity):
+        _release(state, seq, time, "left")
+    floor.queue = [c for c in floor.queue if identity not in (c.agent_id, c.identity)]
+    if state.user_feed == identity:
+        state.user_feed = None
+    for track, transcriber in list(state.transcribers.items()):
+        if transcriber == identity:
+            del state.transcribers[track]
+
+
+def _on_attributes(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ParticipantAttributes = event.body
+    p = _participant(state, body.identity)
+    if body.attributes:
+        p.attributes = dict(body.attributes)
+    else:
+        for key, value in body.changed.items():
+            if value == "":
+                p.attributes.pop(key, None)
+            else:
+                p.attributes[key] = value
+    if body.name is not None:
+        p.name = body.name
+    if body.metadata is not None:
+        p.metadata = body.metadata
+    if "lk.agent.state" in body.changed or "lk.agent.state" in body.attributes:
+        p.agent_state = p.attributes.get("lk.agent.state") or None
+    p.last_seq = seq
+
+
+def _on_room_metadata(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    state.metadata = event.body.metadata
+
+
+def _on_agent_state(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.AgentState = event.body
+    p = _participant(state, body.identity, "agent")
+    p.agent_state = body.state
+    p.last_seq = seq
+
+
+# --- floor ----------------------------------------------------------------------------------
+
+
+def _claim(state: RoomState, agent_id: str, task: str | None, identity: str, seq: int, time: datetime) -> None:
+    floor = state.floor
+    if floor.holder is None:
+        _take(state, FloorClaim(agent_id=agent_id, task=task, seq=seq, time=time, identity=identity), seq, time)
+        return
+    if floor.holder == agent_id:
+        if task is not None and task != floor.task:
+            floor.task = task
+            if floor.history and floor.history[-1].end_seq is None:
+                floor.history[-1].task = task
+        return
+    for claim in floor.queue:
+        if claim.agent_id == agent_id:
+            if task is not None:
+                claim.task = task
+            return
+    floor.queue.append(FloorClaim(agent_id=agent_id, task=task, seq=seq, time=time, identity=identity))
+
+
+def _take(state: RoomState, claim: FloorClaim, seq: int, time: datetime) -> None:
+    floor = state.floor
+    floor.holder = claim.agent_id
+    floor.task = claim.task
+    floor.since_seq = seq
+    floor.since_time = time
+    floor.holder_identity = claim.identity
+    floor.history.append(FloorTenure(holder=claim.agent_id, task=claim.task, start_seq=seq, start_time=time))
+
+
+def _release(state: RoomState, seq: int, time: datetime, reason: str) -> None:
+    floor = state.floor
+    if floor.history and floor.history[-1].end_seq is None:
+        tenure = floor.history[-1]
+        tenure.end_seq = seq
+        tenure.end_time = time
+        tenure.end_reason = reason
+    floor.holder = None
+    floor.task = None
+    floor.since_seq = None
+    floor.since_time = None
+    floor.holder_identity = ""
+    if floor.queue:
+        _take(state, floor.queue.pop(0), seq, time)
+
+
+def _withdraw(state: RoomState, agent_id: str, seq: int, time: datetime, reason: str) -> None:
+    floor = state.floor
+    if floor.holder == agent_id:
+        _release(state, seq, time, reason)
+    else:
+        floor.queue = [c for c in floor.queue if c.agent_id != agent_id]
+
+
+def _on_floor_request(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.FloorRequest = event.body
+    _claim(state, body.agent_id, body.task, event.sender.identity, seq, time)
+
+
+def _on_floor_release(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.FloorRelease = event.body
+    _withdraw(state, body.agent_id, seq, time, "release")
+
+
+def _on_agent_status(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.AgentStatus = event.body
+    p = _participant(state, body.agent_id, "agent")
+    p.status = body.status
+    p.task = body.task
+    p.lock = body.action_lock and body.status not in _RELEASING_STATUS
+    p.last_seq = seq
+    if body.status in _RELEASING_STATUS:
+        _withdraw(state, body.agent_id, seq, time, "resolved")
+    elif body.action_lock:
+        _claim(state, body.agent_id, body.task, event.sender.identity, seq, time)
+    else:
+        _withdraw(state, body.agent_id, seq, time, "unlocked")
+
+
+def _on_handoff(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.Handoff = event.body
+    if body.to_agent != body.from_agent and state.floor.holder == body.from_agent:
+        _release(state, seq, time, "handoff")
+
+
+# --- session, summary, gaps -----------------------------------------------------------------
+
+
+def _on_session_patch(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    state.session = merge_patch(state.session, event.body.patch)
+    state.session_version = seq
+
+
+def _on_summary(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ContextSummary = event.body
+    state.summary = Summary(
+        text=body.text, covers_seq=body.covers_seq, seq=seq, time=time, author=event.sender.identity
+    )
+
+
+def _on_gap(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.BridgeGap = event.body
+    state.index.gaps.append(
+        Gap(seq=seq, bridge_id=body.bridge_id, started_at=body.started_at, ended_at=body.ended_at,
+            reason=body.reason)
+    )
+
+
+def _ignore(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    """Known types with no state of their own (counted in the index only)."""
+
+
+# --- conversation ---------------------------------------------------------------------------
+
+
+def _put_item(state: RoomState, item: ConversationItem) -> None:
+    position = state.item_position(item.item_id)
+    if position is None:
+        state.positions[item.item_id] = len(state.conversation)
+        state.conversation.append(item)
+        state.conversation_count += 1
+        return
+    old = state.conversation[position]
+    # The first appearance fixes the place in the conversation.
+    item.seq = old.seq
+    item.time = old.time
+    state.conversation[position] = item
+
+
+def _is_agent(state: RoomState, identity: str | None) -> bool:
+    if not identity:
+        return False
+    p = state.participants.get(identity)
+    return p is not None and p.is_agent
+
+
+def _on_conversation_item(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ConversationItem = event.body
+    owner = event.sender.identity or body.speaker or ""
+    if owner and owner not in state.feeds:
+        state.feeds.append(owner)
+    role = body.role
+    if body.item_type == "message" and role == "user":
+        if state.user_feed is None:
+            state.user_feed = owner
+        elif state.user_feed != owner:
+            return
+    speaker = body.speaker
+    if speaker is None and body.item_type == "message" and role == "assistant":
+        speaker = owner or None
+    _put_item(
+        state,
+        ConversationItem(
+            item_id=body.item_id,
+            type=body.item_type,
+            role=role,
+            speaker=speaker,
+            text=body.text,
+            seq=seq,
+            time=event.at or time,
+            source="conversation.item",
+            interrupted=body.interrupted,
+            created_at=body.created_at,
+            name=body.name,
+            call_id=body.call_id,
+            arguments=body.arguments,
+            output=body.output,
+            is_error=body.is_error,
+            old_agent_id=body.old_agent_id,
+            new_agent_id=body.new_agent_id,
+        ),
+    )
+
+
+def _on_transcript(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.Transcript = event.body
+    if not body.final:
+        return
+    transcriber = event.sender.identity or body.speaker
+    if transcriber in state.feeds or body.speaker in state.feeds:
+        return
+    track = body.track_id or body.speaker
+    canonical = state.transcribers.get(track)
+    if canonical is None:
+        state.transcribers[track] = transcriber
+    elif canonical != transcriber:
+        return
+    role = "assistant" if _is_agent(state, body.speaker) else "user"
+    item_id = f"tr:{body.segment_id}" if body.segment_id else f"tr:{event.id}"
+    _put_item(
+        state,
+        ConversationItem(
+            item_id=item_id, role=role, speaker=body.speaker, text=body.text, seq=seq,
+            time=event.at or time, source="transcript", language=body.language,
+        ),
+    )
+
+
+def _on_chat(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    body: ev.ChatMessage = event.body
+    speaker = body.identity or event.sender.identity
+    role = "assistant" if _is_agent(state, speaker) or event.sender.kind == "agent" else "user"
+    _put_item(
+        state,
+        ConversationItem(
+            item_id=f"chat:{body.message_id}", role=role, speaker=speaker or None, text=body.text, seq=seq,
+            time=event.at or time, source="chat.message",
+        ),
+    )
+
+
+_HANDLERS: Final[dict[type, Any]] = {
+    ev.ParticipantJoinedEvent: _on_joined,
+    ev.ParticipantLeftEvent: _on_left,
+    ev.ParticipantAttributesEvent: _on_attributes,
+    ev.RoomMetadataEvent: _on_room_metadata,
+    ev.AgentStateEvent: _on_agent_state,
+    ev.AgentStatusEvent: _on_agent_status,
+    ev.FloorRequestEvent: _on_floor_request,
+    ev.FloorReleaseEvent: _on_floor_release,
+    ev.TranscriptEvent: _on_transcript,
+    ev.ChatMessageEvent: _on_chat,
+    ev.ConversationItemEvent: _on_conversation_item,
+    ev.HandoffEvent: _on_handoff,
+    ev.SessionPatchEvent: _on_session_patch,
+    ev.ContextSummaryEvent: _on_summary,
+    ev.DataEvent: _ignore,
+    ev.BridgeJoinedEvent: _ignore,
+    ev.BridgeGapEvent: _on_gap,
+    ev.BridgeLeftEvent: _ignore,
+}
+
+
+# --- storage helpers (used by the projector and hydration) ------------------------------------
+
+_state_encoder: Final = msgspec.json.Encoder()
+_state_decoder: Final = msgspec.json.Decoder(RoomState)
+_item_encoder: Final = msgspec.json.Encoder()
+_item_decoder: Final = msgspec.json.Decoder(ConversationItem)
+
+
+def encode_state(state: RoomState) -> bytes:
+    """The state without its conversation (stored apart, one row per item) as JSON."""
+    return _state_encoder.encode(msgspec.structs.replace(state, conversation=[], positions={}))
+
+
+def decode_state(data: bytes | str) -> RoomState:
+    return _state_decoder.decode(data)
+
+
+def encode_item(item: ConversationItem) -> bytes:
+    return _item_encoder.encode(item)
+
+
+def decode_item(data: bytes | str) -> ConversationItem:
+    return _item_decoder.decode(data)

@@ -1,0 +1,227 @@
+"""The pure reducers: floor rule, participants, session, conversation dedupe, index."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger import events as ev
+from ledger.client import Record
+from projections.reducers import RoomState, apply, decode_state, encode_state, fold, merge_patch
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+ROOM = "r"
+
+
+def rec(seq: int, body: ev.Body, *, sender: str = "", kind: ev.SenderKind = "unknown") -> Record:
+    event = ev.make_event(ROOM, body, id=f"e{seq}", sender=ev.Sender(identity=sender, kind=kind),
+                          observed_at=T0)
+    return Record(seq=seq, subject="", time=T0 + timedelta(seconds=seq), event=event)
+
+
+def records(*bodies: ev.Body | tuple[ev.Body, str]) -> list[Record]:
+    out = []
+    for i, item in enumerate(bodies, start=1):
+        if isinstance(item, tuple):
+            out.append(rec(i, item[0], sender=item[1]))
+        else:
+            out.append(rec(i, item))
+    return out
+
+
+def status(agent: str, value: ev.AgentStatusValue, lock: bool, task: str | None = None) -> tuple[ev.Body, str]:
+    return ev.AgentStatus(agent_id=agent, status=value, action_lock=lock, task=task), agent
+
+
+def test_seed_000_round_robin_floor() -> None:
+    """Three agents on one user take turns with action_lock; every reader gets the same history."""
+    log = records(
+        ev.ParticipantJoined(identity="user", kind="standard"),
+        ev.ParticipantJoined(identity="a", kind="agent"),
+        ev.ParticipantJoined(identity="b", kind="agent"),
+        ev.ParticipantJoined(identity="c", kind="agent"),
+        status("a", "processing", True, "greet"),  # 5: a takes the free floor
+        status("b", "processing", True, "lookup"),  # 6: b queues
+        status("c", "processing", True, "billing"),  # 7: c queues
+        status("b", "processing", True, "lookup"),  # 8: b again: not queued twice
+        status("a", "resolved", False),  # 9: a releases; b takes it
+        status("b", "idle", False),  # 10: b releases; c takes it
+        ev.ParticipantLeft(identity="c"),  # 11: c leaves: floor free
+    )
+    state = fold(log)
+    floor = state.floor
+    assert floor.holder is None and floor.queue == []
+    assert [(t.holder, t.task, t.start_seq, t.end_seq, t.end_reason) for t in floor.history] == [
+        ("a", "greet", 5, 9, "resolved"),
+        ("b", "lookup", 9, 10, "unlocked"),
+        ("c", "billing", 10, 11, "left"),
+    ]
+    partial = fold(log[:7])
+    assert partial.floor.holder == "a" and [c.agent_id for c in partial.floor.queue] == ["b", "c"]
+    assert partial.floor.since_seq == 5 and partial.floor.since_time == T0 + timedelta(seconds=5)
+    assert state.participants["a"].status == "resolved" and not state.participants["a"].lock
+    assert not state.participants["c"].present and state.participants["user"].present
+    assert set(state.agents()) == {"a", "b", "c"}
+
+
+def test_floor_request_release_and_handoff() -> None:
+    log = records(
+        ev.FloorRequest(agent_id="a", task="t1"),
+        ev.FloorRequest(agent_id="b"),
+        ev.FloorRelease(agent_id="b"),  # withdraws b's queued claim
+        ev.FloorRequest(agent_id="c"),
+        ev.Handoff(from_agent="a", to_agent="c"),  # releases a; c (queued) takes it
+        ev.Handoff(from_agent="c", to_agent="c"),  # to itself: nothing
+    )
+    state = fold(log)
+    assert state.floor.holder == "c" and state.floor.since_seq == 5
+    assert [t.end_reason for t in state.floor.history] == ["handoff", None]
+
+
+def test_session_merge_patch_and_version() -> None:
+    log = records(
+        ev.SessionPatch(patch={"caller": {"name": "Ann", "verified": False}, "step": 1}),
+        ev.SessionPatch(patch={"caller": {"verified": True, "name": None}, "step": None, "x": [1]}),
+    )
+    state = fold(log)
+    assert state.session == {"caller": {"verified": True}, "x": [1]}
+    assert state.session_version == 2
+    assert merge_patch({"a": 1}, {"a": {"b": None, "c": 2}}) == {"a": {"c": 2}}
+
+
+def test_conversation_feed_is_canonical_and_one_user_feed() -> None:
+    def item(item_id: str, role: str, text: str) -> ev.ConversationItem:
+        return ev.ConversationItem(item_id=item_id, role=role, text=text)
+
+    log = records(
+        ev.ParticipantJoined(identity="user", kind="standard"),
+        ev.ParticipantJoined(identity="a", kind="agent"),
+        ev.ParticipantJoined(identity="b", kind="agent"),
+        (item("a1", "user", "hello"), "a"),
+        (item("b1", "user", "hello"), "b"),  # same utterance heard by b: dropped
+        (item("a2", "assistant", "hi there"), "a"),
+        (ev.Transcript(speaker="a", text="hi there", segment_id="s1", track_id="TA"), "a"),  # a has a feed
+        (item("b2", "assistant", "I'm b"), "b"),
+        ev.ParticipantLeft(identity="a"),
+        (item("b3", "user", "bye"), "b"),  # a left: b's feed now carries user messages
+        (ev.ConversationItem(item_id="f1", item_type="function_call", name="lookup", call_id="c1",
+                             arguments="{}"), "b"),
+        (ev.ConversationItem(item_id="f2", item_type="function_call_output", name="lookup", call_id="c1",
+                             output="ok"), "b"),
+    )
+    state = fold(log)
+    assert [(i.item_id, i.role, i.speaker, i.text) for i in state.conversation] == [
+        ("a1", "user", None, "hello"),
+        ("a2", "assistant", "a", "hi there"),
+        ("b2", "assistant", "b", "I'm b"),
+        ("b3", "user", None, "bye"),
+        ("f1", None, None, ""),
+        ("f2", None, None, ""),
+    ]
+    assert state.conversation[4].type == "function_call" and state.conversation[5].output == "ok"
+
+
+def test_transcripts_one_canonical_transcriber_per_track() -> None:
+    log = records(
+        ev.ParticipantJoined(identity="user", kind="standard"),
+        ev.ParticipantJoined(identity="a", kind="agent"),
+        ev.ParticipantJoined(identity="b", kind="agent"),
+        ev.ParticipantJoined(identity="c", kind="agent"),
+        (ev.Transcript(speaker="user", text="hello", segment_id="sa1", track_id="TU"), "a"),
+        (ev.Transcript(speaker="user", text="hello", segment_id="sb1", track_id="TU"), "b"),
+        (ev.Transcript(speaker="user", text="hello", segment_id="sc1", track_id="TU"), "c"),
+        (ev.Transcript(speaker="b", text="b speaking", segment_id="sb2", track_id="TB"), "b"),
+        ev.ParticipantLeft(identity="a"),
+        (ev.Transcript(speaker="user", text="again", segment_id="sc2", track_id="TU"), "c"),
+        (ev.Transcript(speaker="user", text="again", segment_id="sb3", track_id="TU"), "b"),
+        (ev.Transcript(speaker="user", text="partial", segment_id="x", track_id="TU", final=False), "c"),
+        (ev.ChatMessage(message_id="m1", text="typed", identity="user"), "user"),
+    )
+    state = fold(log)
+    assert [(i.role, i.speaker, i.text) for i in state.conversation] == [
+        ("user", "user", "hello"),
+        ("assistant", "b", "b speaking"),
+        ("user", "user", "again"),
+        ("user", "user", "typed"),
+    ]
+
+
+def test_same_item_id_updates_in_place() -> None:
+    log = records(
+        (ev.ConversationItem(item_id="i1", role="assistant", text="draft"), "a"),
+        (ev.ConversationItem(item_id="i2", role="assistant", text="next"), "a"),
+        (ev.ConversationItem(item_id="i1", role="assistant", text="final", interrupted=True), "a"),
+    )
+    state = fold(log)
+    assert [(i.item_id, i.text, i.seq) for i in state.conversation] == [("i1", "final", 1), ("i2", "next", 2)]
+
+
+def test_unknown_types_counted_and_index() -> None:
+    opaque = ev.OpaqueEvent(id="x", room=ROOM, type="future.thing", raw=b"{}")
+    log = [
+        *records(ev.SessionPatch(patch={"a": 1})),
+        Record(seq=7, subject="", time=T0, event=opaque),
+        rec(9, ev.BridgeGap(bridge_id="br", started_at=T0, ended_at=T0, reason="reconnect")),
+        rec(10, ev.ContextSummary(text="so far", covers_seq=7)),
+    ]
+    state = fold(log)
+    assert state.skipped_unknown == 1
+    assert state.index.first_seq == 1 and state.index.last_seq == 10 and state.index.events == 4
+    assert state.index.counts == {"session.patch": 1, "future.thing": 1, "bridge.gap": 1, "context.summary": 1}
+    assert [g.seq for g in state.index.gaps] == [9]
+    assert state.summary is not None and state.summary.covers_seq == 7 and state.summary.seq == 10
+
+
+# --- properties -----------------------------------------------------------------------------
+
+AGENTS = ["a", "b", "c"]
+agent = st.sampled_from(AGENTS)
+bodies = st.one_of(
+    st.builds(ev.FloorRequest, agent_id=agent, task=st.none() | st.sampled_from(["t1", "t2"])),
+    st.builds(ev.FloorRelease, agent_id=agent),
+    st.builds(ev.AgentStatus, agent_id=agent, status=st.sampled_from(["processing", "idle", "resolved"]),
+              action_lock=st.booleans()),
+    st.builds(ev.Handoff, from_agent=agent, to_agent=agent),
+    st.builds(ev.ParticipantJoined, identity=agent, kind=st.just("agent")),
+    st.builds(ev.ParticipantLeft, identity=agent),
+    st.builds(ev.SessionPatch, patch=st.dictionaries(st.sampled_from(["x", "y", "z"]),
+                                                     st.none() | st.integers(0, 3) | st.just({"k": 1}))),
+    st.builds(ev.ConversationItem, item_id=st.sampled_from(["i1", "i2", "i3", "i4"]),
+              role=st.sampled_from(["user", "assistant"]), text=st.text(max_size=5)),
+    st.builds(ev.Transcript, speaker=st.sampled_from(["user", "a"]), text=st.text(max_size=5),
+              segment_id=st.sampled_from(["s1", "s2", "s3"]), track_id=st.sampled_from(["TU", "TA"])),
+)
+logs = st.lists(st.tuples(bodies, agent), max_size=40).map(
+    lambda items: [rec(i, body, sender=sender) for i, (body, sender) in enumerate(items, start=1)]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logs, st.integers(0, 40))
+def test_fold_is_resumable_and_idempotent(log: list[Record], cut: int) -> None:
+    whole = fold(log)
+    # Resume from a stored state (conversation kept apart, as in Postgres).
+    head = fold(log[:cut])
+    items = list(head.conversation)
+    resumed = decode_state(encode_state(head))
+    resumed.conversation = items
+    fold(log[cut:], resumed)
+    # Applying records again changes nothing.
+    fold(log, resumed)
+    assert encode_state(resumed) == encode_state(whole)
+    assert resumed.conversation == whole.conversation
+    # Floor invariants.
+    floor = whole.floor
+    assert floor.holder not in [c.agent_id for c in floor.queue]
+    assert len({c.agent_id for c in floor.queue}) == len(floor.queue)
+    assert sum(1 for t in floor.history if t.end_seq is None) == (1 if floor.holder else 0)
+
+
+def test_apply_function_and_method_agree() -> None:
+    log = records(ev.FloorRequest(agent_id="a"))
+    s1, s2 = RoomState(), RoomState()
+    apply(s1, log[0])
+    s2.apply(log[0])
+    assert s1 == s2 and s1.room == ROOM and s1.seq == 1
