@@ -1,0 +1,117 @@
+"""PostgreSQL connections: resolve the URL, open engines and raw asyncpg connections.
+
+``LEDGER_DATABASE_URL`` when set, else the embedded PostgreSQL under ``LEDGER_HOME`` (started
+on demand by :func:`database_url`, or only found, never started, by :func:`running_url`).
+Driver errors become :class:`ledger.errors.ConnectError` with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Any
+
+from ledger.errors import ConnectError
+from ledger.settings import Settings
+
+if TYPE_CHECKING:
+    import asyncpg
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+#: How long a first connection may take before we call the server unreachable.
+CONNECT_TIMEOUT_S = 5.0
+
+_SCHEME_RE = re.compile(r"^postgres(?:ql)?(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """``postgresql://…`` for asyncpg, whatever driver suffix the URL carries."""
+    return _SCHEME_RE.sub("postgresql://", url, count=1)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql+asyncpg://…`` for SQLAlchemy's async engine."""
+    return _SCHEME_RE.sub("postgresql+asyncpg://", url, count=1)
+
+
+def masked(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+async def database_url(settings: Settings) -> str:
+    """The database URL: the configured one, or the embedded PostgreSQL (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    from ledger import embedded
+
+    try:
+        info = await asyncio.to_thread(embedded.ensure_postgres, settings.home)
+    except Exception as exc:
+        raise ConnectError(
+            f"cannot start the embedded PostgreSQL under {settings.home}: {exc}; "
+            "set LEDGER_DATABASE_URL to a PostgreSQL of your own, or run `ledger up` to see why"
+        ) from exc
+    return info.url
+
+
+def running_url(settings: Settings) -> str | None:
+    """The database URL if one is configured or the embedded one is already running (starts nothing)."""
+    if settings.database_url:
+        return settings.database_url
+    from ledger import embedded
+
+    try:
+        info = embedded.status(settings.home).get("postgres")
+    except Exception:
+        return None
+    return info.url if info is not None else None
+
+
+def unreachable(url: str, settings: Settings, exc: BaseException) -> ConnectError:
+    detail = str(exc) or type(exc).__name__
+    if settings.database_url:
+        return ConnectError(
+            f"cannot reach PostgreSQL at {masked(url)} ({detail}): start it, check LEDGER_DATABASE_URL, "
+            "or unset LEDGER_DATABASE_URL to use the embedded PostgreSQL"
+        )
+    return ConnectError(
+        f"cannot reach the embedded PostgreSQL at {masked(url)} ({detail}): run `ledger up`, or remove "
+        f"the stale state under {settings.home}"
+    )
+
+
+async def connect(settings: Settings, *, url: str | None = None,
+                  connect_timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Connection[Any]:
+    """One raw asyncpg connection (fast paths: hydration, COPY)."""
+    import asyncpg
+
+    resolved = url or await database_url(settings)
+    try:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(asyncpg_dsn(resolved), timeout=connect_timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise unreachable(resolved, settings, exc) from exc
+    return conn
+
+
+async def create_pool(settings: Settings, *, url: str | None = None, min_size: int = 1, max_size: int = 4,
+                      connect_timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Pool[Any]:
+    import asyncpg
+
+    resolved = url or await database_url(settings)
+    try:
+        pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+            asyncpg_dsn(resolved), min_size=min_size, max_size=max_size, timeout=connect_timeout
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise unreachable(resolved, settings, exc) from exc
+    return pool
+
+
+async def create_engine(settings: Settings, *, url: str | None = None, **kwargs: Any) -> AsyncEngine:
+    """An SQLAlchemy async engine on asyncpg (no connection is made yet)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    resolved = url or await database_url(settings)
+    options: dict[str, Any] = {"pool_pre_ping": True, "connect_args": {"timeout": CONNECT_TIMEOUT_S}}
+    options.update(kwargs)
+    return create_async_engine(sqlalchemy_url(resolved), **options)
