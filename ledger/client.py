@@ -197,6 +197,8 @@ class Ledger:
     async def _first_connect(self, options: dict[str, Any]) -> NatsClient:
         nc = NatsClient()
         first = dict(options, max_reconnect_attempts=0, allow_reconnect=False)
+        for callback in ("error_cb", "disconnected_cb", "reconnected_cb"):
+            first.pop(callback, None)
         await nc.connect(**first)
         await nc.close()
         # Connect again with reconnection on, now that the server is known to answer.
@@ -506,8 +508,11 @@ class Ledger:
 
     async def room_last_seq(self, room: str) -> int:
         """The sequence of the room's last event, 0 when it has none."""
+        return await self._last_seq(self.subjects.room(room))
+
+    async def _last_seq(self, subject_filter: str) -> int:
         try:
-            msg = await self.js.get_last_msg(self.settings.stream, self.subjects.room(room), direct=True)
+            msg = await self.js.get_last_msg(self.settings.stream, subject_filter, direct=True)
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
@@ -529,6 +534,10 @@ class Ledger:
         """
         subject = self._filter_for(room, types)
         wanted = _type_matcher(types)
+        # Where a non-following read ends: the room's last event as of now.
+        last = 0 if follow else await self._last_seq(subject)
+        if not follow and (last <= after or (until is not None and until <= after)):
+            return
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=after + 1,
@@ -550,9 +559,10 @@ class Ledger:
             pending_bytes_limit=512 * 1024 * 1024,
         )
         try:
-            if not follow:
+            if since_time is not None and not follow:
+                # A start time past the room's last event delivers nothing, ever: ask the consumer.
                 info = await sub.consumer_info()
-                if (info.num_pending or 0) == 0:
+                if (info.num_pending or 0) == 0 and (info.delivered.consumer_seq or 0) == 0:
                     return
             async for msg in sub.messages:
                 meta = msg.metadata
@@ -563,7 +573,7 @@ class Ledger:
                 name = ev.event_type(event)
                 if wanted is None or wanted(name):
                     yield Record(seq=seq, subject=msg.subject, time=meta.timestamp, event=event)
-                if not follow and meta.num_pending == 0:
+                if not follow and (seq >= last or meta.num_pending == 0):
                     return
                 if until is not None and seq >= until:
                     return
@@ -580,6 +590,9 @@ class Ledger:
 
     async def read_all(self, *, after: int = 0, follow: bool = False) -> AsyncIterator[Record]:
         """Every room's events in stream order (for projectors and tools)."""
+        last = 0 if follow else await self.head()
+        if not follow and last <= after:
+            return
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
         )
@@ -593,16 +606,11 @@ class Ledger:
             pending_bytes_limit=512 * 1024 * 1024,
         )
         try:
-            if not follow:
-                info = await sub.consumer_info()
-                if (info.num_pending or 0) == 0:
-                    return
             async for msg in sub.messages:
                 meta = msg.metadata
-                yield Record(
-                    seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode(msg.data)
-                )
-                if not follow and meta.num_pending == 0:
+                seq = meta.sequence.stream
+                yield Record(seq=seq, subject=msg.subject, time=meta.timestamp, event=ev.decode(msg.data))
+                if not follow and (seq >= last or meta.num_pending == 0):
                     return
         finally:
             with contextlib.suppress(Exception):

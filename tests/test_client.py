@@ -1,0 +1,217 @@
+"""The Ledger client against a real nats-server: append, dedup, conditions, read, follow."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ledger import embedded
+from ledger import events as ev
+from ledger.client import Ledger, Record
+from ledger.errors import ConflictError, ConnectError, EventTooLarge, UnknownRoom
+from ledger.settings import Settings
+
+
+def status(room: str, agent: str, n: int, *, id: str | None = None) -> ev.KnownEvent:
+    return ev.make_event(
+        room,
+        ev.AgentStatus(agent_id=agent, status="processing", action_lock=n % 2 == 0, task=f"task {n}"),
+        id=id,
+        sender=ev.Sender(agent, "agent"),
+    )
+
+
+async def collect(ledger: Ledger, room: str, **kwargs: object) -> list[Record]:
+    return [record async for record in ledger.read(room, **kwargs)]  # type: ignore[arg-type]
+
+
+async def test_append_then_read_in_order(ledger: Ledger, room: str) -> None:
+    sent = [status(room, "a", i) for i in range(5)]
+    positions = [await ledger.append(e) for e in sent]
+    assert [p.seq for p in positions] == sorted(p.seq for p in positions)
+    records = await collect(ledger, room)
+    assert [r.event for r in records] == sent
+    assert [r.seq for r in records] == [p.seq for p in positions]
+    assert all(r.subject == f"ledger.{room}.agent" for r in records)
+    assert await ledger.room_last_seq(room) == positions[-1].seq
+
+
+async def test_same_id_is_stored_once_and_reported_duplicate(ledger: Ledger, room: str) -> None:
+    event = status(room, "a", 1)
+    first = await ledger.append(event)
+    again = await ledger.append(event)
+    assert again.duplicate and again.seq == first.seq
+    assert len(await collect(ledger, room)) == 1
+
+
+async def test_append_many_keeps_order_and_acknowledges_every_event(ledger: Ledger, room: str) -> None:
+    other = room + "-other"
+    sent = [status(room if i % 3 else other, "a", i) for i in range(1_234)]
+    positions = await ledger.append_many(sent)
+    assert len(positions) == len(sent)
+    assert [p.seq for p in positions] == list(range(positions[0].seq, positions[0].seq + len(sent)))
+    mine = await collect(ledger, room)
+    assert [r.event for r in mine] == [e for e in sent if e.room == room]
+
+
+async def test_append_many_retry_stores_each_event_once(ledger: Ledger, room: str) -> None:
+    first = [status(room, "a", i) for i in range(600)]
+    await ledger.append_many(first[:250])
+    # A retry overlapping what was stored, plus new events: duplicates reported, the rest stored.
+    positions = await ledger.append_many(first)
+    assert [p.duplicate for p in positions] == [True] * 250 + [False] * 350
+    records = await collect(ledger, room)
+    assert [r.event.id for r in records] == [e.id for e in first]
+
+
+async def test_conditional_append_conflicts_when_the_room_moved(ledger: Ledger, room: str) -> None:
+    assert await ledger.room_last_seq(room) == 0
+    claim = ev.make_event(room, ev.FloorRequest(agent_id="a"))
+    first = await ledger.append(claim, expect_room_seq=0)
+    await ledger.append(status(room, "b", 1))
+    late = ev.make_event(room, ev.FloorRequest(agent_id="c"))
+    with pytest.raises(ConflictError) as caught:
+        await ledger.append(late, expect_room_seq=first.seq)
+    assert caught.value.expected == first.seq
+    # Scoped to the floor category, the status event in between does not count.
+    position = await ledger.append(late, expect_room_seq=first.seq, expect_category="floor")
+    assert position.seq > first.seq
+
+
+async def test_read_filters_by_range_and_type(ledger: Ledger, room: str) -> None:
+    await ledger.append(ev.make_event(room, ev.FloorRequest(agent_id="a")))
+    positions = [await ledger.append(status(room, "a", i)) for i in range(4)]
+    await ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
+    window = await collect(ledger, room, after=positions[0].seq, until=positions[2].seq)
+    assert [r.seq for r in window] == [positions[1].seq, positions[2].seq]
+    floor = await collect(ledger, room, types=["floor.*"])
+    assert [r.type for r in floor] == ["floor.request", "floor.release"]
+    mixed = await collect(ledger, room, types=["floor.release", "agent.*"])
+    assert [r.type for r in mixed] == ["agent.status"] * 4 + ["floor.release"]
+
+
+async def test_read_from_wall_clock_time(ledger: Ledger, room: str) -> None:
+    await ledger.append(status(room, "a", 0))
+    records = await collect(ledger, room)
+    cut = records[0].time + timedelta(microseconds=1)
+    later = await ledger.append(status(room, "a", 1))
+    since = await collect(ledger, room, since_time=cut)
+    assert [r.seq for r in since] == [later.seq]
+    assert await collect(ledger, room, since_time=datetime.now(UTC) + timedelta(hours=1)) == []
+
+
+async def test_read_of_empty_room_returns_nothing(ledger: Ledger, room: str) -> None:
+    assert await collect(ledger, room) == []
+    with pytest.raises(UnknownRoom):
+        await ledger.require_room(room)
+
+
+async def test_unknown_room_suggests_close_names(ledger: Ledger, room: str) -> None:
+    await ledger.append(status(room, "a", 0))
+    with pytest.raises(UnknownRoom) as caught:
+        await ledger.require_room(room + "x")
+    assert room in caught.value.close_matches
+    assert room in await ledger.rooms()
+
+
+async def test_odd_room_names_are_separate_rooms(ledger: Ledger, room: str) -> None:
+    names = [f"{room}.a", f"{room} a", f"{room}*", f"{room}>", f"{room}~2Ea", f"{room}-é🙂"]
+    for name in names:
+        await ledger.append(status(name, "a", 0))
+    for name in names:
+        records = await collect(ledger, name)
+        assert [r.room for r in records] == [name]
+
+
+async def test_event_over_the_size_limit_is_refused_before_sending(ledger: Ledger, room: str) -> None:
+    huge = ev.make_event(room, ev.Data(topic="x", text="x" * (ledger.settings.max_msg_size + 1)))
+    with pytest.raises(EventTooLarge, match="over the stream's limit"):
+        await ledger.append(huge)
+    with pytest.raises(EventTooLarge):
+        await ledger.append_many([status(room, "a", 0), huge])
+    assert await collect(ledger, room) == []
+
+
+async def test_follow_gives_history_then_live_without_gap(ledger: Ledger, room: str) -> None:
+    history = [await ledger.append(status(room, "a", i)) for i in range(3)]
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def follower() -> None:
+        async for record in ledger.follow(room, after=history[0].seq):
+            seen.append(record.seq)
+            if len(seen) == 5:
+                done.set()
+                return
+
+    task = asyncio.create_task(follower())
+    live = [await ledger.append(status(room, "a", i)) for i in range(3, 6)]
+    await asyncio.wait_for(done.wait(), 10)
+    await task
+    assert seen == [p.seq for p in history[1:]] + [p.seq for p in live]
+
+
+async def test_stream_is_reconciled_with_settings(settings: Settings) -> None:
+    async with Ledger(settings) as client:
+        info = await client.stream_info()
+        assert info.config.duplicate_window == pytest.approx(120)
+        assert info.config.allow_atomic
+        assert client.stream_differences(info.config) == {}
+
+
+async def test_unreachable_nats_names_the_url_and_the_way_out(tmp_path: Path) -> None:
+    settings = Settings(nats_urls=("nats://127.0.0.1:1",), home=tmp_path)
+    with pytest.raises(ConnectError, match=r"cannot reach NATS at nats://127.0.0.1:1.*unset LEDGER_NATS_URL"):
+        async with Ledger(settings):
+            pass
+
+
+async def test_follow_survives_a_nats_restart(tmp_path: Path, room: str) -> None:
+    home = tmp_path / "restart"
+    server = embedded.ensure_nats(home)
+    try:
+        settings = Settings(nats_urls=(server.url,), home=home)
+        async with Ledger(settings) as client:
+            before = [await client.append(status(room, "a", i)) for i in range(3)]
+            seen: list[int] = []
+            got_all = asyncio.Event()
+
+            async def follower() -> None:
+                async for record in client.follow(room):
+                    seen.append(record.seq)
+                    if len(seen) == 6:
+                        got_all.set()
+                        return
+
+            task = asyncio.create_task(follower())
+            await asyncio.wait_for(_until(lambda: len(seen) == 3), 10)
+            embedded.stop_nats(home)
+            restarted = embedded.ensure_nats(home, port=server.port)
+            assert restarted.port == server.port
+            after = []
+            for i in range(3, 6):
+                after.append(await _retry_append(client, status(room, "a", i)))
+            await asyncio.wait_for(got_all.wait(), 30)
+            await task
+            assert seen == [p.seq for p in before + after]
+    finally:
+        embedded.stop_nats(home)
+
+
+async def _until(condition: object, interval: float = 0.01) -> None:
+    while not condition():  # type: ignore[operator]
+        await asyncio.sleep(interval)
+
+
+async def _retry_append(client: Ledger, event: ev.KnownEvent) -> object:
+    # The client reconnects by itself; an append during the reconnect may time out and is
+    # safe to retry because the event id makes it idempotent.
+    for _ in range(50):
+        try:
+            return await client.append(event)
+        except Exception:
+            await asyncio.sleep(0.2)
+    raise AssertionError("NATS did not come back")

@@ -1,0 +1,76 @@
+"""The event model: tags, round trips, tolerant decoding, errors with a field path."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from ledger import events as ev
+from ledger.errors import MalformedEvent
+
+
+def test_every_type_has_a_permanent_tag() -> None:
+    assert set(ev.EVENT_TYPES) == {
+        "participant.joined", "participant.left", "participant.attributes", "room.metadata",
+        "agent.state", "agent.status", "floor.request", "floor.release", "transcript",
+        "chat.message", "conversation.item", "handoff", "session.patch", "context.summary",
+        "data", "bridge.joined", "bridge.gap", "bridge.left",
+    }  # fmt: skip
+
+
+def test_round_trip_keeps_envelope_and_body() -> None:
+    event = ev.make_event(
+        "room-1",
+        ev.AgentStatus(agent_id="billing", status="processing", action_lock=True, task="refund"),
+        sender=ev.Sender("billing", "agent"),
+    )
+    data = ev.encode(event)
+    decoded = ev.decode(data)
+    assert decoded == event
+    assert ev.event_type(decoded) == "agent.status"
+    wire = msgspec.json.decode(data)
+    assert wire["type"] == "agent.status"
+    assert wire["body"]["action_lock"] is True
+    assert "seq" not in wire and "subject" not in wire
+
+
+def test_unknown_type_is_kept_opaque_with_its_bytes() -> None:
+    raw = b'{"type":"vote.cast","id":"e1","room":"r","body":{"x":1},"sender":{"identity":"a","kind":"agent"}}'
+    event = ev.decode(raw)
+    assert isinstance(event, ev.OpaqueEvent)
+    assert event.type == "vote.cast"
+    assert event.raw == raw
+    assert event.sender.identity == "a"
+    assert ev.to_builtins(event)["body"] == {"x": 1}
+
+
+def test_malformed_known_type_names_the_field_path() -> None:
+    raw = b'{"type":"agent.status","id":"e1","room":"r","body":{"agent_id":"a","status":"busy"}}'
+    with pytest.raises(MalformedEvent, match=r"\$\.body\.status"):
+        ev.decode(raw)
+
+
+def test_not_json_is_malformed() -> None:
+    with pytest.raises(MalformedEvent, match="not JSON"):
+        ev.decode(b"\xff\x00")
+
+
+def test_new_fields_from_newer_writers_are_ignored() -> None:
+    raw = b'{"type":"floor.release","id":"e","room":"r","future":1,"body":{"agent_id":"a","later":true}}'
+    event = ev.decode(raw)
+    assert isinstance(event, ev.FloorReleaseEvent)
+    assert event.body.agent_id == "a"
+
+
+def test_derived_ids_are_deterministic_and_unambiguous() -> None:
+    assert ev.derived_event_id("stream", "abc") == ev.derived_event_id("stream", "abc")
+    assert ev.derived_event_id("ab", "c") != ev.derived_event_id("a", "bc")
+
+
+def test_body_from_dict_validates() -> None:
+    body = ev.body_from_dict("session.patch", {"patch": {"a": 1}})
+    assert body == ev.SessionPatch(patch={"a": 1})
+    with pytest.raises(MalformedEvent, match="unknown event type"):
+        ev.body_from_dict("nope", {})
+    with pytest.raises(MalformedEvent, match=r"\$\.agent_id"):
+        ev.body_from_dict("floor.request", {"agent_id": 5})
