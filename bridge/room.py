@@ -1,0 +1,286 @@
+"""The ``livekit.rtc`` glue: room callbacks -> a queue -> :class:`bridge.ingest.Ingest`.
+
+Room callbacks are plain functions that copy what they need out of the SDK objects and put one
+observation on a queue; a single task applies them to the ingest in order. Streams of every
+topic are read to their end by their own task (the trailer's attributes are only known then,
+e.g. the final flag of an agent transcript) and then queued the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+from livekit import rtc
+
+from bridge.ingest import MAX_INLINE_BYTES, Ingest, ParticipantObservation
+from ledger.events import utcnow
+
+log = logging.getLogger("bridge.room")
+
+#: A stream is read to its end, but only this much of it is kept.
+MAX_STREAM_KEEP: Final = MAX_INLINE_BYTES + 1
+
+Observation = Callable[[], None]
+
+
+class _CatchAll(dict[str, Any]):
+    """A stream-handler table that answers every topic (one handler per topic per room)."""
+
+    def __init__(self, fallback: Any) -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = super().get(key)
+        return found if found is not None else self.fallback
+
+
+def _observe(participant: rtc.RemoteParticipant) -> ParticipantObservation:
+    return ParticipantObservation(
+        identity=participant.identity, kind=int(participant.kind), sid=participant.sid, name=participant.name,
+        attributes=dict(participant.attributes), metadata=participant.metadata,
+        tracks=tuple(participant.track_publications.keys()),
+    )
+
+
+class RoomBridge:
+    """Feeds one connected (or about to connect) ``rtc.Room`` into an :class:`Ingest`."""
+
+    def __init__(self, room: rtc.Room, ingest: Ingest, *, livekit_url: str = "") -> None:
+        self.room = room
+        self.ingest = ingest
+        self.livekit_url = livekit_url
+        self._queue: asyncio.Queue[Observation | None] = asyncio.Queue()
+        self._stream_tasks: set[asyncio.Task[None]] = set()
+        self._agent_states: dict[str, str] = {}
+        self._gap_started: datetime | None = None
+        self.disconnected = asyncio.Event()
+        self.disconnect_reason = ""
+        self._pump: asyncio.Task[None] | None = None
+        self._attached = False
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register callbacks and stream handlers; call before ``connect`` so nothing is missed."""
+        if self._attached:
+            return
+        self._attached = True
+        room = self.room
+        room.on("participant_connected", self._on_participant_connected)
+        room.on("participant_disconnected", self._on_participant_disconnected)
+        room.on("participant_attributes_changed", self._on_attributes_changed)
+        room.on("participant_metadata_changed", self._on_metadata_changed)
+        room.on("participant_name_changed", self._on_name_changed)
+        room.on("room_metadata_changed", self._on_room_metadata_changed)
+        room.on("track_published", self._on_track_published)
+        room.on("data_received", self._on_data_received)
+        room.on("reconnecting", self._on_reconnecting)
+        room.on("reconnected", self._on_reconnected)
+        room.on("disconnected", self._on_disconnected)
+        if hasattr(room, "_text_stream_handlers") and hasattr(room, "_byte_stream_handlers"):
+            # every topic, not just the ones we know of: "anything else -> data"
+            text_table = _CatchAll(self._on_text_stream)
+            text_table.update(room._text_stream_handlers)
+            room._text_stream_handlers = text_table
+            byte_table = _CatchAll(self._on_byte_stream)
+            byte_table.update(room._byte_stream_handlers)
+            room._byte_stream_handlers = byte_table
+        else:  # pragma: no cover - an SDK without the private tables: known topics only
+            for topic in ("lk.transcription", "lk.chat", "ledger"):
+                room.register_text_stream_handler(topic, self._on_text_stream)
+            room.register_byte_stream_handler("lk.agent.session", self._on_byte_stream)
+        self._pump = asyncio.create_task(self._run_queue(), name="bridge-room-pump")
+
+    def connected(self) -> None:
+        """Call once connected: records the bridge's arrival and who is already there."""
+        self._put(lambda: self.ingest.bridge_joined(self.livekit_url))
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        observed = [_observe(p) for p in self.room.remote_participants.values()]
+        for p in observed:
+            state = p.attributes.get("lk.agent.state")
+            if state:
+                self._agent_states[p.identity] = state
+        metadata = self.room.metadata
+        self._put(lambda: self.ingest.snapshot(observed, room_metadata=metadata))
+
+    async def close(self, reason: str = "", *, left: bool = True) -> None:
+        """Finish open streams (briefly), drain the queue, record ``bridge.left`` (if ``left``)."""
+        if self._stream_tasks:
+            _, pending = await asyncio.wait(set(self._stream_tasks), timeout=1.0)
+            for task in pending:
+                task.cancel()
+        if left:
+            self._put(lambda: self.ingest.bridge_left(reason))
+        self._queue.put_nowait(None)
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    def _put(self, observation: Observation) -> None:
+        self._queue.put_nowait(observation)
+
+    async def _run_queue(self) -> None:
+        while True:
+            observation = await self._queue.get()
+            if observation is None:
+                return
+            try:
+                observation()
+            except Exception as exc:  # Ingest guards itself; this is a last resort
+                log.warning("bridge: observation failed (%s)", type(exc).__name__)
+
+    # --- callbacks: copy out, enqueue ------------------------------------------------------------
+
+    def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
+        p = _observe(participant)
+        if p.attributes.get("lk.agent.state"):
+            self._agent_states[p.identity] = p.attributes["lk.agent.state"]
+        at = utcnow()
+        self._put(lambda: self.ingest.participant_joined(
+            p.identity, kind=p.kind, sid=p.sid, name=p.name, attributes=p.attributes, metadata=p.metadata,
+            tracks=p.tracks, at=at))
+
+    def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
+        identity, sid = participant.identity, participant.sid
+        try:
+            reason = rtc.DisconnectReason.Name(participant.disconnect_reason or 0)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            reason = ""
+        self._agent_states.pop(identity, None)
+        at = utcnow()
+        self._put(lambda: self.ingest.participant_left(identity, sid=sid, reason=reason, at=at))
+
+    def _on_attributes_changed(self, changed: dict[str, str], participant: rtc.Participant) -> None:
+        identity = participant.identity
+        changed = dict(changed)
+        attributes = dict(participant.attributes)
+        old_state = self._agent_states.get(identity)
+        if "lk.agent.state" in changed:
+            self._agent_states[identity] = changed["lk.agent.state"]
+        at = utcnow()
+        self._put(lambda: self.ingest.participant_attributes(identity, changed, attributes,
+                                                             old_agent_state=old_state, at=at))
+
+    def _on_metadata_changed(self, participant: rtc.Participant, old: str, new: str) -> None:
+        identity, at = participant.identity, utcnow()
+        self._put(lambda: self.ingest.participant_metadata(identity, new, at=at))
+
+    def _on_name_changed(self, participant: rtc.Participant, old: str, new: str) -> None:
+        identity, at = participant.identity, utcnow()
+        self._put(lambda: self.ingest.participant_name(identity, new, at=at))
+
+    def _on_room_metadata_changed(self, old: str, new: str) -> None:
+        at = utcnow()
+        self._put(lambda: self.ingest.room_metadata(new, at=at))
+
+    def _on_track_published(self, publication: rtc.RemoteTrackPublication,
+                            participant: rtc.RemoteParticipant) -> None:
+        identity, sid = participant.identity, publication.sid
+        self._put(lambda: self.ingest.track_published(identity, sid))
+
+    def _on_data_received(self, packet: rtc.DataPacket) -> None:
+        data, topic = packet.data, packet.topic or ""
+        identity = packet.participant.identity if packet.participant is not None else ""
+        kind = int(packet.participant.kind) if packet.participant is not None else None
+        at = utcnow()
+        self._put(lambda: self.ingest.data_packet(data, topic=topic, sender_identity=identity,
+                                                  sender_kind=kind, at=at))
+
+    def _on_reconnecting(self) -> None:
+        if self._gap_started is None:
+            self._gap_started = utcnow()
+        log.warning("bridge: LiveKit connection lost; reconnecting")
+
+    def _on_reconnected(self) -> None:
+        started = self._gap_started or utcnow()
+        self._gap_started = None
+        ended = utcnow()
+        self._put(lambda: self.ingest.bridge_gap(started, ended, reason="livekit reconnect"))
+        self._snapshot()
+        log.info("bridge: reconnected to LiveKit; gap recorded, participants snapshotted")
+
+    def _on_disconnected(self, reason: Any = None) -> None:
+        try:
+            self.disconnect_reason = rtc.DisconnectReason.Name(reason) if reason is not None else ""
+        except (ValueError, TypeError):
+            self.disconnect_reason = str(reason)
+        if self._gap_started is None:
+            self._gap_started = utcnow()
+        self.disconnected.set()
+
+    def gap_started(self) -> datetime | None:
+        return self._gap_started
+
+    def resume_after(self, started: datetime, reason: str) -> None:
+        """After a fresh connection replaced a lost one: record the gap, then a new snapshot."""
+        ended = utcnow()
+        self._put(lambda: self.ingest.bridge_gap(started, ended, reason=reason))
+        self._snapshot()
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    def _on_text_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
+        self._spawn(self._read_text(reader, participant_identity))
+
+    def _on_byte_stream(self, reader: rtc.ByteStreamReader, participant_identity: str) -> None:
+        self._spawn(self._read_bytes(reader, participant_identity))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._stream_tasks.add(task)
+        task.add_done_callback(self._stream_tasks.discard)
+
+    async def _read_text(self, reader: rtc.TextStreamReader, identity: str) -> None:
+        parts: list[bytes] = []
+        kept = 0
+        total = 0
+        error: str | None = None
+        try:
+            async for chunk in reader:
+                data = chunk.encode("utf-8", "surrogatepass")
+                total += len(data)
+                if kept < MAX_STREAM_KEEP:
+                    parts.append(data[: MAX_STREAM_KEEP - kept])
+                    kept += len(parts[-1])
+        except rtc.StreamError as exc:
+            error = exc.description or "stream error"
+        except Exception as exc:
+            error = type(exc).__name__
+        info = reader.info
+        raw = b"".join(parts)
+        attrs = dict(info.attributes or {})
+        self._put(lambda: self.ingest.text_stream(
+            raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
+            timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept))
+
+    async def _read_bytes(self, reader: rtc.ByteStreamReader, identity: str) -> None:
+        parts: list[bytes] = []
+        kept = 0
+        total = 0
+        error: str | None = None
+        try:
+            async for chunk in reader:
+                total += len(chunk)
+                if kept < MAX_STREAM_KEEP:
+                    parts.append(chunk[: MAX_STREAM_KEEP - kept])
+                    kept += len(parts[-1])
+        except rtc.StreamError as exc:
+            error = exc.description or "stream error"
+        except Exception as exc:
+            error = type(exc).__name__
+        info = reader.info
+        raw = b"".join(parts)
+        attrs = dict(info.attributes or {})
+        self._put(lambda: self.ingest.byte_stream(
+            raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
+            name=info.name, timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept))

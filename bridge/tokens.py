@@ -1,0 +1,60 @@
+"""Tokens and dispatches for the bridge, from ``LIVEKIT_API_KEY``/``LIVEKIT_API_SECRET``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from typing import Any
+
+from livekit import api
+
+from ledger.errors import SettingsError
+from ledger.settings import Settings
+
+
+def _credentials(settings: Settings) -> tuple[str, str, str]:
+    missing = [name for name, value in (("LIVEKIT_URL", settings.livekit_url),
+                                        ("LIVEKIT_API_KEY", settings.livekit_api_key),
+                                        ("LIVEKIT_API_SECRET", settings.livekit_api_secret)) if not value]
+    if missing:
+        raise SettingsError(f"{', '.join(missing)} not set: the bridge needs the LiveKit server and its API key")
+    assert settings.livekit_url and settings.livekit_api_key and settings.livekit_api_secret
+    return settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+
+
+def bridge_identity(bridge_id: str) -> str:
+    return f"ledger-bridge-{socket.gethostname()[:40]}-{os.getpid()}-{bridge_id}"
+
+
+def bridge_token(settings: Settings, room: str, identity: str, *, ttl_s: float = 6 * 3600) -> str:
+    """A hidden, subscribe-only token (it receives data and streams, never publishes)."""
+    _, key, secret = _credentials(settings)
+    grants = api.VideoGrants(room_join=True, room=room, hidden=True, can_publish=False, can_publish_data=False,
+                             can_subscribe=True, can_update_own_metadata=False, agent=True)
+    return (api.AccessToken(key, secret).with_identity(identity).with_name("ledger bridge").with_kind("agent")
+            .with_grants(grants).with_ttl(datetime.timedelta(seconds=ttl_s)).to_jwt())
+
+
+def livekit_api(settings: Settings) -> api.LiveKitAPI:
+    url, key, secret = _credentials(settings)
+    return api.LiveKitAPI(url, key, secret)
+
+
+async def create_dispatch(settings: Settings, room: str, *, agent_name: str | None = None,
+                          metadata: dict[str, Any] | str | None = None) -> api.AgentDispatch:
+    """Dispatch an agent (by default the bridge, ``LEDGER_BRIDGE_AGENT_NAME``) into ``room``."""
+    name = agent_name or settings.bridge_agent_name
+    text = metadata if isinstance(metadata, str) else json.dumps(metadata or {}, separators=(",", ":"))
+    lkapi = livekit_api(settings)
+    try:
+        return await lkapi.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=name, room=room, metadata=text))
+    finally:
+        await lkapi.aclose()
+
+
+def room_configuration(settings: Settings) -> api.RoomConfiguration:
+    """Put this in user tokens (``with_room_config``) so every room created by them gets the bridge."""
+    return api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=settings.bridge_agent_name)])

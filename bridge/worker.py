@@ -1,0 +1,243 @@
+"""Running the bridge: ``run_bridge`` (what ``ledger bridge`` wraps).
+
+* ``room=None``: a LiveKit Agents worker (``AgentServer``) registered under
+  ``LEDGER_BRIDGE_AGENT_NAME`` with hidden, subscribe-and-data-only permissions; each room it is
+  dispatched to becomes a job (in a thread of this process) with its own ledger connection and
+  writer. Many processes can register under one name; LiveKit spreads rooms over them.
+* ``room="NAME"``: connect to one room directly with a hidden, subscribe-only token minted from
+  ``LIVEKIT_API_KEY``/``LIVEKIT_API_SECRET``; reconnect (recording a gap) until ``stop`` is set.
+
+Either way ``stop`` ends it: the writer flushes within ``flush_deadline`` seconds, and what it
+could not write is saved under ``LEDGER_HOME`` for the next bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from livekit import rtc
+
+from bridge.room import RoomBridge
+from bridge.stats import Counters, write_stats
+from bridge.tokens import _credentials, bridge_identity, bridge_token
+from bridge.writer import BridgeWriter
+from ledger.client import Ledger
+from ledger.events import utcnow
+from ledger.settings import Settings
+
+log = logging.getLogger("bridge.worker")
+
+#: Room-level disconnect reasons after which a direct bridge does not rejoin.
+_FINAL_REASONS = frozenset({"ROOM_DELETED", "ROOM_CLOSED"})
+
+
+@dataclass
+class BridgeProcess:
+    """Shared state of one bridge process: its id and counters (read by ``ledger doctor``)."""
+
+    settings: Settings
+    bridge_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    counters: Counters = field(default_factory=Counters)
+    flush_deadline: float = 5.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write_stats(self, **extra: Any) -> None:
+        write_stats(self.settings.home, self.bridge_id, self.counters, extra=extra)
+
+
+async def _until(stop: asyncio.Event, *others: asyncio.Event, within: float | None = None) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, *others)]
+    try:
+        await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, stop: asyncio.Event, *,
+                          on_connected: Callable[[RoomBridge], None] | None = None) -> None:
+    """Keep one room bridged into ``writer`` until ``stop`` (direct mode, with its own token)."""
+    url, _, _ = _credentials(settings)
+    ingest = writer.ingest(room)
+    identity = bridge_identity(writer.bridge_id)
+    gap_started = None
+    delay = 0.2
+    writer.counters.rooms += 1
+    try:
+        while not stop.is_set():
+            rtc_room = rtc.Room()
+            bridge = RoomBridge(rtc_room, ingest, livekit_url=url)
+            bridge.attach()
+            try:
+                await rtc_room.connect(url, bridge_token(settings, room, identity),
+                                       rtc.RoomOptions(auto_subscribe=False))
+            except (rtc.ConnectError, OSError) as exc:
+                log.warning("bridge: cannot connect to LiveKit (%s); retrying", type(exc).__name__)
+                await bridge.close(left=False)
+                if gap_started is None and writer.counters.typed:
+                    gap_started = utcnow()
+                await _until(stop, within=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.2
+            if gap_started is None:
+                bridge.connected()
+            else:
+                bridge.resume_after(gap_started, "livekit connection lost")
+                gap_started = None
+            log.info("bridge: in room (direct mode)")
+            if on_connected is not None:
+                on_connected(bridge)
+            await _until(stop, bridge.disconnected)
+            if stop.is_set():
+                with contextlib.suppress(Exception):
+                    await rtc_room.disconnect()
+                await bridge.close("stopped")
+                return
+            reason = bridge.disconnect_reason
+            gap_started = bridge.gap_started() or utcnow()
+            if reason in _FINAL_REASONS:
+                await bridge.close(reason.lower())
+                log.info("bridge: room ended (%s)", reason)
+                return
+            await bridge.close(left=False)
+            log.warning("bridge: disconnected from LiveKit (%s); rejoining", reason or "unknown")
+    finally:
+        writer.counters.rooms -= 1
+
+
+async def run_direct(settings: Settings, room: str, stop: asyncio.Event, *, process: BridgeProcess | None = None,
+                     on_connected: Callable[[RoomBridge], None] | None = None) -> Counters:
+    process = process or BridgeProcess(settings)
+    async with Ledger(settings, name="ledger-bridge") as ledger:
+        writer = BridgeWriter(ledger, home=settings.home, bridge_id=process.bridge_id, counters=process.counters,
+                              stats_interval=0)
+        await writer.start()
+        try:
+            await bridge_one_room(settings, room, writer, stop, on_connected=on_connected)
+        finally:
+            await writer.close(deadline=process.flush_deadline)
+    return process.counters
+
+
+# --- worker mode --------------------------------------------------------------------------------
+
+#: The process whose jobs run in this process (jobs run in threads: JobExecutorType.THREAD).
+_PROCESS: BridgeProcess | None = None
+
+
+async def _job_entry(ctx: Any) -> None:
+    """One dispatched room: its own ledger connection and writer, shared process counters."""
+    from livekit.agents import AutoSubscribe
+
+    process = _PROCESS
+    if process is None:  # pragma: no cover - only when the job runs in a separate process
+        process = BridgeProcess(Settings.from_env())
+    settings = process.settings
+    ledger = Ledger(settings, name="ledger-bridge")
+    await ledger.connect()
+    writer = BridgeWriter(ledger, home=settings.home, bridge_id=f"{process.bridge_id}-{uuid.uuid4().hex[:6]}",
+                          counters=process.counters, stats_interval=0)
+    await writer.start()
+    ingest = writer.ingest(ctx.job.room.name)
+    bridge = RoomBridge(ctx.room, ingest, livekit_url=settings.livekit_url or "")
+    bridge.attach()
+    finished = asyncio.Event()
+
+    async def on_shutdown(reason: str = "") -> None:
+        finished.set()
+        await bridge.close(reason or "job shutdown")
+        await writer.close(deadline=process.flush_deadline)
+        await ledger.close()
+        with process.lock:
+            process.counters.rooms -= 1
+
+    ctx.add_shutdown_callback(on_shutdown)
+    with process.lock:
+        process.counters.rooms += 1
+    await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
+    bridge.connected()
+    log.info("bridge: job started")
+    await _until(finished, bridge.disconnected)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event, *, process: BridgeProcess | None = None,
+                     http_port: int = 0) -> Counters:
+    from livekit.agents import AgentServer, JobExecutorType, WorkerPermissions
+
+    global _PROCESS
+    url, key, secret = _credentials(settings)
+    process = process or BridgeProcess(settings)
+    _PROCESS = process
+    server = AgentServer(
+        ws_url=url, api_key=key, api_secret=secret, job_executor_type=JobExecutorType.THREAD,
+        permissions=WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=False,
+                                      can_update_metadata=False, hidden=True),
+        port=http_port, num_idle_processes=0, load_threshold=1.0,
+        shutdown_process_timeout=process.flush_deadline + 5.0,
+    )
+    server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name)
+    run = asyncio.create_task(server.run(devmode=False), name="bridge-agent-server")
+    log.info("bridge: worker registering as %r", settings.bridge_agent_name)
+
+    async def stats_loop() -> None:
+        while True:
+            process.write_stats(mode="worker", agent_name=settings.bridge_agent_name)
+            await asyncio.sleep(1.0)
+
+    stats = asyncio.create_task(stats_loop())
+    try:
+        await _until(stop, _done_event(run))
+    finally:
+        stats.cancel()
+        with contextlib.suppress(Exception):
+            await server.aclose()
+        if not run.done():
+            run.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await run
+        process.write_stats(mode="worker", agent_name=settings.bridge_agent_name, stopped=True)
+    if run.done() and not run.cancelled() and not stop.is_set():
+        failure = run.exception()
+        if failure is not None:
+            raise failure
+    return process.counters
+
+
+def _done_event(task: asyncio.Task[Any]) -> asyncio.Event:
+    event = asyncio.Event()
+    task.add_done_callback(lambda _: event.set())
+    return event
+
+
+async def run_bridge(settings: Settings, *, room: str | None, stop: asyncio.Event,
+                     flush_deadline: float = 5.0, http_port: int = 0) -> Counters:
+    """Run the bridge until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT).
+
+    ``room``: bridge that one room directly; None: register as a worker and take dispatches.
+    Returns the counters; they are also written to ``<LEDGER_HOME>/bridge/stats-<id>.json``.
+    """
+    process = BridgeProcess(settings, flush_deadline=flush_deadline)
+    if room is not None:
+        stats_stop = asyncio.Event()
+
+        async def stats_loop() -> None:
+            while not stats_stop.is_set():
+                process.write_stats(mode="direct", room_count=process.counters.rooms)
+                await _until(stats_stop, within=1.0)
+
+        stats = asyncio.create_task(stats_loop())
+        try:
+            return await run_direct(settings, room, stop, process=process)
+        finally:
+            stats_stop.set()
+            await stats
+            process.write_stats(mode="direct", stopped=True)
+    return await run_worker(settings, stop, process=process, http_port=http_port)
