@@ -59,6 +59,7 @@ __all__ = [
     "RoomState",
     "Summary",
     "apply",
+    "apply_safely",
     "fold",
     "merge_patch",
 ]
@@ -184,6 +185,8 @@ class RoomIndex(msgspec.Struct, kw_only=True):
     events: int = 0
     counts: dict[str, int] = msgspec.field(default_factory=dict)
     gaps: list[Gap] = msgspec.field(default_factory=list)
+    #: Sequences of events that made a reducer raise (skipped; the projector records why).
+    failed: list[int] = msgspec.field(default_factory=list)
 
 
 class RoomState(msgspec.Struct, kw_only=True):
@@ -207,8 +210,6 @@ class RoomState(msgspec.Struct, kw_only=True):
     user_feed: str | None = None
     #: Transcribed track (or speaker) -> its canonical transcriber.
     transcribers: dict[str, str] = msgspec.field(default_factory=dict)
-    #: Number of conversation items ever added (the projector keeps only unsaved ones in memory).
-    conversation_count: int = 0
     #: item id -> position in :attr:`conversation` (derived; not stored, rebuilt when out of step).
     positions: dict[str, int] = msgspec.field(default_factory=dict)
 
@@ -236,11 +237,28 @@ class RoomState(msgspec.Struct, kw_only=True):
 
 
 def fold(records: Iterable[RecordLike], state: RoomState | None = None) -> RoomState:
-    """Fold records (one room's, in log order) into a state (a new one unless given)."""
+    """Fold records (one room's, in log order) into a state (a new one unless given).
+
+    An event that makes a reducer raise is skipped (see :func:`apply_safely`), never fatal.
+    """
     result = state if state is not None else RoomState()
     for record in records:
-        apply(result, record)
+        apply_safely(result, record)
     return result
+
+
+def apply_safely(state: RoomState, record: RecordLike) -> Exception | None:
+    """:func:`apply`, but an exception is returned (and its sequence noted) instead of raised.
+
+    Every reader skips a failing event the same way, so their states stay equal.
+    """
+    try:
+        apply(state, record)
+    except Exception as exc:
+        if record.seq not in state.index.failed:
+            state.index.failed.append(record.seq)
+        return exc
+    return None
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -493,7 +511,6 @@ def _put_item(state: RoomState, item: ConversationItem) -> None:
     if position is None:
         state.positions[item.item_id] = len(state.conversation)
         state.conversation.append(item)
-        state.conversation_count += 1
         return
     old = state.conversation[position]
     # The first appearance fixes the place in the conversation.

@@ -76,7 +76,6 @@ def _room_state(name: str) -> Table:
         Column("floor_holder", Text),
         Column("session_version", BigInteger, nullable=False, server_default="0"),
         Column("summary_covers_seq", BigInteger),
-        Column("conversation_count", Integer, nullable=False, server_default="0"),
         #: projections.reducers.RoomState without its conversation.
         Column("state", JSONB, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

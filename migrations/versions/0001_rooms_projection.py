@@ -30,7 +30,6 @@ def _room_state(name: str) -> None:
         sa.Column("floor_holder", sa.Text()),
         sa.Column("session_version", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("summary_covers_seq", sa.BigInteger()),
-        sa.Column("conversation_count", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("state", JSONB(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.PrimaryKeyConstraint("room", name=op.f(f"pk_{name}")),

@@ -1,0 +1,583 @@
+"""The Postgres projector (``ledger project``): the log, folded by the reducers, into tables.
+
+How it works
+------------
+- Reads the stream in order with an ephemeral pull consumer from its checkpoint + 1; each fetch
+  is one batch (bounded by ``batch_size`` and, when caught up, by the fetch latency).
+- Folds the batch in memory with :mod:`projections.reducers`: room states come from an LRU
+  cache, loaded for the batch's rooms in one query on a miss.
+- Writes the batch in one transaction: room rows and conversation items with
+  ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE`` (one statement per table, not per
+  event), error rows, and the checkpoint row, which is locked (``FOR UPDATE``) and compared with
+  the value this worker expects, so two workers on one partition, or a rebuild swapping tables,
+  are noticed (the worker then reloads from the database).
+- Idempotent twice over: the checkpoint moves in the same transaction as the rows, and each room
+  row carries its own last sequence (the reducers ignore records at or below it; the upsert
+  keeps the newer row).
+- An event that cannot be decoded, or that makes a reducer raise, is recorded in
+  ``projection_errors`` (sequence, room, type, error) and skipped.
+- NATS or Postgres unavailable: logs once per outage, retries with backoff, drops its cache and
+  resumes from the committed checkpoint, so nothing is lost or applied twice.
+
+Scale-out: ``partitions=N`` workers, worker ``i`` owns the rooms whose subject token hashes
+(blake2b, stable across processes and versions) to ``i``. Every worker reads the whole stream
+(skipping other rooms by subject, without decoding them) and keeps its own checkpoint
+``(projection, i)``. A room is handled by exactly one worker, in stream order. This needs no
+change to the stream (JetStream subject-mapping partitions would save the reading of other
+partitions' messages but need a stream transform and a fixed N); because every room row carries
+its own sequence, changing N is safe: a new worker starts from the lowest checkpoint.
+
+Run one worker: ``python -m projections.projector [--partition I --partitions N] [--once]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import api as js_api
+
+from ledger import db
+from ledger import events as ev
+from ledger.client import Ledger, Record
+from ledger.errors import ConnectError as LedgerConnectError
+from ledger.settings import Settings
+from ledger.subjects import room_from_token
+from projections import reducers as rd
+from projections.tables import ROOMS
+
+log = logging.getLogger("projections.projector")
+
+Progress = Callable[[int, int], None]
+"""progress(events_done, events_total): called after each committed batch."""
+
+DEFAULT_BATCH = 2000
+DEFAULT_CACHE_ROOMS = 20_000
+
+
+def partition_of(room_token: str, partitions: int) -> int:
+    """The partition owning a room, from its subject token: stable across processes."""
+    if partitions <= 1:
+        return 0
+    digest = hashlib.blake2b(room_token.encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+class CheckpointMoved(Exception):
+    """The checkpoint row is not where this worker left it (another worker, or a rebuild swap)."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    first_seq: int
+    last_seq: int
+    events: int
+    rooms: int
+    errors: int
+
+
+@dataclass(slots=True)
+class _Tables:
+    room_state: str = "room_state"
+    conversation: str = "conversation_items"
+
+
+@dataclass(slots=True)
+class _Pending:
+    states: dict[str, rd.RoomState] = field(default_factory=dict)
+    errors: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
+
+
+class Projector:
+    """One projector worker. ``await run(stop_event)`` follows the log until the event is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        partition: int = 0,
+        partitions: int = 1,
+        projection: str = ROOMS,
+        batch_size: int = DEFAULT_BATCH,
+        cache_rooms: int = DEFAULT_CACHE_ROOMS,
+        target: str = "live",
+        migrate: bool = True,
+    ) -> None:
+        if not 0 <= partition < partitions:
+            raise ValueError(f"partition {partition} is not in 0..{partitions - 1}")
+        self.settings = settings
+        self.partition = partition
+        self.partitions = partitions
+        self.projection = projection
+        self.batch_size = batch_size
+        self.cache_rooms = cache_rooms
+        self.tables = _Tables() if target == "live" else _Tables("room_state_next", "conversation_items_next")
+        self.migrate = migrate
+        self.checkpoint = 0
+        self._cache: OrderedDict[str, rd.RoomState] = OrderedDict()
+        self._ledger: Ledger | None = None
+        self._conn: Any = None
+        self._sub: Any = None
+        self._prefix_len = len(settings.subject_prefix) + 1
+        self._outage: str | None = None
+        self.events_done = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Projector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self.migrate:
+            from projections.migrate import upgrade
+
+            await upgrade(self.settings)
+        if self._ledger is None:
+            self._ledger = Ledger(self.settings, name=f"ledger-projector-{self.partition}")
+            await self._ledger.connect()
+        await self._connect_db()
+
+    async def close(self) -> None:
+        await self._drop_consumer()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+        if self._ledger is not None:
+            await self._ledger.close()
+            self._ledger = None
+
+    async def _connect_db(self) -> None:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await db.connect(self.settings)
+        self.checkpoint = await self._load_checkpoint()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop_event: asyncio.Event, *, progress: Progress | None = None) -> None:
+        """Follow the log, batch by batch, until ``stop_event`` is set. Survives outages."""
+        await self._with_retries(stop_event, self.start)
+        start = self.checkpoint
+        while not stop_event.is_set():
+            result = await self._with_retries(stop_event, self._step, 1.0)
+            if progress is not None and result is not None and result.events:
+                head = await self._head_or(self.checkpoint)
+                progress(self.checkpoint - start, max(head - start, self.checkpoint - start))
+
+    async def catch_up(self, *, until: int | None = None, progress: Progress | None = None,
+                       stop_event: asyncio.Event | None = None) -> int:
+        """Project up to ``until`` (default: the head as of the call); returns the checkpoint."""
+        stop = stop_event or asyncio.Event()
+        await self._with_retries(stop, self.start)
+        target = until if until is not None else await self._head_or(0)
+        start = self.checkpoint
+        if progress is not None:
+            progress(0, max(target - start, 0))
+        while self.checkpoint < target and not stop.is_set():
+            await self._with_retries(stop, self._step, 0.5, target)
+            if progress is not None:
+                progress(min(self.checkpoint, target) - start, max(target - start, 0))
+        return self.checkpoint
+
+    async def _head_or(self, default: int) -> int:
+        try:
+            assert self._ledger is not None
+            return await self._ledger.head()
+        except Exception:
+            return default
+
+    async def _with_retries(self, stop: asyncio.Event, fn: Callable[..., Any], *args: Any) -> Any:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                result = await fn(*args)
+            except CheckpointMoved:
+                log.info("checkpoint of %s/%d moved under this worker; reloading", self.projection,
+                         self.partition)
+                await self._reset()
+                continue
+            except _TRANSIENT as exc:
+                what = "Postgres" if isinstance(exc, db_errors()) or "postgres" in repr(exc).lower() else "NATS"
+                if self._outage is None:
+                    log.warning("%s unavailable (%s); retrying with backoff, nothing is lost",
+                                what, type(exc).__name__)
+                    self._outage = what
+                await self._reset()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._outage is not None:
+                log.warning("%s is back; projecting again from sequence %d", self._outage, self.checkpoint)
+                self._outage = None
+            return result
+        return None
+
+    async def _reset(self) -> None:
+        """Forget everything not committed: cache, consumer; reconnect and reload the checkpoint."""
+        self._cache.clear()
+        await self._drop_consumer()
+        if self._conn is not None and not self._conn.is_closed():
+            try:
+                self.checkpoint = await self._load_checkpoint()
+                return
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self._conn.terminate()
+        self._conn = None
+        with contextlib.suppress(Exception):
+            await self._connect_db()
+
+    # --- reading -----------------------------------------------------------------------------
+
+    async def _consumer(self) -> Any:
+        if self._sub is None:
+            assert self._ledger is not None
+            config = js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self.checkpoint + 1,
+                ack_policy=js_api.AckPolicy.NONE,
+                mem_storage=True,
+                inactive_threshold=120.0,
+            )
+            self._sub = await self._ledger.js.pull_subscribe(
+                self._ledger.subjects.all_rooms(), stream=self.settings.stream, config=config,
+                pending_msgs_limit=1_000_000, pending_bytes_limit=512 * 1024 * 1024,
+            )
+            self._next_seq = self.checkpoint + 1
+        return self._sub
+
+    async def _drop_consumer(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.unsubscribe(), 2.0)
+
+    async def _fetch(self, wait: float) -> list[Any]:
+        sub = await self._consumer()
+        try:
+            msgs: list[Any] = await sub.fetch(self.batch_size, timeout=wait)
+        except nats.errors.TimeoutError:
+            return []
+        except nats.js.errors.NotFoundError:
+            await self._drop_consumer()
+            return []
+        return msgs
+
+    # --- one batch ---------------------------------------------------------------------------
+
+    async def _step(self, wait: float, until: int | None = None) -> BatchResult | None:
+        msgs = await self._fetch(wait)
+        if not msgs:
+            return None
+        pending = _Pending()
+        records: list[tuple[str, Record]] = []
+        first = last = 0
+        prefix_len = self._prefix_len
+        for msg in msgs:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if seq <= self.checkpoint:
+                continue  # redelivered after a reconnect
+            if until is not None and seq > until:
+                break
+            if first == 0:
+                first = seq
+            last = seq
+            subject = msg.subject
+            token = subject[prefix_len:].partition(".")[0]
+            if self.partitions > 1 and partition_of(token, self.partitions) != self.partition:
+                continue
+            try:
+                event = ev.decode(msg.data)
+            except Exception as exc:
+                room = _safe_room(token)
+                pending.errors.append((seq, room, subject.rpartition(".")[2], f"decode: {exc}"))
+                continue
+            records.append((event.room, Record(seq=seq, subject=subject, time=meta.timestamp, event=event)))
+        if last == 0:
+            return None
+        await self._load_states({room for room, _ in records})
+        for room, record in records:
+            state = self._cache.get(room)
+            if state is None:
+                state = rd.RoomState(room=room)
+                self._cache[room] = state
+            failure = rd.apply_safely(state, record)
+            if failure is not None:
+                pending.errors.append((record.seq, room, record.type, f"{type(failure).__name__}: {failure}"))
+            pending.states[room] = state
+        await self._write(pending, last)
+        self.checkpoint = last
+        self.events_done += last - first + 1
+        for state in pending.states.values():
+            state.forget_conversation()
+        self._trim_cache()
+        return BatchResult(first, last, last - first + 1, len(pending.states), len(pending.errors))
+
+    async def _load_states(self, rooms: set[str]) -> None:
+        missing = [r for r in rooms if r not in self._cache]
+        for room in rooms:
+            if room in self._cache:
+                self._cache.move_to_end(room)
+        if not missing:
+            return
+        rows = await self._conn.fetch(
+            f"SELECT room, state::text AS state FROM {self.tables.room_state} WHERE room = ANY($1::text[])",
+            missing,
+        )
+        for row in rows:
+            self._cache[row["room"]] = rd.decode_state(row["state"])
+
+    def _trim_cache(self) -> None:
+        while len(self._cache) > self.cache_rooms:
+            self._cache.popitem(last=False)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    async def _load_checkpoint(self) -> int:
+        row = await self._conn.fetchrow(
+            "SELECT seq FROM projection_checkpoints WHERE projection = $1 AND partition = $2",
+            self.projection, self.partition,
+        )
+        if row is not None:
+            return int(row["seq"])
+        # A new partition layout starts from the slowest existing worker (room rows guard the rest).
+        low = await self._conn.fetchval(
+            "SELECT min(seq) FROM projection_checkpoints WHERE projection = $1", self.projection
+        )
+        return int(low or 0)
+
+    async def _write(self, pending: _Pending, last: int) -> None:
+        rs, ci = self.tables.room_state, self.tables.conversation
+        rooms: list[str] = []
+        seqs: list[int] = []
+        firsts: list[int | None] = []
+        activities: list[datetime | None] = []
+        counts: list[int] = []
+        holders: list[str | None] = []
+        versions: list[int] = []
+        covers: list[int | None] = []
+        docs: list[str] = []
+        i_rooms: list[str] = []
+        i_ids: list[str] = []
+        i_seqs: list[int] = []
+        i_types: list[str] = []
+        i_roles: list[str | None] = []
+        i_speakers: list[str | None] = []
+        i_docs: list[str] = []
+        for room, state in pending.states.items():
+            index = state.index
+            rooms.append(room)
+            seqs.append(index.last_seq)
+            firsts.append(index.first_seq)
+            activities.append(index.last_activity)
+            counts.append(index.events)
+            holders.append(state.floor.holder)
+            versions.append(state.session_version)
+            covers.append(state.summary.covers_seq if state.summary else None)
+            docs.append(rd.encode_state(state).decode())
+            for item in state.conversation:
+                i_rooms.append(room)
+                i_ids.append(item.item_id)
+                i_seqs.append(item.seq)
+                i_types.append(item.type)
+                i_roles.append(item.role)
+                i_speakers.append(item.speaker)
+                i_docs.append(rd.encode_item(item).decode())
+        conn = self._conn
+        async with conn.transaction():
+            current = await conn.fetchval(
+                "SELECT seq FROM projection_checkpoints WHERE projection = $1 AND partition = $2 FOR UPDATE",
+                self.projection, self.partition,
+            )
+            if current is not None and int(current) != self.checkpoint:
+                raise CheckpointMoved()
+            if rooms:
+                await conn.execute(
+                    f"""
+                    INSERT INTO {rs} AS t (room, seq, first_seq, last_activity, events, floor_holder,
+                                           session_version, summary_covers_seq, state, updated_at)
+                    SELECT u.room, u.seq, u.first_seq, u.last_activity, u.events, u.floor_holder,
+                           u.session_version, u.summary_covers_seq, u.state::jsonb, now()
+                    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::bigint[],
+                                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+                         AS u(room, seq, first_seq, last_activity, events, floor_holder, session_version,
+                              summary_covers_seq, state)
+                    ON CONFLICT (room) DO UPDATE SET
+                        seq = excluded.seq, first_seq = excluded.first_seq,
+                        last_activity = excluded.last_activity, events = excluded.events,
+                        floor_holder = excluded.floor_holder, session_version = excluded.session_version,
+                        summary_covers_seq = excluded.summary_covers_seq, state = excluded.state,
+                        updated_at = excluded.updated_at
+                    WHERE t.seq < excluded.seq
+                    """,
+                    rooms, seqs, firsts, activities, counts, holders, versions, covers, docs,
+                )
+            if i_ids:
+                # An item seen again keeps the place (sequence, time) of its first appearance.
+                await conn.execute(
+                    f"""
+                    INSERT INTO {ci} AS t (room, item_id, seq, type, role, speaker, item)
+                    SELECT u.room, u.item_id, u.seq, u.type, u.role, u.speaker, u.item::jsonb
+                    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                                $7::text[]) AS u(room, item_id, seq, type, role, speaker, item)
+                    ON CONFLICT (room, item_id) DO UPDATE SET
+                        type = excluded.type, role = excluded.role, speaker = excluded.speaker,
+                        item = excluded.item || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time')
+                    WHERE t.seq < excluded.seq
+                    """,
+                    i_rooms, i_ids, i_seqs, i_types, i_roles, i_speakers, i_docs,
+                )
+            if pending.errors:
+                await conn.executemany(
+                    """INSERT INTO projection_errors (projection, seq, room, event_type, error)
+                       VALUES ($1, $2, $3, $4, $5) ON CONFLICT (projection, seq) DO NOTHING""",
+                    [(self.projection, s, r, t, e) for s, r, t, e in pending.errors],
+                )
+            await conn.execute(
+                """INSERT INTO projection_checkpoints (projection, partition, partitions, seq, updated_at)
+                   VALUES ($1, $2, $3, $4, now())
+                   ON CONFLICT (projection, partition) DO UPDATE
+                   SET seq = excluded.seq, partitions = excluded.partitions, updated_at = excluded.updated_at""",
+                self.projection, self.partition, self.partitions, last,
+            )
+
+
+def _safe_room(token: str) -> str | None:
+    try:
+        return room_from_token(token)
+    except Exception:
+        return None
+
+
+def db_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.TooManyConnectionsError)
+
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, ConnectionError, nats.errors.Error, LedgerConnectError, *db_errors()
+)
+
+
+# --- status (ledger doctor) -------------------------------------------------------------------
+
+
+class CheckpointStatus(msgspec.Struct, kw_only=True):
+    projection: str
+    partition: int
+    partitions: int
+    seq: int
+    lag: int | None
+    updated_at: datetime
+
+
+class ErrorRow(msgspec.Struct, kw_only=True):
+    projection: str
+    seq: int
+    room: str | None
+    event_type: str | None
+    error: str
+    created_at: datetime
+
+
+class ProjectionStatus(msgspec.Struct, kw_only=True):
+    head: int | None
+    checkpoints: list[CheckpointStatus]
+    #: Largest lag over the live projection's partitions (None: never projected or head unknown).
+    lag: int | None
+    errors_total: int
+    errors: list[ErrorRow]
+    rooms: int
+
+
+async def status(settings: Settings, *, head: int | None = None, errors_limit: int = 20) -> ProjectionStatus:
+    """Checkpoints, lag (head − checkpoint) and recorded errors, for ``ledger doctor --json``.
+
+    Pass ``head`` (``await ledger.head()``) to get lags; raises ConnectError when Postgres is down.
+    """
+    conn = await db.connect(settings)
+    try:
+        rows = await conn.fetch(
+            "SELECT projection, partition, partitions, seq, updated_at FROM projection_checkpoints "
+            "ORDER BY projection, partition"
+        )
+        errors = await conn.fetch(
+            "SELECT projection, seq, room, event_type, error, created_at FROM projection_errors "
+            "ORDER BY seq DESC LIMIT $1", errors_limit,
+        )
+        total = await conn.fetchval("SELECT count(*) FROM projection_errors")
+        rooms = await conn.fetchval("SELECT count(*) FROM room_state")
+    finally:
+        await conn.close()
+    checkpoints = [
+        CheckpointStatus(projection=r["projection"], partition=r["partition"], partitions=r["partitions"],
+                         seq=r["seq"], lag=(max(head - r["seq"], 0) if head is not None else None),
+                         updated_at=r["updated_at"])
+        for r in rows
+    ]
+    live = [c.lag for c in checkpoints if c.projection == ROOMS and c.lag is not None]
+    return ProjectionStatus(
+        head=head, checkpoints=checkpoints, lag=max(live) if live else (head if head is not None else None),
+        errors_total=int(total or 0), errors=[ErrorRow(**dict(e)) for e in errors], rooms=int(rooms or 0),
+    )
+
+
+# --- python -m projections.projector ----------------------------------------------------------
+
+
+async def _main(args: argparse.Namespace) -> None:
+    import signal
+
+    settings = Settings.from_env()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    projector = Projector(settings, partition=args.partition, partitions=args.partitions,
+                          batch_size=args.batch_size)
+    try:
+        if args.once:
+            started = time.perf_counter()
+            seq = await projector.catch_up(stop_event=stop)
+            print(f"projected to sequence {seq} in {time.perf_counter() - started:.2f}s", flush=True)
+        else:
+            await projector.run(stop)
+    finally:
+        await projector.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m projections.projector", description=__doc__.split("\n")[0])
+    parser.add_argument("--partition", type=int, default=0)
+    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--once", action="store_true", help="project up to the current head, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()
