@@ -1,0 +1,332 @@
+"""Hydration: a room's state current to the log head, for agents that join late or take over.
+
+::
+
+    snapshot = await ledger.hydrate("support-42")            # or hydrate(ledger, "support-42")
+    agent = MyAgent(chat_ctx=snapshot.chat_ctx())
+    userdata = snapshot.session_as(MyUserData)
+    async for record in ledger.follow("support-42", after=snapshot.seq):
+        ...
+
+How: one query reads the room's projection row (its folded state, at the room's sequence S)
+with the conversation items it needs (from the latest summary on, or all); then the log after S
+is read and folded in memory with the same reducers the projector uses
+(:mod:`projections.reducers`). So the snapshot is current to the log head even when the
+projector lags or is stopped. With no PostgreSQL (unset and the embedded one not running,
+unreachable, not migrated) or no row for the room, the whole room is folded from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+
+import msgspec
+
+from ledger import db
+from ledger.errors import LedgerError
+from projections import reducers as rd
+
+if TYPE_CHECKING:
+    import asyncpg
+    from livekit.agents.llm import ChatContext
+
+    from ledger.client import Ledger
+
+log = logging.getLogger("ledger.hydrate")
+
+T = TypeVar("T")
+
+#: After PostgreSQL fails, hydrate folds from the log alone for this long before trying again.
+DB_RETRY_AFTER_S: Final = 5.0
+#: Connection timeout for hydration's database (kept short: the log is always a fallback).
+DB_CONNECT_TIMEOUT_S: Final = 2.0
+
+_ROOM_QUERY: Final = """
+SELECT rs.seq,
+       rs.state::text AS state,
+       (SELECT coalesce(json_agg(ci.item ORDER BY ci.seq), '[]'::json)::text
+          FROM conversation_items ci
+         WHERE ci.room = rs.room
+           AND ci.seq > CASE WHEN $2 THEN 0 ELSE coalesce(rs.summary_covers_seq, 0) END) AS items
+  FROM room_state rs
+ WHERE rs.room = $1
+"""
+
+_items_decoder: Final = msgspec.json.Decoder(list[rd.ConversationItem])
+
+
+class HydrateTimeout(LedgerError, TimeoutError):
+    """``min_seq`` was not covered within the timeout."""
+
+    def __init__(self, room: str, min_seq: int, reached: int, timeout: float) -> None:
+        super().__init__(
+            f"room {room!r}: state did not reach sequence {min_seq} within {timeout:g}s (the log is at "
+            f"{reached}); was the event appended to this stream? raise timeout= if the writer is slow"
+        )
+        self.room = room
+        self.min_seq = min_seq
+        self.reached = reached
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A room's state as of log sequence :attr:`seq` (the room's last event folded in)."""
+
+    room: str
+    #: The sequence of the room's last event in this state (0: no events). Follow from here.
+    seq: int
+    state: rd.RoomState
+    #: The part of the conversation this snapshot carries (from the summary on, unless full).
+    conversation: list[rd.ConversationItem]
+    full_conversation: bool = False
+    #: The sequence the projection row was at (0: folded from the log alone).
+    projection_seq: int = 0
+    #: "projection+log" or "log".
+    source: str = "log"
+    #: How many log events were folded on top of the projection row.
+    caught_up: int = 0
+    elapsed_s: float = field(default=0.0)
+
+    @property
+    def floor(self) -> rd.Floor:
+        return self.state.floor
+
+    @property
+    def participants(self) -> dict[str, rd.Participant]:
+        return self.state.participants
+
+    @property
+    def agents(self) -> dict[str, rd.Participant]:
+        return self.state.agents()
+
+    @property
+    def session(self) -> dict[str, Any]:
+        return self.state.session
+
+    @property
+    def session_version(self) -> int:
+        return self.state.session_version
+
+    @property
+    def summary(self) -> rd.Summary | None:
+        return self.state.summary
+
+    @property
+    def index(self) -> rd.RoomIndex:
+        return self.state.index
+
+    def session_as(self, type_: type[T], *, strict: bool = False) -> T:
+        """The session document as ``type_`` (a msgspec Struct, dataclass, TypedDict …)."""
+        result: T = msgspec.convert(self.state.session, type_, strict=strict)
+        return result
+
+    def to_builtins(self) -> dict[str, Any]:
+        data: dict[str, Any] = msgspec.to_builtins(self.state)
+        data.pop("positions", None)
+        data["conversation"] = msgspec.to_builtins(self.conversation)
+        data["seq"] = self.seq
+        return data
+
+    def chat_ctx(self) -> ChatContext:
+        """The conversation as a LiveKit Agents ``llm.ChatContext``.
+
+        User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
+        ``extra["speaker"]``); function calls, their outputs and agent handoffs kept; system and
+        developer messages and agent config updates (instructions) left out; timestamps kept in
+        ``created_at``. When the snapshot starts at a summary, the summary comes first as an
+        assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
+        """
+        from livekit.agents import llm
+
+        items: list[Any] = []
+        summary = self.state.summary
+        if summary is not None and not self.full_conversation:
+            items.append(
+                llm.ChatMessage(
+                    id=f"summary_{summary.seq}",
+                    role="assistant",
+                    content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
+                    created_at=summary.time.timestamp(),
+                    extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
+                )
+            )
+        for item in self.conversation:
+            created_at = item.created_at if item.created_at is not None else item.time.timestamp()
+            if item.type == "message":
+                role: Literal["user", "assistant"]
+                if item.role == "user":
+                    role = "user"
+                elif item.role == "assistant":
+                    role = "assistant"
+                else:
+                    continue
+                extra: dict[str, Any] = {"ledger_seq": item.seq}
+                if item.speaker:
+                    extra["speaker"] = item.speaker
+                items.append(
+                    llm.ChatMessage(
+                        id=item.item_id, role=role, content=[item.text], interrupted=item.interrupted,
+                        created_at=created_at, extra=extra,
+                    )
+                )
+            elif item.type == "function_call":
+                items.append(
+                    llm.FunctionCall(
+                        id=item.item_id, call_id=item.call_id or item.item_id, name=item.name or "",
+                        arguments=item.arguments or "", created_at=created_at, extra={"ledger_seq": item.seq},
+                    )
+                )
+            elif item.type == "function_call_output":
+                items.append(
+                    llm.FunctionCallOutput(
+                        id=item.item_id, call_id=item.call_id or "", name=item.name or "",
+                        output=item.output if item.output is not None else item.text, is_error=item.is_error,
+                        created_at=created_at,
+                    )
+                )
+            elif item.type == "agent_handoff" and item.new_agent_id:
+                items.append(
+                    llm.AgentHandoff(
+                        id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
+                        created_at=created_at,
+                    )
+                )
+        return llm.ChatContext(items)
+
+
+# --- the database side ----------------------------------------------------------------------
+
+
+class _Db:
+    def __init__(self) -> None:
+        self.pool: asyncpg.Pool[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.failed_until = 0.0
+        self.lock = asyncio.Lock()
+
+
+_dbs: weakref.WeakKeyDictionary[Any, _Db] = weakref.WeakKeyDictionary()
+
+
+async def _pool(ledger: Ledger) -> asyncpg.Pool[Any] | None:
+    handle = _dbs.get(ledger)
+    if handle is None:
+        handle = _dbs[ledger] = _Db()
+    loop = asyncio.get_running_loop()
+    if handle.pool is not None and handle.loop is loop:
+        return handle.pool
+    if time.monotonic() < handle.failed_until:
+        return None
+    async with handle.lock:
+        if handle.pool is not None and handle.loop is loop:
+            return handle.pool
+        url = db.running_url(ledger.settings)
+        if url is None:
+            handle.failed_until = time.monotonic() + DB_RETRY_AFTER_S
+            return None
+        try:
+            handle.pool = await db.create_pool(ledger.settings, url=url, min_size=1, max_size=8,
+                                               connect_timeout=DB_CONNECT_TIMEOUT_S)
+            handle.loop = loop
+        except LedgerError as exc:
+            log.warning("hydration reads the log alone: %s", exc)
+            handle.failed_until = time.monotonic() + DB_RETRY_AFTER_S
+            return None
+    return handle.pool
+
+
+async def _mark_failed(ledger: Ledger, exc: BaseException) -> None:
+    handle = _dbs.get(ledger)
+    if handle is None:
+        return
+    log.warning("hydration reads the log alone for %gs: PostgreSQL failed (%s)", DB_RETRY_AFTER_S,
+                type(exc).__name__)
+    handle.failed_until = time.monotonic() + DB_RETRY_AFTER_S
+    pool, handle.pool = handle.pool, None
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            pool.terminate()
+
+
+async def close(ledger: Ledger) -> None:
+    """Close hydration's database pool of ``ledger`` (call before closing the ledger)."""
+    handle = _dbs.pop(ledger, None)
+    if handle is not None and handle.pool is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(handle.pool.close(), 5.0)
+
+
+async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState, int] | None:
+    pool = await _pool(ledger)
+    if pool is None:
+        return None
+    import asyncpg
+
+    try:
+        row = await pool.fetchrow(_ROOM_QUERY, room, full)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        await _mark_failed(ledger, exc)
+        return None
+    if row is None:
+        return None
+    state = rd.decode_state(row["state"])
+    state.conversation = _items_decoder.decode(row["items"])
+    return state, int(row["seq"])
+
+
+# --- hydrate --------------------------------------------------------------------------------
+
+
+async def hydrate(
+    ledger: Ledger,
+    room: str,
+    *,
+    min_seq: int | None = None,
+    full_conversation: bool = False,
+    timeout: float = 5.0,  # noqa: ASYNC109 - the public API bounds the min_seq wait
+) -> Snapshot:
+    """The room's state current to the log head.
+
+    ``min_seq``: wait (up to ``timeout`` seconds) until the state covers that stream sequence,
+    e.g. the sequence of a handoff (read-your-writes); raises :class:`HydrateTimeout` otherwise.
+    ``full_conversation``: the whole conversation rather than from the latest summary on.
+    """
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    loaded = await _load_row(ledger, room, full_conversation)
+    if loaded is not None:
+        state, projection_seq = loaded
+        source = "projection+log"
+    else:
+        state, projection_seq, source = rd.RoomState(room=room), 0, "log"
+    caught_up = 0
+    delay = 0.005
+    while True:
+        covered_head = await ledger.head() if min_seq is not None and state.seq < min_seq else 0
+        last = await ledger.room_last_seq(room)
+        if last > state.seq:
+            async for record in ledger.read(room, after=state.seq):
+                rd.apply_safely(state, record)
+                caught_up += 1
+        if min_seq is None or state.seq >= min_seq or covered_head >= min_seq:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HydrateTimeout(room, min_seq, max(state.seq, covered_head), timeout)
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.1)
+    conversation = state.conversation
+    if not full_conversation and state.summary is not None:
+        covers = state.summary.covers_seq
+        conversation = [item for item in conversation if item.seq > covers]
+    return Snapshot(
+        room=room, seq=state.seq, state=state, conversation=conversation, full_conversation=full_conversation,
+        projection_seq=projection_seq, source=source, caught_up=caught_up,
+        elapsed_s=time.perf_counter() - started,
+    )
