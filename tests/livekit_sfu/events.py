@@ -28,7 +28,7 @@ class Events:
         name: str,
         where: Callable[..., bool] = lambda *args: True,
         *,
-        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - the point of this helper
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> tuple[Any, ...]:
         """The arguments of the next ``name`` event matching ``where``; earlier ones are dropped."""
         async with asyncio.timeout(timeout):

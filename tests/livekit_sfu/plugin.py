@@ -41,6 +41,7 @@ FIXTURE = "livekit_server"
 STATUS_ENV = "LIVEKIT_SFU_STATUS_FILE"
 _REEXEC = pytest.StashKey[list[str]]()
 _SKIP_REASON = pytest.StashKey[str]()
+_STATUS_FILE = pytest.StashKey[str]()
 
 
 class LiveKitServer(Protocol):
@@ -113,6 +114,8 @@ class RemoteLiveKit:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}: uses the loopback LiveKit SFU (real livekit SDK)")
+    if path := os.environ.pop(STATUS_ENV, None):  # popped: a nested pytest must not write it
+        config.stash[_STATUS_FILE] = path
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -180,7 +183,7 @@ def _run_inside(config: pytest.Config) -> int:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if path := os.environ.get(STATUS_ENV):
+    if path := session.config.stash.get(_STATUS_FILE, None):
         Path(path).write_text(str(int(session.exitstatus)))
 
 

@@ -97,6 +97,8 @@ class Participant:
     permission: models.ParticipantPermission
     kind: models.ParticipantInfo.Kind.ValueType
     ws: web.WebSocketResponse
+    #: What the client's SDK says it understands (RPC over data streams...): peers read it.
+    client_protocol: int = 0
     sid: str = field(default_factory=lambda: _sid("PA_"))
     state: models.ParticipantInfo.State.ValueType = models.ParticipantInfo.JOINED
     joined_at_ms: int = field(default_factory=_now_ms)
@@ -127,6 +129,7 @@ class Participant:
             version=self.version,
             permission=self.permission,
             kind=self.kind,
+            client_protocol=self.client_protocol,
         )
 
     def send(self, response: rtc.SignalResponse) -> None:
@@ -367,6 +370,7 @@ class LoopbackSFU:
             permission=permission,
             kind=_KINDS.get(claims.kind, models.ParticipantInfo.STANDARD),
             ws=ws,
+            client_protocol=join.client_info.client_protocol,
         )
         writer = asyncio.ensure_future(self._write_signal(me))
 
@@ -495,7 +499,12 @@ class LoopbackSFU:
             self.refused += 1
             self._notify()
             return
-        packet = models.DataPacket.FromString(payload)
+        try:
+            packet = models.DataPacket.FromString(payload)
+        except Exception:
+            log.warning("dropping a malformed data packet from %s", sender.identity)
+            self.refused += 1
+            return
         packet.participant_identity = sender.identity
         packet.participant_sid = sender.sid
         targets = set(packet.destination_identities)
@@ -602,7 +611,7 @@ class LoopbackSFU:
 
         await self._run(go())
 
-    async def wait_until(self, predicate: Callable[[LoopbackSFU], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def wait_until(self, predicate: Callable[[LoopbackSFU], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate(server)`` holds; it is checked on the server's thread after every
         change of rooms, participants or data counters (no polling)."""
 
