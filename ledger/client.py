@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
@@ -195,13 +196,22 @@ class Ledger:
             await self.ensure_stream()
 
     async def _first_connect(self, options: dict[str, Any]) -> NatsClient:
-        nc = NatsClient()
-        first = dict(options, max_reconnect_attempts=0, allow_reconnect=False)
-        for callback in ("error_cb", "disconnected_cb", "reconnected_cb"):
-            first.pop(callback, None)
-        await nc.connect(**first)
-        await nc.close()
-        # Connect again with reconnection on, now that the server is known to answer.
+        # nats-py retries an unreachable server forever (and prints each failure), so find out
+        # first, with a plain TCP connect, whether any server answers at all.
+        reachable: list[str] = []
+        for url in options["servers"]:
+            parsed = urlsplit(url if "://" in url else f"nats://{url}")
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout=3
+                )
+            except (OSError, TimeoutError) as exc:
+                last_error: BaseException = exc
+                continue
+            writer.close()
+            reachable.append(url)
+        if not reachable:
+            raise ConnectError(self._unreachable_message(last_error))
         nc = NatsClient()
         await nc.connect(**options)
         return nc
@@ -562,7 +572,8 @@ class Ledger:
             if since_time is not None and not follow:
                 # A start time past the room's last event delivers nothing, ever: ask the consumer.
                 info = await sub.consumer_info()
-                if (info.num_pending or 0) == 0 and (info.delivered.consumer_seq or 0) == 0:
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if (info.num_pending or 0) == 0 and not delivered:
                     return
             async for msg in sub.messages:
                 meta = msg.metadata
@@ -618,8 +629,9 @@ class Ledger:
 
     # --- hydration (ledger/hydrate.py) ------------------------------------------------------
 
-    async def hydrate(self, room: str, *, min_seq: int | None = None, full_conversation: bool = False,
-                      timeout: float = 5.0) -> Any:
+    async def hydrate(
+        self, room: str, *, min_seq: int | None = None, full_conversation: bool = False, timeout: float = 5.0
+    ) -> Any:
         """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
         from ledger.hydrate import hydrate
 

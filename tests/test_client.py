@@ -177,17 +177,20 @@ async def test_follow_survives_a_nats_restart(tmp_path: Path, room: str) -> None
         async with Ledger(settings) as client:
             before = [await client.append(status(room, "a", i)) for i in range(3)]
             seen: list[int] = []
+            got_history = asyncio.Event()
             got_all = asyncio.Event()
 
             async def follower() -> None:
                 async for record in client.follow(room):
                     seen.append(record.seq)
+                    if len(seen) == 3:
+                        got_history.set()
                     if len(seen) == 6:
                         got_all.set()
                         return
 
             task = asyncio.create_task(follower())
-            await asyncio.wait_for(_until(lambda: len(seen) == 3), 10)
+            await asyncio.wait_for(got_history.wait(), 10)
             embedded.stop_nats(home)
             restarted = embedded.ensure_nats(home, port=server.port)
             assert restarted.port == server.port
@@ -199,11 +202,6 @@ async def test_follow_survives_a_nats_restart(tmp_path: Path, room: str) -> None
             assert seen == [p.seq for p in before + after]
     finally:
         embedded.stop_nats(home)
-
-
-async def _until(condition: object, interval: float = 0.01) -> None:
-    while not condition():  # type: ignore[operator]
-        await asyncio.sleep(interval)
 
 
 async def _retry_append(client: Ledger, event: ev.KnownEvent) -> object:
