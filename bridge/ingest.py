@@ -508,13 +508,13 @@ class Ingest:
             if topic == TOPIC_TRANSCRIPTION:
                 self._transcript(raw, sender=sender, attrs=attrs, event_id=event_id, at=at, stream_id=stream_id)
             elif topic == TOPIC_CHAT:
-                payload = _decode_payload(raw)
-                if payload.problem or payload.text is None:
-                    self._data(payload, topic=topic, transport="text_stream",
-                               reason=f"chat: {payload.problem or 'not text'}", sender=sender, id=event_id, at=at,
-                               stream_id=stream_id, attributes=attrs)
+                try:
+                    chat_text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._data(_Payload(raw), topic=topic, transport="text_stream", reason="chat: invalid utf-8",
+                               sender=sender, id=event_id, at=at, stream_id=stream_id, attributes=attrs)
                     return
-                body = ev.ChatMessage(message_id=stream_id, text=payload.text, identity=sender.identity)
+                body = ev.ChatMessage(message_id=stream_id, text=chat_text, identity=sender.identity)
                 self._emit(body, id=event_id, sender=sender, at=at)
             else:
                 self._classify(raw, topic=topic, transport="text_stream", sender=sender, fallback_id=event_id,
@@ -527,13 +527,14 @@ class Ingest:
         if attrs.get(ATTR_FINAL, "").lower() != "true":
             self.counters.skipped += 1
             return
-        payload = _decode_payload(raw)
-        if payload.problem or payload.text is None:
-            self._data(payload, topic=TOPIC_TRANSCRIPTION, transport="text_stream",
-                       reason=f"transcript: {payload.problem or 'not text'}", sender=sender, id=event_id, at=at,
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._data(_Payload(raw), topic=TOPIC_TRANSCRIPTION, transport="text_stream",
+                       reason="transcript: invalid utf-8", sender=sender, id=event_id, at=at,
                        stream_id=stream_id, attributes=attrs)
             return
-        text = _timed_text(payload.text)
+        text = _timed_text(decoded)
         track_id = attrs.get(ATTR_TRACK_ID) or None
         speaker = (self.track_owners.get(track_id) if track_id else None) or sender.identity
         body = ev.Transcript(speaker=speaker, text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""),
