@@ -46,7 +46,7 @@ async def test_lossy_data_and_destinations(livekit_connect, livekit_server):
     (packet,) = await bob_got.next("data_received")
     assert (packet.data, packet.topic, packet.participant.identity) == (b"for bob", "t2", "alice")
     # The server picks every recipient of a packet at once: carol got the broadcast only.
-    assert await livekit_server.delivered("carol") == 1
+    assert await livekit_server.delivered("dest", "carol") == 1
     assert carol_got.pending() == []
 
 
@@ -198,7 +198,7 @@ async def test_data_permissions(livekit_connect, livekit_server):
     (packet,) = await bob_got.next("data_received")
     assert packet.data == b"heard"
     assert bob_got.pending() == []
-    assert await livekit_server.delivered("deaf") == 0
+    assert await livekit_server.delivered("perms", "deaf") == 0
 
 
 async def test_kick(livekit_connect, livekit_server):
@@ -233,3 +233,27 @@ async def test_reconnect(livekit_connect, livekit_server, fault):
     await alice.local_participant.publish_data(b"back")
     (packet,) = await bob_events.next("data_received")
     assert (packet.data, packet.participant.identity) == (b"back", "alice")
+
+
+async def test_rooms_are_isolated(livekit_connect, livekit_server):
+    alice = await livekit_connect("alice", "room-a")
+    carol = await livekit_connect("carol", "room-a")
+    bob = await livekit_connect("bob", "room-b")
+    carol_got = Events(carol, "data_received")
+    assert set(bob.remote_participants) == set()
+
+    await alice.local_participant.publish_data(b"only room-a")
+    (packet,) = await carol_got.next("data_received")
+    assert packet.data == b"only room-a"
+    assert await livekit_server.delivered("room-b", "bob") == 0
+    assert {p.identity for p in await livekit_server.list_participants("room-b")} == {"bob"}
+
+
+async def test_bad_token_is_refused(livekit_server):
+    from tests.livekit_sfu import mint_token
+
+    forged = mint_token(livekit_server.api_key, "not-the-secret-not-the-secret-xx", "mallory", "bad")
+    room = rtc.Room()
+    with pytest.raises(rtc.ConnectError):
+        await room.connect(livekit_server.url, forged, rtc.RoomOptions(connect_timeout=5))
+    assert await livekit_server.list_participants("bad") == []

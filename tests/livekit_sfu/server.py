@@ -193,7 +193,7 @@ class LoopbackSFU:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.deliveries: Counter[str] = Counter()
+        self.deliveries: Counter[tuple[str, str]] = Counter()
         self.refused = 0
         self._changed_event: asyncio.Event | None = None
 
@@ -512,7 +512,7 @@ class LoopbackSFU:
         for other in sender.room.others(sender):
             if other.permission.can_subscribe and (not targets or other.identity in targets):
                 other.send_data(label, data)
-                self.deliveries[other.identity] += 1
+                self.deliveries[sender.room.name, other.identity] += 1
         self._notify()
 
     def _update_metadata(self, me: Participant, req: rtc.UpdateParticipantMetadata) -> None:
@@ -621,15 +621,15 @@ class LoopbackSFU:
 
         await asyncio.wait_for(self._run(go()), timeout)
 
-    async def delivered(self, identity: str) -> int:
-        """How many data packets the server has sent (or queued) to ``identity`` so far.
+    async def delivered(self, room: str, identity: str) -> int:
+        """How many data packets the server has sent (or queued) to ``identity`` in ``room``.
 
         Lets a test assert that something was *not* delivered without waiting for nothing: the
         server decides every recipient of a packet at once.
         """
 
         async def go() -> int:
-            return self.deliveries[identity]
+            return self.deliveries[room, identity]
 
         return await self._run(go())
 
