@@ -289,7 +289,7 @@ async def hydrate(
     *,
     min_seq: int | None = None,
     full_conversation: bool = False,
-    timeout: float = 5.0,  # noqa: ASYNC109 - the public API bounds the min_seq wait
+    timeout: float = 5.0,
 ) -> Snapshot:
     """The room's state current to the log head.
 

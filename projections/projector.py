@@ -556,7 +556,7 @@ async def _main(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     projector = Projector(settings, partition=args.partition, partitions=args.partitions,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, projection=args.projection)
     try:
         if args.once:
             started = time.perf_counter()
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition", type=int, default=0)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--projection", default=ROOMS, help="checkpoint name (tests use their own)")
     parser.add_argument("--once", action="store_true", help="project up to the current head, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

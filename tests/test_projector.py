@@ -1,0 +1,312 @@
+"""The Postgres projector against real NATS and PostgreSQL: equality with the in-memory fold,
+SIGKILL mid-batch, errors table, partitions, rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ledger import db
+from ledger import events as ev
+from ledger.client import Ledger
+from ledger.settings import Settings
+from projections import reducers as rd
+from projections.migrate import current_revision, head_revision, upgrade
+from projections.projector import Projector, partition_of, status
+from projections.rebuild import rebuild
+from projections.sample import interleaved
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def conn(pg_settings: Settings) -> AsyncIterator[asyncpg.Connection[Any]]:
+    await upgrade(pg_settings)
+    c = await db.connect(pg_settings)
+    yield c
+    await c.close()
+
+
+async def fold_room(ledger: Ledger, room: str) -> rd.RoomState:
+    return rd.fold([r async for r in ledger.read(room)])
+
+
+async def projected(conn: asyncpg.Connection[Any], room: str,
+                    table: str = "room_state", items: str = "conversation_items") -> rd.RoomState | None:
+    row = await conn.fetchrow(f"SELECT seq, state::text AS state FROM {table} WHERE room = $1", room)
+    if row is None:
+        return None
+    state = rd.decode_state(row["state"])
+    assert state.seq == row["seq"]
+    rows = await conn.fetch(f"SELECT item::text AS item FROM {items} WHERE room = $1 ORDER BY seq", room)
+    state.conversation = [rd.decode_item(r["item"]) for r in rows]
+    return state
+
+
+def comparable(state: rd.RoomState) -> tuple[Any, Any]:
+    """The state as plain data (JSONB does not keep key order; dict equality ignores it)."""
+    return msgspec.json.decode(rd.encode_state(state)), msgspec.to_builtins(state.conversation)
+
+
+async def assert_projection_equals_fold(ledger: Ledger, conn: asyncpg.Connection[Any], rooms: list[str]) -> None:
+    for room in rooms:
+        expected = await fold_room(ledger, room)
+        actual = await projected(conn, room)
+        assert actual is not None, room
+        assert comparable(actual) == comparable(expected), room
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent(pg_settings: Settings) -> None:
+    await upgrade(pg_settings)
+    await upgrade(pg_settings)
+    assert await current_revision(pg_settings) == head_revision()
+
+
+# --- equality with the fold, for random logs ------------------------------------------------
+
+AGENT_IDS = ["a", "b", "c"]
+agent = st.sampled_from(AGENT_IDS)
+bodies = st.one_of(
+    st.builds(ev.FloorRequest, agent_id=agent, task=st.none() | st.sampled_from(["t1", "t2"])),
+    st.builds(ev.FloorRelease, agent_id=agent),
+    st.builds(ev.AgentStatus, agent_id=agent, status=st.sampled_from(["processing", "idle", "resolved"]),
+              action_lock=st.booleans()),
+    st.builds(ev.Handoff, from_agent=agent, to_agent=agent),
+    st.builds(ev.ParticipantJoined, identity=agent, kind=st.just("agent")),
+    st.builds(ev.ParticipantLeft, identity=agent),
+    st.builds(ev.AgentState, identity=agent, state=st.sampled_from(["idle", "speaking"])),
+    st.builds(ev.SessionPatch, patch=st.dictionaries(st.sampled_from(["x", "y", "z"]),
+                                                     st.none() | st.integers(0, 3) | st.just({"k": [1]}))),
+    st.builds(ev.ConversationItem, item_id=st.sampled_from(["i1", "i2", "i3", "i4", "i5"]),
+              role=st.sampled_from(["user", "assistant"]), text=st.text(max_size=8)),
+    st.builds(ev.Transcript, speaker=st.sampled_from(["user", "a"]), text=st.text(max_size=5),
+              segment_id=st.sampled_from(["s1", "s2", "s3"]), track_id=st.sampled_from(["TU", "TA"])),
+    st.builds(ev.ChatMessage, message_id=st.sampled_from(["m1", "m2"]), text=st.text(max_size=5)),
+    st.builds(ev.ContextSummary, text=st.just("sum"), covers_seq=st.integers(0, 10)),
+)
+room_logs = st.lists(st.tuples(bodies, agent), min_size=1, max_size=30)
+
+
+def generate_logs(count: int) -> list[list[tuple[ev.Body, str]]]:
+    found: list[list[tuple[ev.Body, str]]] = []
+
+    @settings(max_examples=count, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(room_logs)
+    def collect(log: list[tuple[ev.Body, str]]) -> None:
+        found.append(log)
+
+    collect()
+    return found
+
+
+async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, conn: Any) -> None:
+    logs = generate_logs(60)
+    rooms = [unique("prop") for _ in logs]
+    events: list[ev.KnownEvent] = []
+    # Interleave the rooms' events so batches mix rooms, as in a real log.
+    longest = max(len(log) for log in logs)
+    for i in range(longest):
+        for room, log in zip(rooms, logs, strict=True):
+            if i < len(log):
+                body, sender = log[i]
+                events.append(ev.make_event(room, body, sender=ev.Sender(identity=sender, kind="agent")))
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(events)
+        # Small batches: many transactions, items updated across batches.
+        async with Projector(pg_settings, projection=unique("t"), batch_size=37) as projector:
+            await projector.catch_up()
+        await assert_projection_equals_fold(ledger, conn, rooms)
+        # Projecting the same events again (another checkpoint from 0) changes nothing.
+        before = [comparable(s) for s in [await projected(conn, r) for r in rooms] if s is not None]
+        async with Projector(pg_settings, projection=unique("t"), batch_size=500) as projector:
+            await projector.catch_up()
+        after = [comparable(s) for s in [await projected(conn, r) for r in rooms] if s is not None]
+        assert before == after
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_bad_events_are_recorded_and_skipped(pg_settings: Settings, conn: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    room = unique("err")
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append(ev.make_event(room, ev.FloorRequest(agent_id="a")))
+        # A known type with a body of the wrong shape, published around the client's checks.
+        bad = msgspec.json.encode({"type": "floor.request", "id": uuid.uuid4().hex, "room": room,
+                                   "body": {"agent_id": 42}})
+        ack = await ledger.js.publish(ledger.subjects.event(room, "floor.request"), bad,
+                                      stream=pg_settings.stream)
+        # An event that makes a reducer raise.
+        boom = await ledger.append(ev.make_event(room, ev.RoomMetadata(metadata="boom")))
+
+        def explode(state: rd.RoomState, event: Any, seq: int, time: Any) -> None:
+            raise RuntimeError("reducer bug")
+
+        monkeypatch.setitem(rd._HANDLERS, ev.RoomMetadataEvent, explode)
+        last = await ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
+        projection = unique("t")
+        async with Projector(pg_settings, projection=projection) as projector:
+            await projector.catch_up()
+        state = await projected(conn, room)
+        assert state is not None and state.seq == last.seq
+        assert state.floor.holder is None and [t.end_reason for t in state.floor.history] == ["release"]
+        rows = await conn.fetch("SELECT seq, room, event_type, error FROM projection_errors "
+                                "WHERE projection = $1 ORDER BY seq", projection)
+        assert [(r["seq"], r["room"], r["event_type"]) for r in rows] == [
+            (ack.seq, room, "floor"), (boom.seq, room, "room.metadata")]
+        assert "agent_id" in rows[0]["error"] and "reducer bug" in rows[1]["error"]
+        report = await status(pg_settings, head=await ledger.head())
+        assert report.errors_total >= 2
+        mine = [c for c in report.checkpoints if c.projection == projection]
+        assert mine and mine[0].lag is not None and mine[0].seq >= last.seq
+
+
+# --- partitions -----------------------------------------------------------------------------
+
+
+async def test_partitions_split_rooms_and_agree_with_fold(pg_settings: Settings, conn: Any) -> None:
+    rooms = [unique("part") for _ in range(8)]
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(interleaved(rooms, 60))
+        projection = unique("t")
+        workers = [Projector(pg_settings, projection=projection, partition=i, partitions=3, batch_size=100)
+                   for i in range(3)]
+        for w in workers:
+            await w.start()
+        try:
+            await asyncio.gather(*(w.catch_up() for w in workers))
+        finally:
+            for w in workers:
+                await w.close()
+        await assert_projection_equals_fold(ledger, conn, rooms)
+        owners = {partition_of(ledger.subjects.room(r).split(".")[1], 3) for r in rooms}
+        assert len(owners) > 1
+        rows = await conn.fetch("SELECT partition FROM projection_checkpoints WHERE projection = $1", projection)
+        assert sorted(r["partition"] for r in rows) == [0, 1, 2]
+
+
+# --- SIGKILL mid-batch ----------------------------------------------------------------------
+
+
+async def _checkpoint(conn: Any, projection: str) -> int:
+    value = await conn.fetchval(
+        "SELECT seq FROM projection_checkpoints WHERE projection = $1 AND partition = 0", projection)
+    return int(value or 0)
+
+
+async def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():  # noqa: ASYNC110 - a database condition, bounded by the timeout
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.fault
+async def test_sigkill_mid_batch_loses_and_duplicates_nothing(pg_settings: Settings, conn: Any) -> None:
+    rooms = [unique("kill") for _ in range(6)]
+    projection = unique("t")
+    env = dict(os.environ, LEDGER_NATS_URL=",".join(pg_settings.nats_urls or ()),
+               LEDGER_DATABASE_URL=pg_settings.database_url or "", LEDGER_HOME=str(pg_settings.home),
+               PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "projections.projector", "--projection", projection, "--batch-size", "40"]
+    async with Ledger(pg_settings) as ledger:
+        positions = await ledger.append_many(interleaved(rooms, 400))
+        last = positions[-1].seq
+        kills = 0
+        for _ in range(6):
+            before = await _checkpoint(conn, projection)
+            if before >= last:
+                break
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                async def moved(before: int = before, proc: Any = proc) -> bool:
+                    return await _checkpoint(conn, projection) > before or proc.returncode is not None
+
+                await _wait_for(moved, 60, "checkpoint to move")
+                os.kill(proc.pid, signal.SIGKILL)  # mid-run: a batch is in flight or being written
+                kills += 1
+            finally:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                await asyncio.wait_for(proc.wait(), 10)
+        assert kills >= 2
+        # Finish with a clean run.
+        async with Projector(pg_settings, projection=projection) as projector:
+            await projector.catch_up(until=last)
+        await assert_projection_equals_fold(ledger, conn, rooms)
+        expected_items = 0
+        for r in rooms:
+            expected_items += len((await fold_room(ledger, r)).conversation)
+        count = await conn.fetchval("SELECT count(*) FROM conversation_items WHERE room = ANY($1::text[])", rooms)
+        assert count == expected_items
+
+
+# --- rebuild --------------------------------------------------------------------------------
+
+
+async def test_rebuild_equals_live_and_hydration_keeps_working(pg_settings: Settings, conn: Any) -> None:
+    rooms = [unique("rb") for _ in range(4)]
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(interleaved(rooms, 150))
+        async with Projector(pg_settings) as projector:
+            await projector.catch_up()
+        live = {r: comparable(s) for r in rooms if (s := await projected(conn, r)) is not None}
+        assert len(live) == len(rooms)
+
+        done = asyncio.Event()
+        hydrations = 0
+
+        async def hydrate_meanwhile() -> None:
+            nonlocal hydrations
+            while not done.is_set():
+                snapshot = await ledger.hydrate(rooms[0], full_conversation=True)
+                assert snapshot.seq == live_seq
+                hydrations += 1
+
+        live_seq = (await fold_room(ledger, rooms[0])).seq
+        progress: list[tuple[int, int]] = []
+        task = asyncio.create_task(hydrate_meanwhile())
+        try:
+            seq = await rebuild(pg_settings, progress=lambda d, t: progress.append((d, t)))
+        finally:
+            done.set()
+            await task
+        assert hydrations > 0 and progress and progress[-1][0] == progress[-1][1]
+        assert seq >= max(s[0] for s in progress)
+        rebuilt = {r: comparable(s) for r in rooms if (s := await projected(conn, r)) is not None}
+        assert rebuilt == live
+        await assert_projection_equals_fold(ledger, conn, rooms)
+        # The twins are empty again and the live projector carries on after the swap.
+        assert await conn.fetchval("SELECT count(*) FROM room_state_next") == 0
+        more = await ledger.append(ev.make_event(rooms[1], ev.FloorRequest(agent_id="late")))
+        async with Projector(pg_settings) as projector:
+            await projector.catch_up()
+        state = await projected(conn, rooms[1])
+        assert state is not None and state.seq == more.seq
+        from ledger.hydrate import close
+
+        await close(ledger)
