@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import fnmatch
 import logging
+import re
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -42,6 +43,7 @@ from ledger.errors import (
     AppendError,
     ConflictError,
     ConnectError,
+    EventError,
     EventTooLarge,
     LedgerError,
     StreamConfigError,
@@ -65,6 +67,7 @@ ERR_WRONG_LAST_SEQUENCE: Final = 10071
 ATOMIC_BATCH_SIZE: Final = 500
 #: Per-event overhead on the wire besides the payload: subject, headers, reply.
 _HEADER_ALLOWANCE: Final = 512
+_EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: How long an append waits for its acknowledgement before giving up.
 ACK_TIMEOUT_S: Final = 10.0
 
@@ -360,6 +363,12 @@ class Ledger:
     # --- append ------------------------------------------------------------------------------
 
     def _encode_checked(self, event: ev.KnownEvent) -> bytes:
+        if not _EVENT_ID_RE.match(event.id):
+            # The id travels in a header: CR/LF or spaces there would corrupt the protocol.
+            raise EventError(
+                f"event id {event.id[:80]!r} is not usable: expected 1-128 of A-Z a-z 0-9 . _ : - "
+                "(derive one with ledger.events.derived_event_id)"
+            )
         data = ev.encode(event)
         subject_len = len(self.subjects.event(event.room, event.type))
         if len(data) + subject_len + _HEADER_ALLOWANCE > self._stream_max_msg_size:
@@ -457,22 +466,33 @@ class Ledger:
         return positions
 
     async def _append_atomic(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position] | None:
-        batch_id = uuid.uuid4().hex
-        publish = self.nc.publish
+        batch_id = uuid.uuid4().hex.encode()
         first_reply, first_future = self._expect_reply()
         commit_reply, commit_future = self._expect_reply()
         last = len(chunk) - 1
+        # The whole batch is framed here as one HPUB blob: nats-py's publish() costs ~30 µs a
+        # message in header handling, which would otherwise be half the time of a batch.
+        frames: list[bytes] = []
         for index, (event, payload) in enumerate(zip(chunk, payloads, strict=True)):
-            headers = {MSG_ID: event.id, BATCH_ID: batch_id, BATCH_SEQUENCE: str(index + 1)}
-            reply = ""
+            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: %d\r\n" % (
+                event.id.encode(),
+                batch_id,
+                index + 1,
+            )
+            reply = b""
             if index == 0:
-                reply = first_reply
+                reply = first_reply.encode() + b" "
             if index == last:
-                headers[BATCH_COMMIT] = "1"
-                reply = commit_reply
-            await publish(self.subjects.event(event.room, event.type), payload, reply=reply, headers=headers)
-        first = await self._await_ack(first_future, f"atomic batch {batch_id}")
-        commit = await self._await_ack(commit_future, f"atomic batch {batch_id}")
+                header += b"Nats-Batch-Commit: 1\r\n"
+                reply = commit_reply.encode() + b" "
+            header += b"\r\n"
+            subject = self.subjects.event(event.room, event.type).encode()
+            frames.append(
+                b"HPUB %s %s%d %d\r\n%s%s\r\n" % (subject, reply, len(header), len(header) + len(payload), header, payload)
+            )
+        await self._send_frames(frames)
+        first = await self._await_ack(first_future, f"atomic batch {batch_id.decode()}")
+        commit = await self._await_ack(commit_future, f"atomic batch {batch_id.decode()}")
         error = first.error or commit.error
         if error is not None:
             if "duplicate" in error.description.lower():
@@ -486,6 +506,17 @@ class Ledger:
             )
         first_seq = commit.seq - len(chunk) + 1
         return [Position(first_seq + i) for i in range(len(chunk))]
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        nc = self.nc
+        if nc.is_closed:
+            raise ConnectError(f"the connection to NATS at {self.nats_url} is closed")
+        send_command = getattr(nc, "_send_command", None)
+        flush_pending = getattr(nc, "_flush_pending", None)
+        if send_command is None or flush_pending is None:  # pragma: no cover - a future nats-py
+            raise AppendError("this nats-py has no raw send; pin nats-py<3")
+        await send_command(b"".join(frames))
+        await flush_pending()
 
     async def _append_pipelined(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
         futures: list[asyncio.Future[_PubAck]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import pytest
 from ledger import embedded
 from ledger import events as ev
 from ledger.client import Ledger, Record
-from ledger.errors import ConflictError, ConnectError, EventTooLarge, UnknownRoom
+from ledger.errors import (
+    ConflictError,
+    ConnectError,
+    EventError,
+    EventTooLarge,
+    StreamConfigError,
+    UnknownRoom,
+)
 from ledger.settings import Settings
 
 
@@ -213,3 +221,41 @@ async def _retry_append(client: Ledger, event: ev.KnownEvent) -> object:
         except Exception:
             await asyncio.sleep(0.2)
     raise AssertionError("NATS did not come back")
+
+
+async def test_existing_stream_is_updated_to_the_configured_settings(settings: Settings) -> None:
+    name = f"UPD_{uuid.uuid4().hex[:8]}"
+    prefix = f"upd{uuid.uuid4().hex[:8]}"
+    custom = settings.replace(stream=name, subject_prefix=prefix)
+    async with Ledger(custom) as client:
+        await client.js.update_stream(
+            name=name,
+            subjects=[f"{prefix}.>"],
+            duplicate_window=600,
+            allow_atomic=True,
+            allow_direct=True,
+            max_msg_size=custom.max_msg_size,
+        )
+        assert client.stream_differences((await client.stream_info()).config)
+        await client.ensure_stream()
+        info = await client.stream_info()
+        assert info.config.duplicate_window == pytest.approx(120)
+        assert client.stream_differences(info.config) == {}
+        await client.js.delete_stream(name)
+
+
+async def test_subjects_taken_by_another_stream_fail_clearly(settings: Settings) -> None:
+    prefix = f"ovl{uuid.uuid4().hex[:8]}"
+    async with Ledger(settings) as client:
+        await client.js.add_stream(name=f"OTHER_{prefix}", subjects=[f"{prefix}.>"])
+        try:
+            with pytest.raises(StreamConfigError, match="another stream already holds these subjects"):
+                async with Ledger(settings.replace(stream=f"MINE_{prefix}", subject_prefix=prefix)):
+                    pass
+        finally:
+            await client.js.delete_stream(f"OTHER_{prefix}")
+
+
+async def test_event_ids_that_would_break_headers_are_refused(ledger: Ledger, room: str) -> None:
+    with pytest.raises(EventError, match="not usable"):
+        await ledger.append(status(room, "a", 0, id="bad\r\nNats-Msg-Id: x"))
