@@ -47,7 +47,8 @@ _STATUS_FILE = pytest.StashKey[str]()
 class LiveKitServer(Protocol):
     """What ``livekit_server`` yields: the loopback SFU or a real server (``LIVEKIT_URL``)."""
 
-    url: str
+    @property
+    def url(self) -> str: ...
     api_key: str
     api_secret: str
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import gzip
 import json
@@ -56,7 +57,7 @@ DEPARTURE_TIMEOUT = 20.0
 ICE_HOST = "127.0.0.1"
 SERVER_VERSION = "1.9.0-loopback"
 
-_KINDS = {
+_KINDS: dict[str, models.ParticipantInfo.Kind] = {
     "": models.ParticipantInfo.STANDARD,
     "standard": models.ParticipantInfo.STANDARD,
     "agent": models.ParticipantInfo.AGENT,
@@ -95,12 +96,12 @@ class Participant:
     metadata: str
     attributes: dict[str, str]
     permission: models.ParticipantPermission
-    kind: models.ParticipantInfo.Kind.ValueType
+    kind: models.ParticipantInfo.Kind
     ws: web.WebSocketResponse
     #: What the client's SDK says it understands (RPC over data streams...): peers read it.
     client_protocol: int = 0
     sid: str = field(default_factory=lambda: _sid("PA_"))
-    state: models.ParticipantInfo.State.ValueType = models.ParticipantInfo.JOINED
+    state: models.ParticipantInfo.State = models.ParticipantInfo.JOINED
     joined_at_ms: int = field(default_factory=_now_ms)
     version: int = 1
     pc: RTCPeerConnection | None = None
@@ -237,8 +238,8 @@ class LoopbackSFU:
         self._thread.join(timeout=10)
         self._loop = self._thread = None
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T] | Any:
-        """Run ``coro`` on the server's loop; returns a ``concurrent.futures.Future``."""
+    def call(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the server's loop, from any thread."""
         assert self._loop is not None, "server not started"
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
@@ -249,7 +250,7 @@ class LoopbackSFU:
     async def _serve(self) -> None:
         # aioice skips 127.0.0.1 when it gathers host candidates; in the test namespace it is the
         # only address we want (libwebrtc, on the client side, sits on the veth's 127.0.0.2).
-        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [ICE_HOST]  # type: ignore[assignment]
+        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [ICE_HOST]
         app = web.Application()
         app.router.add_get("/rtc/v1", self._handle_signal)
         app.router.add_get("/rtc/v1/validate", self._handle_validate)
@@ -258,9 +259,7 @@ class LoopbackSFU:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = self._runner.addresses[0][1]  # the free port the OS chose
         log.info("loopback SFU listening on %s", self.url)
 
     async def _shutdown(self) -> None:
