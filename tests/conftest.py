@@ -7,6 +7,8 @@ names (``room`` fixture), so tests never see each other's data.
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,9 +23,20 @@ if importlib.util.find_spec("tests.livekit_sfu.plugin") is not None:
     pytest_plugins = ["tests.livekit_sfu.plugin"]
 
 
+def fresh_home(label: str) -> Path:
+    """A LEDGER_HOME outside pytest's temporary root.
+
+    pytest keeps its root at mode 0700 (and resets it whenever another pytest session starts),
+    but the embedded PostgreSQL runs as an unprivileged user that must traverse to its data.
+    """
+    return Path(tempfile.mkdtemp(prefix=f"ledger-{label}-"))
+
+
 @pytest.fixture(scope="session")
-def servers_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ledger-home")
+def servers_home() -> Iterator[Path]:
+    path = fresh_home("session")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +47,8 @@ def nats_server(servers_home: Path) -> Iterator[embedded.ServerInfo]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(servers_home: Path) -> Iterator[embedded.ServerInfo]:
+def postgres_server(servers_home: Path, nats_server: embedded.ServerInfo) -> Iterator[embedded.ServerInfo]:
+    # Depends on nats_server only so teardown order is fixed: PostgreSQL stops first.
     info = embedded.ensure_postgres(servers_home)
     yield info
     embedded.stop_postgres(servers_home)

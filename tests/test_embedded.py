@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from nats.js.api import StreamConfig
 
 from ledger import embedded
 from ledger.embedded import EmbeddedError, ServerInfo
+from tests.conftest import fresh_home
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,12 +41,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "ledger-home"
+def home() -> Iterator[Path]:
+    path = fresh_home("embedded") / "ledger-home"
     yield path
     # Servers are detached: nothing stops them when the test process ends, so stop them here.
     embedded.stop_nats(path)
     embedded.stop_postgres(path)
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def in_other_process(home: Path, call: str) -> dict[str, Any]:
