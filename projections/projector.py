@@ -2,8 +2,8 @@
 
 How it works
 ------------
-- Reads the stream in order with an ephemeral pull consumer from its checkpoint + 1; each fetch
-  is one batch (bounded by ``batch_size`` and, when caught up, by the fetch latency).
+- Reads the stream in order with an ordered push consumer from its checkpoint + 1, buffered; each take
+  from the buffer is one batch (bounded by ``batch_size``; when caught up, whatever has arrived).
 - Folds the batch in memory with :mod:`projections.reducers`: room states come from an LRU
   cache, loaded for the batch's rooms in one query on a miss.
 - Writes the batch in one transaction: room rows and conversation items with
@@ -130,6 +130,8 @@ class Projector:
         self._ledger: Ledger | None = None
         self._conn: Any = None
         self._sub: Any = None
+        self._buffer: list[Any] = []
+        self._arrived = asyncio.Event()
         self._prefix_len = len(settings.subject_prefix) + 1
         self._outage: str | None = None
         self.events_done = 0
@@ -247,37 +249,53 @@ class Projector:
     # --- reading -----------------------------------------------------------------------------
 
     async def _consumer(self) -> Any:
+        """An ordered push consumer from checkpoint + 1, buffering into ``self._buffer``."""
         if self._sub is None:
             assert self._ledger is not None
+            nc = self._ledger.nc
+            # This connection only carries our own well-formed headers: parse them cheaply.
+            nc._parse_header_lines = _fast_header_lines  # type: ignore[method-assign]
+            self._buffer = []
+            self._arrived = asyncio.Event()
+            buffer, arrived = self._buffer, self._arrived
+
+            async def on_msg(msg: Any) -> None:
+                buffer.append(msg)
+                arrived.set()
+                if len(buffer) >= self.batch_size * 4:
+                    # Back-pressure: let the writer catch up before taking more.
+                    while len(buffer) >= self.batch_size * 2 and self._sub is not None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.005)
+
             config = js_api.ConsumerConfig(
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=self.checkpoint + 1,
-                ack_policy=js_api.AckPolicy.NONE,
                 mem_storage=True,
-                inactive_threshold=120.0,
             )
-            self._sub = await self._ledger.js.pull_subscribe(
-                self._ledger.subjects.all_rooms(), stream=self.settings.stream, config=config,
+            self._sub = await self._ledger.js.subscribe(
+                self._ledger.subjects.all_rooms(), stream=self.settings.stream, cb=on_msg,
+                ordered_consumer=True, idle_heartbeat=2.0, config=config,
                 pending_msgs_limit=1_000_000, pending_bytes_limit=512 * 1024 * 1024,
             )
-            self._next_seq = self.checkpoint + 1
         return self._sub
 
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None
+        self._buffer = []
         if sub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2.0)
 
     async def _fetch(self, wait: float) -> list[Any]:
-        sub = await self._consumer()
-        try:
-            msgs: list[Any] = await sub.fetch(self.batch_size, timeout=wait)
-        except nats.errors.TimeoutError:
-            return []
-        except nats.js.errors.NotFoundError:
-            await self._drop_consumer()
-            return []
+        await self._consumer()
+        if not self._buffer:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait)
+            except TimeoutError:
+                return []
+        msgs = self._buffer[: self.batch_size]
+        del self._buffer[: self.batch_size]
         return msgs
 
     # --- one batch ---------------------------------------------------------------------------
@@ -403,6 +421,9 @@ class Projector:
                 i_docs.append(rd.encode_item(item).decode())
         conn = self._conn
         async with conn.transaction():
+            # Rows and checkpoint are lost together or not at all on a server crash: no need to
+            # wait for the WAL flush (the log is the source of truth; the projector catches up).
+            await conn.execute("SET LOCAL synchronous_commit = off")
             current = await conn.fetchval(
                 "SELECT seq FROM projection_checkpoints WHERE projection = $1 AND partition = $2 FOR UPDATE",
                 self.projection, self.partition,
@@ -458,6 +479,16 @@ class Projector:
                    SET seq = excluded.seq, partitions = excluded.partitions, updated_at = excluded.updated_at""",
                 self.projection, self.partition, self.partitions, last,
             )
+
+
+def _fast_header_lines(raw: bytes) -> dict[str, str]:
+    """nats-py's header parser without its per-character checks (JetStream's own headers)."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().decode("ascii", "replace")] = value.strip().decode("utf-8", "replace")
+    return out
 
 
 def _safe_room(token: str) -> str | None:

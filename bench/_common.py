@@ -1,0 +1,61 @@
+"""Shared bench plumbing: servers in a scratch home (or the configured ones) and a private stream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ledger import embedded
+from ledger.settings import Settings
+
+
+@contextlib.contextmanager
+def bench_settings(keep_home: str | None = None) -> Iterator[Settings]:
+    """Settings from the environment; embedded servers in a scratch home when none are configured."""
+    base = Settings.from_env()
+    home = Path(keep_home) if keep_home else Path(tempfile.mkdtemp(prefix="ledger-bench-"))
+    started: list[str] = []
+    nats_urls = base.nats_urls
+    db_url = base.database_url
+    if nats_urls is None:
+        nats_urls = (embedded.ensure_nats(home, sync_always=False).url,)
+        started.append("nats")
+    if db_url is None:
+        db_url = embedded.ensure_postgres(home).url
+        started.append("postgres")
+    tag = uuid.uuid4().hex[:8]
+    try:
+        yield base.replace(nats_urls=nats_urls, database_url=db_url, home=home, stream=f"BENCH_{tag}",
+                           subject_prefix=f"bench{tag}")
+    finally:
+        if not keep_home:
+            if "postgres" in started:
+                embedded.stop_postgres(home)
+            if "nats" in started:
+                embedded.stop_nats(home)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def print_json(**parts: Any) -> None:
+    print(json.dumps(parts, sort_keys=False))

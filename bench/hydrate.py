@@ -1,0 +1,107 @@
+"""Hydrate latency (p50/p99) for a 5k-event room in a big stream, beside a direct JetStream read.
+
+    python bench/hydrate.py [--events 500000] [--rooms 1000] [--room-events 5000] [--samples 200]
+
+Appends a stream of ``--events`` events over ``--rooms`` rooms, one of which has
+``--room-events`` events (about 40% conversation items), projects it, then measures
+``ledger.hydrate(room)`` ``--samples`` times, and as the baseline reads the same room straight
+from JetStream (``ledger.read``) and folds it, median of ``--baseline-runs`` runs.
+Targets (issue 3): p99 <= 10 ms and >= 10x faster than the direct read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import bench_settings, median, percentile, print_json, print_table
+from ledger.client import Ledger
+from ledger.hydrate import close
+from projections.projector import Projector
+from projections.reducers import fold
+from projections.sample import interleaved, room_events
+
+
+async def main(args: argparse.Namespace) -> None:
+    with bench_settings(args.home) as settings:
+        target = "bench-hydrate-target"
+        others = [f"bench-hydrate-{i}" for i in range(args.rooms - 1)]
+        per_room = max(1, (args.events - args.room_events) // max(1, len(others)))
+        async with Ledger(settings) as ledger:
+            started = time.perf_counter()
+            target_events = list(room_events(target, args.room_events))
+            chunk: list = []
+            stream = interleaved(others, per_room)
+            # Spread the target room's events through the stream.
+            every = max(1, (args.events - args.room_events) // max(1, len(target_events)))
+            for count, event in enumerate(stream, start=1):
+                chunk.append(event)
+                if target_events and count % every == 0:
+                    chunk.append(target_events.pop(0))
+                if len(chunk) >= 5000:
+                    await ledger.append_many(chunk)
+                    chunk = []
+            chunk.extend(target_events)
+            if chunk:
+                await ledger.append_many(chunk)
+            append_s = time.perf_counter() - started
+            head = await ledger.head()
+            started = time.perf_counter()
+            async with Projector(settings, batch_size=5000) as projector:
+                await projector.catch_up()
+            project_s = time.perf_counter() - started
+
+            snapshot = await ledger.hydrate(target)
+            items = len(snapshot.conversation)
+            for _ in range(10):
+                await ledger.hydrate(target)
+            samples = []
+            for _ in range(args.samples):
+                t = time.perf_counter()
+                await ledger.hydrate(target)
+                samples.append((time.perf_counter() - t) * 1000)
+            direct, direct_fold = [], []
+            for _ in range(args.baseline_runs):
+                t = time.perf_counter()
+                records = [r async for r in ledger.read(target)]
+                direct.append((time.perf_counter() - t) * 1000)
+                fold(records)
+                direct_fold.append((time.perf_counter() - t) * 1000)
+            await close(ledger)
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    base = median(direct)
+    print(f"hydrate: room of {snapshot.index.events} events ({items} conversation items) in a stream of "
+          f"{head} events over {args.rooms} rooms; {args.samples} samples")
+    print_table([
+        ("append (setup)", f"{head / append_s:,.0f} events/s"),
+        ("project (setup)", f"{head / project_s:,.0f} events/s"),
+        ("hydrate p50", f"{p50:.2f} ms"),
+        ("hydrate p99", f"{p99:.2f} ms"),
+        ("direct JetStream read (median)", f"{base:.1f} ms  (runs: {', '.join(f'{d:.0f}' for d in direct)})"),
+        ("direct read + fold (median)", f"{median(direct_fold):.1f} ms"),
+        ("speed-up (direct / hydrate p50)", f"{base / p50:.1f}x"),
+    ])
+    print_json(
+        figures={"stream_events": head, "rooms": args.rooms, "room_events": snapshot.index.events,
+                 "conversation_items": items, "hydrate_p50_ms": round(p50, 3), "hydrate_p99_ms": round(p99, 3)},
+        baselines={"direct_read_ms": round(base, 2), "direct_read_fold_ms": round(median(direct_fold), 2)},
+        ratios={"direct_over_hydrate_p50": round(base / p50, 2), "direct_over_hydrate_p99": round(base / p99, 2)},
+        targets={"hydrate_p99_ms": 10, "speedup": 10},
+        met={"hydrate_p99_ms": p99 <= 10, "speedup": base / p50 >= 10},
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--rooms", type=int, default=1000)
+    parser.add_argument("--room-events", type=int, default=5000)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--baseline-runs", type=int, default=5)
+    parser.add_argument("--home", help="keep servers in this LEDGER_HOME (default: a scratch one)")
+    asyncio.run(main(parser.parse_args()))
