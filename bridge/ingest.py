@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -157,7 +158,8 @@ def _decode_payload(raw: bytes) -> _Payload:
     except msgspec.DecodeError as exc:
         result.problem = f"invalid json: {str(exc)[:120]}"
         return result
-    if _depth(parsed, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    # a document of n bytes nests at most n/2 deep: small ones need no walk
+    if len(raw) > 2 * MAX_JSON_DEPTH and _depth(parsed, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         result.problem = f"json nested deeper than {MAX_JSON_DEPTH}"
         return result
     result.json = parsed
@@ -177,6 +179,8 @@ class Ingest:
     participants: dict[str, ev.Sender] = field(default_factory=dict)
     #: track sid -> owner identity, for transcript speakers.
     track_owners: dict[str, str] = field(default_factory=dict)
+    #: Optional sink that also takes the event's encoding (saves the writer encoding it again).
+    encoded_sink: Callable[[ev.KnownEvent, bytes], object] | None = None
     _snapshots: int = 0
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -194,15 +198,17 @@ class Ingest:
     def _emit(self, body: ev.Body, *, id: str | None = None, sender: ev.Sender = ev.UNKNOWN_SENDER,
               at: datetime | None = None, kind: str = "typed") -> ev.KnownEvent:
         """Build, size-check and hand one event to the sink; count it under ``kind``."""
-        event = ev.make_event(self.room, body, id=id, sender=sender, at=at)
+        event = ev.make_event(self.room, body, id=id or os.urandom(16).hex(), sender=sender, at=at)
+        encoded: bytes | None = None
         try:
-            size = len(ev.encode(event))
+            encoded = ev.encode(event)
         except (UnicodeEncodeError, RecursionError, TypeError, ValueError, OverflowError) as exc:
             event = self._unencodable(event, type(exc).__name__)
             kind = "rejected"
         else:
-            if size > MAX_EVENT_BYTES:
-                event = self._too_large(event, size)
+            if len(encoded) > MAX_EVENT_BYTES:
+                event = self._too_large(event, len(encoded))
+                encoded = None
                 kind = "rejected"
         if kind == "typed":
             self.counters.typed += 1
@@ -211,7 +217,10 @@ class Ingest:
         elif kind == "rejected" and not isinstance(body, ev.Data):
             self.counters.reject("unencodable event")
         self.counters.submitted += 1
-        self.sink(event)
+        if encoded is not None and self.encoded_sink is not None:
+            self.encoded_sink(event, encoded)
+        else:
+            self.sink(event)
         return event
 
     def _unencodable(self, event: ev.KnownEvent, why: str) -> ev.KnownEvent:
