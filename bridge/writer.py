@@ -423,7 +423,7 @@ class BridgeWriter:
         ledger = self.ledger
         event_subject = ledger.subjects.event
         subjects: dict[tuple[str, str], str] = {}
-        payloads = [self._encoded.pop(id(e), None) or ledger._encode_checked(e) for e in events]
+        payloads = [self._encoded.get(id(e)) or ledger._encode_checked(e) for e in events]
         async with ledger._append_lock:
             futures = []
             publish = ledger.nc.publish

@@ -1,13 +1,46 @@
-"""Helpers for LiveKit agents: publish coordination state to the ledger without writing JSON.
+"""Helpers for LiveKit agents: publish coordination state to the ledger, never hand-written JSON.
 
-(The helper class is added below the protocol constants.)
+An agent publishes on its own room connection (reliable data packets on topic ``ledger``, or a
+text stream when the JSON is over 15 KiB); the bridge records each event once, under an id the
+agent can compute (:func:`protocol_event_id`). Who holds the floor is answered from the
+followed log, so every agent computes the same holder::
+
+    agent = LedgerAgent(ctx.room, ledger)          # agent_id: the participant identity
+    await agent.start()                           # hydrate + follow the room's log
+    await agent.request_floor(task="refund")
+    await agent.wait_for_floor()                  # or: agent.holds_floor
+    await agent.patch_session({"caller": {"verified": True}})
+    await agent.sync_userdata(session.userdata)   # publishes only what changed
+    await agent.hand_off("billing-agent", reason="billing question")   # dispatch + wait + leave
+
+The target of a handoff reads its dispatch metadata with :func:`handoff_from_metadata`, hydrates
+with ``min_seq`` and takes the floor (:meth:`LedgerAgent.take_over`).
 """
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
+from ledger import events as ev
 from ledger.events import derived_event_id
+
+if TYPE_CHECKING:
+    from livekit import rtc
+
+    from ledger.client import Ledger
+    from ledger.hydrate import Snapshot
+    from projections.reducers import RoomState
+
+log = logging.getLogger("ledger.agents")
 
 #: The data topic of the ledger protocol.
 LEDGER_TOPIC: Final = "ledger"
@@ -18,8 +51,287 @@ AGENT_EVENT_TYPES: Final = frozenset(
 )
 #: Largest payload sent as one reliable data packet; larger ones go as a text stream.
 MAX_PACKET_BYTES: Final = 15 * 1024
+#: Keys of the dispatch metadata a handoff sends (and nothing else).
+HANDOFF_METADATA_KEYS: Final = ("room", "ledger_seq")
 
 
 def protocol_event_id(room: str, payload_id: str) -> str:
     """The log id of an event an agent published with its own ``id`` (the same on every bridge)."""
     return derived_event_id(room, "ledger", payload_id)
+
+
+def encode_protocol(type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None) -> tuple[
+        str, bytes]:
+    """``(payload_id, JSON)`` of one protocol message; the body is validated first."""
+    if type_name not in AGENT_EVENT_TYPES:
+        raise ValueError(f"{type_name!r} is not a type agents publish; one of {sorted(AGENT_EVENT_TYPES)}")
+    if not isinstance(body, ev.Body):
+        body = ev.body_from_dict(type_name, dict(body))
+    fields: dict[str, Any] = msgspec.to_builtins(body)
+    pid = payload_id or os.urandom(12).hex()
+    return pid, msgspec.json.encode({"type": type_name, "id": pid, **fields})
+
+
+def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 merge patch turning ``old`` into ``new`` (``{}`` when equal).
+
+    A key missing from ``new`` (or ``None`` in it) becomes ``null``: merge patches cannot store null.
+    """
+    patch: dict[str, Any] = {}
+    for key in old:
+        if key not in new or (new[key] is None and old[key] is not None):
+            patch[key] = None
+    for key, value in new.items():
+        if value is None:
+            continue
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = merge_patch_diff(before, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or before != value:
+            patch[key] = value
+    return patch
+
+
+def userdata_document(userdata: Any) -> dict[str, Any]:
+    """A userdata object as a JSON document: fields that cannot be JSON (clients, closures) are left out."""
+    if isinstance(userdata, Mapping):
+        items: dict[str, Any] = dict(userdata)
+    elif dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
+        items = {f.name: getattr(userdata, f.name) for f in dataclasses.fields(userdata)}
+    elif isinstance(userdata, msgspec.Struct):
+        items = {name: getattr(userdata, name) for name in userdata.__struct_fields__}
+    elif hasattr(userdata, "model_dump"):
+        items = dict(userdata.model_dump())
+    else:
+        items = {k: v for k, v in vars(userdata).items() if not k.startswith("_")}
+    document: dict[str, Any] = {}
+    for key, value in items.items():
+        if key.startswith("_") or callable(value):
+            continue
+        try:
+            converted = msgspec.to_builtins(value)
+            msgspec.json.encode(converted)
+        except (TypeError, ValueError, msgspec.EncodeError):
+            continue
+        document[str(key)] = converted
+    return document
+
+
+@dataclass(frozen=True)
+class HandoffRequest:
+    """What a handoff target receives in its dispatch metadata."""
+
+    room: str
+    ledger_seq: int
+
+
+def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
+    """Parse a dispatch's metadata written by :meth:`LedgerAgent.hand_off`; None if it is not one."""
+    try:
+        data = msgspec.json.decode(metadata or "{}")
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("room"), str) or not isinstance(
+            data.get("ledger_seq"), int):
+        return None
+    return HandoffRequest(room=data["room"], ledger_seq=data["ledger_seq"])
+
+
+class LedgerAgent:
+    """One agent's ledger helpers on its LiveKit room connection (and, for reads, a ``Ledger``)."""
+
+    def __init__(self, room: rtc.Room, ledger: Ledger | None = None, *, agent_id: str | None = None) -> None:
+        self.room = room
+        self.ledger = ledger
+        self._agent_id = agent_id
+        self._published_session: dict[str, Any] = {}
+        self._state: RoomState | None = None
+        self._seq = 0
+        self._changed = asyncio.Condition()
+        self._follow_task: asyncio.Task[None] | None = None
+        self._seen_ids: dict[str, int] = {}
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent_id or self.room.local_participant.identity
+
+    @property
+    def room_name(self) -> str:
+        return self.room.name
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None) -> str:
+        """Publish one event; returns the id it will have in the log."""
+        pid, data = encode_protocol(type_name, body, payload_id=payload_id)
+        participant = self.room.local_participant
+        if len(data) <= MAX_PACKET_BYTES:
+            await participant.publish_data(data, reliable=True, topic=LEDGER_TOPIC)
+        else:
+            await participant.send_text(data.decode("utf-8"), topic=LEDGER_TOPIC)
+        return protocol_event_id(self.room_name, pid)
+
+    async def status(self, status: ev.AgentStatusValue, *, action_lock: bool = False, task: str | None = None) -> str:
+        """The seed's coordination payload (``agent_id``, ``status``, ``action_lock``, ``task``)."""
+        return await self.publish("agent.status", ev.AgentStatus(agent_id=self.agent_id, status=status,
+                                                                 action_lock=action_lock, task=task))
+
+    async def request_floor(self, task: str | None = None) -> str:
+        return await self.publish("floor.request", ev.FloorRequest(agent_id=self.agent_id, task=task))
+
+    async def release_floor(self, reason: str | None = None) -> str:
+        return await self.publish("floor.release", ev.FloorRelease(agent_id=self.agent_id, reason=reason))
+
+    async def patch_session(self, patch: Mapping[str, Any]) -> str:
+        """Publish an RFC 7386 merge patch of the room's session document."""
+        self._published_session = _apply_patch(self._published_session, dict(patch))
+        return await self.publish("session.patch", ev.SessionPatch(patch=dict(patch)))
+
+    async def sync_userdata(self, userdata: Any) -> str | None:
+        """Publish what changed in ``userdata`` since the last publish (None when nothing did)."""
+        document = userdata_document(userdata)
+        patch = merge_patch_diff(self._published_session, document)
+        if not patch:
+            return None
+        return await self.patch_session(patch)
+
+    def adopt_session(self, session: Mapping[str, Any]) -> None:
+        """Start diffing from a hydrated session (a handoff target), so only changes are published."""
+        self._published_session = dict(session)
+
+    async def publish_summary(self, text: str, covers_seq: int) -> str:
+        return await self.publish("context.summary", ev.ContextSummary(text=text, covers_seq=covers_seq))
+
+    # --- reading the log: the floor -----------------------------------------------------------------
+
+    async def start(self, *, snapshot: Snapshot | None = None) -> Snapshot:
+        """Hydrate the room (or use ``snapshot``) and follow its log from there."""
+        ledger = self._need_ledger()
+        snap: Snapshot = snapshot if snapshot is not None else await ledger.hydrate(self.room_name)
+        self._state = snap.state
+        self._seq = snap.seq
+        if self._follow_task is None:
+            self._follow_task = asyncio.create_task(self._follow(), name=f"ledger-agent-follow-{self.agent_id}")
+        return snap
+
+    async def stop(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._follow_task
+            self._follow_task = None
+
+    def _need_ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise RuntimeError("this needs a Ledger: LedgerAgent(room, ledger)")
+        return self.ledger
+
+    async def _follow(self) -> None:
+        from projections.reducers import apply
+
+        ledger = self._need_ledger()
+        async for record in ledger.follow(self.room_name, after=self._seq):
+            assert self._state is not None
+            apply(self._state, record)
+            self._seq = record.seq
+            self._seen_ids[record.event.id] = record.seq
+            if len(self._seen_ids) > 10_000:
+                self._seen_ids.pop(next(iter(self._seen_ids)))
+            async with self._changed:
+                self._changed.notify_all()
+
+    @property
+    def state(self) -> RoomState:
+        if self._state is None:
+            raise RuntimeError("call start() first: the floor is answered from the followed log")
+        return self._state
+
+    @property
+    def seq(self) -> int:
+        """The last log sequence folded into :attr:`state`."""
+        return self._seq
+
+    @property
+    def floor_holder(self) -> str | None:
+        return self.state.floor.holder
+
+    @property
+    def holds_floor(self) -> bool:
+        return self.floor_holder == self.agent_id
+
+    async def wait_until(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until ``predicate(state)`` is true in the followed log."""
+        async def check() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(predicate(self.state)))
+
+        await asyncio.wait_for(check(), timeout)
+
+    async def wait_for_floor(self, agent_id: str | None = None, timeout: float = 10.0) -> None:
+        who = agent_id or self.agent_id
+        await self.wait_until(lambda s: s.floor.holder == who, timeout)
+
+    async def wait_for_event(self, event_id: str, timeout: float = 10.0) -> int:
+        """Wait until an event (e.g. one just published) is in the log; returns its sequence."""
+        await self.wait_until(lambda _: event_id in self._seen_ids, timeout)
+        return self._seen_ids[event_id]
+
+    # --- handoff -----------------------------------------------------------------------------------
+
+    async def hand_off(self, to_agent: str, *, reason: str | None = None, dispatch: bool = True,
+                       livekit_api: Any = None, leave: bool = True, timeout: float = 30.0) -> int:
+        """Hand the caller to ``to_agent`` (its LiveKit agent name and ledger agent id).
+
+        Publishes ``handoff``, waits until the log has it, creates a dispatch of the target whose
+        metadata carries only the room and that sequence, waits until the target holds the floor,
+        then (``leave``) disconnects. Returns the handoff's sequence. Needs :meth:`start` first.
+        """
+        event_id = await self.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
+                                                            reason=reason))
+        seq = await self.wait_for_event(event_id, timeout)
+        if dispatch:
+            await self._dispatch(to_agent, seq, livekit_api)
+        await self.wait_for_floor(to_agent, timeout)
+        if leave:
+            await self.stop()
+            await self.room.disconnect()
+        return seq
+
+    async def _dispatch(self, agent_name: str, seq: int, livekit_api: Any) -> None:
+        from livekit import api
+
+        metadata = msgspec.json.encode({"room": self.room_name, "ledger_seq": seq}).decode()
+        owned = livekit_api is None
+        if owned:
+            settings = self._need_ledger().settings
+            livekit_api = api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret)
+        try:
+            await livekit_api.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
+        finally:
+            if owned:
+                await livekit_api.aclose()
+
+    async def take_over(self, request: HandoffRequest, *, task: str | None = None, timeout: float = 10.0) -> Snapshot:
+        """The target side of a handoff: hydrate to the handoff's sequence, follow, take the floor."""
+        ledger = self._need_ledger()
+        snapshot: Snapshot = await ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
+        await self.start(snapshot=snapshot)
+        self.adopt_session(snapshot.session)
+        await self.request_floor(task=task)
+        await self.wait_for_floor(timeout=timeout)
+        return snapshot
+
+
+def _apply_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _apply_patch(result.get(key), value)
+    return result
