@@ -72,6 +72,10 @@ class LiveKitServer(Protocol):
     async def force_reconnect(self, room: str, identity: str) -> None: ...
     async def kick(self, room: str, identity: str) -> None: ...
     async def set_room_metadata(self, room: str, metadata: str) -> None: ...
+    # loopback only (a real server skips the test):
+    async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None: ...
+    async def delivered(self, room: str, identity: str) -> int: ...
+    async def dropped(self) -> int: ...
 
 
 class RemoteLiveKit:
@@ -106,8 +110,14 @@ class RemoteLiveKit:
     async def force_reconnect(self, room: str, identity: str) -> None:
         pytest.skip("force_reconnect needs the loopback SFU (LIVEKIT_URL is set)")
 
-    def __getattr__(self, name: str) -> Any:  # wait_until, delivered, dropped: loopback only
-        pytest.skip(f"{name} needs the loopback SFU (LIVEKIT_URL is set)")
+    async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None:
+        pytest.skip("wait_until needs the loopback SFU (LIVEKIT_URL is set)")
+
+    async def delivered(self, room: str, identity: str) -> int:
+        pytest.skip("delivered needs the loopback SFU (LIVEKIT_URL is set)")
+
+    async def dropped(self) -> int:
+        pytest.skip("dropped needs the loopback SFU (LIVEKIT_URL is set)")
 
 
 # ---- hooks ---------------------------------------------------------------------------------
