@@ -1,0 +1,415 @@
+"""The core function behind each command: one coroutine each, printing with rich or as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from cli.common import (
+    CliError,
+    Point,
+    console,
+    err_console,
+    format_duration,
+    parse_point,
+    settings_from,
+    write_json,
+)
+from ledger.client import Ledger
+from ledger.errors import UnknownRoom
+from ledger.settings import Settings
+
+
+def settings() -> Settings:
+    return settings_from()
+
+
+def _optional(module: str, what: str) -> Any:
+    """A module another part of room-ledger provides; a clear error while it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise CliError(f"{what} is not available in this build ({module} is missing)") from exc
+        raise
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    settings: Settings
+    room: str
+    since: Point | None
+    until: Point | None
+    types: tuple[str, ...]
+    senders: tuple[str, ...]
+    follow: bool
+    as_json: bool
+    at: Point | None
+    floor: bool
+    handoffs: bool
+    html: Path | None
+
+
+def replay_request(
+    room: str,
+    *,
+    since: str | None,
+    until: str | None,
+    types: list[str],
+    senders: list[str],
+    follow: bool,
+    as_json: bool,
+    at: str | None,
+    floor: bool,
+    handoffs: bool,
+    html: Path | None,
+) -> ReplayRequest:
+    """Check and parse replay's options (before connecting to anything)."""
+    views = [name for name, on in (("--at", at is not None), ("--floor", floor), ("--handoffs", handoffs),
+                                   ("--html", html is not None)) if on]
+    if len(views) > 1:
+        raise CliError(f"{' and '.join(views)} are different views: pick one")
+    if views and follow:
+        raise CliError(f"--follow prints the live timeline; it does not combine with {views[0]}")
+    if at is not None and (since or types or senders):
+        raise CliError("--at folds the whole room up to a point; it does not combine with --since, --type or --sender")
+    if views and (types or senders):
+        raise CliError(f"{views[0]} needs every event of the room; --type and --sender apply to the timeline only")
+    return ReplayRequest(
+        settings=settings_from(),
+        room=room,
+        since=parse_point(since, "--since") if since else None,
+        until=parse_point(until, "--until") if until else None,
+        types=tuple(types),
+        senders=tuple(senders),
+        follow=follow,
+        as_json=as_json,
+        at=parse_point(at, "--at") if at is not None else None,
+        floor=floor,
+        handoffs=handoffs,
+        html=html,
+    )
+
+
+async def replay(request: ReplayRequest) -> None:
+    from cli import replay as core
+
+    window = core.Window(since=request.since, until=request.until, types=request.types, senders=request.senders)
+    window.check()
+    room = request.room
+    async with Ledger(request.settings, name="ledger-replay") as ledger:
+        if request.at is not None:
+            state = await core.fold_room(ledger, room, request.at)
+            if request.as_json:
+                write_json(core.state_to_builtins(state, last_items=50))
+            else:
+                from cli.views import render_state
+
+                render_state(console, state, title=f"room {room!r} at {request.at.describe()} (#{state.seq})")
+            return
+        if request.floor:
+            await ledger.require_room(room)
+            timeline = await core.floor_timeline(ledger, room, request.until)
+            if request.as_json:
+                write_json(timeline.to_builtins())
+            else:
+                from cli.views import render_floor
+
+                render_floor(console, timeline)
+            return
+        if request.handoffs:
+            rows = await core.handoffs(ledger, room, window)
+            if request.as_json:
+                write_json([row.to_builtins() for row in rows])
+            else:
+                from cli.views import render_handoffs
+
+                render_handoffs(console, rows, room)
+            return
+        if request.html is not None:
+            from cli.html import write_page
+
+            summary = await write_page(ledger, room, request.html, request.until)
+            if request.as_json:
+                write_json(summary)
+            else:
+                console.print(f"wrote {summary['file']} ({summary['bytes']:,} bytes, {summary['events']} events); "
+                              "open it in any browser, it needs no network")
+            return
+        if request.follow and not await ledger.room_last_seq(room):
+            err_console.print(f"room {room!r} has no events yet; waiting for its first (Ctrl-C ends)")
+        if request.as_json:
+            await core.replay_ndjson(ledger, room, window, follow=request.follow)
+            return
+        await _timeline(ledger, room, window, follow=request.follow)
+
+
+async def _timeline(ledger: Ledger, room: str, window: Any, *, follow: bool) -> None:
+    from cli import replay as core
+    from cli.timeline import TimelinePrinter
+
+    printer = TimelinePrinter(console)
+    first = last = 0
+    try:
+        async for record in core.records(ledger, room, window, follow=follow):
+            if not printer.count:
+                first = record.seq
+            last = record.seq
+            printer.print(record)
+    finally:
+        if printer.count:
+            gaps = f", {printer.gaps} bridge gap(s)" if printer.gaps else ""
+            console.print(Text(f"{printer.count} events, #{first}–#{last}{gaps}", style="bright_black"))
+    if not printer.count and not follow:
+        console.print(f"No events of room {room!r} match these filters.")
+
+
+# --- state, rooms, purge ------------------------------------------------------------------------
+
+
+async def _state_now(ledger: Ledger, room: str) -> Any:
+    """The projected state now: hydration (projection rows + the log after them) when available,
+    else the log folded with the reducers."""
+    from cli.replay import fold_room
+    from ledger import db
+
+    try:
+        importlib.import_module("ledger.hydrate")
+        hydrate_available = True
+    except ModuleNotFoundError:
+        hydrate_available = False
+    if hydrate_available and db.running_url(ledger.settings) is not None:
+        await ledger.require_room(room)
+        snapshot = await ledger.hydrate(room, full_conversation=True)
+        state = getattr(snapshot, "state", None)
+        if state is not None:
+            return state
+    return await fold_room(ledger, room, keep_items=5000)
+
+
+async def state(settings: Settings, room: str, *, as_json: bool) -> None:
+    from cli.replay import state_to_builtins
+
+    async with Ledger(settings, name="ledger-state") as ledger:
+        snapshot = await _state_now(ledger, room)
+    if as_json:
+        write_json(state_to_builtins(snapshot))
+        return
+    from cli.views import render_state
+
+    render_state(console, snapshot, title=f"room {room!r} now (#{snapshot.seq})")
+
+
+async def rooms(settings: Settings, *, as_json: bool) -> None:
+    from cli.ops import room_rows
+
+    async with Ledger(settings, name="ledger-rooms") as ledger:
+        rows = await room_rows(ledger)
+    if as_json:
+        write_json([row.to_builtins() for row in rows])
+        return
+    if not rows:
+        console.print(f"No rooms in stream {settings.stream!r} yet. Try `ledger demo --keep`.")
+        return
+    table = Table(box=box.SIMPLE_HEAD, title=f"{len(rows)} room(s) in stream {settings.stream}", title_justify="left")
+    for col in ("room", "events", "first activity", "last activity", "present", "gaps"):
+        table.add_column(col, no_wrap=col != "present", overflow="ellipsis",
+                         justify="right" if col in ("events", "gaps") else "left")
+    for row in rows:
+        present = ", ".join(row.participants[:6]) + (f" +{len(row.participants) - 6}" if len(row.participants) > 6
+                                                      else "")
+        table.add_row(
+            row.room,
+            f"{row.events:,}",
+            f"{row.first_activity:%Y-%m-%d %H:%M:%S}" if row.first_activity else "",
+            f"{row.last_activity:%Y-%m-%d %H:%M:%S}" if row.last_activity else "",
+            present,
+            Text(str(row.gaps), style="bold red") if row.gaps else Text("0", style="bright_black"),
+        )
+    console.print(table)
+
+
+async def _projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
+    """Rows of the room in every projection (deleted when ``delete``); None without projections."""
+    try:
+        projector = importlib.import_module("projections.projector")
+    except ModuleNotFoundError:
+        return None
+    fn = getattr(projector, "purge_room" if delete else "room_rows", None)
+    if fn is None:
+        return None
+    from ledger import db
+
+    if db.running_url(settings) is None:
+        return None
+    result = await fn(settings, room)
+    return {str(k): int(v) for k, v in dict(result).items()}
+
+
+async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> None:
+    from cli.ops import room_event_count
+
+    async with Ledger(settings, name="ledger-purge") as ledger:
+        events = await room_event_count(ledger, room)
+        rows = await _projection_rows(settings, room, delete=False)
+        if not events and not any((rows or {}).values()):
+            names = await ledger.rooms()
+            import difflib
+
+            raise UnknownRoom(room, difflib.get_close_matches(room, names, n=3, cutoff=0.5))
+        what = f"{events:,} events of room {room!r} from stream {settings.stream}"
+        if rows:
+            what += " and " + ", ".join(f"{n:,} {table}" for table, n in rows.items() if n) + " projection rows"
+        if not yes and not await asyncio.to_thread(typer.confirm, f"Remove {what}? This cannot be undone"):
+            raise CliError("nothing removed")
+        purged = await ledger.purge_room(room)
+        removed = await _projection_rows(settings, room, delete=True)
+    result = {"room": room, "events_removed": purged, "projection_rows_removed": removed or {}}
+    if as_json:
+        write_json(result)
+    else:
+        extra = f" and {sum((removed or {}).values()):,} projection rows" if removed else ""
+        console.print(f"removed {purged:,} events{extra} of room {room!r}")
+
+
+# --- doctor, up, migrate ------------------------------------------------------------------------
+
+
+async def doctor(settings: Settings, *, as_json: bool, monitor_url: str | None) -> None:
+    from cli.doctor import diagnose, render_report
+
+    report = await diagnose(settings, monitor_url=monitor_url)
+    if as_json:
+        write_json(report.to_builtins())
+    else:
+        render_report(console, report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
+    from cli.up import up as run_up
+
+    def ready(info: dict[str, Any]) -> None:
+        if as_json:
+            write_json({"event": "ready", **info})
+            return
+        for name in ("nats", "postgres"):
+            if name in info:
+                server = info[name]
+                note = " (was already running)" if server["adopted"] else ""
+                console.print(f"[bold green]{name}[/] {server['url']}  pid {server['pid']}{note}")
+        console.print(f"embedded servers of {info['home']} are up; Ctrl-C stops them")
+
+    def event(message: str) -> None:
+        if as_json:
+            write_json({"event": "log", "message": message})
+        else:
+            console.print(message)
+
+    result = await run_up(settings, on_ready=ready, on_event=event, leave_running=leave_running)
+    if as_json:
+        write_json({"event": "stopped", "restarts": result.get("restarts", 0)})
+    else:
+        console.print("stopped" if not leave_running else "left running")
+
+
+async def migrate(settings: Settings, *, as_json: bool) -> None:
+    migrate_module = _optional("projections.migrate", "ledger migrate")
+    before = await migrate_module.current_revision(settings)
+    await migrate_module.upgrade(settings)
+    after = await migrate_module.current_revision(settings)
+    if as_json:
+        write_json({"from": before, "to": after, "changed": before != after})
+    elif before == after:
+        console.print(f"projection tables are up to date (revision {after})")
+    else:
+        console.print(f"migrated projection tables from {before or 'nothing'} to {after}")
+
+
+# --- demo, bridge, dispatch, projector ----------------------------------------------------------
+
+
+async def demo(settings: Settings, *, keep: bool, as_json: bool) -> None:
+    from cli.demo import run_demo
+
+    summary = await run_demo(settings, keep=keep, console=None if as_json else console)
+    if as_json:
+        write_json(summary)
+
+
+async def bridge(settings: Settings, *, room: str | None) -> None:
+    worker = _optional("bridge.worker", "ledger bridge")
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    err_console.print(f"bridge running{' in room ' + repr(room) if room else ' (taking dispatches)'}; Ctrl-C stops it")
+    counters = await worker.run_bridge(settings, room=room, stop=stop)
+    err_console.print(f"bridge stopped: {counters.written:,} events written, {counters.duplicates:,} duplicates, "
+                      f"{counters.gaps} gap(s)")
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_json: bool) -> None:
+    tokens = _optional("bridge.tokens", "ledger dispatch")
+    name = agent_name or settings.bridge_agent_name
+    result = await tokens.create_dispatch(settings, room, agent_name=name)
+    data = {"room": room, "agent_name": name, "dispatch_id": getattr(result, "id", "")}
+    if as_json:
+        write_json(data)
+    else:
+        console.print(f"dispatched {name!r} into room {room!r} (dispatch {data['dispatch_id']})")
+
+
+async def project(settings: Settings, *, once: bool, as_json: bool) -> None:
+    module = _optional("projections.projector", "ledger project")
+    started = asyncio.get_running_loop().time()
+    projector = module.Projector(settings)
+    try:
+        if once:
+            seq = await projector.catch_up()
+        else:
+            stop = asyncio.Event()
+            _stop_on_signals(stop)
+            err_console.print("projector running; Ctrl-C stops it")
+            await projector.run(stop)
+            seq = projector.checkpoint
+    finally:
+        await projector.close()
+    took = asyncio.get_running_loop().time() - started
+    if as_json:
+        write_json({"checkpoint": seq, "events": projector.events_done, "seconds": round(took, 3)})
+    else:
+        console.print(f"projected to sequence {seq} ({projector.events_done:,} events in {format_duration(took)})")
+
+
+async def rebuild(settings: Settings, *, yes: bool, as_json: bool) -> None:
+    module = _optional("projections.rebuild", "ledger rebuild")
+    if not yes and not await asyncio.to_thread(
+        typer.confirm, "Rebuild the projections from the start of the log (swapped in when done)?"
+    ):
+        raise CliError("nothing rebuilt")
+    started = asyncio.get_running_loop().time()
+    seq = await module.rebuild(settings)
+    took = asyncio.get_running_loop().time() - started
+    if as_json:
+        write_json({"seq": seq, "seconds": round(took, 3)})
+    else:
+        console.print(f"rebuilt the projections up to sequence {seq} in {format_duration(took)}")

@@ -1,0 +1,353 @@
+"""The ``ledger`` command. Each command parses its options and calls one core function.
+
+Errors are one line on stderr and exit code 1; ``ledger --debug …`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import commands
+from cli.common import GlobalOptions, guard, run
+
+app = typer.Typer(
+    name="ledger",
+    help=(
+        "room-ledger: an event-sourced ledger of LiveKit room state on NATS JetStream.\n\n"
+        "Start with [bold]ledger demo[/], then [bold]ledger replay <room>[/] to read a room's history. "
+        "With LEDGER_NATS_URL / LEDGER_DATABASE_URL unset, an embedded NATS and PostgreSQL start on demand "
+        "under LEDGER_HOME (./.ledger)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ledger {version('room-ledger')}")
+        except PackageNotFoundError:
+            typer.echo("ledger (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error.", envvar="LEDGER_DEBUG")
+    ] = False,
+    nats_url: Annotated[
+        str | None,
+        typer.Option("--nats-url", help="NATS URL(s), comma-separated; unset: the embedded server.",
+                     envvar="LEDGER_NATS_URL", show_envvar=True),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="PostgreSQL URL; unset: the embedded PostgreSQL.",
+                     envvar="LEDGER_DATABASE_URL", show_envvar=True),
+    ] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Data folder of the embedded servers [default: ./.ledger].",
+                     envvar="LEDGER_HOME", show_envvar=True),
+    ] = None,
+    stream: Annotated[
+        str | None, typer.Option("--stream", help="JetStream stream name [default: ROOMS].", envvar="LEDGER_STREAM")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    ctx.obj = GlobalOptions(debug=debug, nats_url=nats_url, database_url=database_url, home=home, stream=stream)
+
+
+# --- shared option types ------------------------------------------------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts and jq) instead of tables.")]
+RoomArg = Annotated[str, typer.Argument(help="The LiveKit room name.", show_default=False)]
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+@app.command()
+def replay(
+    room: RoomArg,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Start at a sequence (120), an ISO time (2024-05-01T10:00:00Z) or a time "
+                     "ago (5m, 2h).", show_default=False),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Stop after a sequence, an ISO time or a time ago.", show_default=False),
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", "-t", help="Only these event types (glob, repeatable): 'floor.*', transcript.",
+                     show_default=False),
+    ] = None,
+    senders: Annotated[
+        list[str] | None,
+        typer.Option("--sender", "-s", help="Only events sent by these identities (glob, repeatable).",
+                     show_default=False),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing live events; Ctrl-C ends.")
+    ] = False,
+    as_json: JsonOpt = False,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Show the room's state at a sequence or time: floor, participants, session, "
+                     "latest conversation.", show_default=False),
+    ] = None,
+    floor: Annotated[
+        bool, typer.Option("--floor", help="Draw the floor timeline: a lane per agent, who held it when, the queue.")
+    ] = False,
+    handoffs: Annotated[
+        bool, typer.Option("--handoffs", help="List handoffs with their dead air.")
+    ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained HTML page (floor, participants, conversation, "
+                     "session) to FILE.", metavar="FILE", show_default=False),
+    ] = None,
+) -> None:
+    """Replay a room's history: a readable timeline, NDJSON, its state at a point, floor lanes or handoffs.
+
+    [bold]Examples[/]
+
+      ledger replay support-42
+
+      ledger replay support-42 --since 5m --type 'floor.*' --sender triage
+
+      ledger replay support-42 --json | jq -r 'select(.type=="transcript") | .body.text'
+
+      ledger replay support-42 --follow
+
+      ledger replay support-42 --at 1200        (or --at 2024-05-01T10:02:00Z)
+
+      ledger replay support-42 --floor
+
+      ledger replay support-42 --handoffs
+
+      ledger replay support-42 --html room.html
+    """
+    request = guard(
+        lambda: commands.replay_request(
+            room, since=since, until=until, types=types or [], senders=senders or [], follow=follow,
+            as_json=as_json, at=at, floor=floor, handoffs=handoffs, html=html,
+        )
+    )
+    run(lambda: commands.replay(request), interrupt_ok=follow)
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+@app.command()
+def state(room: RoomArg, as_json: JsonOpt = False) -> None:
+    """The room's state now: floor holder and queue, participants, session fields, latest conversation.
+
+    [bold]Examples[/]
+
+      ledger state support-42
+
+      ledger state support-42 --json | jq .floor.holder
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.state(settings, room, as_json=as_json))
+
+
+@app.command()
+def rooms(as_json: JsonOpt = False) -> None:
+    """Every room in the log: events, first and last activity, participants present, bridge gaps.
+
+    [bold]Examples[/]
+
+      ledger rooms
+
+      ledger rooms --json | jq -r '.[].room'
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.rooms(settings, as_json=as_json))
+
+
+@app.command()
+def purge(
+    room: RoomArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a room's events from the stream and its rows from every projection (asks first).
+
+    [bold]Examples[/]
+
+      ledger purge test-room
+
+      ledger purge test-room --yes --json
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.purge(settings, room, yes=yes, as_json=as_json))
+
+
+@app.command()
+def doctor(
+    as_json: JsonOpt = False,
+    monitor_url: Annotated[
+        str | None,
+        typer.Option("--monitor-url", help="The NATS monitoring endpoint, to check fsync on a server you run "
+                     "(default: http://<nats host>:8222).", envvar="LEDGER_NATS_MONITOR_URL", show_default=False),
+    ] = None,
+) -> None:
+    """Check what the ledger connects to: servers and versions, the stream's configuration, problems.
+
+    Starts nothing and changes nothing. Exit code 1 when a problem is an error (e.g. NATS unreachable).
+
+    [bold]Examples[/]
+
+      ledger doctor
+
+      LEDGER_NATS_URL=nats://nats.internal:4222 ledger doctor --json | jq .problems
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.doctor(settings, as_json=as_json, monitor_url=monitor_url))
+
+
+@app.command()
+def up(
+    as_json: JsonOpt = False,
+    leave_running: Annotated[
+        bool, typer.Option("--leave-running", help="Do not stop the servers when up ends.")
+    ] = False,
+) -> None:
+    """Run the embedded NATS and PostgreSQL in the foreground until Ctrl-C (then stop them).
+
+    Other ledger processes on this machine (bridge, projector, replay) find them through LEDGER_HOME.
+
+    [bold]Examples[/]
+
+      ledger up
+
+      LEDGER_HOME=/var/lib/ledger ledger up --json
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.up(settings, as_json=as_json, leave_running=leave_running), interrupt_ok=True)
+
+
+@app.command()
+def migrate(as_json: JsonOpt = False) -> None:
+    """Create or upgrade the projection tables in PostgreSQL (idempotent).
+
+    [bold]Example[/]
+
+      LEDGER_DATABASE_URL=postgresql://ledger@db/ledger ledger migrate
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.migrate(settings, as_json=as_json))
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the demo's rooms and projection rows afterwards.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the whole product in seconds on the embedded default: agents taking turns, a handoff, replay.
+
+    Drives a scripted session through the bridge's ingest path (no WebRTC), runs the projector, prints
+    the replay timeline, the floor timeline and what a late-joining agent hydrates, with timings.
+
+    [bold]Examples[/]
+
+      ledger demo
+
+      ledger demo --keep && ledger rooms
+
+      ledger demo --json | jq .timings
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.demo(settings, keep=keep, as_json=as_json))
+
+
+@app.command()
+def bridge(
+    room: Annotated[
+        str | None, typer.Option("--room", help="Join only this room (default: rooms dispatched to the bridge).",
+                                 show_default=False)
+    ] = None,
+) -> None:
+    """Run the bridge: record LiveKit rooms into the ledger until Ctrl-C (needs LIVEKIT_URL and keys).
+
+    [bold]Examples[/]
+
+      ledger bridge
+
+      ledger bridge --room support-42
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.bridge(settings, room=room), interrupt_ok=True)
+
+
+@app.command()
+def dispatch(
+    room: RoomArg,
+    agent_name: Annotated[
+        str | None, typer.Option("--agent-name", help="The agent name to dispatch (default: the bridge's, "
+                                 "LEDGER_BRIDGE_AGENT_NAME).", show_default=False)
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dispatch the bridge (or another agent) into a LiveKit room.
+
+    [bold]Example[/]
+
+      ledger dispatch support-42
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.dispatch(settings, room, agent_name=agent_name, as_json=as_json))
+
+
+@app.command()
+def project(
+    once: Annotated[bool, typer.Option("--once", help="Catch up with the log and stop instead of following it.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the projector: fold the log into PostgreSQL tables, following it until Ctrl-C.
+
+    [bold]Examples[/]
+
+      ledger project
+
+      ledger project --once --json
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.project(settings, once=once, as_json=as_json), interrupt_ok=True)
+
+
+@app.command()
+def rebuild(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop the projection rows and fold the whole log again.
+
+    [bold]Example[/]
+
+      ledger rebuild --yes
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.rebuild(settings, yes=yes, as_json=as_json))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

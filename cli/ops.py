@@ -1,0 +1,80 @@
+"""Operations on rooms: the room list, the state now, and purging a room."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import nats.js.errors
+
+from ledger.client import Ledger
+
+#: How many rooms ``ledger rooms`` looks into at once.
+ROOM_CONCURRENCY = 16
+
+
+@dataclass
+class RoomRow:
+    room: str
+    events: int
+    first_seq: int | None = None
+    first_activity: datetime | None = None
+    last_seq: int | None = None
+    last_activity: datetime | None = None
+    participants: list[str] = field(default_factory=list)
+    gaps: int = 0
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {
+            "room": self.room,
+            "events": self.events,
+            "first_seq": self.first_seq,
+            "first_activity": self.first_activity,
+            "last_seq": self.last_seq,
+            "last_activity": self.last_activity,
+            "participants": self.participants,
+            "gaps": self.gaps,
+        }
+
+
+async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
+    from projections.reducers import RoomState, apply
+
+    row = RoomRow(room=room, events=events)
+    stream = ledger.settings.stream
+    subject = ledger.subjects.room(room)
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        first = await ledger.js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
+        row.first_seq, row.first_activity = first.seq, first.time
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        last = await ledger.js.get_last_msg(stream, subject, direct=True)
+        row.last_seq, row.last_activity = last.seq, last.time
+    # Presence and gaps come from two small categories of the room, folded by the reducers.
+    state = RoomState(room=room)
+    async for record in ledger.read(room, types=["participant.*"]):
+        apply(state, record)
+    row.participants = sorted(p.identity for p in state.participants.values() if p.present)
+    async for _ in ledger.read(room, types=["bridge.gap"]):
+        row.gaps += 1
+    return row
+
+
+async def room_rows(ledger: Ledger) -> list[RoomRow]:
+    """Every room with its events, first/last activity, who is present, and its bridge gaps."""
+    summaries = await ledger.room_summaries()
+    limit = asyncio.Semaphore(ROOM_CONCURRENCY)
+
+    async def one(room: str, events: int) -> RoomRow:
+        async with limit:
+            return await _room_row(ledger, room, events)
+
+    rows = await asyncio.gather(*(one(s.room, s.events) for s in summaries))
+    return sorted(rows, key=lambda r: (r.last_seq or 0), reverse=True)
+
+
+async def room_event_count(ledger: Ledger, room: str) -> int:
+    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
+    return sum(int(n) for n in (info.state.subjects or {}).values())
