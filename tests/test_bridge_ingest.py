@@ -203,6 +203,10 @@ def test_huge_attributes_and_unencodable_text_never_raise() -> None:
 
 
 def _session_bytes() -> tuple[list[bytes], str]:
+    return asyncio.run(produce_session_bytes())
+
+
+async def produce_session_bytes() -> tuple[list[bytes], str]:
     """Bytes from LiveKit Agents' own SessionHost encoder, fed by a real AgentSession's events."""
     from livekit.agents import AgentSession, llm
     from livekit.agents.voice.events import (
@@ -229,22 +233,19 @@ def _session_bytes() -> tuple[list[bytes], str]:
         async def __anext__(self) -> Any:
             await asyncio.Event().wait()
 
-    async def produce() -> tuple[list[bytes], str]:
-        transport = Capture()
-        host = SessionHost(transport)
-        session: AgentSession[None] = AgentSession()
-        host.register_session(session)
-        await host.start()
-        message = llm.ChatMessage(role="user", content=["my order is late"])
-        session.emit("conversation_item_added", ConversationItemAddedEvent(item=message))
-        session.emit("agent_state_changed", AgentStateChangedEvent(old_state="listening", new_state="thinking"))
-        session.emit("function_tools_executed", FunctionToolsExecutedEvent(
-            function_calls=[llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")],
-            function_call_outputs=[llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)]))
-        await host.aclose()
-        return transport.out, message.id
-
-    return asyncio.run(produce())
+    transport = Capture()
+    host = SessionHost(transport)
+    session: AgentSession[None] = AgentSession()
+    host.register_session(session)
+    await host.start()
+    message = llm.ChatMessage(role="user", content=["my order is late"])
+    session.emit("conversation_item_added", ConversationItemAddedEvent(item=message))
+    session.emit("agent_state_changed", AgentStateChangedEvent(old_state="listening", new_state="thinking"))
+    session.emit("function_tools_executed", FunctionToolsExecutedEvent(
+        function_calls=[llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")],
+        function_call_outputs=[llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)]))
+    await host.aclose()
+    return transport.out, message.id
 
 
 def test_agent_session_feed_from_livekit_agents_encoder() -> None:

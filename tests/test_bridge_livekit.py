@@ -1,0 +1,207 @@
+"""The bridge through the real livekit SDK and the loopback SFU, into real NATS (``pytest -m livekit``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bridge.room import RoomBridge
+from bridge.worker import bridge_one_room
+from bridge.writer import BridgeWriter
+from ledger import events as ev
+from ledger.client import Ledger, Record
+from ledger.settings import Settings
+from projections.reducers import fold
+
+pytestmark = pytest.mark.livekit
+
+
+class Log:
+    """The room's log as it grows (followed), with waits on conditions."""
+
+    def __init__(self, ledger: Ledger, room: str) -> None:
+        self.records: list[Record] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._follow(ledger, room))
+
+    async def _follow(self, ledger: Ledger, room: str) -> None:
+        async for record in ledger.follow(room):
+            self.records.append(record)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = 15.0) -> list[Record]:
+        async def wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self.records))
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"log never matched; has {[r.type for r in self.records]}") from None
+        return self.records
+
+    def of(self, *types: str) -> list[Record]:
+        return [r for r in self.records if r.type in types]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.fixture
+def lk_settings(settings: Settings, livekit_server: Any) -> Settings:
+    return settings.replace(livekit_url=livekit_server.url, livekit_api_key=livekit_server.api_key,
+                            livekit_api_secret=livekit_server.api_secret)
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: Settings, room: str) -> AsyncIterator[tuple[BridgeWriter, list[RoomBridge]]]:
+    async with Ledger(settings) as ledger:
+        writer = BridgeWriter(ledger, stats_interval=0)
+        await writer.start()
+        stop = asyncio.Event()
+        connected = asyncio.Event()
+        bridges: list[RoomBridge] = []
+
+        def on_connected(bridge: RoomBridge) -> None:
+            bridges.append(bridge)
+            connected.set()
+
+        task = asyncio.create_task(bridge_one_room(settings, room, writer, stop, on_connected=on_connected))
+        await asyncio.wait_for(connected.wait(), 20)
+        try:
+            yield writer, bridges
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            await writer.close()
+
+
+def seed_json(agent: str, status: str, lock: bool, task: str) -> bytes:
+    return json.dumps({"agent_id": agent, "status": status, "action_lock": lock, "task": task}).encode()
+
+
+async def test_seed_000_three_agents_take_turns(lk_settings: Settings, ledger: Ledger, room: str,
+                                                livekit_connect: Any) -> None:
+    log = Log(ledger, room)
+    user = await livekit_connect("user", room)
+    async with running_bridge(lk_settings, room):
+        agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "abc"]
+        await log.until(lambda rs: len([r for r in rs if r.type == "participant.joined"]) >= 4)
+        expected: list[bytes] = []
+        for turn in range(6):
+            agent = agents[turn % 3]
+            me = agent.local_participant.identity
+            for status, lock in (("processing", True), ("resolved", False)):
+                payload = seed_json(me, status, lock, f"turn-{turn}")
+                expected.append(payload)
+                await agent.local_participant.publish_data(payload, reliable=True, topic="agent-state")
+                # take turns: the next step waits until the room's log has this one
+                await log.until(lambda rs, n=len(expected): len([r for r in rs if r.type == "agent.status"]) >= n)
+        statuses = log.of("agent.status")
+        assert [json.dumps(msgspec_builtins(r.event.body)) for r in statuses] == [
+            json.dumps(json.loads(p)) for p in expected]
+        assert all(r.event.sender.kind == "agent" for r in statuses)
+        state = fold(log.records)
+        history = [(t.holder, t.task, t.end_reason) for t in state.floor.history]
+        assert history == [(f"agent-{'abc'[t % 3]}", f"turn-{t}", "resolved") for t in range(6)]
+        assert state.floor.holder is None
+        del user
+    await log.until(lambda rs: rs[-1].type == "bridge.left")
+    await log.close()
+
+
+def msgspec_builtins(body: Any) -> dict[str, Any]:
+    return {k: getattr(body, k) for k in ("agent_id", "status", "action_lock", "task")}
+
+
+async def test_transcripts_chat_streams_and_session_feed(lk_settings: Settings, ledger: Ledger, room: str,
+                                                         livekit_connect: Any) -> None:
+    from tests.test_bridge_ingest import produce_session_bytes
+
+    log = Log(ledger, room)
+    user = await livekit_connect("caller", room)
+    agent = await livekit_connect("helper", room, kind="agent",
+                                  attributes={"lk.agent.state": "listening"})
+    async with running_bridge(lk_settings, room):
+        await log.until(lambda rs: len(log.of("participant.joined")) >= 2)
+        lp = agent.local_participant
+        # user transcript: interim then a final stream per segment (published by the agent for the user)
+        for final in ("false", "true"):
+            await lp.send_text("I need a refund" if final == "true" else "I need",
+                               topic="lk.transcription",
+                               attributes={"lk.segment_id": "SG_u1", "lk.transcription_final": final})
+        # agent transcript: one stream, final flag in the trailer
+        writer = await lp.stream_text(topic="lk.transcription", attributes={"lk.segment_id": "SG_a1"})
+        await writer.write("Sure, ")
+        await writer.write("let me check.")
+        await writer.aclose(attributes={"lk.transcription_final": "true"})
+        await user.local_participant.send_text("hello from chat", topic="lk.chat")
+        await user.local_participant.send_text("x" * 20_000, topic="custom-topic")
+        await lp.send_text(json.dumps({"type": "context.summary", "id": "s1", "text": "y" * 20_000,
+                                       "covers_seq": 1}), topic="ledger")
+        messages, item_id = await produce_session_bytes()
+        for raw in messages:
+            await lp.send_bytes(raw, name="AS_x", topic="lk.agent.session")
+        await lp.set_attributes({"lk.agent.state": "thinking"})
+        await log.until(lambda rs: len(log.of("conversation.item")) >= 3 and len(log.of("transcript")) >= 2
+                        and log.of("context.summary") != [] and len(log.of("agent.state")) >= 2
+                        and log.of("chat.message") != [] and log.of("data") != [])
+        transcripts = [r.event.body for r in log.of("transcript")]
+        assert [(t.speaker, t.text) for t in transcripts] == [("helper", "I need a refund"),  # type: ignore[attr-defined]
+                                                              ("helper", "Sure, let me check.")]
+        (chat,) = log.of("chat.message")
+        assert chat.event.body.text == "hello from chat" and chat.event.sender.identity == "caller"  # type: ignore[union-attr]
+        (custom,) = log.of("data")
+        assert custom.event.body.topic == "custom-topic" and custom.event.body.size == 20_000  # type: ignore[union-attr]
+        items = [r.event.body for r in log.of("conversation.item")]
+        assert items[0].item_id == item_id and items[0].speaker == "helper"  # type: ignore[attr-defined]
+        states = [r.event.body.state for r in log.of("agent.state")]  # type: ignore[union-attr]
+        assert "thinking" in states
+    await log.close()
+
+
+async def test_reconnect_records_a_gap_and_a_fresh_snapshot(lk_settings: Settings, ledger: Ledger, room: str,
+                                                            livekit_connect: Any, livekit_server: Any) -> None:
+    log = Log(ledger, room)
+    await livekit_connect("early", room)
+    async with running_bridge(lk_settings, room) as (writer, bridges):
+        await log.until(lambda rs: any(r.type == "participant.joined" and r.event.body.snapshot for r in rs))  # type: ignore[union-attr]
+        identity = bridges[0].room.local_participant.identity
+        await livekit_server.force_reconnect(room, identity)
+        await log.until(lambda rs: log.of("bridge.gap") != [])
+        await log.until(lambda rs: len([r for r in rs if r.type == "participant.joined"
+                                        and r.event.body.snapshot]) >= 2)  # type: ignore[union-attr]
+        gap = log.of("bridge.gap")[0].event.body
+        assert isinstance(gap, ev.BridgeGap) and gap.ended_at >= gap.started_at
+        # packets keep flowing after the reconnect
+        other = await livekit_connect("late", room)
+        await other.local_participant.publish_data(b"after", topic="t")
+        await log.until(lambda rs: any(r.type == "data" and r.event.body.text == "after" for r in rs))  # type: ignore[union-attr]
+        assert writer.counters.gaps >= 1
+    await log.close()
+
+
+async def test_two_bridges_in_one_room_store_each_event_once(lk_settings: Settings, ledger: Ledger, room: str,
+                                                             livekit_connect: Any) -> None:
+    log = Log(ledger, room)
+    agent = await livekit_connect("solo", room, kind="agent")
+    async with running_bridge(lk_settings, room), running_bridge(lk_settings, room):
+        await log.until(lambda rs: len(log.of("bridge.joined")) == 2)
+        for i in range(20):
+            await agent.local_participant.publish_data(
+                json.dumps({"type": "floor.request", "id": f"claim-{i}", "agent_id": "solo", "task": f"t{i}"}).encode(),
+                topic="ledger")
+        await agent.local_participant.send_text("chat once", topic="lk.chat")
+        await log.until(lambda rs: len(log.of("floor.request")) >= 20 and log.of("chat.message") != [])
+    ids = [r.event.id for r in log.records]
+    assert len(ids) == len(set(ids))
+    assert len(log.of("floor.request")) == 20 and len(log.of("chat.message")) == 1
+    await log.close()
