@@ -22,6 +22,7 @@ from ledger.errors import (
     StreamConfigError,
     UnknownRoom,
 )
+from ledger.hydrate import HydrateTimeout, Snapshot
 from ledger.settings import Settings
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "EventTooLarge",
+    "HydrateTimeout",
     "InvalidRoomName",
     "Ledger",
     "LedgerError",
@@ -38,6 +40,7 @@ __all__ = [
     "RoomSummary",
     "Settings",
     "SettingsError",
+    "Snapshot",
     "StreamConfigError",
     "UnknownRoom",
 ]

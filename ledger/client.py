@@ -22,10 +22,11 @@ import logging
 import re
 import ssl
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
@@ -52,6 +53,9 @@ from ledger.errors import (
 from ledger.settings import Settings
 from ledger.subjects import Subjects, category_of, room_token
 
+if TYPE_CHECKING:
+    from ledger.hydrate import Snapshot
+
 log = logging.getLogger("ledger.client")
 
 MSG_ID: Final = "Nats-Msg-Id"
@@ -68,6 +72,8 @@ ATOMIC_BATCH_SIZE: Final = 500
 #: Per-event overhead on the wire besides the payload: subject, headers, reply.
 _HEADER_ALLOWANCE: Final = 512
 _EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Messages a reader buffers before it holds the server back.
+_READ_BUFFER: Final = 10_000
 #: How long an append waits for its acknowledgement before giving up.
 ACK_TIMEOUT_S: Final = 10.0
 
@@ -121,6 +127,20 @@ class _PubAck(msgspec.Struct):
 
 
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
+
+
+def _parse_header_lines(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().decode("ascii", "replace")] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def _record(msg: Msg) -> Record:
+    meta = msg.metadata
+    return Record(seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode_lenient(msg.data))
 
 
 def _type_matcher(types: Sequence[str] | None) -> Any:
@@ -192,6 +212,9 @@ class Ledger:
             self._nc = await asyncio.wait_for(self._first_connect(options), timeout=10)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectError(self._unreachable_message(exc)) from exc
+        # nats-py checks every header character one by one (46 a message here, half the cost of
+        # a read); JetStream's own and our headers are well-formed ASCII, so parse them plainly.
+        self._nc._parse_header_lines = _parse_header_lines  # type: ignore[method-assign]
         self._js = self._nc.jetstream(timeout=ACK_TIMEOUT_S)
         self._inbox_prefix = self._nc.new_inbox()
         self._inbox_sub = await self._nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_ack)
@@ -244,6 +267,10 @@ class Ledger:
 
     async def close(self) -> None:
         self._closing = True
+        import ledger.hydrate
+
+        with contextlib.suppress(Exception):
+            await ledger.hydrate.close(self)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectError("ledger closed before the append was acknowledged"))
@@ -558,6 +585,51 @@ class Ledger:
             return 0
         return int(msg.seq or 0)
 
+    async def _deliveries(self, subject: str, config: js_api.ConsumerConfig) -> AsyncIterator[list[Msg]]:
+        """Messages of an ordered consumer, handed over in the chunks they arrived in.
+
+        nats-py's per-message async iterator costs more than the messages themselves, so the
+        subscription callback fills a buffer and the reader drains it a chunk at a time. A
+        full buffer makes the callback wait, which holds back flow-control replies and so
+        slows the server down: memory stays bounded however large the room.
+        """
+        buffer: deque[Msg] = deque()
+        arrived = asyncio.Event()
+        room_for_more = asyncio.Event()
+        room_for_more.set()
+
+        async def on_message(msg: Msg) -> None:
+            buffer.append(msg)
+            arrived.set()
+            if len(buffer) >= _READ_BUFFER:
+                room_for_more.clear()
+                await room_for_more.wait()
+
+        sub = await self.js.subscribe(
+            subject,
+            stream=self.settings.stream,
+            ordered_consumer=True,
+            idle_heartbeat=2.0,
+            config=config,
+            cb=on_message,
+            pending_msgs_limit=4 * _READ_BUFFER,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+        try:
+            while True:
+                if not buffer:
+                    arrived.clear()
+                    await arrived.wait()
+                    continue
+                chunk = list(buffer)
+                buffer.clear()
+                room_for_more.set()
+                yield chunk
+        finally:
+            room_for_more.set()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def read(
         self,
         room: str,
@@ -571,7 +643,9 @@ class Ledger:
         """The room's events in order: after sequence ``after`` (or from ``since_time``).
 
         Without ``follow`` the read ends at the room's last event as of the call (or ``until``);
-        with it the read continues with live events until the caller stops iterating.
+        with it the read continues with live events until the caller stops iterating. A stored
+        event that does not decode comes back as an :class:`~ledger.events.OpaqueEvent` with
+        its error, never as an exception that would end the read.
         """
         subject = self._filter_for(room, types)
         wanted = _type_matcher(types)
@@ -579,49 +653,38 @@ class Ledger:
         last = 0 if follow else await self._last_seq(subject)
         if not follow and (last <= after or (until is not None and until <= after)):
             return
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1,
-            mem_storage=True,
-        )
         if since_time is not None:
+            if not follow and await self._nothing_since(subject, since_time):
+                return
             config = js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
-                opt_start_time=since_time,
-                mem_storage=True,
+                deliver_policy=js_api.DeliverPolicy.BY_START_TIME, opt_start_time=since_time, mem_storage=True
             )
-        sub = await self.js.subscribe(
-            subject,
-            stream=self.settings.stream,
-            ordered_consumer=True,
-            idle_heartbeat=2.0,
-            config=config,
-            pending_msgs_limit=1_000_000,
-            pending_bytes_limit=512 * 1024 * 1024,
-        )
+        else:
+            config = js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
+            )
+        stop = last if until is None else min(last, until) if last else until
+        async for chunk in self._deliveries(subject, config):
+            for msg in chunk:
+                record = _record(msg)
+                if until is not None and record.seq > until:
+                    return
+                if wanted is None or wanted(record.type):
+                    yield record
+                if stop and record.seq >= stop:
+                    return
+
+    async def _nothing_since(self, subject: str, since_time: datetime) -> bool:
+        """True when no message on ``subject`` was stored at or after ``since_time``."""
+        request = msgspec.json.encode({"start_time": since_time, "next_by_subj": subject})
         try:
-            if since_time is not None and not follow:
-                # A start time past the room's last event delivers nothing, ever: ask the consumer.
-                info = await sub.consumer_info()
-                delivered = info.delivered.consumer_seq if info.delivered else 0
-                if (info.num_pending or 0) == 0 and not delivered:
-                    return
-            async for msg in sub.messages:
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                if until is not None and seq > until:
-                    return
-                event = ev.decode(msg.data)
-                name = ev.event_type(event)
-                if wanted is None or wanted(name):
-                    yield Record(seq=seq, subject=msg.subject, time=meta.timestamp, event=event)
-                if not follow and (seq >= last or meta.num_pending == 0):
-                    return
-                if until is not None and seq >= until:
-                    return
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            reply = await self.nc.request(
+                f"$JS.API.DIRECT.GET.{self.settings.stream}", request, timeout=ACK_TIMEOUT_S
+            )
+        except nats.errors.Error as exc:
+            raise LedgerError(f"cannot look up {subject} by time: {exc}") from exc
+        status = (reply.headers or {}).get("Status", "")
+        return status == "404"
 
     async def follow(
         self, room: str, *, after: int = 0, types: Sequence[str] | None = None
@@ -638,31 +701,18 @@ class Ledger:
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
         )
-        sub = await self.js.subscribe(
-            self.subjects.all_rooms(),
-            stream=self.settings.stream,
-            ordered_consumer=True,
-            idle_heartbeat=2.0,
-            config=config,
-            pending_msgs_limit=1_000_000,
-            pending_bytes_limit=512 * 1024 * 1024,
-        )
-        try:
-            async for msg in sub.messages:
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                yield Record(seq=seq, subject=msg.subject, time=meta.timestamp, event=ev.decode(msg.data))
-                if not follow and (seq >= last or meta.num_pending == 0):
+        async for chunk in self._deliveries(self.subjects.all_rooms(), config):
+            for msg in chunk:
+                record = _record(msg)
+                yield record
+                if last and record.seq >= last:
                     return
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     # --- hydration (ledger/hydrate.py) ------------------------------------------------------
 
     async def hydrate(
         self, room: str, *, min_seq: int | None = None, full_conversation: bool = False, timeout: float = 5.0
-    ) -> Any:
+    ) -> Snapshot:
         """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
         from ledger.hydrate import hydrate
 

@@ -336,7 +336,10 @@ KnownEvent: TypeAlias = (
 
 
 class OpaqueEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event of a type this reader does not know. It keeps its bytes; reducers skip it."""
+    """An event this reader cannot type: an unknown type, or (with ``error``) a malformed one.
+
+    It keeps its bytes; reducers skip it and count it; ``ledger replay`` shows it.
+    """
 
     id: str
     room: str
@@ -345,6 +348,8 @@ class OpaqueEvent(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime | None = None
     observed_at: datetime | None = None
     sender: Sender = UNKNOWN_SENDER
+    #: Why a known type did not decode ("" for a type this reader does not know).
+    error: str = ""
 
 
 Event: TypeAlias = KnownEvent | OpaqueEvent
@@ -432,6 +437,28 @@ def decode(data: bytes) -> Event:
         raise MalformedEvent("?", f"not JSON: {exc}") from exc
 
 
+def decode_lenient(data: bytes) -> Event:
+    """Like :func:`decode`, but a malformed event comes back opaque with its error: a reader of
+    the log must never stop at one bad message."""
+    try:
+        return decode(data)
+    except MalformedEvent as exc:
+        try:
+            head = _head_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return OpaqueEvent(id="", room="", type="?", raw=bytes(data), error=exc.detail)
+        return OpaqueEvent(
+            id=head.id,
+            room=head.room,
+            type=head.type,
+            raw=bytes(data),
+            at=head.at,
+            observed_at=head.observed_at,
+            sender=head.sender,
+            error=exc.detail,
+        )
+
+
 def event_type(event: Event) -> str:
     if isinstance(event, OpaqueEvent):
         return event.type
@@ -478,6 +505,14 @@ def body_from_dict(event_type_name: str, body: Any) -> Body:
 def to_builtins(event: Event) -> dict[str, Any]:
     """The event as plain JSON-able data (for ``--json`` output)."""
     if isinstance(event, OpaqueEvent):
-        return dict(msgspec.json.decode(event.raw))
+        try:
+            decoded = msgspec.json.decode(event.raw)
+        except msgspec.DecodeError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            decoded = {"type": event.type, "id": event.id, "room": event.room}
+        if event.error:
+            decoded["error"] = event.error
+        return dict(decoded)
     result: dict[str, Any] = msgspec.to_builtins(event)
     return result
