@@ -269,7 +269,7 @@ async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState
     import asyncpg
 
     try:
-        row = await pool.fetchrow(_ROOM_QUERY, room, full)
+        row = await pool.fetchrow(_ROOM_QUERY, rd.pg_text(room), full)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         await _mark_failed(ledger, exc)
         return None

@@ -356,12 +356,13 @@ class Projector:
                 self._cache.move_to_end(room)
         if not missing:
             return
+        stored_as = {rd.pg_text(room): room for room in missing}
         rows = await self._conn.fetch(
             f"SELECT room, state::text AS state FROM {self.tables.room_state} WHERE room = ANY($1::text[])",
-            missing,
+            list(stored_as),
         )
         for row in rows:
-            self._cache[row["room"]] = rd.decode_state(row["state"])
+            self._cache[stored_as.get(row["room"], row["room"])] = rd.decode_state(row["state"])
 
     def _trim_cache(self) -> None:
         while len(self._cache) > self.cache_rooms:
@@ -402,22 +403,22 @@ class Projector:
         i_docs: list[str] = []
         for room, state in pending.states.items():
             index = state.index
-            rooms.append(room)
+            rooms.append(rd.pg_text(room))
             seqs.append(index.last_seq)
             firsts.append(index.first_seq)
             activities.append(index.last_activity)
             counts.append(index.events)
-            holders.append(state.floor.holder)
+            holders.append(rd.pg_text(state.floor.holder) if state.floor.holder else None)
             versions.append(state.session_version)
             covers.append(state.summary.covers_seq if state.summary else None)
             docs.append(rd.encode_state(state).decode())
             for item in state.conversation:
-                i_rooms.append(room)
-                i_ids.append(item.item_id)
+                i_rooms.append(rd.pg_text(room))
+                i_ids.append(rd.pg_text(item.item_id))
                 i_seqs.append(item.seq)
                 i_types.append(item.type)
-                i_roles.append(item.role)
-                i_speakers.append(item.speaker)
+                i_roles.append(rd.pg_text(item.role) if item.role else item.role)
+                i_speakers.append(rd.pg_text(item.speaker) if item.speaker else item.speaker)
                 i_docs.append(rd.encode_item(item).decode())
         conn = self._conn
         async with conn.transaction():
@@ -470,7 +471,10 @@ class Projector:
                 await conn.executemany(
                     """INSERT INTO projection_errors (projection, seq, room, event_type, error)
                        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (projection, seq) DO NOTHING""",
-                    [(self.projection, s, r, t, e) for s, r, t, e in pending.errors],
+                    [
+                        (self.projection, s, rd.pg_text(r) if r else r, rd.pg_text(t) if t else t, rd.pg_text(e))
+                        for s, r, t, e in pending.errors
+                    ],
                 )
             await conn.execute(
                 """INSERT INTO projection_checkpoints (projection, partition, partitions, seq, updated_at)

@@ -310,3 +310,26 @@ async def test_rebuild_equals_live_and_hydration_keeps_working(pg_settings: Sett
         from ledger.hydrate import close
 
         await close(ledger)
+
+
+async def test_nul_characters_do_not_stop_the_projector(pg_settings: Settings) -> None:
+    """PostgreSQL cannot store NUL; the log keeps it, the projection carries U+FFFD, and goes on."""
+    room = f"nul-{uuid.uuid4().hex[:8]}\x00room"
+    events = [
+        ev.make_event(room, ev.ParticipantJoined(identity="caller\x00x", kind="standard")),
+        ev.make_event(room, ev.Data(topic="t\x00", text="payload \x00 with nul")),
+        ev.make_event(
+            room, ev.ConversationItem(item_id="item\x001", role="user", text="hi\x00there", speaker="caller\x00x")
+        ),
+        ev.make_event(room, ev.FloorRequest(agent_id="agent\x00a")),
+    ]
+    async with Ledger(pg_settings) as client:
+        positions = await client.append_many(events)
+        async with Projector(pg_settings, projection=f"nul{uuid.uuid4().hex[:6]}") as projector:
+            await projector.catch_up(until=positions[-1].seq)
+            assert projector.checkpoint >= positions[-1].seq
+        snapshot = await client.hydrate(room)
+        stored = [r.event async for r in client.read(room)]
+    assert stored == events  # the log keeps every byte
+    assert snapshot.floor.holder == "agent\ufffda"
+    assert [item.text for item in snapshot.conversation] == ["hi\ufffdthere"]
