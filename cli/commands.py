@@ -191,7 +191,12 @@ async def _state_now(ledger: Ledger, room: str) -> Any:
         hydrate_available = False
     if hydrate_available and db.running_url(ledger.settings) is not None:
         await ledger.require_room(room)
-        snapshot = await ledger.hydrate(room, full_conversation=True)
+        from ledger import hydrate as hydration
+
+        try:
+            snapshot = await ledger.hydrate(room, full_conversation=True)
+        finally:
+            await hydration.close(ledger)
         state = getattr(snapshot, "state", None)
         if state is not None:
             return state

@@ -51,15 +51,17 @@ class GlobalOptions:
     stream: str | None = None
 
 
-def global_options() -> GlobalOptions:
-    import click
+_options = GlobalOptions()
 
-    ctx = click.get_current_context(silent=True)
-    while ctx is not None:
-        if isinstance(ctx.obj, GlobalOptions):
-            return ctx.obj
-        ctx = ctx.parent
-    return GlobalOptions()
+
+def set_global_options(options: GlobalOptions) -> None:
+    """Called by the top-level callback on every invocation (so each run starts from its own flags)."""
+    global _options
+    _options = options
+
+
+def global_options() -> GlobalOptions:
+    return _options
 
 
 def settings_from(options: GlobalOptions | None = None) -> Settings:

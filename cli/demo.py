@@ -319,12 +319,14 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
     from bridge.writer import BridgeWriter
 
     writer: Any = None
+    bridge_ids: list[str] = []
     specialist = OtherProcess(settings, room, SPECIALIST)
     try:
         # The specialist's worker starts now and warms up (loads LiveKit Agents) while act 1 plays.
         await specialist.start()
         async with Ledger(settings, name="ledger-demo") as ledger:
             writer = BridgeWriter(ledger, home=settings.home)
+            bridge_ids.append(writer.bridge_id)
             await writer.start()
             script = Script(writer, room)
 
@@ -391,7 +393,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             if console is not None:
                 _show_timings(console, timings)
             if not keep:
-                summary["cleanup"] = await _cleanup(ledger, settings, room)
+                summary["cleanup"] = await _cleanup(ledger, settings, room, bridge_ids)
     finally:
         await specialist.stop()
         if writer is not None:
@@ -417,10 +419,15 @@ async def _count(ledger: Ledger, room: str) -> int:
     return await room_event_count(ledger, room)
 
 
-async def _cleanup(ledger: Ledger, settings: Settings, room: str) -> dict[str, Any]:
+async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: list[str]) -> dict[str, Any]:
     from cli.commands import _projection_rows
 
     removed = await ledger.purge_room(room)
+    for bridge_id in bridge_ids:
+        from bridge.stats import stats_path
+
+        with contextlib.suppress(OSError):
+            stats_path(settings.home, bridge_id).unlink()
     rows = await _projection_rows(settings, room, delete=True)
     return {"events_removed": removed, "projection_rows_removed": rows}
 

@@ -126,7 +126,8 @@ def _stream_config(info: Any) -> dict[str, Any]:
 
 async def _check_nats(report: Report, settings: Settings, monitor_url: str | None) -> None:
     nats_part = report.nats
-    if settings.embedded_nats:
+    embedded_mode = settings.embedded_nats
+    if embedded_mode:
         live = embedded.status(settings.home)["nats"]
         nats_part["embedded"] = True
         nats_part["home"] = str(settings.home.resolve())
@@ -172,7 +173,7 @@ async def _check_nats(report: Report, settings: Settings, monitor_url: str | Non
         started = time.perf_counter()
         await ledger.nc.flush(timeout=5)
         nats_part["rtt_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        if not settings.embedded_nats or "sync_always" not in nats_part:
+        if not embedded_mode or "sync_always" not in nats_part:
             varz, source = await _varz(ledger, monitor_url)
             if varz is None:
                 nats_part["sync_always"] = None
@@ -217,6 +218,10 @@ async def _check_stream(report: Report, ledger: Ledger) -> None:
         )
         return
     report.stream = {"exists": True, **_stream_config(info)}
+    # The last message still stored (a purge of the newest room leaves last_seq behind it).
+    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        last = await ledger.js.get_last_msg(name, ledger.subjects.all_rooms(), direct=True)
+        report.stream["last_stored_seq"] = last.seq
     differences = ledger.stream_differences(info.config)
     report.stream["differences"] = {k: {"now": now, "configured": want} for k, (now, want) in differences.items()}
     for key, (now, want) in differences.items():
@@ -272,7 +277,7 @@ async def _check_projector(report: Report, settings: Settings) -> None:
         from projections import projector as projector_module
     except ImportError:
         return
-    head = report.stream.get("last_seq") if report.stream.get("exists") else None
+    head = report.stream.get("last_stored_seq", report.stream.get("last_seq")) if report.stream.get("exists") else None
     try:
         status = await projector_module.status(settings, head=head)
     except Exception as exc:
@@ -369,12 +374,18 @@ def render_report(console: Any, report: Report) -> None:
                 values = error if isinstance(error, dict) else {"error": error}
                 table.add_row(*(str(values.get(k, "")) for k in keys))
             console.print(table)
-    for b in report.bridges[:5]:
-        counters = b.get("counters", {})
+    shown = [b for b in report.bridges if b.get("alive")] or report.bridges[:1]
+    for b in shown:
+        counters = dict(b.get("counters", {}))
+        if counters.get("last_write_at"):
+            counters["last_write_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(counters["last_write_at"]))
         alive = "running" if b.get("alive") else "stopped"
         section(f"bridge {b.get('bridge_id')} ({alive})", [
             (k, v) for k, v in counters.items() if v not in (0, "", {}, 0.0)
         ])
+    if len(report.bridges) > len(shown):
+        console.print(Text(f"({len(report.bridges) - len(shown)} older bridge stats files under "
+                           f"{report.settings.get('home')}/bridge; --json lists them)", style="bright_black"))
     if not report.problems:
         console.print(Text("no problems found", style="bold green"))
         return

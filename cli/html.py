@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from cli.common import Point, format_duration
-from cli.replay import FloorTimeline, FloorTracker, HandoffRow, HandoffTracker, Window, records
+from cli.replay import (
+    FloorTimeline,
+    FloorTracker,
+    HandoffRow,
+    HandoffTracker,
+    Window,
+    records,
+    trim_conversation,
+)
 from ledger import events as ev
 from ledger.client import Ledger, Record
 
@@ -42,6 +50,7 @@ class PageData:
     state: Any
     session_changes: list[SessionChange] = field(default_factory=list)
     session_changes_total: int = 0
+    conversation_total: int = 0
 
 
 async def collect(ledger: Ledger, room: str, until: Point | None = None) -> PageData:
@@ -49,6 +58,7 @@ async def collect(ledger: Ledger, room: str, until: Point | None = None) -> Page
     hand = HandoffTracker()
     changes: list[SessionChange] = []
     total = 0
+    dropped = 0
 
     def session(record: Record) -> None:
         nonlocal total
@@ -63,10 +73,12 @@ async def collect(ledger: Ledger, room: str, until: Point | None = None) -> Page
         floor.feed(record)
         hand.feed(record)
         session(record)
-        if len(floor.state.conversation) > MAX_ITEMS * 2:
-            del floor.state.conversation[: len(floor.state.conversation) - MAX_ITEMS]
+        dropped += trim_conversation(floor.state, MAX_ITEMS)
     timeline = floor.finish()
-    return PageData(room, timeline, hand.finish(), floor.state, changes[-MAX_SESSION_CHANGES:], total)
+    dropped += trim_conversation(floor.state, MAX_ITEMS, slack=1)
+    conversation = floor.state.conversation
+    return PageData(room, timeline, hand.finish(), floor.state, changes[-MAX_SESSION_CHANGES:], total,
+                    dropped + len(conversation))
 
 
 def _e(value: Any) -> str:
@@ -213,7 +225,7 @@ def render(data: PageData, *, generated_at: datetime | None = None) -> str:
          format_duration((g.ended_at - g.started_at).total_seconds()), _e(g.reason)]
         for g in index.gaps
     ]
-    omitted_items = state.conversation_count - len(state.conversation)
+    omitted_items = data.conversation_total - len(state.conversation)
     omitted_changes = data.session_changes_total - len(data.session_changes)
     session_json = json.dumps(state.session, indent=2, ensure_ascii=False, sort_keys=True, default=str)
 
@@ -246,7 +258,7 @@ generated {generated:%Y-%m-%d %H:%M:%S} UTC by <code>ledger replay --html</code>
         empty="No participants.")}
 </section>
 
-<section id="conversation"><h2>Conversation ({state.conversation_count} items)</h2>
+<section id="conversation"><h2>Conversation ({data.conversation_total} items)</h2>
 {f'<p class="muted">The first {omitted_items} items are not shown.</p>' if omitted_items > 0 else ''}
 {_table(["#", "time", "role", "speaker", "text"], convo, id_="conversation", empty="No conversation.")}
 </section>

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cli import commands
-from cli.common import GlobalOptions, guard, run
+from cli.common import GlobalOptions, guard, run, set_global_options
 
 app = typer.Typer(
     name="ledger",
@@ -68,7 +68,9 @@ def main(
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
     ] = False,
 ) -> None:
-    ctx.obj = GlobalOptions(debug=debug, nats_url=nats_url, database_url=database_url, home=home, stream=stream)
+    options = GlobalOptions(debug=debug, nats_url=nats_url, database_url=database_url, home=home, stream=stream)
+    ctx.obj = options
+    set_global_options(options)
 
 
 # --- shared option types ------------------------------------------------------------------------

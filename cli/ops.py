@@ -41,7 +41,7 @@ class RoomRow:
 
 
 async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
-    from projections.reducers import RoomState, apply
+    from projections.reducers import RoomState, apply_safely
 
     row = RoomRow(room=room, events=events)
     stream = ledger.settings.stream
@@ -55,7 +55,7 @@ async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
     # Presence and gaps come from two small categories of the room, folded by the reducers.
     state = RoomState(room=room)
     async for record in ledger.read(room, types=["participant.*"]):
-        apply(state, record)
+        apply_safely(state, record)
     row.participants = sorted(p.identity for p in state.participants.values() if p.present)
     async for _ in ledger.read(room, types=["bridge.gap"]):
         row.gaps += 1

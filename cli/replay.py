@@ -127,21 +127,29 @@ async def replay_ndjson(ledger: Ledger, room: str, window: Window, *, follow: bo
 # --- state at a point ---------------------------------------------------------------------------
 
 
-def _trim(state: Any, keep: int) -> None:
-    if len(state.conversation) > keep * 2:
-        del state.conversation[: len(state.conversation) - keep]
+def trim_conversation(state: Any, keep: int, *, slack: int = 2) -> int:
+    """Keep the latest ``keep`` items once there are ``slack`` times as many; returns how many went.
+
+    Views that show only the latest items fold rooms of any length in bounded memory this way.
+    """
+    if len(state.conversation) <= keep * slack:
+        return 0
+    dropped = len(state.conversation) - keep
+    del state.conversation[:dropped]
+    state.positions = {}  # derived index of the items; the reducers rebuild it
+    return dropped
 
 
 async def fold_room(
     ledger: Ledger, room: str, until: Point | None = None, *, keep_items: int = CONVERSATION_WINDOW
 ) -> Any:
     """The room's state folded with the projections' reducers up to ``until`` (inclusive)."""
-    from projections.reducers import RoomState, apply
+    from projections.reducers import RoomState, apply_safely
 
     state = RoomState(room=room)
     async for record in records(ledger, room, Window(until=until)):
-        apply(state, record)
-        _trim(state, keep_items)
+        apply_safely(state, record)
+        trim_conversation(state, keep_items)
     if until is not None and state.seq == 0:
         raise CliError(f"room {room!r} has no events at or before {until.describe()}")
     return state
@@ -237,11 +245,11 @@ class FloorTracker:
         self._before: tuple[str | None, str | None, tuple[str, ...]] = (None, None, ())
 
     def feed(self, record: Record) -> None:
-        from projections.reducers import apply
+        from projections.reducers import apply_safely
 
         state = self.state
-        apply(state, record)
-        _trim(state, CONVERSATION_WINDOW)
+        apply_safely(state, record)
+        trim_conversation(state, CONVERSATION_WINDOW)
         timeline = self.timeline
         if timeline.start is None:
             timeline.start = record.time

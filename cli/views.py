@@ -75,7 +75,7 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     parts: list[Any] = [head, people, session]
     if state.summary is not None:
         parts.append(Text(f"summary (covers up to #{state.summary.covers_seq}): {_value(state.summary.text, 300)}"))
-    convo = Table(box=box.SIMPLE_HEAD, title=f"last conversation items (of {state.conversation_count})",
+    convo = Table(box=box.SIMPLE_HEAD, title=f"latest conversation items ({len(state.conversation)} in view)",
                   title_justify="left")
     for column in ("#", "time", "who", "what"):
         convo.add_column(column, no_wrap=column != "what", overflow="ellipsis")
