@@ -1,0 +1,212 @@
+"""``ledger state / rooms / purge / doctor / migrate / project / rebuild / bridge / dispatch`` against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from ledger import embedded
+from ledger.settings import Settings
+from tests.conftest import fresh_home
+from tests.test_cli_helpers import invoke, json_of, ok, seed
+
+
+def test_state_now_json_and_table(pg_settings: Settings, room: str) -> None:
+    seqs = seed(pg_settings, room)
+    state = json_of(ok(pg_settings, ["state", room, "--json"]))
+    assert state["seq"] == seqs[-1]
+    assert state["floor"]["holder"] is None
+    assert [t["holder"] for t in state["floor"]["history"]] == ["triage", "billing"]
+    assert state["session"] == {"caller_name": "Ann", "account": {"id": 3}}
+    assert {p["identity"] for p in state["participants"].values() if p["present"]} == {"user-1", "triage", "billing"}
+    assert [i["text"] for i in state["conversation"]][-1] == "Billing here, I see the double charge."
+    out = ok(pg_settings, ["state", room]).stdout
+    assert "floor: free" in out and "caller_name" in out and "user-1" in out and "1 bridge gap" in out
+
+
+def test_state_without_postgres_folds_the_log(settings: Settings, room: str) -> None:
+    seed(settings, room)
+    state = json_of(ok(settings, ["state", room, "--json"], LEDGER_DATABASE_URL="postgresql://x@127.0.0.1:1/none"))
+    assert state["session"]["caller_name"] == "Ann"
+
+
+def test_state_of_unknown_room(settings: Settings, room: str) -> None:
+    result = invoke(settings, ["state", room])
+    assert result.exit_code == 1 and "no events for room" in result.stderr
+
+
+def test_rooms(settings: Settings, room: str) -> None:
+    seqs = seed(settings, room)
+    other = room + "-b"
+    seed(settings, other, None)
+    rows = {r["room"]: r for r in json_of(ok(settings, ["rooms", "--json"]))}
+    row = rows[room]
+    assert row["events"] == len(seqs)
+    assert (row["first_seq"], row["last_seq"]) == (seqs[0], seqs[-1])
+    assert row["participants"] == ["billing", "triage", "user-1"]
+    assert row["gaps"] == 1
+    assert row["first_activity"] <= row["last_activity"]
+    assert other in rows
+    out = ok(settings, ["rooms"]).stdout
+    assert room in out and "billing, triage, user-1" in out
+
+
+def test_purge_asks_then_removes(settings: Settings, room: str) -> None:
+    seqs = seed(settings, room)
+    declined = invoke(settings, ["purge", room], input="n\n")
+    assert declined.exit_code == 1 and f"Remove {len(seqs)} events of room {room!r}" in declined.output
+    assert "nothing removed" in declined.stderr
+    assert len(ok(settings, ["replay", room, "--json"]).stdout.splitlines()) == len(seqs)
+    accepted = invoke(settings, ["purge", room], input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert f"removed {len(seqs)} events" in accepted.stdout
+    gone = invoke(settings, ["replay", room])
+    assert gone.exit_code == 1 and "no events for room" in gone.stderr
+
+
+def test_purge_yes_json_and_unknown(settings: Settings, room: str) -> None:
+    seqs = seed(settings, room)
+    keep = room + "-keep"
+    seed(settings, keep)
+    result = json_of(ok(settings, ["purge", room, "--yes", "--json"]))
+    assert result["room"] == room and result["events_removed"] == len(seqs)
+    assert len(ok(settings, ["replay", keep, "--json"]).stdout.splitlines()) == len(seqs)
+    again = invoke(settings, ["purge", room, "--yes"])
+    assert again.exit_code == 1 and "no events for room" in again.stderr
+
+
+def test_purge_removes_projection_rows(pg_settings: Settings, room: str) -> None:
+    pytest.importorskip("projections.projector")
+    seed(pg_settings, room)
+    ok(pg_settings, ["project", "--once", "--json"])
+    result = json_of(ok(pg_settings, ["purge", room, "--yes", "--json"]))
+    if not result["projection_rows_removed"]:
+        pytest.skip("projections offer no per-room purge yet (projections.projector.purge_room)")
+    assert sum(result["projection_rows_removed"].values()) > 0
+
+
+# --- doctor ---------------------------------------------------------------------------------------
+
+
+def test_doctor_json(pg_settings: Settings, room: str) -> None:
+    seed(pg_settings, room)
+    ok(pg_settings, ["migrate"])
+    report = json_of(ok(pg_settings, ["doctor", "--json"]))
+    assert report["ok"] is True
+    assert report["nats"]["reachable"] is True and report["nats"]["server_version"]
+    assert report["stream"]["exists"] is True and report["stream"]["differences"] == {}
+    assert report["stream"]["subjects"] == ["ledger.>"] and report["stream"]["replicas"] == 1
+    assert report["postgres"]["reachable"] is True and report["postgres"]["server_version"]
+    assert report["settings"]["stream"] == "ROOMS"
+    assert "lag" in report["projector"]
+    out = ok(pg_settings, ["doctor"]).stdout
+    assert "stream ROOMS" in out and "PostgreSQL" in out
+
+
+def test_doctor_reports_stream_differences(settings: Settings) -> None:
+    name = "DOCTOR_" + str(int(time.time() * 1000))
+    prefix = name.lower()
+
+    async def make() -> None:
+        nc = await nats.connect(settings.nats_urls[0] if settings.nats_urls else "")
+        await nc.jetstream().add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"], max_msg_size=1000,
+                                                     duplicate_window=120))
+        await nc.close()
+
+    asyncio.run(make())
+    result = invoke(settings, ["doctor", "--json"], LEDGER_STREAM=name, LEDGER_SUBJECT_PREFIX=prefix)
+    report = json_of(result)
+    assert result.exit_code == 0
+    assert report["stream"]["differences"]["max_msg_size"] == {"now": 1000, "configured": 1024 * 1024}
+    assert any("max_msg_size" in p["message"] for p in report["problems"] if p["level"] == "warning")
+
+
+def test_doctor_unreachable_nats(settings: Settings) -> None:
+    result = invoke(settings, ["doctor", "--json"], LEDGER_NATS_URL="nats://127.0.0.1:1")
+    assert result.exit_code == 1
+    report = json_of(result)
+    assert report["ok"] is False and report["nats"]["reachable"] is False
+    assert any(p["level"] == "error" and "nats://127.0.0.1:1" in p["message"] for p in report["problems"])
+    plain = invoke(settings, ["doctor"], LEDGER_NATS_URL="nats://127.0.0.1:1")
+    assert plain.exit_code == 1 and "error:" in plain.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def nats_without_fsync(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A user-provided nats-server with JetStream at the default sync interval and monitoring on."""
+    port, http = _free_port(), _free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\njetstream {{ store_dir: "{tmp_path}/js" }}\n')
+    proc = subprocess.Popen([str(embedded.nats_binary()), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not embedded._nats_js_ready(port, timeout=1.0):
+            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+        yield f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_doctor_warns_about_a_server_without_fsync(settings: Settings, nats_without_fsync: tuple[str, str]) -> None:
+    url, monitor = nats_without_fsync
+    report = json_of(ok(settings, ["doctor", "--json", "--monitor-url", monitor], LEDGER_NATS_URL=url))
+    assert report["nats"]["embedded"] is False and report["nats"]["sync_always"] is False
+    assert any("does not fsync every write" in p["message"] for p in report["problems"])
+    unknown = json_of(ok(settings, ["doctor", "--json", "--monitor-url", "http://127.0.0.1:1"], LEDGER_NATS_URL=url))
+    assert unknown["nats"]["sync_always"] is None
+    assert any("cannot tell whether NATS fsyncs" in p["message"] for p in unknown["problems"])
+
+
+def test_doctor_starts_nothing(settings: Settings) -> None:
+    home = fresh_home("doctor")
+    try:
+        result = invoke(settings, ["doctor", "--json"], LEDGER_NATS_URL="", LEDGER_DATABASE_URL="",
+                        LEDGER_HOME=str(home))
+        report = json_of(result)
+        assert report["nats"] == {"embedded": True, "home": str(home.resolve()), "running": False}
+        assert report["postgres"]["running"] is False
+        assert embedded.status(home) == {"nats": None, "postgres": None}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# --- migrate, project, rebuild, bridge, dispatch -------------------------------------------------
+
+
+def test_migrate_project_rebuild(pg_settings: Settings, room: str) -> None:
+    seqs = seed(pg_settings, room)
+    first = json_of(ok(pg_settings, ["migrate", "--json"]))
+    assert first["to"] is not None
+    assert json_of(ok(pg_settings, ["migrate", "--json"]))["changed"] is False
+    projected = json_of(ok(pg_settings, ["project", "--once", "--json"]))
+    assert projected["checkpoint"] >= seqs[-1]
+    rebuilt = json_of(ok(pg_settings, ["rebuild", "--yes", "--json"]))
+    assert rebuilt["seq"] >= seqs[-1]
+    declined = invoke(pg_settings, ["rebuild"], input="n\n")
+    assert declined.exit_code == 1 and "nothing rebuilt" in declined.stderr
+
+
+def test_bridge_and_dispatch_need_livekit_settings(settings: Settings, room: str) -> None:
+    for args in (["bridge", "--room", room], ["dispatch", room]):
+        result = invoke(settings, args, LIVEKIT_URL="", LIVEKIT_API_KEY="", LIVEKIT_API_SECRET="")
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert "LIVEKIT_URL" in lines[-1] and "Traceback" not in result.output
