@@ -35,8 +35,8 @@ import nats.errors
 
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
-from ledger.client import ACK_TIMEOUT_S, MSG_ID, Ledger, Position
-from ledger.errors import AppendError, EventError, LedgerError
+from ledger.client import Ledger, Position
+from ledger.errors import EventError, LedgerError
 
 if TYPE_CHECKING:
     from bridge.ingest import Ingest
@@ -414,41 +414,8 @@ class BridgeWriter:
         return positions
 
     async def _append_pipelined(self, events: list[ev.KnownEvent]) -> list[Position]:
-        """Every event published with its ``Nats-Msg-Id`` and reply, then all acks awaited at once.
-
-        Uses the ledger client's shared reply inbox (``Ledger._expect_reply``); like
-        ``append_many`` it holds the client's append lock so order is kept. (Candidate for a
-        public ``Ledger.append_many(events, atomic=False)``.)
-        """
-        ledger = self.ledger
-        event_subject = ledger.subjects.event
-        subjects: dict[tuple[str, str], str] = {}
-        payloads = [self._encoded.get(id(e)) or ledger._encode_checked(e) for e in events]
-        async with ledger._append_lock:
-            futures = []
-            publish = ledger.nc.publish
-            for event, payload in zip(events, payloads, strict=True):
-                key = (event.room, event.type)
-                subject = subjects.get(key)
-                if subject is None:
-                    subject = subjects[key] = event_subject(event.room, event.type)
-                reply, future = ledger._expect_reply()
-                futures.append(future)
-                await publish(subject, payload, reply=reply, headers={MSG_ID: event.id})
-            _, pending = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S)
-        if pending:
-            for future in pending:
-                future.cancel()
-            raise AppendError(f"{len(pending)} of {len(events)} appends not acknowledged within "
-                              f"{ACK_TIMEOUT_S:.0f}s; they are retried with the same ids")
-        positions: list[Position] = []
-        for event, future in zip(events, futures, strict=True):
-            ack = future.result()
-            if ack.error is not None:
-                raise AppendError(f"stream refused event {event.id}: {ack.error.description} "
-                                  f"(err_code {ack.error.err_code})", err_code=ack.error.err_code)
-            positions.append(Position(ack.seq, ack.duplicate))
-        return positions
+        """Every event published with its ``Nats-Msg-Id`` and reply, then all acks awaited at once."""
+        return await self.ledger.append_many(events, atomic=False)
 
     @staticmethod
     async def _sleep_forever() -> None:
