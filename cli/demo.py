@@ -80,7 +80,8 @@ def session_fields() -> list[dict[str, Any]]:
         "needs_followup": True, "promo_eligible": True, "hardship": False, "spanish_pref": False,
         "tty": False, "accessibility": False, "military": False, "student": False, "senior": False,
         "business": False, "prepaid": False, "bundle": True, "device_protection": True,
-        "intl_roaming": False, "data_cap_hit": False,
+        "intl_roaming": False, "data_cap_hit": False, "loyalty_offer": True, "survey_opt_in": False,
+        "port_in": False, "esim": True,
     }.items()}
     return [identity, account, address, workflow, facility, flags, invoice]
 
