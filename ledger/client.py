@@ -140,7 +140,9 @@ def _parse_header_lines(raw: bytes) -> dict[str, str]:
 
 def _record(msg: Msg) -> Record:
     meta = msg.metadata
-    return Record(seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode_lenient(msg.data))
+    return Record(
+        seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode_lenient(msg.data)
+    )
 
 
 def _type_matcher(types: Sequence[str] | None) -> Any:
@@ -345,7 +347,11 @@ class Ledger:
                 changes = self.stream_differences(current)
                 if changes:
                     if "num_replicas" in changes and (current.num_replicas or 1) != desired.num_replicas:
-                        log.info("changing stream replicas from %s to %s", current.num_replicas, desired.num_replicas)
+                        log.info(
+                            "changing stream replicas from %s to %s",
+                            current.num_replicas,
+                            desired.num_replicas,
+                        )
                     info = await jsm.update_stream(desired)
         except nats.js.errors.APIError as exc:
             raise StreamConfigError(
@@ -363,8 +369,15 @@ class Ledger:
         """Settings of an existing stream that differ from the configured ones: name -> (now, wanted)."""
         desired = self.desired_stream_config()
         differences: dict[str, tuple[Any, Any]] = {}
-        for field in ("subjects", "num_replicas", "max_age", "max_msg_size", "duplicate_window", "allow_direct",
-                      "allow_atomic"):
+        for field in (
+            "subjects",
+            "num_replicas",
+            "max_age",
+            "max_msg_size",
+            "duplicate_window",
+            "allow_direct",
+            "allow_atomic",
+        ):
             now = getattr(current, field)
             wanted = getattr(desired, field)
             if field == "max_age":
@@ -399,7 +412,9 @@ class Ledger:
         data = ev.encode(event)
         subject_len = len(self.subjects.event(event.room, event.type))
         if len(data) + subject_len + _HEADER_ALLOWANCE > self._stream_max_msg_size:
-            raise EventTooLarge(event.id, len(data) + subject_len + _HEADER_ALLOWANCE, self._stream_max_msg_size)
+            raise EventTooLarge(
+                event.id, len(data) + subject_len + _HEADER_ALLOWANCE, self._stream_max_msg_size
+            )
         return data
 
     async def _on_ack(self, msg: Msg) -> None:
@@ -407,8 +422,22 @@ class Ledger:
         future = self._pending.pop(token, None)
         if future is None or future.done():
             return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            # "503" means no stream answered (no JetStream, or a cluster between leaders): the
+            # append did not happen and must be retried, never counted as stored.
+            description = msg.headers.get("Description", "") if msg.headers else ""
+            reason = "no responders: the stream is unavailable" if status == "503" else description
+            future.set_result(
+                _PubAck(
+                    error=_ApiError(
+                        code=int(status) if status.isdigit() else 0, description=f"{status} {reason}".strip()
+                    )
+                )
+            )
+            return
         if not msg.data:
-            # An empty reply acknowledges the start of an atomic batch.
+            # An empty reply without a status acknowledges the start of an atomic batch.
             future.set_result(_PubAck())
             return
         try:
@@ -461,8 +490,12 @@ class Ledger:
         ack = await self._await_ack(future, f"event {event.id}")
         if ack.error is not None:
             if ack.error.err_code == ERR_WRONG_LAST_SEQUENCE:
-                raise ConflictError(scope, expect_room_seq or 0, f"{scope} moved past sequence {expect_room_seq}: "
-                                    f"{ack.error.description}; re-read the room and retry")
+                raise ConflictError(
+                    scope,
+                    expect_room_seq or 0,
+                    f"{scope} moved past sequence {expect_room_seq}: "
+                    f"{ack.error.description}; re-read the room and retry",
+                )
             raise AppendError(
                 f"stream refused event {event.id}: {ack.error.description} (err_code {ack.error.err_code})",
                 err_code=ack.error.err_code,
@@ -497,7 +530,9 @@ class Ledger:
                 positions.extend(batch_positions)
         return positions
 
-    async def _append_atomic(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position] | None:
+    async def _append_atomic(
+        self, chunk: list[ev.KnownEvent], payloads: list[bytes]
+    ) -> list[Position] | None:
         batch_id = uuid.uuid4().hex.encode()
         first_reply, first_future = self._expect_reply()
         commit_reply, commit_future = self._expect_reply()
@@ -520,7 +555,8 @@ class Ledger:
             header += b"\r\n"
             subject = self.subjects.event(event.room, event.type).encode()
             frames.append(
-                b"HPUB %s %s%d %d\r\n%s%s\r\n" % (subject, reply, len(header), len(header) + len(payload), header, payload)
+                b"HPUB %s %s%d %d\r\n%s%s\r\n"
+                % (subject, reply, len(header), len(header) + len(payload), header, payload)
             )
         await self._send_frames(frames)
         first = await self._await_ack(first_future, f"atomic batch {batch_id.decode()}")
@@ -679,7 +715,9 @@ class Ledger:
             )
         else:
             config = js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=after + 1,
+                mem_storage=True,
             )
         stop = last if until is None else min(last, until) if last else until
         async for chunk in self._deliveries(subject, config):
@@ -734,7 +772,9 @@ class Ledger:
         """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
         from ledger.hydrate import hydrate
 
-        return await hydrate(self, room, min_seq=min_seq, full_conversation=full_conversation, timeout=timeout)
+        return await hydrate(
+            self, room, min_seq=min_seq, full_conversation=full_conversation, timeout=timeout
+        )
 
     # --- rooms -------------------------------------------------------------------------------
 
@@ -766,7 +806,9 @@ class Ledger:
         token = room_token(room)
         del token  # validated: purge only ever targets an encoded room subject
         request = msgspec.json.encode({"filter": self.subjects.room(room)})
-        msg = await self.nc.request(f"$JS.API.STREAM.PURGE.{self.settings.stream}", request, timeout=ACK_TIMEOUT_S)
+        msg = await self.nc.request(
+            f"$JS.API.STREAM.PURGE.{self.settings.stream}", request, timeout=ACK_TIMEOUT_S
+        )
         reply = msgspec.json.decode(msg.data)
         if "error" in reply:
             raise AppendError(f"purge of room {room!r} failed: {reply['error'].get('description')}")
