@@ -617,3 +617,38 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- per-room rows (``ledger purge``) -------------------------------------------------------------
+
+_ROOM_TABLES = ("room_state", "conversation_items", "room_state_next", "conversation_items_next", "projection_errors")
+
+
+async def _room_table_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int]:
+    conn = await db.connect(settings)
+    key = rd.pg_text(room)
+    counts: dict[str, int] = {}
+    try:
+        async with conn.transaction():
+            for table in _ROOM_TABLES:
+                if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                    continue
+                # Table names come from the constant above, never from input; the room is bound.
+                if delete:
+                    status_line = await conn.execute(f"DELETE FROM {table} WHERE room = $1", key)
+                    counts[table] = int(status_line.rsplit(" ", 1)[-1])
+                else:
+                    counts[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE room = $1", key))
+    finally:
+        await conn.close()
+    return counts
+
+
+async def room_rows(settings: Settings, room: str) -> dict[str, int]:
+    """How many rows each projection table holds for ``room``."""
+    return await _room_table_rows(settings, room, delete=False)
+
+
+async def purge_room(settings: Settings, room: str) -> dict[str, int]:
+    """Delete every projection row of ``room``; returns the rows removed per table."""
+    return await _room_table_rows(settings, room, delete=True)

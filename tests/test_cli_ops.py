@@ -16,6 +16,7 @@ from nats.js.api import StreamConfig
 
 from ledger import embedded
 from ledger.settings import Settings
+from projections.projector import room_rows
 from tests.conftest import fresh_home
 from tests.test_cli_helpers import invoke, json_of, ok, seed
 
@@ -85,13 +86,11 @@ def test_purge_yes_json_and_unknown(settings: Settings, room: str) -> None:
 
 
 def test_purge_removes_projection_rows(pg_settings: Settings, room: str) -> None:
-    pytest.importorskip("projections.projector")
     seed(pg_settings, room)
     ok(pg_settings, ["project", "--once", "--json"])
     result = json_of(ok(pg_settings, ["purge", room, "--yes", "--json"]))
-    if not result["projection_rows_removed"]:
-        pytest.skip("projections offer no per-room purge yet (projections.projector.purge_room)")
-    assert sum(result["projection_rows_removed"].values()) > 0
+    assert result["projection_rows_removed"]["room_state"] == 1
+    assert asyncio.run(room_rows(pg_settings, room)) == dict.fromkeys(result["projection_rows_removed"], 0)
 
 
 # --- doctor ---------------------------------------------------------------------------------------
