@@ -110,9 +110,15 @@ def _binary_stdout() -> IO[bytes]:
     return out
 
 
-async def replay_ndjson(ledger: Ledger, room: str, window: Window, *, follow: bool = False) -> int:
-    """Write the room's events as NDJSON; returns how many. Buffered, flushed at the first line."""
-    out = _binary_stdout()
+async def replay_ndjson(
+    ledger: Ledger, room: str, window: Window, *, follow: bool = False, out: IO[bytes] | None = None
+) -> int:
+    """Write the room's events as NDJSON (to stdout by default); returns how many.
+
+    Output is buffered, and flushed at the first line (so it shows at once) and, when following,
+    after every line.
+    """
+    out = out if out is not None else _binary_stdout()
     count = 0
     write = out.write
     async for record in records(ledger, room, window, follow=follow):
