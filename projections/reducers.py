@@ -82,6 +82,10 @@ class RecordLike(Protocol):
 # --- state ----------------------------------------------------------------------------------
 
 
+#: Floor tenures kept in the room state (see ``Floor.history``).
+FLOOR_HISTORY_KEPT: Final = 100
+
+
 class FloorClaim(msgspec.Struct, kw_only=True):
     """A queued claim on the floor."""
 
@@ -113,7 +117,12 @@ class Floor(msgspec.Struct, kw_only=True):
     since_time: datetime | None = None
     holder_identity: str = ""
     queue: list[FloorClaim] = msgspec.field(default_factory=list)
+    #: The latest tenures, oldest first (at most FLOOR_HISTORY_KEPT): the room row is read on
+    #: every hydration and must not grow with the room. The whole history is in the log
+    #: (``ledger replay --floor``).
     history: list[FloorTenure] = msgspec.field(default_factory=list)
+    #: Tenures ever, including those dropped from ``history``.
+    tenures: int = 0
 
 
 class Participant(msgspec.Struct, kw_only=True):
@@ -420,6 +429,9 @@ def _take(state: RoomState, claim: FloorClaim, seq: int, time: datetime) -> None
     floor.since_time = time
     floor.holder_identity = claim.identity
     floor.history.append(FloorTenure(holder=claim.agent_id, task=claim.task, start_seq=seq, start_time=time))
+    floor.tenures += 1
+    if len(floor.history) > FLOOR_HISTORY_KEPT:
+        del floor.history[: len(floor.history) - FLOOR_HISTORY_KEPT]
 
 
 def _release(state: RoomState, seq: int, time: datetime, reason: str) -> None:

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 from ledger import events as ev
 from ledger.client import Record
-from projections.reducers import RoomState, apply, decode_state, encode_state, fold, merge_patch
+from projections.reducers import (
+    FLOOR_HISTORY_KEPT,
+    RoomState,
+    apply,
+    decode_state,
+    encode_state,
+    fold,
+    merge_patch,
+)
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 ROOM = "r"
@@ -225,3 +233,17 @@ def test_apply_function_and_method_agree() -> None:
     apply(s1, log[0])
     s2.apply(log[0])
     assert s1 == s2 and s1.room == ROOM and s1.seq == 1
+
+
+def test_floor_history_in_the_state_is_bounded() -> None:
+    """The room row is read on every hydration: its floor history keeps the latest tenures only."""
+    now = datetime.now(UTC)
+    records = []
+    for i in range(FLOOR_HISTORY_KEPT + 50):
+        agent = f"agent-{i % 3}"
+        for body in (ev.FloorRequest(agent_id=agent), ev.FloorRelease(agent_id=agent)):
+            records.append(Record(seq=len(records) + 1, subject="s", time=now, event=ev.make_event("r", body)))
+    state = fold(records)
+    assert len(state.floor.history) == FLOOR_HISTORY_KEPT
+    assert state.floor.tenures == FLOOR_HISTORY_KEPT + 50
+    assert state.floor.history[-1].start_seq == records[-2].seq
