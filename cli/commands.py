@@ -314,7 +314,7 @@ async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
             if name in info:
                 server = info[name]
                 note = " (was already running)" if server["adopted"] else ""
-                console.print(f"[bold green]{name}[/] {server['url']}  pid {server['pid']}{note}")
+                console.print(Text(name, style="bold green") + Text(f" {server['url']}  pid {server['pid']}{note}"))
         console.print(f"embedded servers of {info['home']} are up; Ctrl-C stops them")
 
     def event(message: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ledger.errors import LedgerError
 from ledger.settings import Settings, parse_duration
@@ -27,13 +28,20 @@ from ledger.settings import Settings, parse_duration
 T = TypeVar("T")
 
 #: Human output. ``highlight`` off: rich would otherwise colour numbers and quotes inside summaries.
+# Markup off: room names and transcripts must print as they are, never as rich markup.
 console = Console(
     highlight=False,
+    markup=False,
     soft_wrap=False,
     # Piped or captured output keeps whole lines (rich would otherwise assume 80 columns).
     width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
 )
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, one line."""
+    err_console.print(Text("error: ", style="bold red") + Text(message))
 
 
 class CliError(LedgerError):
@@ -102,13 +110,9 @@ def fail(exc: BaseException) -> typer.Exit:
     if global_options().debug:
         err_console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
     if _is_domain_error(exc):
-        err_console.print(f"[bold red]error:[/] {_one_line(exc)}", markup=True)
+        print_error(_one_line(exc))
     else:
-        err_console.print(
-            f"[bold red]error:[/] unexpected {type(exc).__name__}: {_one_line(exc)} "
-            "(run `ledger --debug …` for the traceback)",
-            markup=True,
-        )
+        print_error(f"unexpected {type(exc).__name__}: {_one_line(exc)} (run `ledger --debug …` for the traceback)")
     return typer.Exit(1)
 
 

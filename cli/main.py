@@ -5,15 +5,47 @@ Errors are one line on stderr and exit code 1; ``ledger --debug …`` adds the t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, UsageError
+from typer.core import TyperGroup
+from typer.exceptions import Abort
 
 from cli import commands
-from cli.common import GlobalOptions, guard, run, set_global_options
+from cli.common import GlobalOptions, err_console, guard, print_error, run, set_global_options
+
+
+class _Group(TyperGroup):
+    """Usage errors too are one line on stderr and exit code 1, like every other error."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except UsageError as exc:
+            if not exc.format_message().strip():
+                sys.exit(0)  # `ledger` alone: the help was shown
+            where = exc.ctx.command_path if exc.ctx is not None else "ledger"
+            print_error(f"{exc.format_message()} (see `{where} --help`)")
+            sys.exit(1)
+        except ClickException as exc:
+            print_error(exc.format_message())
+            sys.exit(1)
+        except Abort:
+            err_console.print("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="ledger",
     help=(
         "room-ledger: an event-sourced ledger of LiveKit room state on NATS JetStream.\n\n"
@@ -58,11 +90,11 @@ def main(
     ] = None,
     home: Annotated[
         Path | None,
-        typer.Option("--home", help="Data folder of the embedded servers [default: ./.ledger].",
+        typer.Option("--home", help="Data folder of the embedded servers (default ./.ledger).",
                      envvar="LEDGER_HOME", show_envvar=True),
     ] = None,
     stream: Annotated[
-        str | None, typer.Option("--stream", help="JetStream stream name [default: ROOMS].", envvar="LEDGER_STREAM")
+        str | None, typer.Option("--stream", help="JetStream stream name (default ROOMS).", envvar="LEDGER_STREAM")
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)

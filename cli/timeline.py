@@ -84,7 +84,16 @@ def _patch_summary(patch: dict[str, Any]) -> str:
 
 
 def summary(event: ev.Event) -> str:
-    """What the event says, in one line."""
+    """What the event says, in one line (control characters neutralised)."""
+    return _summary(event).translate(_CONTROLS)
+
+
+def clean(text: str) -> str:
+    """Text from a room, safe to print on a terminal."""
+    return text.translate(_CONTROLS)
+
+
+def _summary(event: ev.Event) -> str:
     match event:
         case ev.ParticipantJoinedEvent(body=b):
             extra = " (already there when the bridge joined)" if b.snapshot else ""
@@ -211,7 +220,7 @@ class TimelinePrinter:
         style = category_style(name)
         head = f"{when:%H:%M:%S.%f}"[:12] + f" {record.seq:>7} "
         sender = f"{_clip(sender_label(event), 28):<28} "
-        kind = f"{name:<22} "
+        kind = f"{clean(name):<22} "
         text = summary(event)
         if self._crop:
             room = self.console.width - len(head) - cell_len(sender) - len(kind)

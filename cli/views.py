@@ -14,6 +14,7 @@ from rich.text import Text
 
 from cli.common import format_duration
 from cli.replay import FloorTimeline, HandoffRow
+from cli.timeline import clean
 
 HOLD = "█"
 QUEUED = "░"
@@ -25,7 +26,12 @@ def _t(when: datetime | None) -> str:
 
 def _value(value: Any, limit: int = 70) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = clean(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _s(value: Any) -> str:
+    return clean(str(value)) if value is not None else ""
 
 
 def render_state(console: Console, state: Any, *, title: str, last_items: int = 10) -> None:
@@ -34,16 +40,16 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     head = Text()
     if floor.holder:
         head.append("floor: ", style="bold")
-        head.append(floor.holder, style="bold yellow")
+        head.append(_s(floor.holder), style="bold yellow")
         if floor.task:
-            head.append(f" ({floor.task})")
+            head.append(f" ({_s(floor.task)})")
         head.append(f" since #{floor.since_seq} {_t(floor.since_time)}", style="bright_black")
     else:
         head.append("floor: ", style="bold")
         head.append("free", style="green")
     if floor.queue:
         head.append("   queue: ", style="bold")
-        head.append(", ".join(f"{c.agent_id}" + (f" ({c.task})" if c.task else "") for c in floor.queue))
+        head.append(", ".join(_s(c.agent_id) + (f" ({_s(c.task)})" if c.task else "") for c in floor.queue))
     head.append(f"\nlast sequence #{state.seq}, {state.index.events} events", style="bright_black")
     if state.index.gaps:
         head.append(f", {len(state.index.gaps)} bridge gap(s)", style="bold red")
@@ -53,12 +59,12 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
         people.add_column(column)
     for p in sorted(state.participants.values(), key=lambda p: (not p.present, p.identity)):
         people.add_row(
-            p.identity,
-            p.kind,
+            _s(p.identity),
+            _s(p.kind),
             Text("yes", style="green") if p.present else Text("no", style="bright_black"),
-            p.agent_state or "",
-            p.status or "",
-            p.task or "",
+            _s(p.agent_state),
+            _s(p.status),
+            _s(p.task),
             Text("lock", style="yellow") if p.lock else Text(""),
         )
 
@@ -68,7 +74,7 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     session.add_column("value", overflow="ellipsis", no_wrap=True)
     keys = sorted(state.session)
     for key in keys[:25]:
-        session.add_row(key, _value(state.session[key]))
+        session.add_row(_s(key), _value(state.session[key]))
     if len(keys) > 25:
         session.add_row(f"… {len(keys) - 25} more", "", style="bright_black")
 
@@ -91,9 +97,9 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
             what = f"agent {item.old_agent_id} → {item.new_agent_id}"
         else:
             what = item.type
-        convo.add_row(str(item.seq), _t(item.time), who, _value(what, 200))
+        convo.add_row(str(item.seq), _t(item.time), _s(who), _value(what, 200))
     parts.append(convo)
-    console.print(Panel(Group(*parts), title=title, title_align="left", border_style="bright_black"))
+    console.print(Panel(Group(*parts), title=Text(clean(title)), title_align="left", border_style="bright_black"))
 
 
 def render_floor(console: Console, timeline: FloorTimeline) -> None:
@@ -124,7 +130,7 @@ def render_floor(console: Console, timeline: FloorTimeline) -> None:
                 continue
             for i in range(column(tenure.start_time), column(tenure.end_time or end) + 1):
                 cells[i] = HOLD
-        line = Text(f"{agent[:label_width - 1]:<{label_width}}", style="bold")
+        line = Text(f"{_s(agent)[:label_width - 1]:<{label_width}}", style="bold")
         line.append("│")
         line.append("".join(cells), style="yellow")
         console.print(line, no_wrap=True, crop=True)
@@ -147,15 +153,15 @@ def render_floor(console: Console, timeline: FloorTimeline) -> None:
             _t(tenure.start_time),
             _t(tenure.end_time) if tenure.end_time else "(holding)",
             held,
-            Text(tenure.holder, style="bold yellow"),
-            tenure.task or "",
-            tenure.end_reason or "",
+            Text(_s(tenure.holder), style="bold yellow"),
+            _s(tenure.task),
+            _s(tenure.end_reason),
         )
     console.print(table)
     now = Text("now: ", style="bold")
-    now.append(timeline.holder or "free", style="bold yellow" if timeline.holder else "green")
+    now.append(_s(timeline.holder or "free"), style="bold yellow" if timeline.holder else "green")
     if timeline.queue:
-        now.append("   queue: " + ", ".join(timeline.queue))
+        now.append("   queue: " + ", ".join(_s(a) for a in timeline.queue))
     console.print(now)
 
 
@@ -163,7 +169,7 @@ def render_handoffs(console: Console, rows: list[HandoffRow], room: str) -> None
     if not rows:
         console.print(f"No handoffs in room {room!r}.")
         return
-    table = Table(box=box.SIMPLE_HEAD, title=f"handoffs in room {room!r}", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, title=Text(f"handoffs in room {room!r}"), title_justify="left")
     for col in ("#", "time", "from", "to", "reason", "last speech", "first speech", "dead air"):
         table.add_column(col, no_wrap=col != "reason", overflow="ellipsis")
     for row in rows:
@@ -176,9 +182,9 @@ def render_handoffs(console: Console, rows: list[HandoffRow], room: str) -> None
         table.add_row(
             str(row.seq),
             _t(row.time),
-            row.from_agent,
-            row.to_agent,
-            row.reason or "",
+            _s(row.from_agent),
+            _s(row.to_agent),
+            _s(row.reason),
             _t(row.last_speech) + (f" #{row.last_speech_seq}" if row.last_speech_seq else ""),
             _t(row.first_speech) + (f" #{row.first_speech_seq}" if row.first_speech_seq else ""),
             dead_text,

@@ -305,3 +305,30 @@ def test_app_is_the_console_script() -> None:
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["ledger"] == "cli.main:app"
     assert app.info.name == "ledger"
+
+
+def test_usage_errors_are_one_line_and_exit_1(settings: Settings) -> None:
+    for args, expected in ((["replay"], "Missing argument"), (["replay", "r", "--bogus"], "No such option"),
+                           (["bogus"], "No such command")):
+        result = invoke(settings, args)
+        assert result.exit_code == 1, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "--help" in lines[0]
+    assert invoke(settings, []).exit_code == 0  # `ledger` alone shows the help
+
+
+def test_room_data_cannot_drive_the_terminal(settings: Settings, room: str) -> None:
+    seed(settings, room, [ev.make_event(room, ev.Transcript(speaker="x\x1b[2Jy", text="a\x1b]0;pwned\x07b\x9bc"),
+                                        sender=ev.Sender("evil\x1b[31m", "agent"))])
+    out = ok(settings, ["replay", room]).stdout
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "x\ufffd[2Jy: “a\ufffd]0;pwned\ufffdb\ufffdc”" in out
+
+
+def test_global_flags_override_the_environment(settings: Settings, room: str) -> None:
+    seed(settings, room)
+    url = settings.nats_urls[0] if settings.nats_urls else ""
+    result = invoke(settings, ["--nats-url", url, "replay", room, "--json"], LEDGER_NATS_URL="nats://127.0.0.1:1")
+    assert result.exit_code == 0, result.output
+    bad = invoke(settings, ["--nats-url", "nats://127.0.0.1:1", "replay", room])
+    assert bad.exit_code == 1 and "nats://127.0.0.1:1" in bad.stderr

@@ -209,3 +209,29 @@ def test_bridge_and_dispatch_need_livekit_settings(settings: Settings, room: str
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()
         assert "LIVEKIT_URL" in lines[-1] and "Traceback" not in result.output
+
+
+def test_doctor_shows_the_projector_errors_table(pg_settings: Settings) -> None:
+    import asyncpg
+
+    ok(pg_settings, ["migrate"])
+    projection = f"doctor-test-{time.time_ns()}"
+
+    async def sql(query: str, *args: object) -> None:
+        conn = await asyncpg.connect(pg_settings.database_url)
+        try:
+            await conn.execute(query, *args)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql("INSERT INTO projection_errors (projection, seq, room, event_type, error) "
+                    "VALUES ($1, 1, 'r-doctor', 'floor.request', 'reducer exploded')", projection))
+    try:
+        report = json_of(ok(pg_settings, ["doctor", "--json"]))
+        assert report["projector"]["errors_total"] >= 1
+        assert any(e["error"] == "reducer exploded" for e in report["projector"]["errors"])
+        assert any("error(s)" in p["message"] for p in report["problems"])
+        out = ok(pg_settings, ["doctor"]).stdout
+        assert "projector errors" in out and "reducer exploded" in out
+    finally:
+        asyncio.run(sql("DELETE FROM projection_errors WHERE projection = $1", projection))
