@@ -249,6 +249,8 @@ class FloorTracker:
         self.state = RoomState(room=room)
         self.timeline = FloorTimeline(room=room, state=self.state)
         self._before: tuple[str | None, str | None, tuple[str, ...]] = (None, None, ())
+        # Every tenure, by start sequence: the state keeps only the latest ones in its history.
+        self._tenures: dict[int, Any] = {}
 
     def feed(self, record: Record) -> None:
         from projections.reducers import apply_safely
@@ -269,10 +271,15 @@ class FloorTracker:
                 FloorChange(record.seq, record.time, after[0], after[1], list(after[2]), ev.event_type(record.event))
             )
             self._before = after
+            # A change ends at most one tenure and starts at most one: both are among the last few.
+            for tenure in floor.history[-3:]:
+                self._tenures[tenure.start_seq] = tenure
 
     def finish(self) -> FloorTimeline:
         floor = self.state.floor
-        self.timeline.tenures = list(floor.history)
+        for tenure in floor.history:
+            self._tenures[tenure.start_seq] = tenure
+        self.timeline.tenures = [self._tenures[k] for k in sorted(self._tenures)]
         self.timeline.holder = floor.holder
         self.timeline.queue = [c.agent_id for c in floor.queue]
         return self.timeline

@@ -332,3 +332,17 @@ def test_global_flags_override_the_environment(settings: Settings, room: str) ->
     assert result.exit_code == 0, result.output
     bad = invoke(settings, ["--nats-url", "nats://127.0.0.1:1", "replay", room])
     assert bad.exit_code == 1 and "nats://127.0.0.1:1" in bad.stderr
+
+
+def test_floor_timeline_keeps_every_tenure_of_a_long_room(settings: Settings, room: str) -> None:
+    turns = 150  # more than the room state's bounded floor history
+    events: list[ev.KnownEvent] = []
+    for i in range(turns):
+        agent = ("a", "b", "c")[i % 3]
+        events.append(ev.make_event(room, ev.FloorRequest(agent_id=agent, task=f"t{i}"), sender=ev.Sender(agent, "agent")))
+        events.append(ev.make_event(room, ev.FloorRelease(agent_id=agent), sender=ev.Sender(agent, "agent")))
+    seqs = seed(settings, room, events)
+    data = json_of(ok(settings, ["replay", room, "--floor", "--json"]))
+    assert len(data["tenures"]) == turns
+    assert [t["start_seq"] for t in data["tenures"]] == seqs[::2]
+    assert all(t["end_reason"] == "release" for t in data["tenures"])
