@@ -44,6 +44,13 @@ from ledger.client import Ledger  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.subjects import room_token  # noqa: E402
 
+_CHILD = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
+    "from cli.main import app\n"
+    "sys.argv[0] = 'ledger'\n"
+    "app()\n"
+)
 TARGET_RATIO = 0.5
 TARGET_FIRST_LINE_MS = 300.0
 WORDS = ["account", "invoice", "refund", "charge", "address", "billing", "triage", "caller", "verified", "plan", "line", "device", "payment", "autopay", "schedule", "agent", "transfer", "hold", "moment", "thanks", "sure", "okay", "let", "me", "check", "that", "for", "you"]
@@ -143,7 +150,9 @@ def cli_read(settings: Settings, room: str, *, as_json: bool = True) -> dict[str
     """The real command in a subprocess, ``ledger replay <room> [--json]``, read through a pipe."""
     env = {**os.environ, "LEDGER_NATS_URL": ",".join(settings.nats_urls or ()), "LEDGER_HOME": str(settings.home)}
     started = time.perf_counter()
-    argv = [sys.executable, "-m", "cli.main", "replay", room] + (["--json"] if as_json else [])
+    # The child reports its own peak memory (VmHWM belongs to the exec'd image, unlike ru_maxrss,
+    # which would count the pages of this large parent process it was forked from).
+    argv = [sys.executable, "-c", _CHILD, "replay", room] + (["--json"] if as_json else [])
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     first_line = proc.stdout.readline()
@@ -151,15 +160,16 @@ def cli_read(settings: Settings, room: str, *, as_json: bool = True) -> dict[str
     count = 1 if first_line else 0
     for chunk in iter(lambda: proc.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
         count += chunk.count(b"\n")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    code = proc.wait()
     done = time.perf_counter()
-    if proc.returncode != 0:
-        raise SystemExit(f"ledger replay failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if code != 0:
+        raise SystemExit(f"ledger replay failed: {err}")
+    peak = [line.split()[1] for line in err.splitlines() if line.startswith("VmHWM:")]
     if not as_json:
         count -= 2  # the date header and the closing count line
     return {"events": count, "seconds": done - started, "first_ms": (first - started) * 1000,
-            "rss_mb": usage.ru_maxrss / 1024}
+            "rss_mb": int(peak[-1]) / 1024 if peak else 0.0}
 
 
 def cli_first_line_small(settings: Settings, room: str) -> float:

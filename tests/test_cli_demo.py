@@ -57,6 +57,7 @@ def test_demo_on_the_embedded_default(settings: Settings, empty_home: Path) -> N
     assert timings["ingest_events_per_s"] > 0 and timings["hydrate_ms"] > 0
     # Cleaned up: the room is gone and the servers the demo started are stopped.
     assert summary["kept"] is False and summary["cleanup"]["events_removed"] == summary["events"]
+    assert summary["cleanup"]["projection_rows_removed"]["room_state"] == 1
     assert embedded.status(empty_home) == {"nats": None, "postgres": None}
 
 

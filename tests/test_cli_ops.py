@@ -88,6 +88,8 @@ def test_purge_yes_json_and_unknown(settings: Settings, room: str) -> None:
 def test_purge_removes_projection_rows(pg_settings: Settings, room: str) -> None:
     seed(pg_settings, room)
     ok(pg_settings, ["project", "--once", "--json"])
+    asked = invoke(pg_settings, ["purge", room], input="n\n")
+    assert "1 room_state" in asked.output and "projection rows" in asked.output
     result = json_of(ok(pg_settings, ["purge", room, "--yes", "--json"]))
     assert result["projection_rows_removed"]["room_state"] == 1
     assert asyncio.run(room_rows(pg_settings, room)) == dict.fromkeys(result["projection_rows_removed"], 0)
