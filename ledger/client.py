@@ -241,7 +241,25 @@ class Ledger:
         if not reachable:
             raise ConnectError(self._unreachable_message(last_error))
         nc = NatsClient()
-        await nc.connect(**options)
+        # The first connection does not retry: a refused login or a failed TLS handshake is an
+        # answer, not an outage. Once connected, drops reconnect forever.
+        where = ",".join(reachable)
+        try:
+            await nc.connect(**{**options, "servers": reachable, "allow_reconnect": False})
+        except ssl.SSLError as exc:
+            raise ConnectError(
+                f"TLS with NATS at {where} failed ({exc}): check LEDGER_NATS_TLS_CA, LEDGER_NATS_TLS_CERT "
+                "and LEDGER_NATS_TLS_KEY"
+            ) from exc
+        except nats.errors.Error as exc:
+            text = str(exc).lower()
+            if "authorization" in text or "authentication" in text:
+                raise ConnectError(
+                    f"NATS at {where} refused the credentials ({exc}): check LEDGER_NATS_USER and "
+                    "LEDGER_NATS_PASSWORD, LEDGER_NATS_CREDS or LEDGER_NATS_NKEY_SEED"
+                ) from exc
+            raise
+        nc.options["allow_reconnect"] = True
         return nc
 
     def _unreachable_message(self, exc: BaseException) -> str:

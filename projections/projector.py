@@ -301,6 +301,11 @@ class Projector:
     # --- one batch ---------------------------------------------------------------------------
 
     async def _step(self, wait: float, until: int | None = None) -> BatchResult | None:
+        if self._conn is None or self._conn.is_closed():
+            # A reconnect that failed during the last outage left no connection: make one now
+            # (raising a transient error, retried with backoff, if PostgreSQL is still away).
+            self._conn = None
+            await self._connect_db()
         msgs = await self._fetch(wait)
         if not msgs:
             return None
@@ -505,7 +510,10 @@ def _safe_room(token: str) -> str | None:
 def db_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
+    # InternalClientError: "cannot switch to state …; another operation is in progress" when a
+    # transaction starts on a connection PostgreSQL has just dropped.
     return (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+            asyncpg.InternalClientError,
             asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError,
             asyncpg.exceptions.TooManyConnectionsError)
 
