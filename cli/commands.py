@@ -389,7 +389,7 @@ async def project(settings: Settings, *, once: bool, as_json: bool) -> None:
     projector = module.Projector(settings)
     try:
         if once:
-            seq = await projector.catch_up()
+            seq = await projector.catch_up(until=await _last_stored_seq(settings))
         else:
             stop = asyncio.Event()
             _stop_on_signals(stop)
@@ -403,6 +403,22 @@ async def project(settings: Settings, *, once: bool, as_json: bool) -> None:
         write_json({"checkpoint": seq, "events": projector.events_done, "seconds": round(took, 3)})
     else:
         console.print(f"projected to sequence {seq} ({projector.events_done:,} events in {format_duration(took)})")
+
+
+async def _last_stored_seq(settings: Settings) -> int:
+    """The sequence of the newest message still in the stream (0: none).
+
+    After a purge of the newest room the stream's last sequence points past every stored
+    message; catching up to it would wait for a message that will never come.
+    """
+    import nats.js.errors
+
+    async with Ledger(settings, name="ledger-project") as ledger:
+        try:
+            msg = await ledger.js.get_last_msg(settings.stream, ledger.subjects.all_rooms(), direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
 
 
 async def rebuild(settings: Settings, *, yes: bool, as_json: bool) -> None:

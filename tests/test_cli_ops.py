@@ -21,6 +21,17 @@ from tests.conftest import fresh_home
 from tests.test_cli_helpers import invoke, json_of, ok, seed
 
 
+@pytest.fixture(autouse=True)
+def stored_tail(settings: Settings) -> Iterator[None]:
+    """Leave a stored message at the stream's end: purging the newest room would otherwise leave the
+    stream's last sequence past every stored message, which a projector catching up to the head
+    (projections.rebuild, other test modules) waits on forever."""
+    yield
+    from ledger import events as ev
+
+    seed(settings, "test-tail", [ev.make_event("test-tail", ev.RoomMetadata(metadata="tail"))])
+
+
 def test_state_now_json_and_table(pg_settings: Settings, room: str) -> None:
     seqs = seed(pg_settings, room)
     state = json_of(ok(pg_settings, ["state", room, "--json"]))
@@ -237,3 +248,20 @@ def test_doctor_shows_the_projector_errors_table(pg_settings: Settings) -> None:
         assert "projector errors" in out and "reducer exploded" in out
     finally:
         asyncio.run(sql("DELETE FROM projection_errors WHERE projection = $1", projection))
+
+
+def test_project_once_after_purging_the_newest_room(pg_settings: Settings, room: str) -> None:
+    """A purge of the newest room leaves the stream's last sequence past every stored message."""
+    import threading
+
+    seed(pg_settings, room)
+    newest = room + "-newest"
+    seed(pg_settings, newest)
+    ok(pg_settings, ["purge", newest, "--yes"])
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(invoke(pg_settings, ["project", "--once", "--json"])))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "ledger project --once did not finish"
+    result = results[0]
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
