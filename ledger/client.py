@@ -23,9 +23,9 @@ import re
 import ssl
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -129,20 +129,105 @@ class _PubAck(msgspec.Struct):
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
 
 
+class _LazyHeaders(dict[str, str]):
+    """Message headers parsed on first use.
+
+    nats-py parses every header of every message as it arrives (and checks each character);
+    readers of the log need none of a data message's headers, while control messages and
+    direct-get replies need theirs. Deferring the parse serves both at no cost to the first.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self._raw: bytes | None = raw
+
+    def _parse(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                dict.__setitem__(self, name.strip().decode("ascii", "replace"), value.strip().decode("utf-8", "replace"))
+
+    def __getitem__(self, key: str) -> str:
+        self._parse()
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._parse()
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._parse()
+        return dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._parse()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._parse()
+        return dict.__len__(self)
+
+    def __bool__(self) -> bool:
+        # nats-py tests every message's headers for truth: answer without parsing them.
+        if self._raw is not None:
+            return b":" in self._raw
+        return dict.__len__(self) > 0
+
+    def keys(self) -> Any:
+        self._parse()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._parse()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._parse()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, str]:
+        self._parse()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._parse()
+        return dict.__eq__(self, other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        self._parse()
+        return dict.__repr__(self)
+
+
 def _parse_header_lines(raw: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in raw.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().decode("ascii", "replace")] = value.strip().decode("utf-8", "replace")
-    return out
+    return _LazyHeaders(raw)
+
+
+def ack_position(reply: str) -> tuple[int, datetime]:
+    """Stream sequence and storage time from a JetStream delivery's reply subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`` (or the form with
+    domain and account hash before the stream): nats-py's ``msg.metadata`` parses all of it,
+    each time it is read; a reader of the log needs two fields.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        seq, nanos = tokens[5], tokens[7]
+    else:
+        seq, nanos = tokens[7], tokens[9]
+    ns = int(nanos)
+    return int(seq), datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(microsecond=(ns // 1000) % 1_000_000)
 
 
 def _record(msg: Msg) -> Record:
-    meta = msg.metadata
-    return Record(
-        seq=meta.sequence.stream, subject=msg.subject, time=meta.timestamp, event=ev.decode_lenient(msg.data)
-    )
+    seq, stored_at = ack_position(msg.reply)
+    return Record(seq=seq, subject=msg.subject, time=stored_at, event=ev.decode_lenient(msg.data))
 
 
 def _type_matcher(types: Sequence[str] | None) -> Any:

@@ -51,7 +51,7 @@ from nats.js import api as js_api
 
 from ledger import db
 from ledger import events as ev
-from ledger.client import Ledger, Record
+from ledger.client import Ledger, Record, ack_position
 from ledger.errors import ConnectError as LedgerConnectError
 from ledger.settings import Settings
 from ledger.subjects import room_from_token
@@ -252,9 +252,6 @@ class Projector:
         """An ordered push consumer from checkpoint + 1, buffering into ``self._buffer``."""
         if self._sub is None:
             assert self._ledger is not None
-            nc = self._ledger.nc
-            # This connection only carries our own well-formed headers: parse them cheaply.
-            nc._parse_header_lines = _fast_header_lines  # type: ignore[method-assign]
             self._buffer = []
             self._arrived = asyncio.Event()
             buffer, arrived = self._buffer, self._arrived
@@ -314,8 +311,7 @@ class Projector:
         first = last = 0
         prefix_len = self._prefix_len
         for msg in msgs:
-            meta = msg.metadata
-            seq = meta.sequence.stream
+            seq, stored_at = ack_position(msg.reply)
             if seq <= self.checkpoint:
                 continue  # redelivered after a reconnect
             if until is not None and seq > until:
@@ -333,7 +329,7 @@ class Projector:
                 room = _safe_room(token)
                 pending.errors.append((seq, room, subject.rpartition(".")[2], f"decode: {exc}"))
                 continue
-            records.append((event.room, Record(seq=seq, subject=subject, time=meta.timestamp, event=event)))
+            records.append((event.room, Record(seq=seq, subject=subject, time=stored_at, event=event)))
         if last == 0:
             return None
         await self._load_states({room for room, _ in records})
@@ -382,9 +378,14 @@ class Projector:
         )
         if row is not None:
             return int(row["seq"])
-        # A new partition layout starts from the slowest existing worker (room rows guard the rest).
+        # A partition without a checkpoint may start where an older layout (another number of
+        # partitions) left off: everything before its slowest worker is in the room rows. Rows
+        # of the current layout say nothing about this partition's rooms (its siblings may be
+        # far ahead), so they are not a starting point; from 0 is always safe, as room rows
+        # ignore what they already hold.
         low = await self._conn.fetchval(
-            "SELECT min(seq) FROM projection_checkpoints WHERE projection = $1", self.projection
+            "SELECT min(seq) FROM projection_checkpoints WHERE projection = $1 AND partitions <> $2",
+            self.projection, self.partitions,
         )
         return int(low or 0)
 
@@ -488,16 +489,6 @@ class Projector:
                    SET seq = excluded.seq, partitions = excluded.partitions, updated_at = excluded.updated_at""",
                 self.projection, self.partition, self.partitions, last,
             )
-
-
-def _fast_header_lines(raw: bytes) -> dict[str, str]:
-    """nats-py's header parser without its per-character checks (JetStream's own headers)."""
-    out: dict[str, str] = {}
-    for line in raw.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().decode("ascii", "replace")] = value.strip().decode("utf-8", "replace")
-    return out
 
 
 def _safe_room(token: str) -> str | None:
