@@ -134,12 +134,20 @@ def test_doctor_reports_stream_differences(settings: Settings) -> None:
                                                      duplicate_window=120))
         await nc.close()
 
+    async def drop() -> None:
+        nc = await nats.connect(settings.nats_urls[0] if settings.nats_urls else "")
+        await nc.jetstream().delete_stream(name)
+        await nc.close()
+
     asyncio.run(make())
-    result = invoke(settings, ["doctor", "--json"], LEDGER_STREAM=name, LEDGER_SUBJECT_PREFIX=prefix)
-    report = json_of(result)
-    assert result.exit_code == 0
-    assert report["stream"]["differences"]["max_msg_size"] == {"now": 1000, "configured": 1024 * 1024}
-    assert any("max_msg_size" in p["message"] for p in report["problems"] if p["level"] == "warning")
+    try:
+        result = invoke(settings, ["doctor", "--json"], LEDGER_STREAM=name, LEDGER_SUBJECT_PREFIX=prefix)
+        report = json_of(result)
+        assert result.exit_code == 0
+        assert report["stream"]["differences"]["max_msg_size"] == {"now": 1000, "configured": 1024 * 1024}
+        assert any("max_msg_size" in p["message"] for p in report["problems"] if p["level"] == "warning")
+    finally:
+        asyncio.run(drop())
 
 
 def test_doctor_unreachable_nats(settings: Settings) -> None:
