@@ -43,6 +43,9 @@ from aiortc.sdp import candidate_from_sdp
 from livekit import api
 from livekit.protocol import models, rtc
 
+from .agents import AgentService
+from .twirp import TwirpAPI
+
 log = logging.getLogger("tests.livekit_sfu")
 
 T = TypeVar("T")
@@ -197,6 +200,8 @@ class LoopbackSFU:
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.refused = 0
         self._changed_event: asyncio.Event | None = None
+        self.agents = AgentService(self)
+        self.twirp = TwirpAPI(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -255,6 +260,8 @@ class LoopbackSFU:
         app.router.add_get("/rtc/v1", self._handle_signal)
         app.router.add_get("/rtc/v1/validate", self._handle_validate)
         app.router.add_get("/rtc/validate", self._handle_validate)
+        app.router.add_get("/agent", self.agents.handle_worker)
+        app.router.add_post("/twirp/{method:.+}", self.twirp.handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -349,7 +356,7 @@ class LoopbackSFU:
             await ws.close()
             return ws
 
-        room = self.rooms.get(grants.room) or self.rooms.setdefault(grants.room, Room(grants.room))
+        room = self._room(grants.room)
         permission = models.ParticipantPermission(
             can_subscribe=grants.can_subscribe,
             can_publish=grants.can_publish,
@@ -385,9 +392,7 @@ class LoopbackSFU:
             participant=me.info(),
             other_participants=[p.info() for p in room.others(me) if not p.hidden],
             server_version=SERVER_VERSION,
-            server_info=models.ServerInfo(
-                edition=models.ServerInfo.Standard, version=SERVER_VERSION, protocol=16,
-                node_id="loopback"),
+            server_info=self.server_info(),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
         )))
@@ -482,6 +487,43 @@ class LoopbackSFU:
         return pc
 
     # ---- room logic ------------------------------------------------------------------------
+
+    def server_info(self) -> models.ServerInfo:
+        return models.ServerInfo(edition=models.ServerInfo.Standard, version=SERVER_VERSION, protocol=16,
+                                 node_id="loopback")
+
+    def _room(self, name: str) -> Room:
+        """The room called ``name``, created if needed."""
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+            self._notify()
+        return room
+
+    async def _set_room_metadata(self, room: str, metadata: str) -> None:
+        r = self._room(room)
+        r.metadata = metadata
+        update = rtc.SignalResponse(room_update=rtc.RoomUpdate(room=r.info()))
+        for p in r.participants.values():
+            p.send(update)
+        self._notify()
+
+    async def _remove_participant(self, room: str, identity: str,
+                                  reason: models.DisconnectReason.ValueType) -> None:
+        me = self._find(room, identity)
+        me.send(rtc.SignalResponse(leave=rtc.LeaveRequest(reason=reason, action=rtc.LeaveRequest.DISCONNECT)))
+        await self._remove(me)
+
+    async def _delete_room(self, name: str) -> None:
+        """Disconnect everyone (ROOM_DELETED), end the room's jobs, forget the room."""
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        self.agents.room_deleted(name)
+        for p in list(room.participants.values()):
+            await self._remove_participant(name, p.identity, models.ROOM_DELETED)
+        self.rooms.pop(name, None)
+        self._notify()
 
     def _announce(self, me: Participant, *, to_self: bool = True) -> None:
         """Tell the room about ``me`` (hidden participants are told only about themselves)."""
@@ -591,24 +633,10 @@ class LoopbackSFU:
     async def kick(self, room: str, identity: str) -> None:
         """Remove the participant (leave with reason PARTICIPANT_REMOVED); it does not come back."""
 
-        async def go() -> None:
-            me = self._find(room, identity)
-            me.send(rtc.SignalResponse(leave=rtc.LeaveRequest(
-                reason=models.PARTICIPANT_REMOVED, action=rtc.LeaveRequest.DISCONNECT)))
-            await self._remove(me)
-
-        await self._run(go())
+        await self._run(self._remove_participant(room, identity, models.PARTICIPANT_REMOVED))
 
     async def set_room_metadata(self, room: str, metadata: str) -> None:
-        async def go() -> None:
-            r = self.rooms.get(room) or self.rooms.setdefault(room, Room(room))
-            r.metadata = metadata
-            update = rtc.SignalResponse(room_update=rtc.RoomUpdate(room=r.info()))
-            for p in r.participants.values():
-                p.send(update)
-            self._notify()
-
-        await self._run(go())
+        await self._run(self._set_room_metadata(room, metadata))
 
     async def wait_until(self, predicate: Callable[[LoopbackSFU], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate(server)`` holds; it is checked on the server's thread after every

@@ -1,0 +1,268 @@
+"""The bridge in worker mode, end to end: a real ``livekit-agents`` ``AgentServer`` registers with the
+loopback SFU's agent service, an explicit dispatch (``create_dispatch`` / ``ledger dispatch``) puts
+it into a room, and real ``rtc.Room`` agents' seed-000 packets land in the log (``-m livekit``).
+
+Waiting for a worker to register uses the loopback SFU's ``wait_until`` (a real ``LIVEKIT_URL``
+server skips these tests); everything else waits on the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from livekit import api, rtc
+
+from bridge.tokens import create_dispatch, livekit_api
+from bridge.worker import run_bridge
+from ledger.client import Ledger, Record
+from ledger.settings import Settings
+from tests.test_cli_helpers import env_for
+
+pytestmark = pytest.mark.livekit
+
+
+class Log:
+    """A room's log as it grows (followed), with waits on conditions, never sleeps."""
+
+    def __init__(self, ledger: Ledger, room: str) -> None:
+        self.records: list[Record] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._follow(ledger, room))
+
+    async def _follow(self, ledger: Ledger, room: str) -> None:
+        async for record in ledger.follow(room):
+            self.records.append(record)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = 20.0) -> None:
+        async def wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self.records))
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"log never matched; has {[r.type for r in self.records]}") from None
+
+    def count(self, type_: str) -> int:
+        return sum(r.type == type_ for r in self.records)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.fixture
+def restore_environ() -> Iterator[None]:
+    """``AgentServer.run`` writes ``LIVEKIT_URL``/``LIVEKIT_API_KEY``/... into ``os.environ``:
+    put it back so later tests (``LIVEKIT_URL not set`` errors) see the session's environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def lk_settings(settings: Settings, livekit_server: Any, restore_environ: None) -> Settings:
+    """The session's NATS, the loopback SFU, and an agent name of this test's own."""
+    return settings.replace(livekit_url=livekit_server.url, livekit_api_key=livekit_server.api_key,
+                            livekit_api_secret=livekit_server.api_secret,
+                            bridge_agent_name=f"ledger-bridge-{uuid.uuid4().hex[:8]}")
+
+
+async def registered(livekit_server: Any, agent_name: str, runner: asyncio.Future[Any] | None = None,
+                     timeout: float = 30.0) -> None:
+    """Wait until a worker is registered under ``agent_name`` (fail early if ``runner`` ends)."""
+    waiter = asyncio.ensure_future(
+        livekit_server.wait_until(lambda sfu: bool(sfu.agents.registered(agent_name)), timeout))
+    watched = {waiter} if runner is None else {waiter, runner}
+    done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        raise AssertionError(f"the bridge ended before registering: {runner!r}")
+    waiter.result()
+
+
+@contextlib.asynccontextmanager
+async def worker_bridge(settings: Settings, livekit_server: Any) -> AsyncIterator[asyncio.Event]:
+    """``run_bridge(settings, room=None)`` in a task, registered; yields its stop event."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_bridge(settings, room=None, stop=stop, flush_deadline=2.0))
+    try:
+        await registered(livekit_server, settings.bridge_agent_name, task)
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def seed(agent: str, status: str, lock: bool, task: str) -> bytes:
+    return json.dumps({"agent_id": agent, "status": status, "action_lock": lock, "task": task}).encode()
+
+
+async def take_turns(log: Log, agents: list[rtc.Room], turns: int) -> list[dict[str, Any]]:
+    """Seed 000: each agent in turn claims (processing, lock) and resolves; each packet is in the
+    log before the next is sent.  Returns the payloads in the order sent."""
+    sent: list[dict[str, Any]] = []
+    for turn in range(turns):
+        agent = agents[turn % len(agents)]
+        me = agent.local_participant.identity
+        for status, lock in (("processing", True), ("resolved", False)):
+            payload = seed(me, status, lock, f"turn-{turn}")
+            sent.append(json.loads(payload))
+            await agent.local_participant.publish_data(payload, reliable=True, topic="agent-state")
+            await log.until(lambda rs, n=len(sent): sum(r.type == "agent.status" for r in rs) >= n)
+    return sent
+
+
+def body(record: Record) -> dict[str, Any]:
+    b = record.event.body
+    return {"agent_id": b.agent_id, "status": b.status, "action_lock": b.action_lock, "task": b.task}  # type: ignore[union-attr]
+
+
+async def read_all(ledger: Ledger, room: str) -> list[Record]:
+    return [r async for r in ledger.read(room)]
+
+
+async def test_dispatched_worker_bridge_records_seed_000(lk_settings: Settings, ledger: Ledger, room: str,
+                                                         livekit_server: Any, livekit_connect: Any) -> None:
+    name = lk_settings.bridge_agent_name
+    log = Log(ledger, room)
+    async with worker_bridge(lk_settings, livekit_server):
+        agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "abc"]
+        dispatch = await create_dispatch(lk_settings, room)
+        assert dispatch.id.startswith("AD_") and dispatch.agent_name == name and dispatch.room == room
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs))
+        await log.until(lambda rs: sum(r.type == "participant.joined" for r in rs) >= 3)
+
+        sent = await take_turns(log, agents, turns=3)
+
+        # the bridge is in the room, hidden: listed by the server API only
+        async with livekit_api(lk_settings) as lk:
+            listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
+            [job] = [j for d in await lk.agent_dispatch.list_dispatch(room) for j in d.state.jobs]
+        bridges = [p for p in listed if p.identity not in {"agent-a", "agent-b", "agent-c"}]
+        assert len(bridges) == 1
+        bridge = bridges[0]
+        assert bridge.permission.hidden and not bridge.permission.can_publish_data
+        assert bridge.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        assert bridge.attributes["lk.agent_name"] == name
+        assert job.dispatch_id == dispatch.id and job.state.participant_identity == bridge.identity
+        for agent in agents:
+            others = {a.local_participant.identity for a in agents} - {agent.local_participant.identity}
+            assert set(agent.remote_participants) == others
+
+    await log.until(lambda rs: rs[-1].type == "bridge.left")
+    await log.close()
+    records = await read_all(ledger, room)
+    statuses = [r for r in records if r.type == "agent.status"]
+    assert [body(r) for r in statuses] == sent
+    assert [r.event.sender.identity for r in statuses] == [s["agent_id"] for s in sent]
+    assert [r.seq for r in records] == sorted(r.seq for r in records)
+    assert records[0].type == "bridge.joined" and records[-1].type == "bridge.left"
+
+
+async def test_deleting_the_dispatch_ends_the_job_and_a_new_one_rejoins(
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_server: Any, livekit_connect: Any) -> None:
+    log = Log(ledger, room)
+    async with worker_bridge(lk_settings, livekit_server):
+        agent = await livekit_connect("agent-a", room, kind="agent")
+        first = await create_dispatch(lk_settings, room)
+        await log.until(lambda rs: log.count("bridge.joined") == 1)
+        async with livekit_api(lk_settings) as lk:
+            await lk.agent_dispatch.delete_dispatch(first.id, room)
+            await log.until(lambda rs: log.count("bridge.left") == 1)
+            assert await lk.agent_dispatch.list_dispatch(room) == []
+            # the worker is still registered: a new dispatch brings the bridge back
+            await create_dispatch(lk_settings, room)
+            await log.until(lambda rs: log.count("bridge.joined") == 2)
+            await agent.local_participant.publish_data(seed("agent-a", "processing", True, "again"), reliable=True)
+            await log.until(lambda rs: any(r.type == "agent.status" for r in rs))
+    await log.until(lambda rs: log.count("bridge.left") == 2)
+    await log.close()
+
+
+async def test_ledger_bridge_and_ledger_dispatch_commands(lk_settings: Settings, ledger: Ledger, room: str,
+                                                         livekit_server: Any, livekit_connect: Any) -> None:
+    """``ledger bridge`` (worker mode) and ``ledger dispatch <room>`` as real processes."""
+    name = lk_settings.bridge_agent_name
+    env = {**os.environ, **env_for(lk_settings), "LIVEKIT_URL": livekit_server.url,
+           "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret,
+           "LEDGER_BRIDGE_AGENT_NAME": name}
+    log = Log(ledger, room)
+    bridge = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "bridge", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await registered(livekit_server, name, asyncio.ensure_future(bridge.wait()), timeout=60)
+        agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "ab"]
+        dispatch = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "dispatch", room, "--json", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(dispatch.communicate(), 60)
+        assert dispatch.returncode == 0, err.decode()
+        result = json.loads(out)
+        assert result["room"] == room and result["agent_name"] == name and result["dispatch_id"].startswith("AD_")
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs))
+        await log.until(lambda rs: sum(r.type == "participant.joined" for r in rs) >= 2)
+        sent = await take_turns(log, agents, turns=2)
+
+        bridge.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(bridge.wait(), 30)
+        _, err = await bridge.communicate()
+        assert code == 0, err.decode()
+        assert "bridge stopped:" in err.decode() and "Traceback" not in err.decode()
+    finally:
+        if bridge.returncode is None:
+            bridge.kill()
+            await bridge.wait()
+    await log.until(lambda rs: rs[-1].type == "bridge.left")
+    await log.close()
+    statuses = [r for r in await read_all(ledger, room) if r.type == "agent.status"]
+    assert [body(r) for r in statuses] == sent
+
+
+async def test_room_service_api(livekit_server: Any, livekit_connect: Any, room: str) -> None:
+    """The loopback SFU's RoomService over Twirp, as ``livekit.api.LiveKitAPI`` calls it."""
+    alice = await livekit_connect("alice", room)
+    await livekit_connect("hidden-bob", room, hidden=True)
+    metadata = asyncio.Event()
+    left = asyncio.Event()
+    alice.on("room_metadata_changed", lambda old, new: metadata.set())
+    alice.on("disconnected", lambda reason: left.set())
+    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, livekit_server.api_secret) as lk:
+        listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
+        assert {p.identity for p in listed} == {"alice", "hidden-bob"}
+        rooms = (await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms
+        assert [r.name for r in rooms] == [room] and rooms[0].sid.startswith("RM_")
+
+        await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=room, metadata="m1"))
+        await asyncio.wait_for(metadata.wait(), 10)
+        assert alice.metadata == "m1"
+
+        await lk.room.remove_participant(api.RoomParticipantIdentity(room=room, identity="alice"))
+        await asyncio.wait_for(left.wait(), 10)
+        listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
+        assert [p.identity for p in listed] == ["hidden-bob"]
+
+        with pytest.raises(api.TwirpError) as missing:
+            await lk.room.list_participants(api.ListParticipantsRequest(room=f"{room}-none"))
+        assert missing.value.code == api.TwirpErrorCode.NOT_FOUND
+        with pytest.raises(api.TwirpError) as unknown:
+            await lk.agent_dispatch.delete_dispatch("AD_nothing", room)
+        assert unknown.value.code == api.TwirpErrorCode.NOT_FOUND
+    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, "not-the-secret-not-the-secret") as lk:
+        with pytest.raises(api.TwirpError) as refused:
+            await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+        assert refused.value.code == api.TwirpErrorCode.UNAUTHENTICATED
