@@ -86,6 +86,8 @@ def replay_request(
         raise CliError("--at folds the whole room up to a point; it does not combine with --since, --type or --sender")
     if views and (types or senders):
         raise CliError(f"{views[0]} needs every event of the room; --type and --sender apply to the timeline only")
+    if since and (floor or html is not None):
+        raise CliError(f"{views[0]} draws the room from its first event; use --until to end it earlier")
     return ReplayRequest(
         settings=settings_from(),
         room=room,
@@ -119,7 +121,6 @@ async def replay(request: ReplayRequest) -> None:
                 render_state(console, state, title=f"room {room!r} at {request.at.describe()} (#{state.seq})")
             return
         if request.floor:
-            await ledger.require_room(room)
             timeline = await core.floor_timeline(ledger, room, request.until)
             if request.as_json:
                 write_json(timeline.to_builtins())

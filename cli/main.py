@@ -139,7 +139,11 @@ def replay(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing live events; Ctrl-C ends.")
     ] = False,
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="NDJSON: one event per line, its own fields plus seq, subject and time "
+                     "(stored); with --at, --floor or --handoffs one JSON document."),
+    ] = False,
     at: Annotated[
         str | None,
         typer.Option("--at", help="Show the room's state at a sequence or time: floor, participants, session, "

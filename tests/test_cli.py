@@ -82,7 +82,8 @@ def test_bad_since_is_one_line(settings: Settings, room: str, value: str) -> Non
 
 
 def test_conflicting_views_are_refused(settings: Settings, room: str) -> None:
-    for args in (["--floor", "--handoffs"], ["--at", "3", "--type", "floor.*"], ["--follow", "--floor"]):
+    for args in (["--floor", "--handoffs"], ["--at", "3", "--type", "floor.*"], ["--follow", "--floor"],
+                 ["--floor", "--since", "5m"], ["--html", "x.html", "--since", "3"]):
         result = invoke(settings, ["replay", room, *args])
         assert result.exit_code == 1, args
         assert len(result.stderr.strip().splitlines()) == 1
