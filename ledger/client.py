@@ -21,9 +21,10 @@ import fnmatch
 import logging
 import re
 import ssl
+import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -74,6 +75,8 @@ _HEADER_ALLOWANCE: Final = 512
 _EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Messages a reader buffers before it holds the server back.
 _READ_BUFFER: Final = 10_000
+#: How long a read keeps asking a recovering cluster for its consumer.
+READER_CREATE_TIMEOUT_S: Final = 30.0
 #: How long an append waits for its acknowledgement before giving up.
 ACK_TIMEOUT_S: Final = 10.0
 
@@ -109,6 +112,21 @@ class Record:
 class RoomSummary:
     room: str
     events: int
+
+
+@dataclass(slots=True)
+class _FramedBatch:
+    batch_id: str
+    frames: list[bytes]
+    first_reply: str
+    first_future: asyncio.Future[_PubAck]
+    commit_reply: str
+    commit_future: asyncio.Future[_PubAck]
+
+    def forget(self, pending: dict[str, asyncio.Future[_PubAck]]) -> None:
+        """Unregister the replies of a batch that will not be sent."""
+        for reply in (self.first_reply, self.commit_reply):
+            pending.pop(reply.rsplit(".", 1)[-1], None)
 
 
 class _ApiError(msgspec.Struct):
@@ -150,7 +168,9 @@ class _LazyHeaders(dict[str, str]):
         for line in raw.split(b"\r\n"):
             name, sep, value = line.partition(b":")
             if sep:
-                dict.__setitem__(self, name.strip().decode("ascii", "replace"), value.strip().decode("utf-8", "replace"))
+                dict.__setitem__(
+                    self, name.strip().decode("ascii", "replace"), value.strip().decode("utf-8", "replace")
+                )
 
     def __getitem__(self, key: str) -> str:
         self._parse()
@@ -222,7 +242,9 @@ def ack_position(reply: str) -> tuple[int, datetime]:
     else:
         seq, nanos = tokens[7], tokens[9]
     ns = int(nanos)
-    return int(seq), datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(microsecond=(ns // 1000) % 1_000_000)
+    return int(seq), datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(
+        microsecond=(ns // 1000) % 1_000_000
+    )
 
 
 def _record(msg: Msg) -> Record:
@@ -620,29 +642,46 @@ class Ledger:
         items = list(events)
         encoded = [self._encode_checked(e) for e in items]
         use_atomic = self._atomic if atomic is None else (atomic and self._atomic)
+        chunks = [
+            (items[start : start + ATOMIC_BATCH_SIZE], encoded[start : start + ATOMIC_BATCH_SIZE])
+            for start in range(0, len(items), ATOMIC_BATCH_SIZE)
+        ]
         positions: list[Position] = []
         async with self._append_lock:
-            for start in range(0, len(items), ATOMIC_BATCH_SIZE):
-                chunk = items[start : start + ATOMIC_BATCH_SIZE]
-                payloads = encoded[start : start + ATOMIC_BATCH_SIZE]
-                batch_positions = None
-                if use_atomic and len(chunk) > 1:
-                    batch_positions = await self._append_atomic(chunk, payloads)
-                if batch_positions is None:
-                    batch_positions = await self._append_pipelined(chunk, payloads)
-                positions.extend(batch_positions)
+            if not (use_atomic and len(items) > 1):
+                for chunk, payloads in chunks:
+                    positions.extend(await self._append_pipelined(chunk, payloads))
+                return positions
+            batch: _FramedBatch | None = self._frame_atomic(*chunks[0])
+            following: _FramedBatch | None = None
+            try:
+                for index, (chunk, payloads) in enumerate(chunks):
+                    assert batch is not None
+                    await self._send_frames(batch.frames)
+                    # Frame the next batch while the server stores this one: the client's work
+                    # and the server's fsync overlap, yet batches go out one at a time, in order.
+                    following = self._frame_atomic(*chunks[index + 1]) if index + 1 < len(chunks) else None
+                    batch_positions = await self._finish_atomic(batch, len(chunk))
+                    if batch_positions is None:
+                        batch_positions = await self._append_pipelined(chunk, payloads)
+                    positions.extend(batch_positions)
+                    batch, following = following, None
+            finally:
+                # A batch framed but never sent must not leave its replies registered.
+                for unsent in (batch, following):
+                    if unsent is not None:
+                        unsent.forget(self._pending)
         return positions
 
-    async def _append_atomic(
-        self, chunk: list[ev.KnownEvent], payloads: list[bytes]
-    ) -> list[Position] | None:
+    def _frame_atomic(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> _FramedBatch:
+        """One atomic batch framed as HPUB commands (nats-py's publish() spends ~30 µs a
+        message on headers, half the time of a batch), with its two acknowledgements awaited."""
         batch_id = uuid.uuid4().hex.encode()
         first_reply, first_future = self._expect_reply()
         commit_reply, commit_future = self._expect_reply()
         last = len(chunk) - 1
-        # The whole batch is framed here as one HPUB blob: nats-py's publish() costs ~30 µs a
-        # message in header handling, which would otherwise be half the time of a batch.
         frames: list[bytes] = []
+        event_subject = self.subjects.event
         for index, (event, payload) in enumerate(zip(chunk, payloads, strict=True)):
             header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: %d\r\n" % (
                 event.id.encode(),
@@ -656,14 +695,17 @@ class Ledger:
                 header += b"Nats-Batch-Commit: 1\r\n"
                 reply = commit_reply.encode() + b" "
             header += b"\r\n"
-            subject = self.subjects.event(event.room, event.type).encode()
+            subject = event_subject(event.room, event.type).encode()
             frames.append(
                 b"HPUB %s %s%d %d\r\n%s%s\r\n"
                 % (subject, reply, len(header), len(header) + len(payload), header, payload)
             )
-        await self._send_frames(frames)
-        first = await self._await_ack(first_future, f"atomic batch {batch_id.decode()}")
-        commit = await self._await_ack(commit_future, f"atomic batch {batch_id.decode()}")
+        return _FramedBatch(batch_id.decode(), frames, first_reply, first_future, commit_reply, commit_future)
+
+    async def _finish_atomic(self, batch: _FramedBatch, size: int) -> list[Position] | None:
+        """The positions of a sent batch; None when it must be sent again event by event."""
+        first = await self._await_ack(batch.first_future, f"atomic batch {batch.batch_id}")
+        commit = await self._await_ack(batch.commit_future, f"atomic batch {batch.batch_id}")
         error = first.error or commit.error
         if error is not None:
             if "duplicate" in error.description.lower():
@@ -672,11 +714,11 @@ class Ledger:
                 self._atomic = False
                 return None
             raise AppendError(
-                f"stream refused a batch of {len(chunk)} events: {error.description} (err_code {error.err_code})",
+                f"stream refused a batch of {size} events: {error.description} (err_code {error.err_code})",
                 err_code=error.err_code,
             )
-        first_seq = commit.seq - len(chunk) + 1
-        return [Position(first_seq + i) for i in range(len(chunk))]
+        first_seq = commit.seq - size + 1
+        return [Position(first_seq + i) for i in range(size)]
 
     async def _send_frames(self, frames: list[bytes]) -> None:
         nc = self.nc
@@ -762,16 +804,7 @@ class Ledger:
                 room_for_more.clear()
                 await room_for_more.wait()
 
-        sub = await self.js.subscribe(
-            subject,
-            stream=self.settings.stream,
-            ordered_consumer=True,
-            idle_heartbeat=2.0,
-            config=config,
-            cb=on_message,
-            pending_msgs_limit=4 * _READ_BUFFER,
-            pending_bytes_limit=256 * 1024 * 1024,
-        )
+        sub = await self._subscribe_with_retries(subject, config, on_message)
         try:
             while True:
                 if not buffer:
@@ -786,6 +819,40 @@ class Ledger:
             room_for_more.set()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _subscribe_with_retries(
+        self, subject: str, config: js_api.ConsumerConfig, on_message: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        # Creating a consumer goes through the cluster's meta leader; just after a node fails
+        # that can take a few seconds to answer, which is an outage to wait out, not an error.
+        deadline = time.monotonic() + READER_CREATE_TIMEOUT_S
+        delay = 0.2
+        while True:
+            try:
+                return await self.js.subscribe(
+                    subject,
+                    stream=self.settings.stream,
+                    ordered_consumer=True,
+                    idle_heartbeat=2.0,
+                    config=config,
+                    cb=on_message,
+                    pending_msgs_limit=4 * _READ_BUFFER,
+                    pending_bytes_limit=256 * 1024 * 1024,
+                )
+            except (
+                nats.errors.TimeoutError,
+                nats.js.errors.ServiceUnavailableError,
+                nats.errors.NoRespondersError,
+            ) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ConnectError(
+                        f"JetStream at {self.nats_url} did not create a reader for {subject} "
+                        f"({type(exc).__name__}): is the stream {self.settings.stream!r} available? "
+                        "`ledger doctor` shows its state"
+                    ) from exc
+                log.info("creating a reader for %s timed out; retrying", subject)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def read(
         self,
