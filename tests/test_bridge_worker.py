@@ -262,7 +262,7 @@ async def test_room_service_api(livekit_server: Any, livekit_connect: Any, room:
         with pytest.raises(api.TwirpError) as unknown:
             await lk.agent_dispatch.delete_dispatch("AD_nothing", room)
         assert unknown.value.code == api.TwirpErrorCode.NOT_FOUND
-    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, "not-the-secret-not-the-secret") as lk:
+    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, "not-the-secret-not-the-secret-not-the-secret") as lk:
         with pytest.raises(api.TwirpError) as refused:
             await lk.room.list_participants(api.ListParticipantsRequest(room=room))
         assert refused.value.code == api.TwirpErrorCode.UNAUTHENTICATED
