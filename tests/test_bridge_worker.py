@@ -256,6 +256,16 @@ async def test_room_service_api(livekit_server: Any, livekit_connect: Any, room:
         listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
         assert [p.identity for p in listed] == ["hidden-bob"]
 
+        # CreateRoom with agents (the bridge's room_configuration recipe) makes their dispatches
+        other = f"{room}-configured"
+        created = await lk.room.create_room(api.CreateRoomRequest(
+            name=other, agents=[api.RoomAgentDispatch(agent_name="someone")]))
+        assert created.name == other and created.sid.startswith("RM_")
+        [dispatch] = await lk.agent_dispatch.list_dispatch(other)
+        assert dispatch.agent_name == "someone" and dispatch.id.startswith("AD_")
+        await lk.room.delete_room(api.DeleteRoomRequest(room=other))
+        assert (await lk.room.list_rooms(api.ListRoomsRequest(names=[other]))).rooms == []
+
         with pytest.raises(api.TwirpError) as missing:
             await lk.room.list_participants(api.ListParticipantsRequest(room=f"{room}-none"))
         assert missing.value.code == api.TwirpErrorCode.NOT_FOUND
