@@ -57,6 +57,9 @@ class RoomBridge:
         self.livekit_url = livekit_url
         self._queue: asyncio.Queue[Observation | None] = asyncio.Queue()
         self._stream_tasks: set[asyncio.Task[None]] = set()
+        #: sender identity -> its newest stream's task: a sender's streams are queued in the
+        #: order they opened, though they are read concurrently and may finish in any order.
+        self._last_stream: dict[str, asyncio.Task[None]] = {}
         self._agent_states: dict[str, str] = {}
         self._gap_started: datetime | None = None
         self.disconnected = asyncio.Event()
@@ -230,17 +233,32 @@ class RoomBridge:
     # --- streams ---------------------------------------------------------------------------------
 
     def _on_text_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
-        self._spawn(self._read_text(reader, participant_identity))
+        self._spawn(self._read_text(reader, participant_identity), participant_identity)
 
     def _on_byte_stream(self, reader: rtc.ByteStreamReader, participant_identity: str) -> None:
-        self._spawn(self._read_bytes(reader, participant_identity))
+        self._spawn(self._read_bytes(reader, participant_identity), participant_identity)
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, read: Any, identity: str) -> None:
+        """Read the stream now, queue it after the sender's previous stream."""
+        previous = self._last_stream.get(identity)
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._queue_in_open_order(read, previous))
+        self._last_stream[identity] = task
         self._stream_tasks.add(task)
-        task.add_done_callback(self._stream_tasks.discard)
 
-    async def _read_text(self, reader: rtc.TextStreamReader, identity: str) -> None:
+        def done(finished: asyncio.Task[None]) -> None:
+            self._stream_tasks.discard(finished)
+            if self._last_stream.get(identity) is finished:
+                del self._last_stream[identity]
+
+        task.add_done_callback(done)
+
+    async def _queue_in_open_order(self, read: Any, previous: asyncio.Task[None] | None) -> None:
+        observation: Observation = await read
+        if previous is not None:
+            await asyncio.wait({previous})  # done, failed or cancelled: never raises
+        self._put(observation)
+
+    async def _read_text(self, reader: rtc.TextStreamReader, identity: str) -> Observation:
         parts: list[bytes] = []
         kept = 0
         total = 0
@@ -259,11 +277,11 @@ class RoomBridge:
         info = reader.info
         raw = b"".join(parts)
         attrs = dict(info.attributes or {})
-        self._put(lambda: self.ingest.text_stream(
+        return lambda: self.ingest.text_stream(
             raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
-            timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept))
+            timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)
 
-    async def _read_bytes(self, reader: rtc.ByteStreamReader, identity: str) -> None:
+    async def _read_bytes(self, reader: rtc.ByteStreamReader, identity: str) -> Observation:
         parts: list[bytes] = []
         kept = 0
         total = 0
@@ -281,6 +299,6 @@ class RoomBridge:
         info = reader.info
         raw = b"".join(parts)
         attrs = dict(info.attributes or {})
-        self._put(lambda: self.ingest.byte_stream(
+        return lambda: self.ingest.byte_stream(
             raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
-            name=info.name, timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept))
+            name=info.name, timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)

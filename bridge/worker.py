@@ -34,6 +34,19 @@ from ledger.settings import Settings
 
 log = logging.getLogger("bridge.worker")
 
+
+class _NoPacketDumps(logging.Filter):
+    """Drop libwebrtc's packet dumps (``LIVEKIT_RTC_DEBUG=1``): they carry data payloads in hex,
+    transcripts, chat and identities included, which never go into the bridge's logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "SCTP_PACKET" in str(record.msg):
+            return False
+        return not any("text_pcap_packet_observer" in str(arg) for arg in (record.args or ()))
+
+
+logging.getLogger("livekit").addFilter(_NoPacketDumps())
+
 #: Room-level disconnect reasons after which a direct bridge does not rejoin.
 _FINAL_REASONS = frozenset({"ROOM_DELETED", "ROOM_CLOSED"})
 

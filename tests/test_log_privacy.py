@@ -13,8 +13,8 @@ Two ways of catching "all log output":
   stderr and stdout are checked (for the words, and for their hex bytes as in libwebrtc's packet
   dumps), and the stats files it leaves under ``LEDGER_HOME``. Once more with
   ``LIVEKIT_RTC_DEBUG=1`` (the livekit core's own debug logs forwarded too): libwebrtc's
-  ``text_pcap_packet_observer`` then dumps every SCTP packet, payloads included, so that case is
-  a strict xfail until the bridge filters those records.
+  ``text_pcap_packet_observer`` then dumps every SCTP packet, payloads included, and the bridge
+  must filter those records out.
 * ``run_bridge`` in this process under ``caplog`` at DEBUG: every record of the product's
   loggers (``bridge``, ``ledger``, ``projections``, ``cli``). The livekit SDK's own records are
   not checked here, because the test's participants share this process and log their own
@@ -184,10 +184,9 @@ def bridge_home() -> Any:
 
 @pytest.mark.parametrize("rtc_debug", [
     pytest.param(False, id="debug"),
-    pytest.param(True, id="debug+LIVEKIT_RTC_DEBUG", marks=pytest.mark.xfail(strict=True, reason=(
-        "with LIVEKIT_RTC_DEBUG=1 libwebrtc's text_pcap_packet_observer logs every SCTP packet in hex "
-        "through the 'livekit' logger at DEBUG: transcripts, chat and identities included; the bridge "
-        "does not filter it (fix: a filter on the 'livekit' logger in bridge/worker.py)"))),
+    # With LIVEKIT_RTC_DEBUG=1 libwebrtc dumps every SCTP packet in hex through the 'livekit'
+    # logger; the bridge filters those records out (bridge/worker.py).
+    pytest.param(True, id="debug+LIVEKIT_RTC_DEBUG"),
 ])
 async def test_bridge_process_logs_at_debug_hold_no_transcript_chat_or_identity(
         settings: Settings, ledger: Ledger, room: str, livekit_server: Any, livekit_connect: Any,
