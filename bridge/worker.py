@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from livekit import rtc
 
 from bridge.room import RoomBridge
-from bridge.stats import Counters, write_stats
+from bridge.stats import Counters, read_stats, write_stats
 from bridge.tokens import _credentials, bridge_identity, bridge_token
 from bridge.writer import BridgeWriter
 from ledger.client import Ledger
@@ -102,6 +106,7 @@ async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, s
             delay = 0.2
             if gap_started is None:
                 bridge.connected()
+                _record_predecessor_gaps(settings, room, writer.bridge_id, ingest)
             else:
                 bridge.resume_after(gap_started, "livekit connection lost")
                 gap_started = None
@@ -124,6 +129,29 @@ async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, s
             log.warning("bridge: disconnected from LiveKit (%s); rejoining", reason or "unknown")
     finally:
         writer.counters.rooms -= 1
+
+
+def _record_predecessor_gaps(settings: Settings, room: str, bridge_id: str, ingest: Any) -> None:
+    """A bridge of this LEDGER_HOME that was killed in this room saw nothing from its last sign
+    of life until now: record that blind spot as a gap, once."""
+    now = utcnow()
+    for stats in read_stats(settings.home):
+        if (
+            stats.get("mode") != "direct"
+            or stats.get("room") != room
+            or stats.get("bridge_id") == bridge_id
+            or stats.get("alive")
+            or stats.get("stopped")
+            or stats.get("gap_recorded")
+        ):
+            continue
+        last_seen = datetime.fromtimestamp(float(stats.get("updated_at", 0) or 0), UTC)
+        ingest.bridge_gap(last_seen, now, reason=f"bridge {stats.get('bridge_id')} ended without leaving")
+        with contextlib.suppress(OSError, ValueError):
+            path = Path(str(stats["path"]))
+            data = json.loads(path.read_text())
+            data["gap_recorded"] = True
+            path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 async def run_direct(settings: Settings, room: str, stop: asyncio.Event, *, process: BridgeProcess | None = None,
@@ -162,10 +190,8 @@ async def _job_entry(ctx: Any) -> None:
     ingest = writer.ingest(ctx.job.room.name)
     bridge = RoomBridge(ctx.room, ingest, livekit_url=settings.livekit_url or "")
     bridge.attach()
-    finished = asyncio.Event()
 
     async def on_shutdown(reason: str = "") -> None:
-        finished.set()
         await bridge.close(reason or "job shutdown")
         await writer.close(deadline=process.flush_deadline)
         await ledger.close()
@@ -178,7 +204,13 @@ async def _job_entry(ctx: Any) -> None:
     await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
     bridge.connected()
     log.info("bridge: job started")
-    await _until(finished, bridge.disconnected)
+    # Return now: the job lasts until livekit-agents shuts it down (dispatch deleted, room
+    # disconnected, worker stopping) and on_shutdown closes it. Shutdown callbacks run only once
+    # the entrypoint has returned; an entrypoint that waited would hold every stop for 15 s.
+
+
+#: The most rooms one bridge process takes before LiveKit sends dispatches to another.
+MAX_ROOMS_PER_WORKER = 200
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, process: BridgeProcess | None = None,
@@ -194,9 +226,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
         permissions=WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=False,
                                       can_update_metadata=False, hidden=True),
         port=http_port, num_idle_processes=0, load_threshold=1.0,
+        # Load is the share of MAX_ROOMS_PER_WORKER in use, not the host's CPU: a busy host would
+        # otherwise refuse dispatches, and LiveKit does not offer a refused job again.
+        load_fnc=lambda server: min(len(server.active_jobs) / MAX_ROOMS_PER_WORKER, 1.0),
         shutdown_process_timeout=process.flush_deadline + 5.0,
     )
     server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name)
+    # AgentServer.run() writes LIVEKIT_* into os.environ; put them back afterwards.
+    saved_env = {name: os.environ.get(name) for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
     run = asyncio.create_task(server.run(devmode=False), name="bridge-agent-server")
     log.info("bridge: worker registering as %r", settings.bridge_agent_name)
 
@@ -217,6 +254,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await run
         process.write_stats(mode="worker", agent_name=settings.bridge_agent_name, stopped=True)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if run.done() and not run.cancelled() and not stop.is_set():
         failure = run.exception()
         if failure is not None:
@@ -243,7 +285,7 @@ async def run_bridge(settings: Settings, *, room: str | None, stop: asyncio.Even
 
         async def stats_loop() -> None:
             while not stats_stop.is_set():
-                process.write_stats(mode="direct", room_count=process.counters.rooms)
+                process.write_stats(mode="direct", room=room, room_count=process.counters.rooms)
                 await _until(stats_stop, within=1.0)
 
         stats = asyncio.create_task(stats_loop())
@@ -252,5 +294,5 @@ async def run_bridge(settings: Settings, *, room: str | None, stop: asyncio.Even
         finally:
             stats_stop.set()
             await stats
-            process.write_stats(mode="direct", stopped=True)
+            process.write_stats(mode="direct", room=room, stopped=True)
     return await run_worker(settings, stop, process=process, http_port=http_port)

@@ -521,9 +521,12 @@ class Ledger:
         return await self.js.stream_info(self.settings.stream)
 
     async def head(self) -> int:
-        """The stream's last sequence (0 when empty)."""
-        info = await self.stream_info()
-        return int(info.state.last_seq or 0)
+        """The sequence of the last event stored in the log (0 when there is none).
+
+        Not the stream's ``last_seq``: after ``ledger purge`` of the newest room that number
+        names a message that no longer exists, and a reader waiting for it would wait forever.
+        """
+        return await self._last_seq(self.subjects.all_rooms())
 
     # --- append ------------------------------------------------------------------------------
 

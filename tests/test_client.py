@@ -259,3 +259,19 @@ async def test_subjects_taken_by_another_stream_fail_clearly(settings: Settings)
 async def test_event_ids_that_would_break_headers_are_refused(ledger: Ledger, room: str) -> None:
     with pytest.raises(EventError, match="not usable"):
         await ledger.append(status(room, "a", 0, id="bad\r\nNats-Msg-Id: x"))
+
+
+async def test_head_and_read_all_skip_a_purged_tail(ledger: Ledger, room: str) -> None:
+    """After the newest room is purged, the stream's last sequence names no stored message:
+    readers that waited for it would wait forever."""
+    kept = await ledger.append(status(room, "a", 0))
+    await ledger.append_many([status(room + "-tail", "a", i) for i in range(3)])
+    assert await ledger.purge_room(room + "-tail") == 3
+    assert await ledger.head() >= kept.seq
+    records = await asyncio.wait_for(_collect_all(ledger, after=kept.seq - 1), 10)
+    assert records[0].seq == kept.seq
+    assert all(r.room != room + "-tail" for r in records)
+
+
+async def _collect_all(ledger: Ledger, *, after: int) -> list[Record]:
+    return [record async for record in ledger.read_all(after=after)]

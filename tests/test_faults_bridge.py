@@ -13,7 +13,8 @@ deterministic and the second bridge's copy is dropped as a duplicate), a caller 
    restarted A alone (proof that it really records, not just joins). A is stopped with Ctrl-C.
 
 Afterwards the log holds every packet and message sent exactly once, in order per sender, no
-event id twice, the three bridges' ``bridge.joined`` and the restarted one's ``bridge.left``.
+event id twice, the three bridges' ``bridge.joined``, the restarted one's ``bridge.left``, and the
+``bridge.gap`` the restarted bridge records for the blind spot of its killed predecessor.
 
 Found by this test: ``bridge/room.py`` reads each stream in its own task and queues it when the
 read completes, so two streams of one sender that arrive back to back can be logged swapped
@@ -259,4 +260,10 @@ async def test_bridge_sigkilled_and_restarted_while_another_covers_loses_and_dou
     joined = log.joined()
     assert len(joined) == len(set(joined)) == 3 and restarted in joined
     assert [r.event.body.bridge_id for r in log.of("bridge.left")] == [restarted]  # type: ignore[union-attr]
+    # A's blind spot between its kill and its restart is on record, as a gap the restarted A wrote
+    # from the killed process's last sign of life (B's kill has no successor in its LEDGER_HOME).
+    gaps = log.of("bridge.gap")
+    assert [r.event.body.bridge_id for r in gaps] == [restarted]  # type: ignore[union-attr]
+    assert "ended without leaving" in gaps[0].event.body.reason  # type: ignore[union-attr]
+    assert gaps[0].event.body.started_at < gaps[0].event.body.ended_at  # type: ignore[union-attr]
     assert "Traceback" not in a.stderr() + b.stderr()
