@@ -384,10 +384,12 @@ async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_
         console.print(f"dispatched {name!r} into room {room!r} (dispatch {data['dispatch_id']})")
 
 
-async def project(settings: Settings, *, once: bool, as_json: bool) -> None:
+async def project(
+    settings: Settings, *, once: bool, as_json: bool, partition: int = 0, partitions: int = 1
+) -> None:
     module = _optional("projections.projector", "ledger project")
     started = asyncio.get_running_loop().time()
-    projector = module.Projector(settings)
+    projector = module.Projector(settings, partition=partition, partitions=partitions)
     try:
         if once:
             seq = await projector.catch_up(until=await _last_stored_seq(settings))

@@ -358,18 +358,37 @@ def dispatch(
 @app.command()
 def project(
     once: Annotated[bool, typer.Option("--once", help="Catch up with the log and stop instead of following it.")] = False,
+    partition: Annotated[
+        int, typer.Option("--partition", min=0, help="This worker's share of the rooms (0 … partitions-1).")
+    ] = 0,
+    partitions: Annotated[
+        int, typer.Option("--partitions", min=1, help="How many workers split the rooms between them.")
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the projector: fold the log into PostgreSQL tables, following it until Ctrl-C.
+
+    Several workers split the rooms by a stable hash of the room (each room stays with one
+    worker, in order): run one per partition.
 
     [bold]Examples[/]
 
       ledger project
 
       ledger project --once --json
+
+      ledger project --partition 0 --partitions 3   # and 1, 2 on other machines
     """
     settings = guard(commands.settings)
-    run(lambda: commands.project(settings, once=once, as_json=as_json), interrupt_ok=True)
+    if partition >= partitions:
+        print_error(f"--partition {partition} is not below --partitions {partitions}: use 0 … {partitions - 1}")
+        raise typer.Exit(1)
+    run(
+        lambda: commands.project(
+            settings, once=once, as_json=as_json, partition=partition, partitions=partitions
+        ),
+        interrupt_ok=True,
+    )
 
 
 @app.command()

@@ -273,3 +273,19 @@ def test_project_once_after_purging_the_newest_room(pg_settings: Settings, room:
     assert not thread.is_alive(), "ledger project --once did not finish"
     result = results[0]
     assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+
+
+def test_project_partitions_split_the_work(pg_settings: Settings, room: str) -> None:
+    seed(pg_settings, room)
+    results = [
+        json_of(ok(pg_settings, ["project", "--once", "--json", "--partition", str(i), "--partitions", "2"]))
+        for i in range(2)
+    ]
+    assert results[0]["checkpoint"] == results[1]["checkpoint"] > 0
+    assert json_of(ok(pg_settings, ["state", room, "--json"]))["seq"] > 0
+
+
+def test_project_refuses_a_partition_out_of_range(pg_settings: Settings) -> None:
+    result = invoke(pg_settings, ["project", "--once", "--partition", "2", "--partitions", "2"])
+    assert result.exit_code == 1
+    assert "--partition 2 is not below --partitions 2" in result.output
