@@ -424,16 +424,48 @@ async def _last_stored_seq(settings: Settings) -> int:
         return int(msg.seq or 0)
 
 
-async def rebuild(settings: Settings, *, yes: bool, as_json: bool) -> None:
+async def rebuild(settings: Settings, *, yes: bool, as_json: bool, projection: str = "rooms") -> None:
     module = _optional("projections.rebuild", "ledger rebuild")
+    known = tuple(module.PROJECTIONS)
+    if projection not in known:
+        raise CliError(f"no projection {projection!r}: expected one of {', '.join(known)}")
     if not yes and not await asyncio.to_thread(
-        typer.confirm, "Rebuild the projections from the start of the log (swapped in when done)?"
+        typer.confirm, f"Rebuild projection {projection!r} from the start of the log (swapped in when done)?"
     ):
         raise CliError("nothing rebuilt")
     started = asyncio.get_running_loop().time()
-    seq = await module.rebuild(settings)
+    if as_json:
+        seq = await module.rebuild(settings, projection=projection)
+    else:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("[bold]rebuild[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            task = bar.add_task(projection, total=None, rate="")
+
+            def progress(done: int, total: int) -> None:
+                elapsed = asyncio.get_running_loop().time() - started
+                rate = f"{done / elapsed:,.0f} events/s" if elapsed > 0 and done else ""
+                bar.update(task, completed=done, total=max(total, done) or None, rate=rate)
+
+            seq = await module.rebuild(settings, projection=projection, progress=progress)
     took = asyncio.get_running_loop().time() - started
     if as_json:
-        write_json({"seq": seq, "seconds": round(took, 3)})
+        write_json({"projection": projection, "seq": seq, "seconds": round(took, 3)})
     else:
-        console.print(f"rebuilt the projections up to sequence {seq} in {format_duration(took)}")
+        console.print(f"rebuilt projection {projection!r} up to sequence {seq} in {format_duration(took)}")

@@ -394,16 +394,22 @@ def project(
 @app.command()
 def rebuild(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    projection: Annotated[str, typer.Option("--projection", help="The projection to rebuild.")] = "rooms",
     as_json: JsonOpt = False,
 ) -> None:
-    """Drop the projection rows and fold the whole log again.
+    """Fold the whole log again into fresh tables, swapped in atomically when done.
+
+    Hydration and the live projector keep working meanwhile; a progress bar shows events/s and
+    the time left.
 
     [bold]Example[/]
 
       ledger rebuild --yes
+
+      ledger rebuild --projection rooms --yes --json
     """
     settings = guard(commands.settings)
-    run(lambda: commands.rebuild(settings, yes=yes, as_json=as_json))
+    run(lambda: commands.rebuild(settings, yes=yes, as_json=as_json, projection=projection))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -222,6 +222,11 @@ def test_migrate_project_rebuild(pg_settings: Settings, room: str) -> None:
     assert rebuilt["seq"] >= seqs[-1]
     declined = invoke(pg_settings, ["rebuild"], input="n\n")
     assert declined.exit_code == 1 and "nothing rebuilt" in declined.stderr
+    shown = ok(pg_settings, ["rebuild", "--yes"])
+    assert "events/s" in shown.stderr and "ETA" in shown.stderr, shown.stderr
+    assert "rebuilt projection 'rooms'" in shown.stdout
+    unknown = invoke(pg_settings, ["rebuild", "--yes", "--projection", "nope"])
+    assert unknown.exit_code == 1 and "no projection 'nope'" in unknown.stderr
 
 
 def test_bridge_and_dispatch_need_livekit_settings(settings: Settings, room: str) -> None:
