@@ -50,7 +50,7 @@ DB_CONNECT_TIMEOUT_S: Final = 2.0
 _ROOM_QUERY: Final = """
 SELECT rs.seq,
        rs.state::text AS state,
-       (SELECT coalesce(json_agg(ci.item ORDER BY ci.seq), '[]'::json)::text
+       (SELECT '[' || coalesce(string_agg(ci.item_text, ',' ORDER BY ci.seq), '') || ']'
           FROM conversation_items ci
          WHERE ci.room = rs.room
            AND ci.seq > CASE WHEN $2 THEN 0 ELSE coalesce(rs.summary_covers_seq, 0) END) AS items
@@ -299,7 +299,14 @@ async def hydrate(
     """
     started = time.perf_counter()
     deadline = time.monotonic() + timeout
-    loaded = await _load_row(ledger, room, full_conversation)
+    # The log's last sequence for the room and the projection row are independent: ask both at once.
+    asking_log = asyncio.ensure_future(ledger.room_last_seq(room))
+    try:
+        loaded = await _load_row(ledger, room, full_conversation)
+    except BaseException:
+        asking_log.cancel()
+        raise
+    last_of_room: asyncio.Future[int] | None = asking_log
     if loaded is not None:
         state, projection_seq = loaded
         source = "projection+log"
@@ -309,7 +316,10 @@ async def hydrate(
     delay = 0.005
     while True:
         covered_head = await ledger.head() if min_seq is not None and state.seq < min_seq else 0
-        last = await ledger.room_last_seq(room)
+        if last_of_room is not None:
+            last, last_of_room = await last_of_room, None
+        else:
+            last = await ledger.room_last_seq(room)
         if last > state.seq:
             async for record in ledger.read(room, after=state.seq):
                 rd.apply_safely(state, record)

@@ -462,13 +462,15 @@ class Projector:
                 # An item seen again keeps the place (sequence, time) of its first appearance.
                 await conn.execute(
                     f"""
-                    INSERT INTO {ci} AS t (room, item_id, seq, type, role, speaker, item)
-                    SELECT u.room, u.item_id, u.seq, u.type, u.role, u.speaker, u.item::jsonb
+                    INSERT INTO {ci} AS t (room, item_id, seq, type, role, speaker, item, item_text)
+                    SELECT u.room, u.item_id, u.seq, u.type, u.role, u.speaker, u.item::jsonb, u.item
                     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                                 $7::text[]) AS u(room, item_id, seq, type, role, speaker, item)
                     ON CONFLICT (room, item_id) DO UPDATE SET
                         type = excluded.type, role = excluded.role, speaker = excluded.speaker,
-                        item = excluded.item || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time')
+                        item = excluded.item || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'),
+                        item_text = (excluded.item
+                                     || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'))::text
                     WHERE t.seq < excluded.seq
                     """,
                     i_rooms, i_ids, i_seqs, i_types, i_roles, i_speakers, i_docs,

@@ -94,6 +94,8 @@ def _conversation(name: str) -> Table:
         Column("speaker", Text),
         #: projections.reducers.ConversationItem.
         Column("item", JSONB, nullable=False),
+        #: The same JSON as text: what hydration sends (JSONB back to text is slow in bulk).
+        Column("item_text", Text, nullable=False),
         Index(f"ix_{name}_room_seq", "room", "seq"),
     )
 

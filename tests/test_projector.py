@@ -62,8 +62,12 @@ async def projected(conn: asyncpg.Connection[Any], room: str,
 
 
 def comparable(state: rd.RoomState) -> tuple[Any, Any]:
-    """The state as plain data (JSONB does not keep key order; dict equality ignores it)."""
-    return msgspec.json.decode(rd.encode_state(state)), msgspec.to_builtins(state.conversation)
+    """The state as plain data, as PostgreSQL can hold it (JSONB does not keep key order, dict
+    equality ignores it; NUL characters become U+FFFD on the way in)."""
+    return (
+        msgspec.json.decode(rd.encode_state(state)),
+        [msgspec.json.decode(rd.encode_item(item)) for item in state.conversation],
+    )
 
 
 async def assert_projection_equals_fold(ledger: Ledger, conn: asyncpg.Connection[Any], rooms: list[str]) -> None:
