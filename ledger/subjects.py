@@ -14,6 +14,7 @@ which keeps a publish line within nats-server's default 4 KiB control line.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -25,8 +26,9 @@ _ESCAPE: Final = "~"
 _TOKEN_RE: Final = re.compile(r"(?:[A-Za-z0-9_-]|~[0-9A-F]{2})+")
 
 
+@functools.lru_cache(maxsize=16_384)
 def room_token(room: str) -> str:
-    """Encode a room name as one valid, reversible subject token."""
+    """Encode a room name as one valid, reversible subject token (cached: every append asks)."""
     if not room:
         raise InvalidRoomName("a room name cannot be empty")
     if len(room) > MAX_ROOM_NAME_CHARS:
@@ -70,6 +72,11 @@ def category_of(event_type: str) -> str:
     return event_type.split(".", 1)[0]
 
 
+@functools.lru_cache(maxsize=65_536)
+def _event_subject(prefix: str, room: str, event_type: str) -> str:
+    return f"{prefix}.{room_token(room)}.{category_of(event_type)}"
+
+
 class Subjects:
     """How one deployment lays rooms out under its subject prefix."""
 
@@ -82,7 +89,7 @@ class Subjects:
         return [f"{self.prefix}.>"]
 
     def event(self, room: str, event_type: str) -> str:
-        return f"{self.prefix}.{room_token(room)}.{category_of(event_type)}"
+        return _event_subject(self.prefix, room, event_type)
 
     def room(self, room: str) -> str:
         """Every subject of one room."""
