@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 import msgspec
 
 from ledger import db
+from ledger.client import DIRECT_BATCH
 from ledger.errors import LedgerError
 from projections import reducers as rd
 
@@ -321,9 +322,16 @@ async def hydrate(
         else:
             last = await ledger.room_last_seq(room)
         if last > state.seq:
-            async for record in ledger.read(room, after=state.seq):
-                rd.apply_safely(state, record)
-                caught_up += 1
+            if last - state.seq <= DIRECT_BATCH:
+                # A short tail (the usual case: the projector is seconds behind at most) is read
+                # without creating a consumer.
+                for record in await ledger.read_recent(room, after=state.seq):
+                    rd.apply_safely(state, record)
+                    caught_up += 1
+            else:
+                async for record in ledger.read(room, after=state.seq):
+                    rd.apply_safely(state, record)
+                    caught_up += 1
         if min_seq is None or state.seq >= min_seq or covered_head >= min_seq:
             break
         remaining = deadline - time.monotonic()

@@ -275,3 +275,19 @@ async def test_head_and_read_all_skip_a_purged_tail(ledger: Ledger, room: str) -
 
 async def _collect_all(ledger: Ledger, *, after: int) -> list[Record]:
     return [record async for record in ledger.read_all(after=after)]
+
+
+async def test_read_recent_equals_read_without_a_consumer(ledger: Ledger, room: str) -> None:
+    sent = []
+    for i in range(7):
+        sent.append(status(room, "a", i))
+        sent.append(status(room + "-other", "b", i))
+    positions = await ledger.append_many(sent)
+    after = positions[2].seq
+    expected = await collect(ledger, room, after=after)
+    # A batch of 2 makes the read page through several direct-get requests.
+    recent = await ledger.read_recent(room, after=after, batch=2)
+    assert [(r.seq, r.subject, r.time, r.event) for r in recent] == [
+        (r.seq, r.subject, r.time, r.event) for r in expected
+    ]
+    assert await ledger.read_recent(room, after=positions[-1].seq) == []
