@@ -480,6 +480,14 @@ class Ledger:
             else:
                 current = info.config
                 changes = self.stream_differences(current)
+                if "subjects" in changes:
+                    # Re-pointing an existing stream at other subjects would cut off every writer
+                    # still using the old ones: a different prefix is a mistake, not an update.
+                    now, wanted = changes["subjects"]
+                    raise StreamConfigError(
+                        f"stream {desired.name!r} holds subjects {now}, but the configured prefix gives {wanted}: "
+                        f"set LEDGER_SUBJECT_PREFIX to match the stream, or LEDGER_STREAM to a stream of its own"
+                    )
                 if changes:
                     if "num_replicas" in changes and (current.num_replicas or 1) != desired.num_replicas:
                         log.info(

@@ -291,3 +291,14 @@ async def test_read_recent_equals_read_without_a_consumer(ledger: Ledger, room: 
         (r.seq, r.subject, r.time, r.event) for r in expected
     ]
     assert await ledger.read_recent(room, after=positions[-1].seq) == []
+
+
+async def test_a_stream_is_never_repointed_at_other_subjects(settings: Settings) -> None:
+    name = f"PIN_{uuid.uuid4().hex[:8]}"
+    first, second = f"p{uuid.uuid4().hex[:8]}", f"q{uuid.uuid4().hex[:8]}"
+    async with Ledger(settings.replace(stream=name, subject_prefix=first)) as owner:
+        with pytest.raises(StreamConfigError, match="set LEDGER_SUBJECT_PREFIX to match"):
+            async with Ledger(settings.replace(stream=name, subject_prefix=second)):
+                pass
+        assert (await owner.stream_info()).config.subjects == [f"{first}.>"]
+        await owner.js.delete_stream(name)
