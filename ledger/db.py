@@ -94,13 +94,15 @@ async def connect(settings: Settings, *, url: str | None = None,
 
 
 async def create_pool(settings: Settings, *, url: str | None = None, min_size: int = 1, max_size: int = 4,
-                      connect_timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Pool[Any]:
+                      connect_timeout: float = CONNECT_TIMEOUT_S,
+                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool[Any]:
     import asyncpg
 
     resolved = url or await database_url(settings)
     try:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
-            asyncpg_dsn(resolved), min_size=min_size, max_size=max_size, timeout=connect_timeout
+            asyncpg_dsn(resolved), min_size=min_size, max_size=max_size, timeout=connect_timeout,
+            server_settings=server_settings,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise unreachable(resolved, settings, exc) from exc
