@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, Final
 
@@ -259,46 +259,39 @@ class RoomBridge:
         self._put(observation)
 
     async def _read_text(self, reader: rtc.TextStreamReader, identity: str) -> Observation:
-        parts: list[bytes] = []
-        kept = 0
-        total = 0
-        error: str | None = None
-        try:
-            async for chunk in reader:
-                data = chunk.encode("utf-8", "surrogatepass")
-                total += len(data)
-                if kept < MAX_STREAM_KEEP:
-                    parts.append(data[: MAX_STREAM_KEEP - kept])
-                    kept += len(parts[-1])
-        except rtc.StreamError as exc:
-            error = exc.description or "stream error"
-        except Exception as exc:
-            error = type(exc).__name__
+        raw, total, kept, error = await _read_capped(
+            chunk.encode("utf-8", "surrogatepass") async for chunk in reader
+        )
         info = reader.info
-        raw = b"".join(parts)
         attrs = dict(info.attributes or {})
         return lambda: self.ingest.text_stream(
             raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
             timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)
 
     async def _read_bytes(self, reader: rtc.ByteStreamReader, identity: str) -> Observation:
-        parts: list[bytes] = []
-        kept = 0
-        total = 0
-        error: str | None = None
-        try:
-            async for chunk in reader:
-                total += len(chunk)
-                if kept < MAX_STREAM_KEEP:
-                    parts.append(chunk[: MAX_STREAM_KEEP - kept])
-                    kept += len(parts[-1])
-        except rtc.StreamError as exc:
-            error = exc.description or "stream error"
-        except Exception as exc:
-            error = type(exc).__name__
+        raw, total, kept, error = await _read_capped(chunk async for chunk in reader)
         info = reader.info
-        raw = b"".join(parts)
         attrs = dict(info.attributes or {})
         return lambda: self.ingest.byte_stream(
             raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
             name=info.name, timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)
+
+
+async def _read_capped(chunks: AsyncIterator[bytes]) -> tuple[bytes, int, int, str | None]:
+    """Read a stream to its end, keeping at most MAX_STREAM_KEEP bytes: (kept bytes, total size,
+    kept size, error). A stream that fails midway keeps what arrived and names the failure."""
+    parts: list[bytes] = []
+    kept = 0
+    total = 0
+    error: str | None = None
+    try:
+        async for data in chunks:
+            total += len(data)
+            if kept < MAX_STREAM_KEEP:
+                parts.append(data[: MAX_STREAM_KEEP - kept])
+                kept += len(parts[-1])
+    except rtc.StreamError as exc:
+        error = exc.description or "stream error"
+    except Exception as exc:
+        error = type(exc).__name__
+    return b"".join(parts), total, kept, error

@@ -132,6 +132,9 @@ class Projector:
         self._sub: Any = None
         self._buffer: list[Any] = []
         self._arrived = asyncio.Event()
+        #: Set when the buffer has room again (back-pressure on the subscription callback).
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._prefix_len = len(settings.subject_prefix) + 1
         self._outage: str | None = None
         self.events_done = 0
@@ -260,9 +263,10 @@ class Projector:
                 buffer.append(msg)
                 arrived.set()
                 if len(buffer) >= self.batch_size * 4:
-                    # Back-pressure: let the writer catch up before taking more.
-                    while len(buffer) >= self.batch_size * 2 and self._sub is not None:  # noqa: ASYNC110
-                        await asyncio.sleep(0.005)
+                    # Back-pressure: hold the subscription (and so the server's flow control)
+                    # until the writer has taken a batch out.
+                    self._drained.clear()
+                    await self._drained.wait()
 
             config = js_api.ConsumerConfig(
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
@@ -279,6 +283,7 @@ class Projector:
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None
         self._buffer = []
+        self._drained.set()
         if sub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2.0)
@@ -293,6 +298,8 @@ class Projector:
                 return []
         msgs = self._buffer[: self.batch_size]
         del self._buffer[: self.batch_size]
+        if len(self._buffer) < self.batch_size * 2:
+            self._drained.set()
         return msgs
 
     # --- one batch ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,45 +14,14 @@ from bridge.room import RoomBridge
 from bridge.worker import bridge_one_room
 from bridge.writer import BridgeWriter
 from ledger import events as ev
-from ledger.client import Ledger, Record
+from ledger.client import Ledger
 from ledger.settings import Settings
 from projections.reducers import fold
+from tests.followed_log import FollowedLog as Log
 
 pytestmark = pytest.mark.livekit
 
 
-class Log:
-    """The room's log as it grows (followed), with waits on conditions."""
-
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.records: list[Record] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(ledger, room))
-
-    async def _follow(self, ledger: Ledger, room: str) -> None:
-        async for record in ledger.follow(room):
-            self.records.append(record)
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = 15.0) -> list[Record]:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self.records))
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"log never matched; has {[r.type for r in self.records]}") from None
-        return self.records
-
-    def of(self, *types: str) -> list[Record]:
-        return [r for r in self.records if r.type in types]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 @pytest.fixture

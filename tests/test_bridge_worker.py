@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -25,42 +25,12 @@ from bridge.tokens import create_dispatch, livekit_api
 from bridge.worker import run_bridge
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
+from tests.followed_log import FollowedLog as Log
 from tests.test_cli_helpers import env_for
 
 pytestmark = pytest.mark.livekit
 
 
-class Log:
-    """A room's log as it grows (followed), with waits on conditions, never sleeps."""
-
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.records: list[Record] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(ledger, room))
-
-    async def _follow(self, ledger: Ledger, room: str) -> None:
-        async for record in ledger.follow(room):
-            self.records.append(record)
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = 20.0) -> None:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self.records))
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"log never matched; has {[r.type for r in self.records]}") from None
-
-    def count(self, type_: str) -> int:
-        return sum(r.type == type_ for r in self.records)
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 @pytest.fixture

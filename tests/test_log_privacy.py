@@ -41,6 +41,7 @@ import pytest
 from bridge.worker import run_bridge
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
+from tests.followed_log import FollowedLog as Log
 
 pytestmark = pytest.mark.livekit
 
@@ -59,37 +60,6 @@ VERBOSE_CLI = (
 )
 
 
-class Log:
-    """A room's log as it grows, with waits on conditions (never sleeps)."""
-
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.records: list[Record] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(ledger, room))
-
-    async def _follow(self, ledger: Ledger, room: str) -> None:
-        async for record in ledger.follow(room):
-            self.records.append(record)
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = 20.0) -> None:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self.records))
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"log never matched; has {[r.type for r in self.records]}") from None
-
-    def of(self, *types: str) -> list[Record]:
-        return [r for r in self.records if r.type in types]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 class Secrets:
