@@ -24,7 +24,7 @@ from ledger import db
 from ledger import events as ev
 from ledger.client import Ledger
 from projections.migrate import upgrade
-from projections.projector import Projector
+from projections.projector import DEFAULT_BATCH, Projector
 from projections.sample import interleaved
 
 
@@ -88,6 +88,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rooms", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--home", help="keep servers in this LEDGER_HOME (default: a scratch one)")
     asyncio.run(main(parser.parse_args()))

@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -160,7 +160,8 @@ class _LazyHeaders(dict[str, str]):
     __slots__ = ("_raw",)
 
     def __init__(self, raw: bytes) -> None:
-        super().__init__()
+        # No dict.__init__: the dict is already empty, and the call is a measurable share of
+        # reading the log.
         self._raw: bytes | None = raw
 
     def _parse(self) -> None:
@@ -243,10 +244,12 @@ def ack_position(reply: str) -> tuple[int, datetime]:
         seq, nanos = tokens[5], tokens[7]
     else:
         seq, nanos = tokens[7], tokens[9]
-    ns = int(nanos)
-    return int(seq), datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(
-        microsecond=(ns // 1000) % 1_000_000
-    )
+    # Epoch plus a timedelta: a third of the cost of fromtimestamp(…, UTC), which a
+    # whole-stream reader pays once per event.
+    return int(seq), _EPOCH + timedelta(microseconds=int(nanos) // 1000)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _rfc3339(stamp: str) -> datetime:
