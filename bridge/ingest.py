@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,15 +67,17 @@ _SEED_KEYS: Final = frozenset({"agent_id", "status", "action_lock"})
 Sink = Callable[[ev.KnownEvent], object]
 
 
+_KIND_NAMES: Final[dict[object, ev.SenderKind]] = {
+    0: "standard", 1: "ingress", 2: "egress", 3: "sip", 4: "agent",
+    "standard": "standard", "ingress": "ingress", "egress": "egress", "sip": "sip", "agent": "agent",
+}
+
+
 def sender_kind(value: object) -> ev.SenderKind:
     """A LiveKit participant kind (name, or ``rtc.ParticipantKind`` number) -> our sender kind."""
-    names: dict[object, ev.SenderKind] = {
-        0: "standard", 1: "ingress", 2: "egress", 3: "sip", 4: "agent",
-        "standard": "standard", "ingress": "ingress", "egress": "egress", "sip": "sip", "agent": "agent",
-    }
     if isinstance(value, str):
         value = value.lower().removeprefix("participant_kind_")
-    return names.get(value, "unknown")
+    return _KIND_NAMES.get(value, "unknown")
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -182,6 +183,7 @@ class Ingest:
     #: Optional sink that also takes the event's encoding (saves the writer encoding it again).
     encoded_sink: Callable[[ev.KnownEvent, bytes], object] | None = None
     _snapshots: int = 0
+    _observed_at: datetime | None = None
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -198,7 +200,8 @@ class Ingest:
     def _emit(self, body: ev.Body, *, id: str | None = None, sender: ev.Sender = ev.UNKNOWN_SENDER,
               at: datetime | None = None, kind: str = "typed") -> ev.KnownEvent:
         """Build, size-check and hand one event to the sink; count it under ``kind``."""
-        event = ev.make_event(self.room, body, id=id or os.urandom(16).hex(), sender=sender, at=at)
+        event = ev.make_event(self.room, body, id=id or ev.new_event_id(), sender=sender, at=at,
+                              observed_at=self._observed_at)
         encoded: bytes | None = None
         try:
             encoded = ev.encode(event)
@@ -263,7 +266,9 @@ class Ingest:
             self.counters.reject(reason)
         return self._emit(body, id=id, sender=sender, at=at, kind="rejected" if reason else "raw")
 
-    def _guarded(self, what: str, action: Callable[[], object]) -> None:
+    def _guarded(self, what: str, action: Callable[[], object], observed_at: datetime | None = None) -> None:
+        # The time the room callback saw it, for every event this observation makes.
+        self._observed_at = observed_at
         try:
             action()
         except Exception as exc:  # bad input must never stop the bridge
@@ -275,6 +280,8 @@ class Ingest:
                 self._emit(body, kind="rejected")
             except Exception:
                 log.exception("ingest: could not record an internal error")
+        finally:
+            self._observed_at = None
 
     # --- participants and room ----------------------------------------------------------------
 
@@ -403,7 +410,7 @@ class Ingest:
             self._classify(bytes(payload), topic=topic or "", transport="packet", sender=sender,
                            fallback_id=None, at=at)
 
-        self._guarded("data_packet", go)
+        self._guarded("data_packet", go, at)
 
     def _classify(self, raw: bytes, *, topic: str, transport: str, sender: ev.Sender, fallback_id: str | None,
                   at: datetime | None, stream_id: str | None = None,

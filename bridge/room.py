@@ -24,6 +24,8 @@ log = logging.getLogger("bridge.room")
 
 #: A stream is read to its end, but only this much of it is kept.
 MAX_STREAM_KEEP: Final = MAX_INLINE_BYTES + 1
+#: Observations handled between two returns to the event loop when a backlog has queued up.
+_YIELD_EVERY: Final = 50
 
 Observation = Callable[[], None]
 
@@ -133,10 +135,16 @@ class RoomBridge:
         self._queue.put_nowait(observation)
 
     async def _run_queue(self) -> None:
+        handled = 0
         while True:
             observation = await self._queue.get()
             if observation is None:
                 return
+            handled += 1
+            if handled % _YIELD_EVERY == 0:
+                # A backlog is worked through in slices: the writer's acknowledgements and next
+                # batch go out in between, so NATS stores while this ingests.
+                await asyncio.sleep(0)
             try:
                 observation()
             except Exception as exc:  # Ingest guards itself; this is a last resort

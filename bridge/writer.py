@@ -359,7 +359,7 @@ class BridgeWriter:
                 await self._wake.wait()
                 continue
             try:
-                positions = await self._append(events)
+                positions = await self._append(events, self._payloads(events))
             except EventError:
                 positions = await self._append_one_by_one(events)
             except asyncio.CancelledError:
@@ -391,7 +391,16 @@ class BridgeWriter:
             if self.on_ack is not None:
                 self.on_ack(events, positions)
 
-    async def _append(self, events: list[ev.KnownEvent]) -> list[Position]:
+    def _payloads(self, events: list[ev.KnownEvent]) -> list[bytes]:
+        """The events as ingest encoded them (encoded here when it did not, e.g. from a spill file)."""
+        encoded = self._encoded
+        payloads: list[bytes] = []
+        for event in events:
+            data = encoded.get(id(event))
+            payloads.append(data if data is not None else ev.encode(event))
+        return payloads
+
+    async def _append(self, events: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
         """Pipelined appends or atomic batches, whichever is expected to be done sooner.
 
         An atomic batch costs the server one write for the batch, but its acknowledgement takes
@@ -405,17 +414,17 @@ class BridgeWriter:
             self._atomic_trials += 1
         started = time.perf_counter()
         if use_pipeline:
-            positions = await self._append_pipelined(events)
+            positions = await self._append_pipelined(events, payloads)
             self._per_event_s += 0.2 * ((time.perf_counter() - started) / len(events) - self._per_event_s)
             return positions
-        positions = await self.ledger.append_many(events)  # atomic batches of up to 500
+        positions = await self.ledger.append_many(events, payloads=payloads)  # atomic batches of up to 500
         per_batch = (time.perf_counter() - started) / -(-len(events) // ATOMIC_BATCH)
         self._atomic_s += 0.2 * (per_batch - self._atomic_s)
         return positions
 
-    async def _append_pipelined(self, events: list[ev.KnownEvent]) -> list[Position]:
+    async def _append_pipelined(self, events: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
         """Every event published with its ``Nats-Msg-Id`` and reply, then all acks awaited at once."""
-        return await self.ledger.append_many(events, atomic=False)
+        return await self.ledger.append_many(events, atomic=False, payloads=payloads)
 
     @staticmethod
     async def _sleep_forever() -> None:

@@ -552,13 +552,15 @@ class Ledger:
     # --- append ------------------------------------------------------------------------------
 
     def _encode_checked(self, event: ev.KnownEvent) -> bytes:
+        return self._checked(event, ev.encode(event))
+
+    def _checked(self, event: ev.KnownEvent, data: bytes) -> bytes:
         if not _EVENT_ID_RE.match(event.id):
             # The id travels in a header: CR/LF or spaces there would corrupt the protocol.
             raise EventError(
                 f"event id {event.id[:80]!r} is not usable: expected 1-128 of A-Z a-z 0-9 . _ : - "
                 "(derive one with ledger.events.derived_event_id)"
             )
-        data = ev.encode(event)
         subject_len = len(self.subjects.event(event.room, event.type))
         if len(data) + subject_len + _HEADER_ALLOWANCE > self._stream_max_msg_size:
             raise EventTooLarge(
@@ -652,7 +654,8 @@ class Ledger:
         return Position(ack.seq, ack.duplicate)
 
     async def append_many(
-        self, events: Iterable[ev.KnownEvent], *, atomic: bool | None = None
+        self, events: Iterable[ev.KnownEvent], *, atomic: bool | None = None,
+        payloads: Sequence[bytes] | None = None,
     ) -> list[Position]:
         """Append many events, in order, every one acknowledged.
 
@@ -662,9 +665,16 @@ class Ledger:
         second bridge) is sent again event by event, so each duplicate is reported as such and
         the rest are stored. ``atomic=False`` pipelines single publishes and waits once for all
         their acknowledgements: a lower latency for small groups on a server without fsync.
+        ``payloads``, when given, are the events already encoded with ``ev.encode`` (the bridge
+        encodes each event once, to check its size): they are checked, not encoded again.
         """
         items = list(events)
-        encoded = [self._encode_checked(e) for e in items]
+        if payloads is None:
+            encoded = [self._encode_checked(e) for e in items]
+        else:
+            if len(payloads) != len(items):
+                raise ValueError(f"{len(payloads)} payloads for {len(items)} events")
+            encoded = [self._checked(e, data) for e, data in zip(items, payloads, strict=True)]
         use_atomic = self._atomic if atomic is None else (atomic and self._atomic)
         chunks = [
             (items[start : start + ATOMIC_BATCH_SIZE], encoded[start : start + ATOMIC_BATCH_SIZE])

@@ -65,6 +65,18 @@ async def test_append_many_keeps_order_and_acknowledges_every_event(ledger: Ledg
     assert [r.event for r in mine] == [e for e in sent if e.room == room]
 
 
+async def test_append_many_takes_events_already_encoded(ledger: Ledger, room: str) -> None:
+    sent = [status(room, "a", i) for i in range(20)]
+    positions = await ledger.append_many(sent, payloads=[ev.encode(e) for e in sent])
+    assert [r.event for r in await collect(ledger, room)] == sent
+    assert len(positions) == 20
+    with pytest.raises(ValueError, match="2 payloads for 3 events"):
+        await ledger.append_many(sent[:3], payloads=[b"{}", b"{}"])
+    bad = ev.make_event(room, sent[0].body, id="has space")
+    with pytest.raises(EventError, match="not usable"):
+        await ledger.append_many([bad], payloads=[ev.encode(bad)])
+
+
 async def test_append_many_retry_stores_each_event_once(ledger: Ledger, room: str) -> None:
     first = [status(room, "a", i) for i in range(600)]
     await ledger.append_many(first[:250])

@@ -74,3 +74,22 @@ def test_body_from_dict_validates() -> None:
         ev.body_from_dict("nope", {})
     with pytest.raises(MalformedEvent, match=r"\$\.agent_id"):
         ev.body_from_dict("floor.request", {"agent_id": 5})
+
+
+def test_minted_ids_are_unique_and_a_forked_child_mints_its_own() -> None:
+    import os
+
+    ids = {ev.new_event_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 for i in ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.write(write_end, ev.new_event_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.waitpid(pid, 0)
+    parent_next = ev.new_event_id()
+    # Same counter position, yet a different prefix: the child reseeded after the fork.
+    assert child_id[:16] != parent_next[:16]
+    assert child_id not in ids and child_id != parent_next
