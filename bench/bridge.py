@@ -99,7 +99,16 @@ async def bridge_run(settings: Settings, n: int) -> tuple[float, list[ev.KnownEv
             on_data(data_packet)
             if i % 500 == 499:
                 await asyncio.sleep(0)  # callbacks arrive from the SDK's loop, interleaved with the writer
-        await asyncio.wait_for(done.wait(), 300)
+        try:
+            await asyncio.wait_for(done.wait(), 120)
+        except TimeoutError:
+            # Say where everything stands before failing: which stage holds the missing events.
+            print(f"stalled: {len(written)} of {n} acknowledged; room queue {bridge._queue.qsize()}, "
+                  f"writer pending {writer.pending}, nats_ok {writer.nats_ok}, counters {writer.counters}",
+                  file=sys.stderr, flush=True)
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=6, file=sys.stderr)
+            raise
         elapsed = time.perf_counter() - started
         await bridge.close(left=False)
         await writer.close()

@@ -711,9 +711,11 @@ class Ledger:
         """One atomic batch framed as HPUB commands (nats-py's publish() spends ~30 µs a
         message on headers, half the time of a batch), with its two acknowledgements awaited."""
         batch_id = uuid.uuid4().hex.encode()
-        first_reply, first_future = self._expect_reply()
-        commit_reply, commit_future = self._expect_reply()
         last = len(chunk) - 1
+        first_reply, first_future = self._expect_reply()
+        # A batch of one (the tail of 501, 1001, … events) is its own first and commit message:
+        # one reply comes, so both waits are on it (waiting for a second stalled the writer).
+        commit_reply, commit_future = self._expect_reply() if last > 0 else (first_reply, first_future)
         frames: list[bytes] = []
         event_subject = self.subjects.event
         for index, (event, payload) in enumerate(zip(chunk, payloads, strict=True)):

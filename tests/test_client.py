@@ -77,6 +77,15 @@ async def test_append_many_takes_events_already_encoded(ledger: Ledger, room: st
         await ledger.append_many([bad], payloads=[ev.encode(bad)])
 
 
+@pytest.mark.parametrize("count", [501, 1001])
+async def test_append_many_with_a_batch_of_one_at_the_tail(ledger: Ledger, room: str, count: int) -> None:
+    # 501 events are atomic batches of 500 and 1: the batch of one must be acknowledged too.
+    sent = [status(room, "a", i) for i in range(count)]
+    positions = await asyncio.wait_for(ledger.append_many(sent, atomic=True), 30)
+    assert len(positions) == count and not any(p.duplicate for p in positions)
+    assert [r.event for r in await collect(ledger, room)] == sent
+
+
 async def test_append_many_retry_stores_each_event_once(ledger: Ledger, room: str) -> None:
     first = [status(room, "a", i) for i in range(600)]
     await ledger.append_many(first[:250])
