@@ -141,20 +141,26 @@ async def test_chat_ctx_round_trips_through_livekit(pg_settings: Settings, pg_le
     assert again.to_dict(exclude_timestamp=False) == data
 
 
-async def test_summary_starts_the_default_conversation(pg_ledger: Ledger) -> None:
+@pytest.mark.parametrize("projected", [False, True], ids=["log", "projection"])
+async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg_ledger: Ledger,
+                                                       projected: bool) -> None:
     room = unique("sum")
     early = await pg_ledger.append_many(
         ev.make_event(room, ev.ConversationItem(item_id=f"item_{i}", role="user", text=f"u{i}"), sender=agent("a"))
         for i in range(5))
-    await pg_ledger.append(ev.make_event(room, ev.ContextSummary(text="caller lost a card", covers_seq=early[2].seq),
-                                         sender=agent("a")))
+    summary = await pg_ledger.append(ev.make_event(
+        room, ev.ContextSummary(text="caller lost a card", covers_seq=early[2].seq), sender=agent("a")))
+    if projected:
+        # Then the items after the summary come from PostgreSQL's rows, bounded in SQL.
+        await project(pg_settings, until=summary.seq)
     snapshot = await pg_ledger.hydrate(room)
+    assert (snapshot.source == "projection+log" and snapshot.projection_seq >= summary.seq) == projected
     assert [i.item_id for i in snapshot.conversation] == ["item_3", "item_4"]
     ctx = snapshot.chat_ctx()
     assert ctx.items[0].extra["is_summary"] is True  # type: ignore[union-attr]
     assert "caller lost a card" in ctx.items[0].text_content  # type: ignore[union-attr,operator]
     full = await pg_ledger.hydrate(room, full_conversation=True)
-    assert len(full.conversation) == 5
+    assert [i.item_id for i in full.conversation] == [f"item_{i}" for i in range(5)]
 
 
 async def test_seed_000_three_agents_take_turns(pg_settings: Settings, pg_ledger: Ledger) -> None:
