@@ -63,8 +63,10 @@ SELECT r.seq, r.state::text AS state,
   FROM r
 """
 #: Plan every hydration query with its values: a generic plan cannot know how few items follow
-#: the room's latest summary.
-_SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan"}
+#: the room's latest summary. No bitmap scans: the bound is only known when the scan starts, so
+#: the planner guesses a third of the room and prefers a bitmap scan plus a sort of the items;
+#: the (room, seq) index hands them over already in order (7.1 → 3.9 ms for 1,907 items).
+_SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "enable_bitmapscan": "off"}
 
 _items_decoder: Final = msgspec.json.Decoder(list[rd.ConversationItem])
 
