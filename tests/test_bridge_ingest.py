@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.ingest import MAX_INLINE_BYTES, Ingest, ParticipantObservation
 from ledger import events as ev
@@ -278,3 +280,32 @@ def test_events_round_trip_through_the_codec() -> None:
     for event in out:
         assert msgspec.json.decode(ev.encode(event))["room"] == "r1"
         assert ev.decode(ev.encode(event)) == event
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    packet=st.dictionaries(
+        st.sampled_from(["agent_id", "status", "action_lock", "task", "id", "at", "type", "extra"]),
+        st.sampled_from(["a1", "processing", "idle", "resolved", "busy", True, False, None, 1, 1.7e9,
+                         "2026-11-22T10:00:00Z", ""]) | _json_values,
+    )
+)
+def test_seed_fast_path_records_what_the_general_path_records(packet: dict[str, Any]) -> None:
+    """The one-pass decode of seed packets is an optimisation only: same event, same rejection."""
+    raw = json.dumps(packet).encode()
+    fast, fast_out = make()
+    general, general_out = make()
+    general._seed_fast = lambda *args, **kwargs: False  # type: ignore[method-assign]
+    for ingest in (fast, general):
+        ingest.data_packet(raw, topic="state", sender_identity="a1", sender_kind="agent", at=None)
+    (got,), (expected,) = fast_out, general_out
+    assert got.type == expected.type and got.body == expected.body and got.at == expected.at
+    if got.type == "agent.status" and isinstance(packet.get("id"), str) and packet["id"]:
+        assert got.id == expected.id  # the packet's own id makes the event's, on both paths
