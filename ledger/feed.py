@@ -219,6 +219,11 @@ class StreamFeed:
             self._arrived.set()
 
     async def _on_status(self, msg: Msg) -> None:
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            # A delivery that came the general way (a nats-py whose parser no longer calls
+            # _process_msg): slower, still correct.
+            self._on_delivery(msg.subject.encode(), msg.reply.encode(), msg.data)
+            return
         self._heard_at = time.monotonic()
         headers = msg.headers or {}
         status = headers.get("Status")

@@ -103,3 +103,16 @@ async def test_feed_goes_on_after_the_server_restarts() -> None:
     finally:
         embedded.stop_nats(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+async def test_feed_is_correct_without_its_fast_path(ledger: Ledger, room: str) -> None:
+    # If nats-py stopped routing deliveries through the wrapped parser hook, they would reach the
+    # subscription callback: slower, but every message still arrives once and in order.
+    from ledger import feed as feed_module
+
+    start = await ledger.head()
+    positions = await ledger.append_many([status(room, i) for i in range(300)])
+    async with StreamFeed(ledger, ledger.subjects.all_rooms(), after=start, window=100) as feed:
+        feed_module._fast_path(ledger.nc).clear()
+        taken = await take_until(feed, positions[-1].seq)
+    assert [d.seq for d in taken if d.subject.startswith(f"ledger.{room}.")] == [p.seq for p in positions]
