@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ledger import embedded
 from ledger import events as ev
-from ledger.client import Ledger
+from ledger.client import ATOMIC_BATCH_SIZE, Ledger
 from ledger.settings import Settings
 
 TARGET_EVENTS_PER_S = 30_000
@@ -83,7 +83,7 @@ async def run_publish_async(url: str, settings: Settings, events: list[ev.KnownE
 
 
 async def run_raw_atomic(url: str, settings: Settings, events: list[ev.KnownEvent]) -> float:
-    """The fastest raw way we know: nats-py's core connection, atomic batches of 500, each
+    """The fastest raw way we know: nats-py's core connection, atomic batches (of our size), each
     message published with its headers, one batch acknowledged before the next goes out."""
     from ledger.subjects import Subjects
 
@@ -91,8 +91,8 @@ async def run_raw_atomic(url: str, settings: Settings, events: list[ev.KnownEven
     frames = [(subjects.event(e.room, e.type), ev.encode(e), e.id) for e in events]
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
     started = time.perf_counter()
-    for start in range(0, len(frames), 500):
-        batch = frames[start : start + 500]
+    for start in range(0, len(frames), ATOMIC_BATCH_SIZE):
+        batch = frames[start : start + ATOMIC_BATCH_SIZE]
         batch_id = uuid.uuid4().hex
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, max_msgs=2)
@@ -152,7 +152,7 @@ async def main() -> None:
     table.add_row(
         "  reference: raw atomic batches",
         "",
-        f"{median_atomic:,.0f} (nats-py core, 500/batch)",
+        f"{median_atomic:,.0f} (nats-py core, {ATOMIC_BATCH_SIZE}/batch)",
         f"{median_ours / median_atomic:.2f}x",
         "-",
         "-",

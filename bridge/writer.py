@@ -35,7 +35,7 @@ import nats.errors
 
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
-from ledger.client import Ledger, Position
+from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Position
 from ledger.errors import EventError, LedgerError
 
 if TYPE_CHECKING:
@@ -45,8 +45,6 @@ log = logging.getLogger("bridge.writer")
 
 DEFAULT_MEMORY_LIMIT: Final = 10_000
 DEFAULT_BATCH: Final = 2000
-#: The server takes at most this many events in one atomic batch (ledger.client keeps headroom).
-ATOMIC_BATCH: Final = 500
 _RETRYABLE: Final = (LedgerError, nats.errors.Error, OSError, TimeoutError, ConnectionError)
 
 
@@ -407,7 +405,7 @@ class BridgeWriter:
         milliseconds; pipelined appends cost about one write each. Both are timed as they run
         (moving averages), so against a server that fsyncs every write, batches win sooner.
         """
-        atomic_size = min(len(events), ATOMIC_BATCH)
+        atomic_size = min(len(events), ATOMIC_BATCH_SIZE)
         use_pipeline = self._per_event_s * atomic_size <= self._atomic_s or len(events) == 1
         if len(events) >= 100 and self._atomic_trials < 3:
             use_pipeline = False  # learn what an atomic batch costs, on a real backlog
@@ -418,7 +416,7 @@ class BridgeWriter:
             self._per_event_s += 0.2 * ((time.perf_counter() - started) / len(events) - self._per_event_s)
             return positions
         positions = await self.ledger.append_many(events, payloads=payloads)  # atomic batches of up to 500
-        per_batch = (time.perf_counter() - started) / -(-len(events) // ATOMIC_BATCH)
+        per_batch = (time.perf_counter() - started) / -(-len(events) // ATOMIC_BATCH_SIZE)
         self._atomic_s += 0.2 * (per_batch - self._atomic_s)
         return positions
 

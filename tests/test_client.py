@@ -11,7 +11,7 @@ import pytest
 
 from ledger import embedded
 from ledger import events as ev
-from ledger.client import Ledger, Record
+from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Record
 from ledger.errors import (
     ConflictError,
     ConnectError,
@@ -77,13 +77,25 @@ async def test_append_many_takes_events_already_encoded(ledger: Ledger, room: st
         await ledger.append_many([bad], payloads=[ev.encode(bad)])
 
 
-@pytest.mark.parametrize("count", [501, 1001])
+@pytest.mark.parametrize("count", [ATOMIC_BATCH_SIZE + 1, 2 * ATOMIC_BATCH_SIZE + 1])
 async def test_append_many_with_a_batch_of_one_at_the_tail(ledger: Ledger, room: str, count: int) -> None:
-    # 501 events are atomic batches of 500 and 1: the batch of one must be acknowledged too.
+    # One more than a batch: the last atomic batch holds one event and must be acknowledged too.
     sent = [status(room, "a", i) for i in range(count)]
     positions = await asyncio.wait_for(ledger.append_many(sent, atomic=True), 30)
     assert len(positions) == count and not any(p.duplicate for p in positions)
     assert [r.event for r in await collect(ledger, room)] == sent
+
+
+async def test_a_batch_the_server_finds_too_large_is_stored_anyway_and_batches_shrink(
+        ledger: Ledger, room: str) -> None:
+    # nats-server takes at most 1,000 messages per atomic batch; a client asking for more (as
+    # against a server configured lower) gets the batch refused, nothing of it stored.
+    ledger._atomic_max = 1_500
+    sent = [status(room, "a", i) for i in range(2_000)]
+    positions = await asyncio.wait_for(ledger.append_many(sent, atomic=True), 60)
+    assert len(positions) == 2_000 and not any(p.duplicate for p in positions)
+    assert [r.event for r in await collect(ledger, room)] == sent
+    assert ledger._atomic_max <= 750
 
 
 async def test_append_many_retry_stores_each_event_once(ledger: Ledger, room: str) -> None:
