@@ -415,7 +415,7 @@ class BridgeWriter:
             positions = await self._append_pipelined(events, payloads)
             self._per_event_s += 0.2 * ((time.perf_counter() - started) / len(events) - self._per_event_s)
             return positions
-        positions = await self.ledger.append_many(events, payloads=payloads)  # atomic batches of up to 500
+        positions = await self.ledger.append_many(events, payloads=payloads)  # atomic batches of up to 1,000
         per_batch = (time.perf_counter() - started) / -(-len(events) // ATOMIC_BATCH_SIZE)
         self._atomic_s += 0.2 * (per_batch - self._atomic_s)
         return positions

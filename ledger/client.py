@@ -667,8 +667,8 @@ class Ledger:
         """Append many events, in order, every one acknowledged.
 
         ``atomic`` (default: when the stream allows it) sends them in JetStream atomic batches
-        of up to 500, one fsync per batch: the fastest way to a server that fsyncs every
-        write. A batch the server rejects because it holds an already-stored id (a retry, or a
+        of up to ``ATOMIC_BATCH_SIZE`` (1,000), one fsync per batch: the fastest way to a server
+        that fsyncs every write. A batch the server rejects because it holds an already-stored id (a retry, or a
         second bridge) is sent again event by event, so each duplicate is reported as such and
         the rest are stored. ``atomic=False`` pipelines single publishes and waits once for all
         their acknowledgements: a lower latency for small groups on a server without fsync.
