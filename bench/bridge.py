@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import rtc
 
 from bridge.room import RoomBridge
+from bridge.worker import settle_heap
 from bridge.writer import BridgeWriter
 from ledger import embedded
 from ledger import events as ev
@@ -224,6 +225,8 @@ async def main() -> None:
                         help="embedded NATS fsyncs every write (the embedded default; NATS's own default is off)")
     args = parser.parse_args()
 
+    # As `ledger bridge` does when it starts (bridge.worker.run_bridge).
+    settle_heap()
     home = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
     started_server = args.nats_url is None
     url = args.nats_url or embedded.ensure_nats(home, sync_always=args.sync_always).url
