@@ -465,7 +465,9 @@ class Ingest:
         openers), the three seed keys with valid values, no ``type``. This halves the Python cost
         of the commonest packet.
         """
-        if len(raw) > _SEED_FAST_MAX or raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:
+        # Other packets pay only a substring search before the general path.
+        if len(raw) > _SEED_FAST_MAX or b'"agent_id"' not in raw \
+                or raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:
             return False
         try:
             raw.decode("utf-8")
@@ -476,10 +478,14 @@ class Ingest:
             return False
         body = ev.AgentStatus(agent_id=seed.agent_id, status=seed.status, action_lock=seed.action_lock,
                               task=seed.task)
-        own_id = seed.id
-        event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(seed.at) or at)
+        self._emit_status(body, seed.id, seed.at, sender=sender, fallback_id=fallback_id, at=at)
         return True
+
+    def _emit_status(self, body: ev.Body, own_id: Any, own_at: Any, *, sender: ev.Sender,
+                     fallback_id: str | None, at: datetime | None) -> None:
+        """A seed packet's event: its own id and time when it carries them."""
+        event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else fallback_id
+        self._emit(body, id=event_id, sender=sender, at=_parse_at(own_at) or at)
 
     def _seed(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str, sender: ev.Sender,
               fallback_id: str | None, at: datetime | None, stream_id: str | None,
@@ -492,9 +498,7 @@ class Ingest:
             self._data(payload, topic=topic, transport=transport, reason=f"agent status: {exc.detail}",
                        sender=sender, id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
             return
-        own_id = obj.get("id")
-        event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(obj.get("at")) or at)
+        self._emit_status(body, obj.get("id"), obj.get("at"), sender=sender, fallback_id=fallback_id, at=at)
 
     def _ledger_protocol(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str,
                          sender: ev.Sender, fallback_id: str | None, at: datetime | None, stream_id: str | None,

@@ -155,17 +155,17 @@ def _record_predecessor_gaps(settings: Settings, room: str, bridge_id: str, inge
             path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def settle_heap(*, collect: bool = True) -> None:
+def settle_heap() -> None:
     """Move everything alive now (the SDKs, protobuf descriptors, settings) out of the cyclic
     garbage collector's sight.
 
     The bridge process holds a large, permanent heap from its imports; every full collection
     walked all of it, a 40–70 ms stall in the room callbacks: at 1,000 packets/s that was the
     bridge's p99 (bench/bridge.py: 18–43 ms without, 1.2–5.8 ms with). Objects made later are
-    collected as usual.
+    collected as usual. Called once per process, after the imports and before any room: a
+    freeze moves uncollected garbage out of reach too, so it is not repeated per job.
     """
-    if collect:
-        gc.collect()
+    gc.collect()
     gc.freeze()
 
 
@@ -193,7 +193,6 @@ async def _job_entry(ctx: Any) -> None:
     """One dispatched room: its own ledger connection and writer, shared process counters."""
     from livekit.agents import AutoSubscribe
 
-    settle_heap(collect=False)  # what the agents framework loaded for this job, too
     process = _PROCESS
     if process is None:  # pragma: no cover - only when the job runs in a separate process
         process = BridgeProcess(Settings.from_env())
@@ -248,6 +247,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
         shutdown_process_timeout=process.flush_deadline + 5.0,
     )
     server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name)
+    settle_heap()  # again, now that the agents framework is loaded
     # AgentServer.run() writes LIVEKIT_* into os.environ; put them back afterwards.
     saved_env = {name: os.environ.get(name) for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
     run = asyncio.create_task(server.run(devmode=False), name="bridge-agent-server")

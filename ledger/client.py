@@ -250,9 +250,16 @@ def ack_position(reply: str) -> tuple[int, datetime]:
         seq, nanos = tokens[5], tokens[7]
     else:
         seq, nanos = tokens[7], tokens[9]
-    # Epoch plus a timedelta: a third of the cost of fromtimestamp(…, UTC), which a
-    # whole-stream reader pays once per event.
-    return int(seq), _EPOCH + timedelta(microseconds=int(nanos) // 1000)
+    return int(seq), stored_time(int(nanos))
+
+
+def stored_time(nanos: int) -> datetime:
+    """JetStream's storage time (ns since the epoch) as a UTC datetime, cut to microseconds.
+
+    Epoch plus a timedelta: a third of the cost of fromtimestamp(…, UTC), which a whole-stream
+    reader pays once per event.
+    """
+    return _EPOCH + timedelta(microseconds=nanos // 1000)
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

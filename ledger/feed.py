@@ -33,10 +33,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 from nats.js import api as js_api
+
+from ledger.client import stored_time
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -53,8 +55,6 @@ HEARTBEAT_S: Final = 2.0
 #: A waiting pull request ends after this long (status 408) and the feed sends another.
 REQUEST_EXPIRES_S: Final = 30.0
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
 
 class Delivery:
     """One stored message: stream sequence, storage time (ns), subject and payload."""
@@ -69,8 +69,8 @@ class Delivery:
 
     @property
     def time(self) -> datetime:
-        """Storage time, to the microsecond (as :func:`ledger.client.ack_position` gives it)."""
-        return _EPOCH + timedelta(microseconds=self.time_ns // 1000)
+        """Storage time, to the microsecond (as every other read path gives it)."""
+        return stored_time(self.time_ns)
 
 
 _FastHandler = Callable[[bytes, bytes, bytes], None]
@@ -261,7 +261,3 @@ class StreamFeed:
         else:
             await self._top_up()
         return chunk
-
-    def pending(self) -> int:
-        """Deliveries buffered and not yet taken."""
-        return len(self._buffer)

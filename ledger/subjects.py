@@ -86,7 +86,7 @@ class Subjects:
         self.prefix = prefix
 
     def stream_subjects(self) -> list[str]:
-        return [f"{self.prefix}.>"]
+        return [self.all_rooms()]
 
     def event(self, room: str, event_type: str) -> str:
         return _event_subject(self.prefix, room, event_type)

@@ -8,9 +8,9 @@ How it works
 - Folds the batch in memory with :mod:`projections.reducers`: room states come from an LRU
   cache, loaded for the batch's rooms in one query on a miss.
 - Writes the batch in one transaction while the next batch is read and folded (at most one
-  batch in flight; it is committed before the next starts, and before any room row is read): room rows and conversation items with
-  ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE`` (one statement per table, not per
-  event), error rows, and the checkpoint row, which is locked (``FOR UPDATE``) and compared with
+  batch in flight; it is committed before the next starts, and before any room row is read):
+  room rows and conversation items with ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO
+  UPDATE`` (one statement per table, not per event), error rows, and the checkpoint row, which is locked (``FOR UPDATE``) and compared with
   the value this worker expects, so two workers on one partition, or a rebuild swapping tables,
   are noticed (the worker then reloads from the database).
 - Idempotent twice over: the checkpoint moves in the same transaction as the rows, and each room
