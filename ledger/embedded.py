@@ -442,7 +442,9 @@ def _choose_port(port: int | None, old: dict[str, Any] | None) -> int:
             )
         return port
     # Clients that were connected to the killed server reconnect to the URL they know; keep it if we can.
-    if old is not None and _port_free(int(old["port"])):
+    # Just after a crash the old port can stay bound for a moment (the killed server's side of a
+    # connection waits for its client to close), so it is given a few seconds before a new one.
+    if old is not None and _wait_for(lambda: _port_free(int(old["port"])), 3.0):
         return int(old["port"])
     return _free_port()
 
