@@ -45,8 +45,8 @@ async def main(args: argparse.Namespace) -> None:
         copy_rates: list[float] = []
         try:
             for run in range(args.runs):
-                await conn.execute("TRUNCATE room_state, conversation_items, projection_checkpoints, "
-                                   "projection_errors")
+                await conn.execute("TRUNCATE room_state, conversation_items, conversation_pages, "
+                                   "projection_checkpoints, projection_errors")
                 async with Projector(settings, projection=f"bench{run}", batch_size=args.batch_size,
                                      migrate=False) as projector:
                     started = time.perf_counter()

@@ -19,8 +19,10 @@ unreachable, not migrated) or no row for the room, the whole room is folded from
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
+import operator
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,18 +50,25 @@ DB_RETRY_AFTER_S: Final = 5.0
 #: Connection timeout for hydration's database (kept short: the log is always a fallback).
 DB_CONNECT_TIMEOUT_S: Final = 2.0
 
-# One statement, so one snapshot (the row and its items agree) in one round trip (a transaction
-# around two statements took four). The items' lower bound is an uncorrelated sub-select of the
-# materialised row (an InitPlan, known when the scan starts), so PostgreSQL runs an index range
-# scan on (room, seq); a bound correlated to the row made it scan every item of the room, which
-# grew with the room (33 ms at 85k items, found by the soak).
+# One statement, so one snapshot (the row, its pages and items agree) in one round trip (a
+# transaction around two statements took four). The conversation comes as pages (runs of 64
+# items stored as one text each, see projections.tables) and the few items after the last page:
+# aggregating thousands of item rows per call took PostgreSQL two thirds of a hydration. A page
+# that straddles the summary's bound brings a few older items along; hydrate drops them. The
+# bounds are uncorrelated sub-selects of materialised rows (InitPlans, known when the scans
+# start), so both scans are index range scans on (room, …); a bound correlated to the row made
+# PostgreSQL scan every item of the room (33 ms at 85k items, found by the soak).
 _SNAPSHOT_QUERY: Final = """
-WITH r AS MATERIALIZED (SELECT seq, state, summary_covers_seq FROM room_state WHERE room = $1)
+WITH r AS MATERIALIZED (SELECT seq, state, summary_covers_seq FROM room_state WHERE room = $1),
+     b AS MATERIALIZED (
+        SELECT CASE WHEN $2 THEN 0 ELSE coalesce((SELECT summary_covers_seq FROM r), 0) END AS after,
+               coalesce((SELECT p.end_seq FROM conversation_pages p WHERE p.room = $1
+                          ORDER BY p.start_seq DESC LIMIT 1), 0) AS paged_to)
 SELECT r.seq, r.state::text AS state,
-       (SELECT '[' || coalesce(string_agg(i.item_text, ',' ORDER BY i.seq), '') || ']'
-          FROM conversation_items i
-         WHERE i.room = $1
-           AND i.seq > (CASE WHEN $2 THEN 0 ELSE coalesce((SELECT summary_covers_seq FROM r), 0) END)) AS items
+       ARRAY(SELECT p.body FROM conversation_pages p
+              WHERE p.room = $1 AND p.end_seq > (SELECT after FROM b) ORDER BY p.start_seq) AS pages,
+       (SELECT string_agg(i.item_text, ',' ORDER BY i.seq) FROM conversation_items i
+         WHERE i.room = $1 AND i.seq > (SELECT greatest(after, paged_to) FROM b)) AS tail
   FROM r
 """
 #: Plan every hydration query with its values: a generic plan cannot know how few items follow
@@ -69,6 +78,7 @@ SELECT r.seq, r.state::text AS state,
 _SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "enable_bitmapscan": "off"}
 
 _items_decoder: Final = msgspec.json.Decoder(list[rd.ConversationItem])
+_item_seq: Final = operator.attrgetter("seq")
 
 
 class HydrateTimeout(LedgerError, TimeoutError):
@@ -289,7 +299,10 @@ async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState
     if row is None:
         return None
     state = rd.decode_state(row["state"])
-    state.conversation = _items_decoder.decode(row["items"])
+    parts: list[str] = row["pages"]
+    if row["tail"] is not None:
+        parts.append(row["tail"])
+    state.conversation = _items_decoder.decode(f"[{','.join(parts)}]")
     return state, int(row["seq"])
 
 
@@ -353,8 +366,10 @@ async def hydrate(
         delay = min(delay * 2, 0.1)
     conversation = state.conversation
     if not full_conversation and state.summary is not None:
+        # Items are in sequence order (each keeps the place of its first appearance).
         covers = state.summary.covers_seq
-        conversation = [item for item in conversation if item.seq > covers]
+        if conversation and conversation[0].seq <= covers:
+            conversation = conversation[bisect.bisect_right(conversation, covers, key=_item_seq):]
     return Snapshot(
         room=room, seq=state.seq, state=state, conversation=conversation, full_conversation=full_conversation,
         projection_seq=projection_seq, source=source, caught_up=caught_up,

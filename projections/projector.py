@@ -59,7 +59,7 @@ from ledger.feed import DEFAULT_WINDOW, Delivery, StreamFeed
 from ledger.settings import Settings
 from ledger.subjects import room_from_token
 from projections import reducers as rd
-from projections.tables import ROOMS
+from projections.tables import PAGE_ITEMS, ROOMS
 
 log = logging.getLogger("projections.projector")
 
@@ -124,6 +124,7 @@ class BatchResult:
 class _Tables:
     room_state: str = "room_state"
     conversation: str = "conversation_items"
+    pages: str = "conversation_pages"
 
 
 @dataclass(slots=True)
@@ -132,6 +133,8 @@ class _Rows:
 
     rooms: tuple[list[Any], ...]
     items: tuple[list[Any], ...]
+    #: Room -> items written for it in this batch (new or changed).
+    items_per_room: dict[str, int]
     errors: list[tuple[int, str | None, str | None, str]]
 
 
@@ -164,7 +167,8 @@ class Projector:
         self.projection = projection
         self.batch_size = batch_size
         self.cache_rooms = cache_rooms
-        self.tables = _Tables() if target == "live" else _Tables("room_state_next", "conversation_items_next")
+        self.tables = _Tables() if target == "live" else _Tables("room_state_next", "conversation_items_next",
+                                                                     "conversation_pages_next")
         self.migrate = migrate
         #: Last sequence committed to Postgres (with the rows), and last sequence folded in
         #: memory: one batch is written while the next is read and folded.
@@ -172,6 +176,10 @@ class Projector:
         self._folded = 0
         self._inflight: asyncio.Task[None] | None = None
         self._cache: OrderedDict[str, rd.RoomState] = OrderedDict()
+        #: Room -> at least how many of its items follow its last page, as of the last commit.
+        #: Only a hint (never below the truth) that spares the page query rooms that cannot
+        #: fill a page yet; a room not in it is always asked.
+        self._unpaged: dict[str, int] = {}
         self._ledger: Ledger | None = None
         self._conn: Any = None
         self._feed: StreamFeed | None = None
@@ -290,6 +298,7 @@ class Projector:
         """Forget everything not committed: cache, consumer; reconnect and reload the checkpoint."""
         await self._discard_inflight()
         self._cache.clear()
+        self._unpaged.clear()
         await self._drop_consumer()
         self._folded = self.checkpoint
         if self._conn is not None and not self._conn.is_closed():
@@ -454,6 +463,7 @@ class Projector:
         i_roles: list[str | None] = []
         i_speakers: list[str | None] = []
         i_docs: list[str] = []
+        items_per_room: dict[str, int] = {}
         for room, state in pending.states.items():
             index = state.index
             rooms.append(rd.pg_text(room))
@@ -465,6 +475,8 @@ class Projector:
             versions.append(state.session_version)
             covers.append(state.summary.covers_seq if state.summary else None)
             docs.append(rd.encode_state(state).decode())
+            if state.conversation:
+                items_per_room[rd.pg_text(room)] = len(state.conversation)
             for item in state.conversation:
                 i_rooms.append(rd.pg_text(room))
                 i_ids.append(rd.pg_text(item.item_id))
@@ -476,12 +488,14 @@ class Projector:
         return _Rows(
             rooms=(rooms, seqs, firsts, activities, counts, holders, versions, covers, docs),
             items=(i_rooms, i_ids, i_seqs, i_types, i_roles, i_speakers, i_docs),
+            items_per_room=items_per_room,
             errors=list(pending.errors),
         )
 
     async def _commit(self, rows: _Rows, last: int) -> None:
         rs, ci = self.tables.room_state, self.tables.conversation
         conn = self._conn
+        unpaged: dict[str, int] = {}
         async with conn.transaction():
             # Rows and checkpoint are lost together or not at all on a server crash: no need to
             # wait for the WAL flush (the log is the source of truth; the projector catches up).
@@ -515,21 +529,27 @@ class Projector:
                 )
             if rows.items[0]:
                 # An item seen again keeps the place (sequence, time) of its first appearance.
-                await conn.execute(
+                # Updated rows (xmax set: not a fresh insert) are returned, to refresh their page.
+                changed = await conn.fetch(
                     f"""
-                    INSERT INTO {ci} AS t (room, item_id, seq, type, role, speaker, item, item_text)
-                    SELECT u.room, u.item_id, u.seq, u.type, u.role, u.speaker, u.item::jsonb, u.item
-                    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                                $7::text[]) AS u(room, item_id, seq, type, role, speaker, item)
-                    ON CONFLICT (room, item_id) DO UPDATE SET
-                        type = excluded.type, role = excluded.role, speaker = excluded.speaker,
-                        item = excluded.item || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'),
-                        item_text = (excluded.item
-                                     || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'))::text
-                    WHERE t.seq < excluded.seq
+                    WITH written AS (
+                        INSERT INTO {ci} AS t (room, item_id, seq, type, role, speaker, item, item_text)
+                        SELECT u.room, u.item_id, u.seq, u.type, u.role, u.speaker, u.item::jsonb, u.item
+                        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                                    $7::text[]) AS u(room, item_id, seq, type, role, speaker, item)
+                        ON CONFLICT (room, item_id) DO UPDATE SET
+                            type = excluded.type, role = excluded.role, speaker = excluded.speaker,
+                            item = excluded.item || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'),
+                            item_text = (excluded.item
+                                         || jsonb_build_object('seq', t.item -> 'seq', 'time', t.item -> 'time'))::text
+                        WHERE t.seq < excluded.seq
+                        RETURNING t.room, t.seq, t.xmax::text <> '0' AS updated
+                    )
+                    SELECT room, seq FROM written WHERE updated
                     """,
                     *rows.items,
                 )
+                unpaged = await self._write_pages(conn, rows.items_per_room, changed)
             if rows.errors:
                 await conn.executemany(
                     """INSERT INTO projection_errors (projection, seq, room, event_type, error)
@@ -547,6 +567,64 @@ class Projector:
                 self.projection, self.partition, self.partitions, last,
             )
         self.checkpoint = last
+        self._unpaged.update(unpaged)
+
+    async def _write_pages(self, conn: Any, items_per_room: dict[str, int], changed: list[Any]) -> dict[str, int]:
+        """Keep the rooms' conversation pages in step with their items (see projections.tables).
+
+        A page whose item changed is re-joined in place (its range does not move: an item keeps
+        the sequence of its first appearance). Then every complete run of PAGE_ITEMS items after
+        a room's last page becomes a page. Pages are thus the room's items in runs of
+        PAGE_ITEMS counted from its first item, however the log was batched. Returns, for the
+        batch's rooms, at least how many items follow their last page now.
+        """
+        pages, ci = self.tables.pages, self.tables.conversation
+        if changed:
+            await conn.execute(
+                f"""
+                UPDATE {pages} AS p
+                   SET body = (SELECT string_agg(i.item_text, ',' ORDER BY i.seq) FROM {ci} i
+                                WHERE i.room = p.room AND i.seq BETWEEN p.start_seq AND p.end_seq)
+                  FROM (SELECT DISTINCT room, seq FROM unnest($1::text[], $2::bigint[]) AS c(room, seq)) AS c
+                 WHERE p.room = c.room AND p.start_seq <= c.seq AND p.end_seq >= c.seq
+                """,
+                [r["room"] for r in changed], [r["seq"] for r in changed],
+            )
+        unpaged: dict[str, int] = {}
+        asking: list[str] = []
+        for room, written in items_per_room.items():
+            known = self._unpaged.get(room)
+            if known is not None and known + written < PAGE_ITEMS:
+                unpaged[room] = known + written
+            else:
+                asking.append(room)
+        if not asking:
+            return unpaged
+        rows = await conn.fetch(
+            f"""
+            WITH numbered AS (
+                SELECT i.room, i.seq, i.item_text,
+                       (row_number() OVER (PARTITION BY i.room ORDER BY i.seq) - 1) / {PAGE_ITEMS} AS chunk,
+                       count(*) OVER (PARTITION BY i.room) AS unpaged
+                  FROM unnest($1::text[]) AS t(room)
+                  CROSS JOIN LATERAL (
+                      SELECT coalesce((SELECT p.end_seq FROM {pages} p WHERE p.room = t.room
+                                        ORDER BY p.start_seq DESC LIMIT 1), 0) AS paged_to) AS last_page
+                  JOIN {ci} i ON i.room = t.room AND i.seq > last_page.paged_to
+            ), sealed AS (
+                INSERT INTO {pages} (room, start_seq, end_seq, items, body)
+                SELECT room, min(seq), max(seq), count(*), string_agg(item_text, ',' ORDER BY seq)
+                  FROM numbered
+                 WHERE chunk < unpaged / {PAGE_ITEMS}
+                 GROUP BY room, chunk
+            )
+            SELECT room, max(unpaged) % {PAGE_ITEMS} AS unpaged FROM numbered GROUP BY room
+            """,
+            asking,
+        )
+        unpaged.update(dict.fromkeys(asking, 0))
+        unpaged.update((row["room"], int(row["unpaged"])) for row in rows)
+        return unpaged
 
 
 def _safe_room(token: str) -> str | None:
@@ -678,7 +756,8 @@ if __name__ == "__main__":
 
 # --- per-room rows (``ledger purge``) -------------------------------------------------------------
 
-_ROOM_TABLES = ("room_state", "conversation_items", "room_state_next", "conversation_items_next", "projection_errors")
+_ROOM_TABLES = ("room_state", "conversation_items", "conversation_pages", "room_state_next", "conversation_items_next",
+                "conversation_pages_next", "projection_errors")
 
 
 async def _room_table_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int]:

@@ -2,8 +2,12 @@
 
 One row per room holds the folded state except the conversation (JSONB, loaded in one query),
 with a few columns copied out for SQL (``ledger rooms``, dashboards). Conversation items are
-one row each, ordered by the sequence of their first appearance. ``*_next`` tables have the
-same shape and receive a rebuild, swapped in atomically at its end.
+one row each, ordered by the sequence of their first appearance. Hydration sends a room's whole
+conversation (thousands of items) on every call, so the items are also kept in *pages*: each
+run of :data:`PAGE_ITEMS` items, in order, as one text row (their JSON joined by commas),
+written once when the run is complete (and again only if one of its items changes). A reader
+takes the pages and the items after the last page (fewer than :data:`PAGE_ITEMS`). ``*_next``
+tables have the same shape and receive a rebuild, swapped in atomically at its end.
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ def _room_state(name: str) -> Table:
     )
 
 
+#: Items per conversation page. Pages are sealed by the projector once this many items follow
+#: the room's last page; hydration reads ~N/64 page rows plus at most 63 item rows.
+PAGE_ITEMS = 64
+
+
 def _conversation(name: str) -> Table:
     return Table(
         name,
@@ -100,10 +109,31 @@ def _conversation(name: str) -> Table:
     )
 
 
+def _pages(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("room", Text, primary_key=True),
+        #: Sequences of the page's first and last item: the page holds exactly the room's items
+        #: in this range (``PAGE_ITEMS`` of them).
+        Column("start_seq", BigInteger, primary_key=True),
+        Column("end_seq", BigInteger, nullable=False),
+        Column("items", Integer, nullable=False),
+        #: The items' ``item_text``, in order, joined by commas (a JSON array without brackets).
+        Column("body", Text, nullable=False),
+    )
+
+
 room_state = _room_state("room_state")
 conversation_items = _conversation("conversation_items")
 room_state_next = _room_state("room_state_next")
 conversation_items_next = _conversation("conversation_items_next")
+conversation_pages = _pages("conversation_pages")
+conversation_pages_next = _pages("conversation_pages_next")
 
 #: live table -> its rebuild twin.
-SWAPPABLE = {"room_state": "room_state_next", "conversation_items": "conversation_items_next"}
+SWAPPABLE = {
+    "room_state": "room_state_next",
+    "conversation_items": "conversation_items_next",
+    "conversation_pages": "conversation_pages_next",
+}

@@ -47,6 +47,7 @@ from projections.projector import Projector
 from projections.rebuild import rebuild
 from projections.sample import interleaved
 from projections.tables import ROOMS, ROOMS_REBUILD
+from tests.test_projector import assert_pages_follow_items
 
 pytestmark = pytest.mark.fault
 
@@ -133,8 +134,10 @@ async def _projected(conn: Any, room: str) -> rd.RoomState | None:
     if row is None:
         return None
     state = rd.decode_state(row["state"])
-    rows = await conn.fetch("SELECT item::text AS item FROM conversation_items WHERE room = $1 ORDER BY seq", room)
+    rows = await conn.fetch("SELECT seq, item::text AS item, item_text FROM conversation_items WHERE room = $1 "
+                            "ORDER BY seq", room)
     state.conversation = [rd.decode_item(r["item"]) for r in rows]
+    await assert_pages_follow_items(conn, room, rows, "conversation_pages")
     return state
 
 

@@ -143,7 +143,10 @@ async def test_chat_ctx_round_trips_through_livekit(pg_settings: Settings, pg_le
 
 @pytest.mark.parametrize("projected", [False, True], ids=["log", "projection"])
 async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg_ledger: Ledger,
-                                                       projected: bool) -> None:
+                                                       projected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pages of two items: items 0-1 and 2-3 are pages, so the page of items 2-3 straddles the
+    # summary's bound (item 2) and hydrate must drop item 2.
+    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 2)
     room = unique("sum")
     early = await pg_ledger.append_many(
         ev.make_event(room, ev.ConversationItem(item_id=f"item_{i}", role="user", text=f"u{i}"), sender=agent("a"))
@@ -151,7 +154,7 @@ async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg
     summary = await pg_ledger.append(ev.make_event(
         room, ev.ContextSummary(text="caller lost a card", covers_seq=early[2].seq), sender=agent("a")))
     if projected:
-        # Then the items after the summary come from PostgreSQL's rows, bounded in SQL.
+        # Then the items after the summary come from PostgreSQL's pages and rows, bounded in SQL.
         await project(pg_settings, until=summary.seq)
     snapshot = await pg_ledger.hydrate(room)
     assert (snapshot.source == "projection+log" and snapshot.projection_seq >= summary.seq) == projected

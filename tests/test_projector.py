@@ -49,16 +49,34 @@ async def fold_room(ledger: Ledger, room: str) -> rd.RoomState:
     return rd.fold([r async for r in ledger.read(room)])
 
 
-async def projected(conn: asyncpg.Connection[Any], room: str,
-                    table: str = "room_state", items: str = "conversation_items") -> rd.RoomState | None:
+async def projected(conn: asyncpg.Connection[Any], room: str, table: str = "room_state",
+                    items: str = "conversation_items", pages: str = "conversation_pages") -> rd.RoomState | None:
     row = await conn.fetchrow(f"SELECT seq, state::text AS state FROM {table} WHERE room = $1", room)
     if row is None:
         return None
     state = rd.decode_state(row["state"])
     assert state.seq == row["seq"]
-    rows = await conn.fetch(f"SELECT item::text AS item FROM {items} WHERE room = $1 ORDER BY seq", room)
+    rows = await conn.fetch(f"SELECT seq, item::text AS item, item_text FROM {items} WHERE room = $1 ORDER BY seq", room)
     state.conversation = [rd.decode_item(r["item"]) for r in rows]
+    await assert_pages_follow_items(conn, room, rows, pages)
     return state
+
+
+async def assert_pages_follow_items(conn: asyncpg.Connection[Any], room: str, items: list[Any], table: str) -> None:
+    """The room's pages are its items in equal runs from the first, and fewer than a run follow."""
+    pages = await conn.fetch(f"SELECT start_seq, end_seq, items, body FROM {table} WHERE room = $1 ORDER BY start_seq",
+                             room)
+    size = pages[0]["items"] if pages else None
+    position = 0
+    for page in pages:
+        run = items[position:position + page["items"]]
+        assert page["items"] == size and len(run) == size, f"{room}: pages of unequal size"
+        assert (page["start_seq"], page["end_seq"]) == (run[0]["seq"], run[-1]["seq"]), f"{room}: page bounds"
+        assert msgspec.json.decode(f"[{page['body']}]") == [msgspec.json.decode(r["item_text"]) for r in run], (
+            f"{room}: page at {page['start_seq']} differs from its items")
+        position += size
+    if size is not None:
+        assert len(items) - position < size, f"{room}: {len(items) - position} items after the last page"
 
 
 def comparable(state: rd.RoomState) -> tuple[Any, Any]:
@@ -125,7 +143,10 @@ def generate_logs(count: int) -> list[list[tuple[ev.Body, str]]]:
     return found
 
 
-async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, conn: Any) -> None:
+async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, conn: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pages of three items: the short random rooms get pages, and items updated inside them.
+    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 3)
     logs = generate_logs(60)
     rooms = [unique("prop") for _ in logs]
     events: list[ev.KnownEvent] = []
@@ -148,6 +169,36 @@ async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, con
             await projector.catch_up()
         after = [comparable(s) for s in [await projected(conn, r) for r in rooms] if s is not None]
         assert before == after
+
+
+async def test_conversation_pages_follow_items_however_batched(pg_settings: Settings, conn: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 4)
+    room = unique("pages")
+    sender = ev.Sender(identity="agent-a", kind="agent")
+
+    def item(n: int, text: str) -> ev.KnownEvent:
+        return ev.make_event(room, ev.ConversationItem(item_id=f"item_{n}", role="user", text=text), sender=sender)
+
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(item(n, f"first {n}") for n in range(10))
+        async with Projector(pg_settings, projection=unique("t"), batch_size=3) as projector:
+            await projector.catch_up()
+        pages = await conn.fetch("SELECT items, body FROM conversation_pages WHERE room = $1 ORDER BY start_seq", room)
+        assert [p["items"] for p in pages] == [4, 4]  # items 0-7; 8 and 9 wait for a full page
+        # An item of a written page changes (its place stays), and new items complete a page.
+        await ledger.append_many([item(1, "changed 1"), *(item(n, f"first {n}") for n in range(10, 13))])
+        async with Projector(pg_settings, projection=unique("t"), batch_size=1000) as projector:
+            await projector.catch_up()
+        pages = await conn.fetch("SELECT items, body FROM conversation_pages WHERE room = $1 ORDER BY start_seq", room)
+        assert [p["items"] for p in pages] == [4, 4, 4]
+        assert '"changed 1"' in pages[0]["body"] and '"first 1"' not in pages[0]["body"]
+        await assert_projection_equals_fold(ledger, conn, [room])
+        # Hydration reads the pages and the item after them.
+        snapshot = await ledger.hydrate(room)
+        assert snapshot.source == "projection+log" and snapshot.caught_up == 0
+        assert [i.text for i in snapshot.conversation] == (
+            ["first 0", "changed 1"] + [f"first {n}" for n in range(2, 13)])
 
 
 # --- errors ---------------------------------------------------------------------------------
