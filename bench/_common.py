@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import statistics
 import tempfile
 import uuid
@@ -39,6 +40,8 @@ def bench_settings(keep_home: str | None = None) -> Iterator[Settings]:
                 embedded.stop_postgres(home)
             if "nats" in started:
                 embedded.stop_nats(home)
+            # A full hydrate run leaves gigabytes of log and tables behind.
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def median(values: list[float]) -> float:

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,7 @@ async def main() -> None:
     finally:
         if started_server:
             embedded.stop_nats(home)
+        shutil.rmtree(home, ignore_errors=True)
 
     figures = {"bridge_eps": round(statistics.median(bridge_eps)),
                "p50_ms": round(statistics.median(p50s), 3), "p99_ms": round(statistics.median(p99s), 3),

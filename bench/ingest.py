@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -134,6 +135,7 @@ async def main() -> None:
             atomic.append(await run_raw_atomic(server.url, settings, realistic_events(args.events, run * 3 + 2, rng)))
     finally:
         embedded.stop_nats(home)
+        shutil.rmtree(home, ignore_errors=True)
     median_ours = statistics.median(ours)
     median_raw = statistics.median(raw)
     median_atomic = statistics.median(atomic)
