@@ -95,18 +95,27 @@ async def connect(settings: Settings, *, url: str | None = None,
 
 async def create_pool(settings: Settings, *, url: str | None = None, min_size: int = 1, max_size: int = 4,
                       connect_timeout: float = CONNECT_TIMEOUT_S,
-                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool[Any]:
+                      server_settings: dict[str, str] | None = None,
+                      reset_sessions: bool = True) -> asyncpg.Pool[Any]:
+    """A connection pool. ``reset_sessions=False`` skips the reset query asyncpg sends each time a
+    connection goes back to the pool (a round trip per use); only for pools whose users leave no
+    session state behind (no SET, LISTEN, advisory locks or open cursors; an open transaction is
+    still rolled back)."""
     import asyncpg
 
     resolved = url or await database_url(settings)
     try:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
             asyncpg_dsn(resolved), min_size=min_size, max_size=max_size, timeout=connect_timeout,
-            server_settings=server_settings,
+            server_settings=server_settings, reset=None if reset_sessions else _keep_session,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise unreachable(resolved, settings, exc) from exc
     return pool
+
+
+async def _keep_session(connection: Any) -> None:
+    return None
 
 
 async def create_engine(settings: Settings, *, url: str | None = None, **kwargs: Any) -> AsyncEngine:

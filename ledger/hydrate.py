@@ -257,9 +257,11 @@ async def _pool(ledger: Ledger) -> asyncpg.Pool[Any] | None:
             handle.failed_until = time.monotonic() + DB_RETRY_AFTER_S
             return None
         try:
+            # Hydration runs one SELECT per use and leaves no session state: no reset round
+            # trip when a connection goes back to the pool.
             handle.pool = await db.create_pool(ledger.settings, url=url, min_size=1, max_size=8,
                                                connect_timeout=DB_CONNECT_TIMEOUT_S,
-                                               server_settings=dict(_SERVER_SETTINGS))
+                                               server_settings=dict(_SERVER_SETTINGS), reset_sessions=False)
             handle.loop = loop
         except LedgerError as exc:
             log.warning("hydration reads the log alone: %s", exc)
