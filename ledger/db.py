@@ -80,14 +80,15 @@ def unreachable(url: str, settings: Settings, exc: BaseException) -> ConnectErro
     )
 
 
-async def connect(settings: Settings, *, url: str | None = None,
-                  connect_timeout: float = CONNECT_TIMEOUT_S) -> asyncpg.Connection[Any]:
-    """One raw asyncpg connection (fast paths: hydration, COPY)."""
+async def connect(settings: Settings, *, url: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
+                  server_settings: dict[str, str] | None = None) -> asyncpg.Connection[Any]:
+    """One raw asyncpg connection (fast paths: the projector, COPY)."""
     import asyncpg
 
     resolved = url or await database_url(settings)
     try:
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(asyncpg_dsn(resolved), timeout=connect_timeout)
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(asyncpg_dsn(resolved), timeout=connect_timeout,
+                                                              server_settings=server_settings)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise unreachable(resolved, settings, exc) from exc
     return conn
