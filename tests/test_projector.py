@@ -105,6 +105,41 @@ async def test_migrate_is_idempotent(pg_settings: Settings) -> None:
     assert await current_revision(pg_settings) == head_revision()
 
 
+def _downgrade_sync(connection: Any, revision: str) -> None:
+    from alembic import command
+
+    from projections.migrate import alembic_config
+
+    cfg = alembic_config()
+    cfg.attributes["connection"] = connection
+    command.downgrade(cfg, revision)
+
+
+async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Settings, conn: Any) -> None:
+    from projections.migrate import _with_connection
+
+    room = unique("pre-pages")
+    sender = ev.Sender(identity="agent-a", kind="agent")
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(
+            ev.make_event(room, ev.ConversationItem(item_id=f"item_{n}", role="user", text=f"t{n}"), sender=sender)
+            for n in range(150))
+        async with Projector(pg_settings, projection=unique("t")) as projector:
+            await projector.catch_up()
+        query = "SELECT start_seq, end_seq, items, body FROM conversation_pages WHERE room = $1 ORDER BY start_seq"
+        written = [tuple(r) for r in await conn.fetch(query, room)]
+        assert [r[2] for r in written] == [64, 64]
+        # Back to 0003 (no pages) and up again: the migration pages what is already projected,
+        # exactly as the projector does.
+        try:
+            await _with_connection(pg_settings, _downgrade_sync, "0003")
+            assert await conn.fetchval("SELECT to_regclass('conversation_pages')") is None
+        finally:
+            await upgrade(pg_settings)
+        assert [tuple(r) for r in await conn.fetch(query, room)] == written
+        await assert_projection_equals_fold(ledger, conn, [room])
+
+
 # --- equality with the fold, for random logs ------------------------------------------------
 
 AGENT_IDS = ["a", "b", "c"]
