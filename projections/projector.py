@@ -409,7 +409,9 @@ class Projector:
             list(stored_as),
         )
         for row in rows:
-            self._cache[stored_as.get(row["room"], row["room"])] = rd.decode_state(row["state"])
+            self._cache[stored_as.pop(row["room"], row["room"])] = rd.decode_state(row["state"])
+        # A room without a row has no items either (a room's row and items commit together).
+        self._unpaged.update(dict.fromkeys(stored_as, 0))
 
     def _trim_cache(self) -> None:
         while len(self._cache) > self.cache_rooms:
