@@ -274,8 +274,16 @@ async def _mark_failed(ledger: Ledger, exc: BaseException) -> None:
     handle = _dbs.get(ledger)
     if handle is None:
         return
-    log.warning("hydration reads the log alone for %gs: PostgreSQL failed (%s)", DB_RETRY_AFTER_S,
-                type(exc).__name__)
+    import asyncpg
+
+    if isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)):
+        # Correct but slow until fixed: every hydration folds the whole room from the log.
+        log.warning("hydration reads the log alone for %gs: the projection tables are missing or older than "
+                    "this room-ledger (%s); run `ledger migrate` (`ledger project` also migrates on start)",
+                    DB_RETRY_AFTER_S, exc)
+    else:
+        log.warning("hydration reads the log alone for %gs: PostgreSQL failed (%s)", DB_RETRY_AFTER_S,
+                    type(exc).__name__)
     handle.failed_until = time.monotonic() + DB_RETRY_AFTER_S
     pool, handle.pool = handle.pool, None
     if pool is not None:

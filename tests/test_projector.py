@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from ledger import db
 from ledger import events as ev
 from ledger.client import Ledger
+from ledger.hydrate import close
 from ledger.settings import Settings
 from projections import reducers as rd
 from projections.migrate import current_revision, head_revision, upgrade
@@ -115,7 +117,8 @@ def _downgrade_sync(connection: Any, revision: str) -> None:
     command.downgrade(cfg, revision)
 
 
-async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Settings, conn: Any) -> None:
+async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Settings, conn: Any,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     from projections.migrate import _with_connection
 
     room = unique("pre-pages")
@@ -134,6 +137,13 @@ async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Setti
         try:
             await _with_connection(pg_settings, _downgrade_sync, "0003")
             assert await conn.fetchval("SELECT to_regclass('conversation_pages')") is None
+            # Hydration against tables older than the code: the whole room from the log, and
+            # the warning says what to run.
+            with caplog.at_level(logging.WARNING, logger="ledger.hydrate"):
+                snapshot = await ledger.hydrate(room)
+            assert snapshot.source == "log" and len(snapshot.conversation) == 150
+            assert "run `ledger migrate`" in caplog.text
+            await close(ledger)
         finally:
             await upgrade(pg_settings)
         assert [tuple(r) for r in await conn.fetch(query, room)] == written
