@@ -35,7 +35,7 @@ import nats.errors
 
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
-from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Position
+from ledger.client import Ledger, Position
 from ledger.errors import EventError, LedgerError
 
 if TYPE_CHECKING:
@@ -405,7 +405,8 @@ class BridgeWriter:
         milliseconds; pipelined appends cost about one write each. Both are timed as they run
         (moving averages), so against a server that fsyncs every write, batches win sooner.
         """
-        atomic_size = min(len(events), ATOMIC_BATCH_SIZE)
+        atomic_batch = self.ledger.atomic_batch_size
+        atomic_size = min(len(events), atomic_batch)
         use_pipeline = self._per_event_s * atomic_size <= self._atomic_s or len(events) == 1
         if len(events) >= 100 and self._atomic_trials < 3:
             use_pipeline = False  # learn what an atomic batch costs, on a real backlog
@@ -415,8 +416,8 @@ class BridgeWriter:
             positions = await self._append_pipelined(events, payloads)
             self._per_event_s += 0.2 * ((time.perf_counter() - started) / len(events) - self._per_event_s)
             return positions
-        positions = await self.ledger.append_many(events, payloads=payloads)  # atomic batches of up to 1,000
-        per_batch = (time.perf_counter() - started) / -(-len(events) // ATOMIC_BATCH_SIZE)
+        positions = await self.ledger.append_many(events, payloads=payloads)  # in atomic batches
+        per_batch = (time.perf_counter() - started) / -(-len(events) // atomic_batch)
         self._atomic_s += 0.2 * (per_batch - self._atomic_s)
         return positions
 

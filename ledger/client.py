@@ -449,6 +449,11 @@ class Ledger:
             raise LedgerError("the ledger is not connected: use `async with Ledger(...)` or await connect()")
         return self._js
 
+    @property
+    def atomic_batch_size(self) -> int:
+        """Events per atomic batch now: ATOMIC_BATCH_SIZE, or less after the server refused it."""
+        return self._atomic_max
+
     async def _on_error(self, exc: Exception) -> None:
         if self._closing:
             return
@@ -725,7 +730,7 @@ class Ledger:
         batch_id = uuid.uuid4().hex.encode()
         last = len(chunk) - 1
         first_reply, first_future = self._expect_reply()
-        # A batch of one (the tail of 501, 1001, … events) is its own first and commit message:
+        # A batch of one (the tail of 1,001 or 2,001 … events) is its own first and commit message:
         # one reply comes, so both waits are on it (waiting for a second stalled the writer).
         commit_reply, commit_future = self._expect_reply() if last > 0 else (first_reply, first_future)
         frames: list[bytes] = []

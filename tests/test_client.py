@@ -95,7 +95,7 @@ async def test_a_batch_the_server_finds_too_large_is_stored_anyway_and_batches_s
     positions = await asyncio.wait_for(ledger.append_many(sent, atomic=True), 60)
     assert len(positions) == 2_000 and not any(p.duplicate for p in positions)
     assert [r.event for r in await collect(ledger, room)] == sent
-    assert ledger._atomic_max <= 750
+    assert ledger.atomic_batch_size <= 750
 
 
 async def test_append_many_retry_stores_each_event_once(ledger: Ledger, room: str) -> None:
