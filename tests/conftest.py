@@ -19,8 +19,8 @@ from ledger import embedded
 from ledger.client import Ledger
 from ledger.settings import Settings
 
-if importlib.util.find_spec("tests.livekit_sfu.plugin") is not None:
-    pytest_plugins = ["tests.livekit_sfu.plugin"]
+if importlib.util.find_spec("tests.livekit.plugin") is not None:
+    pytest_plugins = ["tests.livekit.plugin"]
 
 
 def fresh_home(label: str) -> Path:

@@ -43,3 +43,24 @@ class Events:
         while not self.queue.empty():
             items.append(self.queue.get_nowait())
         return items
+
+
+async def sees(room: rtc.Room, *identities: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Wait until ``room`` lists every one of ``identities`` among its remote participants.
+
+    livekit-server announces a participant to the others once its connection is up, and batches
+    those updates: a participant that has just connected is not yet known to the rest.
+    """
+    changed = asyncio.Event()
+
+    def on_change(*_: Any) -> None:
+        changed.set()
+
+    room.on("participant_connected", on_change)
+    try:
+        async with asyncio.timeout(timeout):
+            while not set(identities) <= set(room.remote_participants):
+                changed.clear()
+                await changed.wait()
+    finally:
+        room.off("participant_connected", on_change)

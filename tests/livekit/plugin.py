@@ -1,6 +1,6 @@
 """pytest plugin: the ``livekit`` marker, the ``livekit_server`` fixture, and the namespace re-exec.
 
-Load it with ``pytest_plugins = ["tests.livekit_sfu.plugin"]`` in the top conftest.
+Load it with ``pytest_plugins = ["tests.livekit.plugin"]`` in the top conftest.
 
 How a session with LiveKit tests runs (see tests/README.md):
 
@@ -8,7 +8,7 @@ How a session with LiveKit tests runs (see tests/README.md):
    filtering), so ``pytest -m livekit`` runs exactly the LiveKit tests.
 2. After collection, if LiveKit tests are selected, ``LIVEKIT_URL`` is unset and this process is
    not yet inside the test network namespace, the whole pytest command is re-run inside one
-   (:mod:`tests.livekit_sfu.netns`): every server of the session, NATS and Postgres included, then
+   (:mod:`tests.livekit.netns`): every server of the session, NATS and Postgres included, then
    lives in that namespace.  The outer process only waits and exits with the inner exit status.
 3. The inner process records its exit status before interpreter shutdown.  If it then dies of a
    signal (the livekit FFI has been seen to abort at exit, once in ~30 runs, after every room
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,97 +35,40 @@ from livekit import api, rtc
 from livekit.protocol import models
 
 from . import netns
-from .server import LoopbackSFU, mint_token
+from .server import LocalLiveKit, RemoteLiveKit, have_binary
 
 MARKER = "livekit"
 FIXTURE = "livekit_server"
-STATUS_ENV = "LIVEKIT_SFU_STATUS_FILE"
+STATUS_ENV = "LIVEKIT_TESTS_STATUS_FILE"
 _REEXEC = pytest.StashKey[list[str]]()
 _SKIP_REASON = pytest.StashKey[str]()
 _STATUS_FILE = pytest.StashKey[str]()
 
 
 class LiveKitServer(Protocol):
-    """What ``livekit_server`` yields: the loopback SFU or a real server (``LIVEKIT_URL``)."""
+    """What ``livekit_server`` yields: the local livekit-server, or a real one from ``LIVEKIT_URL``."""
 
-    @property
-    def url(self) -> str: ...
+    url: str
     api_key: str
     api_secret: str
+    local: bool
 
-    def token(
-        self,
-        identity: str,
-        room: str,
-        *,
-        hidden: bool = False,
-        can_publish: bool = True,
-        can_publish_data: bool = True,
-        can_subscribe: bool = True,
-        attributes: dict[str, str] | None = None,
-        name: str | None = None,
-        metadata: str | None = None,
-        kind: str = "standard",
-    ) -> str: ...
-
+    def token(self, identity: str, room: str, **grants: Any) -> str: ...
+    def api(self) -> api.LiveKitAPI: ...
     async def list_participants(self, room: str) -> list[models.ParticipantInfo]: ...
-    async def drop_signal(self, room: str, identity: str) -> None: ...
-    async def force_reconnect(self, room: str, identity: str) -> None: ...
     async def kick(self, room: str, identity: str) -> None: ...
     async def set_room_metadata(self, room: str, metadata: str) -> None: ...
-    # loopback only (a real server skips the test):
-    async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None: ...
-    async def delivered(self, room: str, identity: str) -> int: ...
-    async def dropped(self) -> int: ...
-
-
-class RemoteLiveKit:
-    """A real LiveKit server from ``LIVEKIT_URL``; faults it cannot inject skip the test."""
-
-    def __init__(self, url: str, api_key: str, api_secret: str) -> None:
-        self.url, self.api_key, self.api_secret = url, api_key, api_secret
-
-    def token(self, identity: str, room: str, **grants: Any) -> str:
-        return mint_token(self.api_key, self.api_secret, identity, room, **grants)
-
-    def _api(self) -> api.LiveKitAPI:
-        http = self.url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
-        return api.LiveKitAPI(http, self.api_key, self.api_secret)
-
-    async def list_participants(self, room: str) -> list[models.ParticipantInfo]:
-        async with self._api() as lk:
-            res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
-            return list(res.participants)
-
-    async def kick(self, room: str, identity: str) -> None:
-        async with self._api() as lk:
-            await lk.room.remove_participant(api.RoomParticipantIdentity(room=room, identity=identity))
-
-    async def set_room_metadata(self, room: str, metadata: str) -> None:
-        async with self._api() as lk:
-            await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=room, metadata=metadata))
-
-    async def drop_signal(self, room: str, identity: str) -> None:
-        pytest.skip("drop_signal needs the loopback SFU (LIVEKIT_URL is set)")
-
-    async def force_reconnect(self, room: str, identity: str) -> None:
-        pytest.skip("force_reconnect needs the loopback SFU (LIVEKIT_URL is set)")
-
-    async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None:
-        pytest.skip("wait_until needs the loopback SFU (LIVEKIT_URL is set)")
-
-    async def delivered(self, room: str, identity: str) -> int:
-        pytest.skip("delivered needs the loopback SFU (LIVEKIT_URL is set)")
-
-    async def dropped(self) -> int:
-        pytest.skip("dropped needs the loopback SFU (LIVEKIT_URL is set)")
+    # the local server only (a LIVEKIT_URL server skips the test):
+    async def drop_signal(self, room: str, identity: str) -> None: ...
+    async def worker_registered(self, agent_name: str, timeout: float = 30.0, *, after: int = 0) -> None: ...
+    def log_mark(self) -> int: ...
 
 
 # ---- hooks ---------------------------------------------------------------------------------
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{MARKER}: uses the loopback LiveKit SFU (real livekit SDK)")
+    config.addinivalue_line("markers", f"{MARKER}: uses livekit-server (real livekit SDK over WebRTC)")
     if path := os.environ.pop(STATUS_ENV, None):  # popped: a nested pytest must not write it
         config.stash[_STATUS_FILE] = path
 
@@ -171,7 +115,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
 
 def _run_inside(config: pytest.Config) -> int:
     params = config.invocation_params
-    with tempfile.TemporaryDirectory(prefix="livekit-sfu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="livekit-tests-") as tmp:
         status_file = Path(tmp) / "status"
         env = {**os.environ, netns.INSIDE_ENV: "1", STATUS_ENV: str(status_file)}
         argv = netns.command([sys.executable, "-m", "pytest", *params.args])
@@ -203,7 +147,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def livekit_server(request: pytest.FixtureRequest) -> Iterator[LiveKitServer]:
-    """The loopback SFU on a free port (or the real server named by ``LIVEKIT_URL``)."""
+    """livekit-server, started once per session in the namespace (or the server of ``LIVEKIT_URL``)."""
     if url := os.environ.get("LIVEKIT_URL"):
         key, secret = os.environ.get("LIVEKIT_API_KEY"), os.environ.get("LIVEKIT_API_SECRET")
         if not key or not secret:
@@ -213,11 +157,15 @@ def livekit_server(request: pytest.FixtureRequest) -> Iterator[LiveKitServer]:
     if not netns.inside():
         reason = request.config.stash.get(_SKIP_REASON, "") or netns.probe()[1] or "not re-executed"
         pytest.skip(f"LiveKit tests run inside a private network namespace only: {reason}")
-    sfu = LoopbackSFU().start()
+    if reason := have_binary():
+        pytest.skip(reason)
+    workdir = Path(tempfile.mkdtemp(prefix="livekit-server-"))
+    server = LocalLiveKit(workdir).start()
     try:
-        yield sfu
+        yield server
     finally:
-        sfu.stop()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 Connect = Callable[..., Awaitable[rtc.Room]]

@@ -1,9 +1,9 @@
-"""Run a command inside a private network namespace where libwebrtc can talk to the loopback SFU.
+"""Run a command inside a private network namespace where libwebrtc can talk to livekit-server.
 
 libwebrtc ignores loopback adapters when it gathers ICE candidates, so a client on ``lo`` alone
 has no candidate at all.  The namespace gets ``lo`` up plus a veth pair carrying
-``127.0.0.2/32``: libwebrtc gathers on the veth, aioice (the SFU) on ``127.0.0.1``, and every
-packet stays inside 127.0.0.0/8 of a namespace nothing else can reach.  Servers that other
+``127.0.0.2/32``: libwebrtc gathers on the veth, livekit-server (``rtc.node_ip``) answers on the same
+address, and every packet stays inside 127.0.0.0/8 of a namespace nothing else can reach.  Servers that other
 fixtures start on 127.0.0.1 (NATS, Postgres) live in the same namespace, since the whole pytest
 process runs there.
 
@@ -20,7 +20,7 @@ import subprocess
 
 #: Set to ``1`` in the environment of a process running inside the namespace.  Setting it
 #: yourself means "this process's network already suits libwebrtc: do not re-exec".
-INSIDE_ENV = "LIVEKIT_SFU_NETNS"
+INSIDE_ENV = "LIVEKIT_TESTS_NETNS"
 #: Address of the veth end libwebrtc gathers its host candidate on.
 VETH_ADDRESS = "127.0.0.2/32"
 
