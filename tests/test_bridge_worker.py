@@ -1,9 +1,11 @@
-"""The bridge in worker mode, end to end: a real ``livekit-agents`` ``AgentServer`` registers with the
-loopback SFU's agent service, an explicit dispatch (``create_dispatch`` / ``ledger dispatch``) puts
-it into a room, and real ``rtc.Room`` agents' seed-000 packets land in the log (``-m livekit``).
+"""The bridge in worker mode, end to end: a real ``livekit-agents`` ``AgentServer`` registers with
+livekit-server's agent service, its dispatcher puts it into a room (``create_dispatch``,
+``ledger dispatch``, or the room configuration of a user's token), and real ``rtc.Room`` agents'
+seed-000 packets land in the log (``-m livekit``).
 
-Waiting for a worker to register uses the loopback SFU's ``wait_until`` (a real ``LIVEKIT_URL``
-server skips these tests); everything else waits on the log.
+LiveKit offers a job only to workers registered at that moment and never retries, so every test
+dispatches after the server's log says the worker registered (a ``LIVEKIT_URL`` server, whose log
+we cannot read, skips these tests); everything else waits on the log.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 
-from bridge.tokens import create_dispatch, livekit_api
+from bridge.tokens import bridge_token, create_dispatch, livekit_api, room_configuration
 from bridge.worker import run_bridge
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
 from tests.followed_log import FollowedLog as Log
+from tests.livekit import Events, sees
 from tests.test_cli_helpers import env_for
 
 pytestmark = pytest.mark.livekit
-
 
 
 
@@ -45,17 +47,16 @@ def restore_environ() -> Iterator[None]:
 
 @pytest.fixture
 def lk_settings(settings: Settings, livekit_server: Any, restore_environ: None) -> Settings:
-    """The session's NATS, the loopback SFU, and an agent name of this test's own."""
+    """The session's NATS, livekit-server, and an agent name of this test's own."""
     return settings.replace(livekit_url=livekit_server.url, livekit_api_key=livekit_server.api_key,
                             livekit_api_secret=livekit_server.api_secret,
                             bridge_agent_name=f"ledger-bridge-{uuid.uuid4().hex[:8]}")
 
 
 async def registered(livekit_server: Any, agent_name: str, runner: asyncio.Future[Any] | None = None,
-                     timeout: float = 30.0) -> None:
-    """Wait until a worker is registered under ``agent_name`` (fail early if ``runner`` ends)."""
-    waiter = asyncio.ensure_future(
-        livekit_server.wait_until(lambda sfu: bool(sfu.agents.registered(agent_name)), timeout))
+                     timeout: float = 30.0, *, after: int = 0) -> None:
+    """Wait until the server registered a worker under ``agent_name`` (fail early if ``runner`` ends)."""
+    waiter = asyncio.ensure_future(livekit_server.worker_registered(agent_name, timeout, after=after))
     watched = {waiter} if runner is None else {waiter, runner}
     done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
     if waiter not in done:
@@ -68,9 +69,10 @@ async def registered(livekit_server: Any, agent_name: str, runner: asyncio.Futur
 async def worker_bridge(settings: Settings, livekit_server: Any) -> AsyncIterator[asyncio.Event]:
     """``run_bridge(settings, room=None)`` in a task, registered; yields its stop event."""
     stop = asyncio.Event()
+    mark = livekit_server.log_mark()
     task = asyncio.create_task(run_bridge(settings, room=None, stop=stop, flush_deadline=2.0))
     try:
-        await registered(livekit_server, settings.bridge_agent_name, task)
+        await registered(livekit_server, settings.bridge_agent_name, task, after=mark)
         yield stop
     finally:
         stop.set()
@@ -121,17 +123,19 @@ async def test_dispatched_worker_bridge_records_seed_000(lk_settings: Settings, 
         # the bridge is in the room, hidden: listed by the server API only
         async with livekit_api(lk_settings) as lk:
             listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
-            [job] = [j for d in await lk.agent_dispatch.list_dispatch(room) for j in d.state.jobs]
+            # a room also lists the dispatch with no agent name that LiveKit makes for automatic dispatch
+            listed_dispatches = [d.id for d in await lk.agent_dispatch.list_dispatch(room) if d.agent_name]
         bridges = [p for p in listed if p.identity not in {"agent-a", "agent-b", "agent-c"}]
         assert len(bridges) == 1
         bridge = bridges[0]
         assert bridge.permission.hidden and not bridge.permission.can_publish_data
         assert bridge.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
         assert bridge.attributes["lk.agent_name"] == name
-        assert job.dispatch_id == dispatch.id and job.state.participant_identity == bridge.identity
+        assert listed_dispatches == [dispatch.id]
         for agent in agents:
             others = {a.local_participant.identity for a in agents} - {agent.local_participant.identity}
-            assert set(agent.remote_participants) == others
+            await sees(agent, *others)
+            assert set(agent.remote_participants) == others  # never the hidden bridge
 
     await log.until(lambda rs: rs[-1].type == "bridge.left")
     await log.close()
@@ -153,7 +157,7 @@ async def test_deleting_the_dispatch_ends_the_job_and_a_new_one_rejoins(
         async with livekit_api(lk_settings) as lk:
             await lk.agent_dispatch.delete_dispatch(first.id, room)
             await log.until(lambda rs: log.count("bridge.left") == 1)
-            assert await lk.agent_dispatch.list_dispatch(room) == []
+            assert [d for d in await lk.agent_dispatch.list_dispatch(room) if d.agent_name] == []
             # the worker is still registered: a new dispatch brings the bridge back
             await create_dispatch(lk_settings, room)
             await log.until(lambda rs: log.count("bridge.joined") == 2)
@@ -171,11 +175,12 @@ async def test_ledger_bridge_and_ledger_dispatch_commands(lk_settings: Settings,
            "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret,
            "LEDGER_BRIDGE_AGENT_NAME": name}
     log = Log(ledger, room)
+    mark = livekit_server.log_mark()
     bridge = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli.main", "bridge", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        await registered(livekit_server, name, asyncio.ensure_future(bridge.wait()), timeout=60)
+        await registered(livekit_server, name, asyncio.ensure_future(bridge.wait()), timeout=60, after=mark)
         agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "ab"]
         dispatch = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli.main", "dispatch", room, "--json", env=env,
@@ -203,46 +208,64 @@ async def test_ledger_bridge_and_ledger_dispatch_commands(lk_settings: Settings,
     assert [body(r) for r in statuses] == sent
 
 
-async def test_room_service_api(livekit_server: Any, livekit_connect: Any, room: str) -> None:
-    """The loopback SFU's RoomService over Twirp, as ``livekit.api.LiveKitAPI`` calls it."""
-    alice = await livekit_connect("alice", room)
-    await livekit_connect("hidden-bob", room, hidden=True)
-    metadata = asyncio.Event()
-    left = asyncio.Event()
-    alice.on("room_metadata_changed", lambda old, new: metadata.set())
-    alice.on("disconnected", lambda reason: left.set())
-    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, livekit_server.api_secret) as lk:
-        listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
-        assert {p.identity for p in listed} == {"alice", "hidden-bob"}
-        rooms = (await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms
-        assert [r.name for r in rooms] == [room] and rooms[0].sid.startswith("RM_")
+async def test_room_configuration_in_a_user_token_dispatches_the_bridge(
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_server: Any) -> None:
+    """``bridge.tokens.room_configuration`` in the first user's token: creating the room dispatches
+    the bridge (LiveKit ignores a token's room configuration when the room already exists)."""
+    log = Log(ledger, room)
+    async with worker_bridge(lk_settings, livekit_server):
+        token = (api.AccessToken(livekit_server.api_key, livekit_server.api_secret)
+                 .with_identity("caller").with_grants(api.VideoGrants(room_join=True, room=room))
+                 .with_room_config(room_configuration(lk_settings)).to_jwt())
+        caller = rtc.Room()
+        await caller.connect(livekit_server.url, token)
+        try:
+            await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs))
+            await caller.local_participant.publish_data(seed("caller", "processing", True, "t"), reliable=True)
+            await log.until(lambda rs: any(r.type == "agent.status" for r in rs))
+            async with livekit_api(lk_settings) as lk:
+                dispatches = await lk.agent_dispatch.list_dispatch(room)
+            assert [d.agent_name for d in dispatches if d.agent_name] == [lk_settings.bridge_agent_name]
+        finally:
+            await caller.disconnect()
+    await log.until(lambda rs: rs[-1].type == "bridge.left")
+    await log.close()
 
-        await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=room, metadata="m1"))
-        await asyncio.wait_for(metadata.wait(), 10)
-        assert alice.metadata == "m1"
 
-        await lk.room.remove_participant(api.RoomParticipantIdentity(room=room, identity="alice"))
-        await asyncio.wait_for(left.wait(), 10)
-        listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
-        assert [p.identity for p in listed] == ["hidden-bob"]
+async def test_the_server_holds_the_bridge_to_its_token(
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_server: Any, livekit_connect: Any) -> None:
+    """The bridge's token: hidden, subscribe-only, an agent.  The server lists it to no one and
+    drops, silently, anything it tries to publish."""
+    log = Log(ledger, room)
+    caller = await livekit_connect("caller", room)
+    got = Events(caller, "data_received", "participant_connected")
+    async with worker_bridge(lk_settings, livekit_server):
+        await create_dispatch(lk_settings, room)
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs))
+        async with livekit_api(lk_settings) as lk:
+            listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
+        (bridge,) = [p for p in listed if p.identity != "caller"]
+        grants = bridge.permission
+        assert grants.hidden and grants.can_subscribe
+        assert not grants.can_publish and not grants.can_publish_data
+        assert bridge.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        assert "caller" in {p.identity for p in listed} and bridge.identity not in caller.remote_participants
 
-        # CreateRoom with agents (the bridge's room_configuration recipe) makes their dispatches
-        other = f"{room}-configured"
-        created = await lk.room.create_room(api.CreateRoomRequest(
-            name=other, agents=[api.RoomAgentDispatch(agent_name="someone")]))
-        assert created.name == other and created.sid.startswith("RM_")
-        [dispatch] = await lk.agent_dispatch.list_dispatch(other)
-        assert dispatch.agent_name == "someone" and dispatch.id.startswith("AD_")
-        await lk.room.delete_room(api.DeleteRoomRequest(room=other))
-        assert (await lk.room.list_rooms(api.ListRoomsRequest(names=[other]))).rooms == []
-
-        with pytest.raises(api.TwirpError) as missing:
-            await lk.room.list_participants(api.ListParticipantsRequest(room=f"{room}-none"))
-        assert missing.value.code == api.TwirpErrorCode.NOT_FOUND
-        with pytest.raises(api.TwirpError) as unknown:
-            await lk.agent_dispatch.delete_dispatch("AD_nothing", room)
-        assert unknown.value.code == api.TwirpErrorCode.NOT_FOUND
-    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, "not-the-secret-not-the-secret-not-the-secret") as lk:
-        with pytest.raises(api.TwirpError) as refused:
-            await lk.room.list_participants(api.ListParticipantsRequest(room=room))
-        assert refused.value.code == api.TwirpErrorCode.UNAUTHENTICATED
+        # what the token forbids, the server refuses: a packet from the bridge's identity never arrives
+        forged = rtc.Room()
+        await forged.connect(livekit_server.url, bridge_token(lk_settings, room, f"{bridge.identity}-probe"))
+        try:
+            await forged.local_participant.publish_data(b"from the bridge", topic="t")
+            await forged.local_participant.set_attributes({"x": "y"})  # refused too: no can_update_own_metadata
+        except Exception as exc:  # noqa: BLE001 - the SDK may refuse before the server does
+            assert "permission" in str(exc).lower() or "denied" in str(exc).lower(), exc
+        finally:
+            await forged.disconnect()
+        other = await livekit_connect("other", room)
+        await other.local_participant.publish_data(b"allowed", topic="t")
+        (packet,) = await got.next("data_received")
+        assert packet.data == b"allowed"
+        assert [name for name, _ in got.pending() if name == "data_received"] == []
+        assert all(p.identity in {"caller", "other"} for p in caller.remote_participants.values())
+    await log.until(lambda rs: rs[-1].type == "bridge.left")
+    await log.close()
