@@ -250,6 +250,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
     settle_heap()  # again, now that the agents framework is loaded
     # AgentServer.run() writes LIVEKIT_* into os.environ; put them back afterwards.
     saved_env = {name: os.environ.get(name) for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
+    # LiveKit offers a job only to workers registered when its dispatch arrives: say when that is.
+    server.on("worker_registered", lambda worker_id, _info: log.info(
+        "bridge: worker %s registered as %r; rooms can dispatch it now", worker_id, settings.bridge_agent_name))
     run = asyncio.create_task(server.run(devmode=False), name="bridge-agent-server")
     log.info("bridge: worker registering as %r", settings.bridge_agent_name)
 

@@ -3,4 +3,4 @@
 from .events import Events, sees
 from .server import LocalLiveKit, RemoteLiveKit, mint_token
 
-__all__ = ["Events", "sees", "LocalLiveKit", "RemoteLiveKit", "mint_token"]
+__all__ = ["Events", "LocalLiveKit", "RemoteLiveKit", "mint_token", "sees"]
