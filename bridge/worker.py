@@ -54,6 +54,10 @@ logging.getLogger("livekit").addFilter(_NoPacketDumps())
 
 #: Room-level disconnect reasons after which a direct bridge does not rejoin.
 _FINAL_REASONS = frozenset({"ROOM_DELETED", "ROOM_CLOSED"})
+#: Disconnect reasons of a lost connection (not a decision by the room, the server or us): a
+#: worker-mode job that ends with one of these is rejoined directly (see ``_job_entry``).
+_CONNECTION_LOST = frozenset({"UNKNOWN_REASON", "SIGNAL_CLOSE", "CONNECTION_TIMEOUT", "MEDIA_FAILURE",
+                              "SERVER_SHUTDOWN", "STATE_MISMATCH", "MIGRATION", ""})
 
 
 @dataclass
@@ -65,9 +69,33 @@ class BridgeProcess:
     counters: Counters = field(default_factory=Counters)
     flush_deadline: float = 5.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Worker mode: the worker's own loop and stop event, and the rooms it rejoined directly.
+    loop: asyncio.AbstractEventLoop | None = None
+    stop: asyncio.Event | None = None
+    rejoins: set[asyncio.Task[Counters]] = field(default_factory=set)
 
     def write_stats(self, **extra: Any) -> None:
         write_stats(self.settings.home, self.bridge_id, self.counters, extra=extra)
+
+    def rejoin(self, room: str, gap_since: datetime) -> None:
+        """Keep bridging ``room`` directly after its job lost the connection (worker mode).
+
+        The SDK gives up reconnecting after ~20 s (a livekit-server restarted, a long network
+        cut); the job then ends, and nothing dispatches the bridge again: a self-hosted server
+        forgets its dispatches when it restarts. Thread-safe: called from the job's thread.
+        """
+        loop, stop = self.loop, self.stop
+        if loop is None or stop is None or stop.is_set():
+            return
+
+        def start() -> None:
+            task = asyncio.create_task(run_direct(self.settings, room, stop, process=self, gap_since=gap_since),
+                                       name="bridge-rejoin")
+            self.rejoins.add(task)
+            task.add_done_callback(self.rejoins.discard)
+
+        with contextlib.suppress(RuntimeError):  # the worker's loop has closed: it is stopping
+            loop.call_soon_threadsafe(start)
 
 
 async def _until(stop: asyncio.Event, *others: asyncio.Event, within: float | None = None) -> None:
@@ -80,12 +108,17 @@ async def _until(stop: asyncio.Event, *others: asyncio.Event, within: float | No
 
 
 async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, stop: asyncio.Event, *,
-                          on_connected: Callable[[RoomBridge], None] | None = None) -> None:
-    """Keep one room bridged into ``writer`` until ``stop`` (direct mode, with its own token)."""
+                          on_connected: Callable[[RoomBridge], None] | None = None,
+                          gap_since: datetime | None = None) -> None:
+    """Keep one room bridged into ``writer`` until ``stop`` (direct mode, with its own token).
+
+    ``gap_since``: the room was not seen since then (a worker job that lost its connection):
+    the first connection records that gap instead of a fresh arrival.
+    """
     url, _, _ = _credentials(settings)
     ingest = writer.ingest(room)
     identity = bridge_identity(writer.bridge_id)
-    gap_started = None
+    gap_started = gap_since
     delay = 0.2
     writer.counters.rooms += 1
     try:
@@ -170,14 +203,15 @@ def settle_heap() -> None:
 
 
 async def run_direct(settings: Settings, room: str, stop: asyncio.Event, *, process: BridgeProcess | None = None,
-                     on_connected: Callable[[RoomBridge], None] | None = None) -> Counters:
+                     on_connected: Callable[[RoomBridge], None] | None = None,
+                     gap_since: datetime | None = None) -> Counters:
     process = process or BridgeProcess(settings)
     async with Ledger(settings, name="ledger-bridge") as ledger:
         writer = BridgeWriter(ledger, home=settings.home, bridge_id=process.bridge_id, counters=process.counters,
                               stats_interval=0)
         await writer.start()
         try:
-            await bridge_one_room(settings, room, writer, stop, on_connected=on_connected)
+            await bridge_one_room(settings, room, writer, stop, on_connected=on_connected, gap_since=gap_since)
         finally:
             await writer.close(deadline=process.flush_deadline)
     return process.counters
@@ -207,11 +241,17 @@ async def _job_entry(ctx: Any) -> None:
     bridge.attach()
 
     async def on_shutdown(reason: str = "") -> None:
-        await bridge.close(reason or "job shutdown")
+        # The SDK gave up reconnecting: not a leave but a blind spot, closed by a direct rejoin.
+        lost = reason == "room disconnected" and bridge.disconnect_reason in _CONNECTION_LOST
+        gap_since = bridge.gap_started() or utcnow()
+        await bridge.close(reason or "job shutdown", left=not lost)
         await writer.close(deadline=process.flush_deadline)
         await ledger.close()
         with process.lock:
             process.counters.rooms -= 1
+        if lost:
+            log.warning("bridge: job lost its LiveKit connection; rejoining the room directly")
+            process.rejoin(ctx.job.room.name, gap_since)
 
     ctx.add_shutdown_callback(on_shutdown)
     with process.lock:
@@ -236,6 +276,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
     url, key, secret = _credentials(settings)
     process = process or BridgeProcess(settings)
     _PROCESS = process
+    # Rooms rejoined directly stop with the worker, however the worker ends.
+    process.loop, process.stop = asyncio.get_running_loop(), asyncio.Event()
     server = AgentServer(
         ws_url=url, api_key=key, api_secret=secret, job_executor_type=JobExecutorType.THREAD,
         permissions=WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=False,
@@ -272,6 +314,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
             run.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await run
+        process.stop.set()
+        if process.rejoins:
+            await asyncio.gather(*process.rejoins, return_exceptions=True)
         process.write_stats(mode="worker", agent_name=settings.bridge_agent_name, stopped=True)
         for name, value in saved_env.items():
             if value is None:
