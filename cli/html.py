@@ -206,7 +206,8 @@ def render(data: PageData, *, generated_at: datetime | None = None) -> str:
     people = [
         [_e(p.identity), _e(p.kind),
          '<span class="pill yes">present</span>' if p.present else '<span class="pill">left</span>',
-         _e(p.agent_state), _e(p.status), _e(p.task), "🔒" if p.lock else ""]
+         _e(p.agent_state), _e(p.status), _e(p.task), "🔒" if p.lock else "",
+         _e(json.dumps(p.status_extra, ensure_ascii=False, default=str)) if p.status_extra else ""]
         for p in sorted(state.participants.values(), key=lambda p: (not p.present, p.identity))
     ]
     convo = [
@@ -254,7 +255,7 @@ generated {generated:%Y-%m-%d %H:%M:%S} UTC by <code>ledger replay --html</code>
 </section>
 
 <section id="participants"><h2>Participants</h2>
-{_table(["identity", "kind", "present", "agent state", "status", "task", "lock"], people, id_="participants",
+{_table(["identity", "kind", "present", "agent state", "status", "task", "lock", "also sent"], people, id_="participants",
         empty="No participants.")}
 </section>
 

@@ -84,8 +84,18 @@ def _patch_summary(patch: dict[str, Any]) -> str:
 
 
 def summary(event: ev.Event) -> str:
-    """What the event says, in one line (control characters neutralised)."""
-    return _summary(event).translate(_CONTROLS)
+    """What the event says, in one line (control characters neutralised), with the fields the
+    sender sent beyond the type's own and where a large payload is stored."""
+    text = _summary(event)
+    if not isinstance(event, ev.OpaqueEvent):
+        if event.sent:
+            extra = ev.extra_fields(event)
+            extra.pop("id", None)  # the payload id: the event id derives from it
+            if extra:
+                text += " {" + ", ".join(f"{k}={_compact(v, 30)}" for k, v in list(extra.items())[:8]) + "}"
+        if event.payload is not None:
+            text += f" [payload {event.payload.size} bytes in object {event.payload.name}]"
+    return text.translate(_CONTROLS)
 
 
 def clean(text: str) -> str:

@@ -55,7 +55,7 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
         head.append(f", {len(state.index.gaps)} bridge gap(s)", style="bold red")
 
     people = Table(box=box.SIMPLE_HEAD, title="participants", title_justify="left", expand=False)
-    for column in ("identity", "kind", "present", "agent state", "status", "task", "lock"):
+    for column in ("identity", "kind", "present", "agent state", "status", "task", "lock", "also sent"):
         people.add_column(column)
     for p in sorted(state.participants.values(), key=lambda p: (not p.present, p.identity)):
         people.add_row(
@@ -66,6 +66,8 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
             _s(p.status),
             _s(p.task),
             Text("lock", style="yellow") if p.lock else Text(""),
+            # fields of the agent's last status packet beyond agent_id/status/action_lock/task
+            _value(p.status_extra) if p.status_extra else "",
         )
 
     session = Table(box=box.SIMPLE_HEAD, title=f"session (version #{state.session_version}, "

@@ -20,6 +20,19 @@ Schema evolution: the log is permanent, so these rules are never broken
    reducers skip it and count it, ``ledger replay`` shows it.
 6. Breaking changes need a new tag (``floor.request.v2``) and an upcaster in this module
    mapping the old tag to the new struct at decode time.
+
+What the sender sent
+--------------------
+A typed event made from a JSON payload (the seed shape, the ledger protocol) keeps that payload
+verbatim in ``sent``: fields its type does not know, fields sent with their default value (which
+the body, encoded with ``omit_defaults``, leaves out) and the payload's own ``id``/``at`` are all
+there, byte for byte. :func:`sent_fields` and :func:`extra_fields` read it.
+
+A payload above the inline limit (``LEDGER_INLINE_LIMIT``) lives in the JetStream Object Store
+bucket beside the stream; the event carries a :class:`PayloadRef` (name, size, sha256 and how the
+body is rebuilt from the bytes) and a stub body whose large fields are empty.
+:func:`with_payload` rebuilds the full event from the object's bytes
+(:meth:`ledger.client.Ledger.read` does it for every reader).
 """
 
 from __future__ import annotations
@@ -134,11 +147,18 @@ class AgentState(Body, frozen=True):
 
 
 class AgentStatus(Body, frozen=True):
-    """The coordination payload agents broadcast (seed 000)."""
+    """The coordination payload agents broadcast (seed 000).
+
+    ``action_lock`` absent (None) is not false: with status ``processing`` the floor is left as
+    it is; ``idle`` and ``resolved`` release it (see :mod:`projections.reducers`). Widened from
+    ``bool = False``: an explicit false is now stored, and old events decode unchanged. Events
+    stored before the widening left a false out (``omit_defaults``), so None means "absent" only
+    on an event that keeps what was sent (``sent`` or ``payload``): see :func:`status_lock`.
+    """
 
     agent_id: str
     status: AgentStatusValue
-    action_lock: bool = False
+    action_lock: bool | None = None
     task: str | None = None
 
 
@@ -244,7 +264,29 @@ class BridgeLeft(Body, frozen=True):
     reason: str = ""
 
 
+# --- payload references ---------------------------------------------------------------------
+
+PayloadForm: TypeAlias = Literal["", "json", "text", "body"]
+
+
+class PayloadRef(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A payload stored in the Object Store bucket beside the stream (``ledger payload`` reads it)."""
+
+    #: Object name: ``<room token>/<event id>``, so a retried or doubly-bridged payload is stored once.
+    name: str
+    size: int
+    #: Hex SHA-256 of the bytes.
+    sha256: str
+    #: How the body is rebuilt from the bytes: "json" (the JSON object the sender sent, as the
+    #: seed shape or the ledger protocol), "text" (the body's ``text`` is the bytes as UTF-8),
+    #: "body" (the bytes are the body's own JSON, for events decoded from another encoding),
+    #: "" (a ``data`` event: nothing to rebuild).
+    form: PayloadForm = ""
+
+
 # --- envelopes ------------------------------------------------------------------------------
+
+_NO_RAW: Final = msgspec.Raw()
 
 
 class _Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
@@ -253,6 +295,10 @@ class _Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     at: datetime | None = None
     observed_at: datetime = msgspec.field(default_factory=utcnow)
     sender: Sender = UNKNOWN_SENDER
+    #: The JSON payload exactly as sent, for typed events made from one (empty otherwise).
+    sent: msgspec.Raw = _NO_RAW
+    #: Where the payload lives when it is too large to be inline.
+    payload: PayloadRef | None = None
 
     @property
     def type(self) -> str:
@@ -491,6 +537,8 @@ def make_event(
     sender: Sender = UNKNOWN_SENDER,
     at: datetime | None = None,
     observed_at: datetime | None = None,
+    sent: msgspec.Raw | None = None,
+    payload: PayloadRef | None = None,
 ) -> KnownEvent:
     """Wrap a body in the envelope of its type: ``make_event("r1", FloorRequest(agent_id="a"))``."""
     cls = _EVENT_FOR_BODY.get(type(body))
@@ -503,6 +551,8 @@ def make_event(
         observed_at=observed_at or utcnow(),
         sender=sender,
         body=body,
+        sent=sent if sent is not None else _NO_RAW,
+        payload=payload,
     )
     return event
 
@@ -521,7 +571,11 @@ def body_from_dict(event_type_name: str, body: Any) -> Body:
 
 
 def to_builtins(event: Event) -> dict[str, Any]:
-    """The event as plain JSON-able data (for ``--json`` output)."""
+    """The event as plain JSON-able data (for ``--json`` output).
+
+    ``sent`` (when the event keeps its payload) is the JSON object as the sender sent it, and
+    ``extra`` the fields of it the body does not show with the value sent.
+    """
     if isinstance(event, OpaqueEvent):
         try:
             decoded = msgspec.json.decode(event.raw)
@@ -532,5 +586,136 @@ def to_builtins(event: Event) -> dict[str, Any]:
         if event.error:
             decoded["error"] = event.error
         return dict(decoded)
-    result: dict[str, Any] = msgspec.to_builtins(event)
+    if not event.sent:
+        result: dict[str, Any] = msgspec.to_builtins(event)
+        return result
+    result = msgspec.to_builtins(msgspec.structs.replace(event, sent=_NO_RAW))
+    sent = sent_fields(event)
+    result["sent"] = sent
+    extra = extra_fields(event, sent)
+    if extra:
+        result["extra"] = extra
     return result
+
+
+# --- what the sender sent -------------------------------------------------------------------
+
+#: Keys of a protocol message that belong to the envelope, not the body.
+ENVELOPE_KEYS: Final = frozenset({"type", "id", "at", "room", "sender", "observed_at", "v"})
+
+
+def protocol_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The body fields of a protocol message: those under ``"body"``, or the top-level ones
+    without the envelope's keys."""
+    nested = obj.get("body")
+    if isinstance(nested, dict):
+        return nested
+    return {k: v for k, v in obj.items() if k not in ENVELOPE_KEYS}
+
+
+def sent_fields(event: KnownEvent) -> Any:
+    """The JSON payload as sent (None when the event keeps none)."""
+    if not event.sent:
+        return None
+    try:
+        return msgspec.json.decode(event.sent)
+    except msgspec.DecodeError:
+        return None
+
+
+def extra_fields(event: KnownEvent, sent: Any = None) -> dict[str, Any]:
+    """Fields the sender sent that the body does not show with the value sent: unknown fields,
+    known ones sent with their default value, and the payload's own ``id``/``at``."""
+    if sent is None:
+        sent = sent_fields(event)
+    if not isinstance(sent, dict):
+        return {}
+    shown = msgspec.to_builtins(event.body)
+    extra: dict[str, Any] = {}
+    nested = isinstance(sent.get("body"), dict)
+    for key, value in protocol_fields(sent).items():
+        if key not in shown or shown[key] != value:
+            extra[key] = value
+    for key, value in sent.items():
+        if key != "type" and (key in ENVELOPE_KEYS or (nested and key != "body")):
+            extra.setdefault(key, value)
+    return extra
+
+
+def status_lock(event: AgentStatusEvent) -> bool | None:
+    """An ``agent.status`` event's action lock: True, False, or None when the sender left it out.
+
+    A None on an event without ``sent``/``payload`` (stored before locks could be absent, or
+    built in code) is the old encoding of false.
+    """
+    lock = event.body.action_lock
+    if lock is None and not event.sent and event.payload is None:
+        return False
+    return lock
+
+
+# --- payloads in the object store -------------------------------------------------------------
+
+
+def payload_object_name(room: str, event_id: str) -> str:
+    """The object holding an event's payload: ``<room token>/<event id>``. Deterministic, so a
+    retried or doubly-bridged payload is stored once, and a room's objects share a prefix."""
+    from ledger.subjects import room_token
+
+    return f"{room_token(room)}/{event_id}"
+
+
+#: A field whose JSON is larger than this is emptied in the stub body of an externalized event.
+STUB_FIELD_MAX: Final = 256
+
+
+def stub_body(body: Body) -> Body:
+    """``body`` with its large string, object and list fields emptied (None when that is their
+    default): what is stored inline when the payload lives in the object store. Small fields
+    (ids, topic, reason, numbers) stay, so the event still reads as what it is."""
+    changes: dict[str, Any] = {}
+    for f in msgspec.structs.fields(body):
+        value = getattr(body, f.name)
+        if value is None or isinstance(value, bool | int | float):
+            continue
+        if len(msgspec.json.encode(value)) <= STUB_FIELD_MAX:
+            continue
+        if isinstance(value, str):
+            changes[f.name] = None if f.default is None else ""
+        elif isinstance(value, dict | list):
+            changes[f.name] = None if f.default is None else type(value)()
+        else:
+            changes[f.name] = None
+    return msgspec.structs.replace(body, **changes) if changes else body
+
+
+def with_payload(event: KnownEvent, data: bytes) -> Event:
+    """The event with the body its stored payload gives (see :class:`PayloadRef`).
+
+    A payload that does not give a valid body comes back as an :class:`OpaqueEvent` with the
+    reason, so reducers skip it and count it rather than fold a stub.
+    """
+    ref = event.payload
+    if ref is None or not ref.form:
+        return event
+    type_name = event.type
+    try:
+        if ref.form == "json":
+            obj = msgspec.json.decode(data)
+            if not isinstance(obj, dict):
+                raise MalformedEvent(type_name, "stored payload is not a JSON object")
+            body = body_from_dict(type_name, protocol_fields(obj))
+        elif ref.form == "text":
+            body = msgspec.structs.replace(event.body, text=data.decode("utf-8"))
+        else:
+            body = msgspec.json.decode(data, type=type(event.body))
+    except (MalformedEvent, msgspec.DecodeError, UnicodeDecodeError, TypeError, RecursionError) as exc:
+        return unresolved(event, f"payload {ref.name} does not give a {type_name} body: {str(exc)[:200]}")
+    resolved: KnownEvent = msgspec.structs.replace(event, body=body)
+    return resolved
+
+
+def unresolved(event: KnownEvent, error: str) -> OpaqueEvent:
+    """An event whose stored payload could not be loaded, kept opaque with the reason."""
+    return OpaqueEvent(id=event.id, room=event.room, type=event.type, raw=encode(event), at=event.at,
+                       observed_at=event.observed_at, sender=event.sender, error=error)

@@ -12,8 +12,9 @@ Rules (the log is the only input; ties are broken by stream sequence)
 Floor (DESIGN.md): the earliest claim in log order (``floor.request``, or ``agent.status`` with
 ``action_lock=true`` and a status other than ``resolved``) takes a free floor; later claims queue in
 log order; a claim by the holder only updates its task; a claim already queued is not queued twice.
-The floor is released by ``floor.release``, ``agent.status`` with ``action_lock=false`` or
-``status=resolved``, a ``handoff`` from the holder to another agent, or the holder leaving the room
+The floor is released by ``floor.release``, ``agent.status`` with ``action_lock=false``,
+``status=resolved``, or ``status=idle`` without an ``action_lock`` (an absent lock is not false:
+``processing`` without one changes neither the lock nor the floor), a ``handoff`` from the holder to another agent, or the holder leaving the room
 (``participant.left`` of the agent id, or of the identity that made the claim). On release the head
 of the queue takes the floor at the releasing event's sequence. A release by a queued agent
 withdraws its claim.
@@ -144,6 +145,8 @@ class Participant(msgspec.Struct, kw_only=True):
     status: str | None = None
     task: str | None = None
     lock: bool = False
+    #: Fields of the last ``agent.status`` packet its type does not know (kept as sent).
+    status_extra: dict[str, Any] = msgspec.field(default_factory=dict)
     joined_seq: int | None = None
     left_seq: int | None = None
     last_seq: int = 0
@@ -478,13 +481,24 @@ def _on_agent_status(state: RoomState, event: Any, seq: int, time: datetime) -> 
     p = _participant(state, body.agent_id, "agent")
     p.status = body.status
     p.task = body.task
-    p.lock = body.action_lock and body.status not in _RELEASING_STATUS
     p.last_seq = seq
+    # Fields the sender sent beyond the type's own (intent, confidence …), shown by state.
+    p.status_extra = ev.extra_fields(event) if event.sent else {}
+    lock = ev.status_lock(event)
     if body.status in _RELEASING_STATUS:
+        p.lock = False
         _withdraw(state, body.agent_id, seq, time, "resolved")
-    elif body.action_lock:
+    elif lock is None:
+        # No action_lock in the packet: "processing" says nothing about the floor (the lock
+        # and any claim stay as they were); "idle" means the agent is not acting: it releases.
+        if body.status == "idle":
+            p.lock = False
+            _withdraw(state, body.agent_id, seq, time, "idle")
+    elif lock:
+        p.lock = True
         _claim(state, body.agent_id, body.task, event.sender.identity, seq, time)
     else:
+        p.lock = False
         _withdraw(state, body.agent_id, seq, time, "unlocked")
 
 

@@ -93,3 +93,32 @@ def test_minted_ids_are_unique_and_a_forked_child_mints_its_own() -> None:
     # Same counter position, yet a different prefix: the child reseeded after the fork.
     assert child_id[:16] != parent_next[:16]
     assert child_id not in ids and child_id != parent_next
+
+
+def test_events_stored_before_sent_and_payload_existed_still_decode() -> None:
+    old = (b'{"type":"agent.status","body":{"agent_id":"a","status":"processing"},"id":"e1","room":"r",'
+           b'"observed_at":"2026-11-01T00:00:00Z"}')
+    event = ev.decode(old)
+    assert isinstance(event, ev.AgentStatusEvent)
+    assert event.body.action_lock is None and ev.status_lock(event) is False  # old encoding of false
+    assert not event.sent and event.payload is None
+    assert "sent" not in ev.to_builtins(event) and b"sent" not in ev.encode(event)
+
+
+def test_a_payload_reference_round_trips_and_rebuilds_the_body() -> None:
+    patch = {"field": "x" * 5000}
+    raw = msgspec.json.encode({"type": "session.patch", "id": "p", "patch": patch, "note": 1})
+    ref = ev.PayloadRef(name=ev.payload_object_name("r", "e1"), size=len(raw), sha256="00", form="json")
+    stub = ev.make_event("r", ev.stub_body(ev.SessionPatch(patch=patch)), id="e1", payload=ref)
+    stored = ev.decode(ev.encode(stub))
+    assert isinstance(stored, ev.SessionPatchEvent) and stored.body.patch == {} and stored.payload == ref
+    full = ev.with_payload(stored, raw)
+    assert isinstance(full, ev.SessionPatchEvent) and full.body.patch == patch
+    broken = ev.with_payload(stored, b"[1]")
+    assert isinstance(broken, ev.OpaqueEvent) and "does not give a session.patch body" in broken.error
+
+
+def test_a_stub_body_keeps_small_fields() -> None:
+    body = ev.Data(topic="files", text="t" * 1000, size=1000, reason="why")
+    stub = ev.stub_body(body)
+    assert isinstance(stub, ev.Data) and stub.text is None and stub.topic == "files" and stub.reason == "why"

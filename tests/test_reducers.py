@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -247,3 +248,40 @@ def test_floor_history_in_the_state_is_bounded() -> None:
     assert len(state.floor.history) == FLOOR_HISTORY_KEPT
     assert state.floor.tenures == FLOOR_HISTORY_KEPT + 50
     assert state.floor.history[-1].start_seq == records[-2].seq
+
+
+def _sent_status(seq: int, raw: bytes) -> Record:
+    """An agent.status as the bridge stores it from a packet: with the packet as sent."""
+    obj = msgspec.json.decode(raw)
+    body = ev.body_from_dict("agent.status", {k: v for k, v in obj.items() if k in ("agent_id", "status",
+                                                                                      "action_lock", "task")})
+    event = ev.make_event(ROOM, body, id=f"e{seq}", sender=ev.Sender(identity=obj["agent_id"], kind="agent"),
+                          observed_at=T0, sent=msgspec.Raw(raw))
+    return Record(seq=seq, subject="", time=T0 + timedelta(seconds=seq), event=event)
+
+
+def test_an_absent_action_lock_is_not_false() -> None:
+    state = fold([
+        _sent_status(1, b'{"agent_id":"a","status":"processing","action_lock":true}'),
+        _sent_status(2, b'{"agent_id":"b","status":"processing","action_lock":true}'),
+        # processing without a lock: neither the holder's lock nor the floor changes
+        _sent_status(3, b'{"agent_id":"a","status":"processing","intent":"refund"}'),
+    ])
+    assert state.floor.holder == "a" and [c.agent_id for c in state.floor.queue] == ["b"]
+    assert state.participants["a"].lock is True
+    assert state.participants["a"].status_extra == {"intent": "refund"}
+    # idle without a lock: the agent is not acting, so it releases; the queue moves on
+    state.apply(_sent_status(4, b'{"agent_id":"a","status":"idle"}'))
+    assert state.floor.holder == "b" and state.participants["a"].lock is False
+    assert state.floor.history[0].end_reason == "idle"
+    # an explicit false still releases, as before
+    state.apply(_sent_status(5, b'{"agent_id":"b","status":"processing","action_lock":false}'))
+    assert state.floor.holder is None
+
+
+def test_a_status_stored_before_locks_could_be_absent_reads_as_false() -> None:
+    old = ev.decode(b'{"type":"agent.status","body":{"agent_id":"a","status":"processing"},"id":"e2",'
+                    b'"room":"r","observed_at":"2025-01-01T00:00:00Z"}')
+    state = fold([rec(1, ev.AgentStatus(agent_id="a", status="processing", action_lock=True)),
+                  Record(seq=2, subject="", time=T0, event=old)])
+    assert state.floor.holder is None
