@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +36,12 @@ from typing import Any, Final
 
 import msgspec
 
+from bridge.payloads import PayloadSpool
 from bridge.stats import Counters
 from ledger import events as ev
 from ledger.agents import AGENT_EVENT_TYPES, LEDGER_TOPIC, protocol_event_id
 from ledger.errors import MalformedEvent
+from ledger.settings import DEFAULT_INLINE_LIMIT, DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger("bridge.ingest")
 
@@ -51,18 +54,20 @@ ATTR_TRACK_ID: Final = "lk.transcribed_track_id"
 ATTR_FINAL: Final = "lk.transcription_final"
 ATTR_LANGUAGE: Final = "lk.language"
 
-#: A payload larger than this is kept as a preview plus its size and digest, not inline.
-MAX_INLINE_BYTES: Final = 256 * 1024
-#: Preview kept of an oversized payload.
+#: Default inline limit: a payload larger than this goes to the Object Store (LEDGER_INLINE_LIMIT).
+MAX_INLINE_BYTES: Final = DEFAULT_INLINE_LIMIT
+#: Preview kept of an event that cannot be encoded at all (its repr).
 PREVIEW_BYTES: Final = 4096
 #: Deepest JSON kept parsed in ``data.json`` and accepted as a typed body.
 MAX_JSON_DEPTH: Final = 64
-#: An encoded event above this is replaced by a ``data`` event with a preview (the stream's
-#: default maximum message is 1 MiB, and the subject and headers need room too).
+#: An encoded event above this keeps its body in the Object Store (the stream's default maximum
+#: message is 1 MiB, and the subject and headers need room too).
 MAX_EVENT_BYTES: Final = 900 * 1024
+#: Topics whose streams are parsed (typed) whatever their first byte.
+TYPED_TOPICS: Final = frozenset({LEDGER_TOPIC, "lk.transcription", "lk.chat", "lk.agent.session"})
 
-_ENVELOPE_KEYS: Final = frozenset({"type", "id", "at", "room", "sender", "observed_at", "v"})
-_SEED_KEYS: Final = frozenset({"agent_id", "status", "action_lock"})
+#: The seed shape's keys; ``action_lock`` may be absent (``{"agent_id", "status"}`` is enough).
+_SEED_KEYS: Final = frozenset({"agent_id", "status"})
 
 
 class _SeedPacket(msgspec.Struct):
@@ -70,7 +75,8 @@ class _SeedPacket(msgspec.Struct):
 
     agent_id: str
     status: ev.AgentStatusValue
-    action_lock: bool
+    #: Absent is not false (the floor treats them differently): None.
+    action_lock: bool | None = None
     task: str | None = None
     id: Any = None
     at: Any = None
@@ -156,10 +162,15 @@ class _Payload:
     problem: str = ""
 
 
-def _decode_payload(raw: bytes) -> _Payload:
+def over_limit_reason(size: int, limit: int) -> str:
+    return (f"over the hard limit: {size} bytes > LEDGER_MAX_PAYLOAD {limit} bytes "
+            "(stored byte-exact, not parsed)")
+
+
+def _decode_payload(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> _Payload:
     result = _Payload(raw)
-    if len(raw) > MAX_INLINE_BYTES:
-        result.problem = f"oversized: {len(raw)} bytes (kept {PREVIEW_BYTES}-byte preview and sha256)"
+    if len(raw) > max_payload:
+        result.problem = over_limit_reason(len(raw), max_payload)
         return result
     try:
         result.text = raw.decode("utf-8")
@@ -200,8 +211,14 @@ class Ingest:
     track_owners: dict[str, str] = field(default_factory=dict)
     #: Optional sink that also takes the event's encoding (saves the writer encoding it again).
     encoded_sink: Callable[[ev.KnownEvent, bytes], object] | None = None
+    #: Where payloads above ``inline_limit`` wait for the Object Store (the writer puts them).
+    spool: PayloadSpool = field(default_factory=PayloadSpool)
+    inline_limit: int = DEFAULT_INLINE_LIMIT
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     _snapshots: int = 0
     _observed_at: datetime | None = None
+    #: The spooled payload of the stream being ingested (its file is already written).
+    _spooled: ev.PayloadRef | None = None
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -216,10 +233,17 @@ class Ingest:
         return known if known is not None else ev.Sender(identity, "unknown")
 
     def _emit(self, body: ev.Body, *, id: str | None = None, sender: ev.Sender = ev.UNKNOWN_SENDER,
-              at: datetime | None = None, kind: str = "typed") -> ev.KnownEvent:
-        """Build, size-check and hand one event to the sink; count it under ``kind``."""
+              at: datetime | None = None, kind: str = "typed", raw: bytes | None = None,
+              form: ev.PayloadForm = "") -> ev.KnownEvent:
+        """Build, size-check and hand one event to the sink; count it under ``kind``.
+
+        ``raw``: the payload the body was made from (``form`` says how: "json" keeps it as
+        ``sent``). Above the inline limit, or when the event would be too large for the stream,
+        the payload goes to the spool (then the Object Store) and the event carries its reference.
+        """
+        sent = msgspec.Raw(raw) if form == "json" and raw is not None and len(raw) <= self.inline_limit else None
         event = ev.make_event(self.room, body, id=id or ev.new_event_id(), sender=sender, at=at,
-                              observed_at=self._observed_at)
+                              observed_at=self._observed_at, sent=sent)
         encoded: bytes | None = None
         try:
             encoded = ev.encode(event)
@@ -227,10 +251,10 @@ class Ingest:
             event = self._unencodable(event, type(exc).__name__)
             kind = "rejected"
         else:
-            if len(encoded) > MAX_EVENT_BYTES:
-                event = self._too_large(event, len(encoded))
-                encoded = None
-                kind = "rejected"
+            if self._spooled is not None or (raw is not None and len(raw) > self.inline_limit) \
+                    or len(encoded) > MAX_EVENT_BYTES:
+                event = self._externalize(event, raw, form)
+                encoded = ev.encode(event)
         if kind == "typed":
             self.counters.typed += 1
         elif kind == "raw":
@@ -253,36 +277,48 @@ class Ingest:
         identity = event.sender.identity.encode("utf-8", "backslashreplace").decode("utf-8")
         return ev.make_event(self.room, body, id=event.id, sender=ev.Sender(identity, event.sender.kind), at=event.at)
 
-    def _too_large(self, event: ev.KnownEvent, size: int) -> ev.KnownEvent:
-        preview = ev.encode(event)[:PREVIEW_BYTES].decode("utf-8", "ignore")
-        body = ev.Data(topic=getattr(event.body, "topic", ""), transport="internal", text=preview, size=size,
-                       reason=f"event too large: {size} bytes as {event.type} (preview kept)")
-        return ev.make_event(self.room, body, id=event.id, sender=event.sender, at=event.at)
+    def _externalize(self, event: ev.KnownEvent, raw: bytes | None, form: ev.PayloadForm) -> ev.KnownEvent:
+        """The event with its payload in the spool and a stub body (see ``ev.stub_body``)."""
+        name = ev.payload_object_name(self.room, event.id)
+        spooled, self._spooled = self._spooled, None
+        if spooled is not None:
+            # A stream's bytes, written as they arrived (under the stream's name: a protocol
+            # message names its own id, so the file follows the event's name).
+            if spooled.name != name:
+                os.replace(self.spool.path(spooled.name), self.spool.path(name))
+            ref = ev.PayloadRef(name=name, size=spooled.size, sha256=spooled.sha256, form=form)
+        elif raw is not None:
+            ref = self.spool.keep(name, raw, form)
+        else:
+            # Decoded from another encoding (the agent session feed): the body's own JSON.
+            ref = self.spool.keep(name, msgspec.json.encode(event.body), "body")
+        return ev.make_event(self.room, ev.stub_body(event.body), id=event.id, sender=event.sender, at=event.at,
+                             observed_at=event.observed_at, payload=ref)
 
     def _data(self, payload: _Payload, *, topic: str, transport: str, reason: str, sender: ev.Sender,
               id: str | None, at: datetime | None = None, stream_id: str | None = None,
               attributes: Mapping[str, str] | None = None) -> ev.KnownEvent:
         raw = payload.raw
-        oversized = len(raw) > MAX_INLINE_BYTES
-        kept = raw[:PREVIEW_BYTES] if oversized else raw
         text: str | None = None
         b64: str | None = None
-        if payload.text is not None and not oversized:
-            text = payload.text
-        else:
-            try:
-                text = kept.decode("utf-8")
-            except UnicodeDecodeError:
-                b64 = base64.b64encode(kept).decode("ascii")
+        json: Any = None
+        if len(raw) <= self.inline_limit:
+            # Above it the bytes go to the Object Store whole: nothing inline to fill.
+            if payload.text is not None:
+                text = payload.text
+            else:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    b64 = base64.b64encode(raw).decode("ascii")
+            json = payload.json if payload.is_json else None
         body = ev.Data(
-            topic=topic, transport=transport, text=text, payload_b64=b64,
-            json=payload.json if payload.is_json else None, size=len(raw),
-            reason=reason + (f"; sha256 {_digest(raw)}" if oversized else ""),
-            stream_id=stream_id, attributes=dict(attributes or {}),
+            topic=topic, transport=transport, text=text, payload_b64=b64, json=json, size=len(raw),
+            reason=reason, stream_id=stream_id, attributes=dict(attributes or {}),
         )
         if reason:
             self.counters.reject(reason)
-        return self._emit(body, id=id, sender=sender, at=at, kind="rejected" if reason else "raw")
+        return self._emit(body, id=id, sender=sender, at=at, kind="rejected" if reason else "raw", raw=raw)
 
     def _guarded(self, what: str, action: Callable[[], object], observed_at: datetime | None = None) -> None:
         # The time the room callback saw it, for every event this observation makes.
@@ -435,7 +471,7 @@ class Ingest:
                   attributes: Mapping[str, str] | None = None) -> None:
         if topic != LEDGER_TOPIC and self._seed_fast(raw, sender=sender, fallback_id=fallback_id, at=at):
             return
-        payload = _decode_payload(raw)
+        payload = _decode_payload(raw, self.max_payload)
         if payload.problem:
             self._data(payload, topic=topic, transport=transport, reason=payload.problem, sender=sender,
                        id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
@@ -478,14 +514,14 @@ class Ingest:
             return False
         body = ev.AgentStatus(agent_id=seed.agent_id, status=seed.status, action_lock=seed.action_lock,
                               task=seed.task)
-        self._emit_status(body, seed.id, seed.at, sender=sender, fallback_id=fallback_id, at=at)
+        self._emit_status(body, seed.id, seed.at, sender=sender, fallback_id=fallback_id, at=at, raw=raw)
         return True
 
     def _emit_status(self, body: ev.Body, own_id: Any, own_at: Any, *, sender: ev.Sender,
-                     fallback_id: str | None, at: datetime | None) -> None:
-        """A seed packet's event: its own id and time when it carries them."""
+                     fallback_id: str | None, at: datetime | None, raw: bytes) -> None:
+        """A seed packet's event: its own id and time when it carries them, the packet as sent."""
         event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(own_at) or at)
+        self._emit(body, id=event_id, sender=sender, at=_parse_at(own_at) or at, raw=raw, form="json")
 
     def _seed(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str, sender: ev.Sender,
               fallback_id: str | None, at: datetime | None, stream_id: str | None,
@@ -495,10 +531,14 @@ class Ingest:
         try:
             body = ev.body_from_dict("agent.status", fields)
         except MalformedEvent as exc:
-            self._data(payload, topic=topic, transport=transport, reason=f"agent status: {exc.detail}",
+            # Without an action_lock the keys alone do not make it a claim on the seed protocol:
+            # plain data, no rejection.
+            reason = f"agent status: {exc.detail}" if "action_lock" in obj or topic == LEDGER_TOPIC else ""
+            self._data(payload, topic=topic, transport=transport, reason=reason,
                        sender=sender, id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
             return
-        self._emit_status(body, obj.get("id"), obj.get("at"), sender=sender, fallback_id=fallback_id, at=at)
+        self._emit_status(body, obj.get("id"), obj.get("at"), sender=sender, fallback_id=fallback_id, at=at,
+                          raw=payload.raw)
 
     def _ledger_protocol(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str,
                          sender: ev.Sender, fallback_id: str | None, at: datetime | None, stream_id: str | None,
@@ -524,51 +564,81 @@ class Ingest:
         if own_id is not None and (not isinstance(own_id, str) or not own_id or len(own_id) > 256):
             reject("ledger protocol: 'id' must be a non-empty string of at most 256 characters")
             return
-        fields = obj.get("body") if isinstance(obj.get("body"), dict) else {
-            k: v for k, v in obj.items() if k not in _ENVELOPE_KEYS
-        }
         try:
-            body = ev.body_from_dict(type_name, fields)
+            body = ev.body_from_dict(type_name, ev.protocol_fields(obj))
         except MalformedEvent as exc:
             reject(f"ledger protocol: {exc.detail[:200]}")
             return
         event_id = protocol_event_id(self.room, own_id) if own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(obj.get("at")) or at)
+        self._emit(body, id=event_id, sender=sender, at=_parse_at(obj.get("at")) or at, raw=payload.raw,
+                   form="json")
 
     # --- streams --------------------------------------------------------------------------------
 
-    def text_stream(self, text: str | bytes, *, topic: str, stream_id: str = "", sender_identity: str | None = None,
-                    attributes: Mapping[str, str] | None = None, timestamp_ms: int | None = None,
-                    size: int | None = None, error: str | None = None, truncated: bool = False) -> None:
-        """A text stream read to its end (``attributes`` include those set when it closed).
+    def stream_event_id(self, stream_id: str) -> str:
+        """The id a stream's event gets (its payload object is named after it)."""
+        return ev.derived_event_id(self.room, "stream", stream_id)
 
-        ``truncated``/``size``: the reader stopped keeping text past its limit; ``size`` is the
-        full length seen. ``error``: the stream ended abnormally (what arrived is still kept).
-        """
+    def stream_payload_name(self, stream_id: str) -> str:
+        """Where :mod:`bridge.room` spools a stream too large to be inline."""
+        return ev.payload_object_name(self.room, self.stream_event_id(stream_id))
 
+    def _stream(self, what: str, data: str | bytes, *, topic: str, transport: str, stream_id: str,
+                sender_identity: str | None, attrs: dict[str, str], timestamp_ms: int | None,
+                error: str | None, spooled: ev.PayloadRef | None,
+                typed: Callable[[bytes, ev.Sender, str | None, datetime | None], None]) -> None:
         def go() -> None:
             sender = self.sender(sender_identity)
-            attrs = dict(attributes or {})
             at = _ms_to_datetime(timestamp_ms)
-            event_id = ev.derived_event_id(self.room, "stream", stream_id) if stream_id else None
-            if isinstance(text, str):
+            event_id = self.stream_event_id(stream_id) if stream_id else None
+            if isinstance(data, str):
                 try:
-                    raw = text.encode("utf-8")
+                    raw = data.encode("utf-8")
                 except UnicodeEncodeError:
-                    raw = text.encode("utf-8", "surrogatepass")
+                    raw = data.encode("utf-8", "surrogatepass")
             else:
-                raw = bytes(text)
-            problem = ""
-            if error:
-                problem = f"stream error: {error[:200]}"
-            elif truncated:
-                problem = f"oversized stream: {size if size is not None else len(raw)} bytes"
-            if problem:
-                payload = _decode_payload(raw[:MAX_INLINE_BYTES])
-                payload.raw = raw
-                self._data(payload, topic=topic, transport="text_stream", reason=problem, sender=sender,
-                           id=event_id, at=at, stream_id=stream_id, attributes=attrs)
-                return
+                raw = bytes(data)
+            self._spooled = spooled
+            try:
+                size = spooled.size if spooled is not None else len(raw)
+                loaded = spooled is None or len(raw) == spooled.size
+                if error or not loaded:
+                    if error:
+                        reason = f"stream error: {error[:200]}"
+                    elif size > self.max_payload and (topic in TYPED_TOPICS or raw.lstrip()[:1] in (b"{", b"[")):
+                        reason = over_limit_reason(size, self.max_payload)
+                    else:
+                        reason = ""
+                    if spooled is not None:
+                        body = ev.Data(topic=topic, transport=transport, size=size, reason=reason,
+                                       stream_id=stream_id, attributes=attrs)
+                        if reason:
+                            self.counters.reject(reason)
+                        self._emit(body, id=event_id, sender=sender, at=at, kind="rejected" if reason else "raw")
+                    else:
+                        self._data(_Payload(raw), topic=topic, transport=transport, reason=reason, sender=sender,
+                                   id=event_id, at=at, stream_id=stream_id, attributes=attrs)
+                    return
+                typed(raw, sender, event_id, at)
+            finally:
+                left, self._spooled = self._spooled, None
+                if left is not None:  # nothing took the spooled bytes (a skipped or decoded stream)
+                    self.spool.discard(left.name)
+
+        self._guarded(what, go)
+
+    def text_stream(self, text: str | bytes, *, topic: str, stream_id: str = "", sender_identity: str | None = None,
+                    attributes: Mapping[str, str] | None = None, timestamp_ms: int | None = None,
+                    error: str | None = None, spooled: ev.PayloadRef | None = None) -> None:
+        """A text stream read to its end (``attributes`` include those set when it closed).
+
+        ``spooled``: the stream was larger than the inline limit and :mod:`bridge.room` wrote it
+        to the spool as it arrived (``text`` is then the whole of it when it is to be parsed, or
+        only its head). ``error``: the stream ended abnormally (what arrived is still kept).
+        """
+        attrs = dict(attributes or {})
+
+        def typed(raw: bytes, sender: ev.Sender, event_id: str | None, at: datetime | None) -> None:
             if topic == TOPIC_TRANSCRIPTION:
                 self._transcript(raw, sender=sender, attrs=attrs, event_id=event_id, at=at, stream_id=stream_id)
             elif topic == TOPIC_CHAT:
@@ -579,12 +649,14 @@ class Ingest:
                                sender=sender, id=event_id, at=at, stream_id=stream_id, attributes=attrs)
                     return
                 body = ev.ChatMessage(message_id=stream_id, text=chat_text, identity=sender.identity)
-                self._emit(body, id=event_id, sender=sender, at=at)
+                self._emit(body, id=event_id, sender=sender, at=at, raw=raw, form="text")
             else:
                 self._classify(raw, topic=topic, transport="text_stream", sender=sender, fallback_id=event_id,
                                at=at, stream_id=stream_id, attributes=attrs)
 
-        self._guarded("text_stream", go)
+        self._stream("text_stream", text, topic=topic, transport="text_stream", stream_id=stream_id,
+                     sender_identity=sender_identity, attrs=attrs, timestamp_ms=timestamp_ms, error=error,
+                     spooled=spooled, typed=typed)
 
     def _transcript(self, raw: bytes, *, sender: ev.Sender, attrs: dict[str, str], event_id: str | None,
                     at: datetime | None, stream_id: str) -> None:
@@ -603,49 +675,39 @@ class Ingest:
         speaker = (self.track_owners.get(track_id) if track_id else None) or sender.identity
         body = ev.Transcript(speaker=speaker, text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""),
                              track_id=track_id, language=attrs.get(ATTR_LANGUAGE) or None, final=True)
-        self._emit(body, id=event_id, sender=sender, at=at)
+        # Timed-text lines are not the text itself: such a payload is kept as the body's JSON.
+        same = text is decoded
+        self._emit(body, id=event_id, sender=sender, at=at, raw=raw if same else None, form="text" if same else "")
 
     def byte_stream(self, data: bytes, *, topic: str, stream_id: str = "", sender_identity: str | None = None,
                     attributes: Mapping[str, str] | None = None, name: str = "", timestamp_ms: int | None = None,
-                    size: int | None = None, error: str | None = None, truncated: bool = False) -> None:
-        """A byte stream read to its end. ``lk.agent.session`` is decoded; anything else is ``data``."""
+                    error: str | None = None, spooled: ev.PayloadRef | None = None) -> None:
+        """A byte stream read to its end. ``lk.agent.session`` is decoded; anything else is ``data``
+        (typed when it is a JSON payload of the ledger protocol or the seed shape)."""
+        attrs = dict(attributes or {})
+        if name:
+            attrs.setdefault("name", name)
 
-        def go() -> None:
-            sender = self.sender(sender_identity)
-            attrs = dict(attributes or {})
-            if name:
-                attrs.setdefault("name", name)
-            at = _ms_to_datetime(timestamp_ms)
-            event_id = ev.derived_event_id(self.room, "stream", stream_id) if stream_id else None
-            raw = bytes(data)
-            problem = ""
-            if error:
-                problem = f"stream error: {error[:200]}"
-            elif truncated:
-                problem = f"oversized stream: {size if size is not None else len(raw)} bytes"
-            if problem:
-                self._data(_Payload(raw), topic=topic, transport="byte_stream", reason=problem, sender=sender,
-                           id=event_id, at=at, stream_id=stream_id, attributes=attrs)
-                return
+        def typed(raw: bytes, sender: ev.Sender, event_id: str | None, at: datetime | None) -> None:
             if topic == TOPIC_AGENT_SESSION:
                 if self._agent_session(raw, sender=sender, at=at):
                     return
-                payload = _Payload(raw)
-                self._data(payload, topic=topic, transport="byte_stream",
+                self._data(_Payload(raw), topic=topic, transport="byte_stream",
                            reason="agent session: not a decodable AgentSessionMessage event", sender=sender,
                            id=event_id, at=at, stream_id=stream_id, attributes=attrs)
                 return
-            payload = _decode_payload(raw)
-            if payload.problem == "invalid utf-8" or (payload.problem and not payload.problem.startswith("oversized")):
+            payload = _decode_payload(raw, self.max_payload)
+            if payload.problem:
                 # binary or non-JSON bytes are ordinary for a byte stream: keep them untyped, no reason
-                payload = _Payload(raw, text=None)
-                self._data(payload, topic=topic, transport="byte_stream", reason="", sender=sender, id=event_id,
-                           at=at, stream_id=stream_id, attributes=attrs)
+                self._data(_Payload(raw), topic=topic, transport="byte_stream", reason="", sender=sender,
+                           id=event_id, at=at, stream_id=stream_id, attributes=attrs)
                 return
             self._classify(raw, topic=topic, transport="byte_stream", sender=sender, fallback_id=event_id, at=at,
                            stream_id=stream_id, attributes=attrs)
 
-        self._guarded("byte_stream", go)
+        self._stream("byte_stream", data, topic=topic, transport="byte_stream", stream_id=stream_id,
+                     sender_identity=sender_identity, attrs=attrs, timestamp_ms=timestamp_ms, error=error,
+                     spooled=spooled, typed=typed)
 
     def _agent_session(self, raw: bytes, *, sender: ev.Sender, at: datetime | None) -> bool:
         """Decode an ``AgentSessionMessage``; record what it carries. False when nothing was usable."""
@@ -654,6 +716,10 @@ class Ingest:
         items = session_feed.decode(raw)
         if items is None:
             return False
+        # The feed message is not any one item's payload: the items are recorded, not its bytes.
+        if self._spooled is not None:
+            self.spool.discard(self._spooled.name)
+            self._spooled = None
         for item in items:
             if isinstance(item, session_feed.Other):
                 body: ev.Body = ev.Data(topic=TOPIC_AGENT_SESSION, transport="byte_stream", json=item.json,

@@ -3,7 +3,9 @@
 Room callbacks are plain functions that copy what they need out of the SDK objects and put one
 observation on a queue; a single task applies them to the ingest in order. Streams of every
 topic are read to their end by their own task (the trailer's attributes are only known then,
-e.g. the final flag of an agent transcript) and then queued the same way.
+e.g. the final flag of an agent transcript) and then queued the same way; a stream larger than
+the inline limit is written to the payload spool chunk by chunk as it arrives (bounded memory),
+and the writer puts it into the Object Store before its event.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any, Final
 
 from livekit import rtc
 
-from bridge.ingest import MAX_INLINE_BYTES, Ingest, ParticipantObservation
+from bridge.ingest import TYPED_TOPICS, Ingest, ParticipantObservation
+from bridge.payloads import SpoolWriter
+from ledger import events as ev
 from ledger.events import utcnow
 
 log = logging.getLogger("bridge.room")
 
-#: A stream is read to its end, but only this much of it is kept.
-MAX_STREAM_KEEP: Final = MAX_INLINE_BYTES + 1
 #: Observations handled between two returns to the event loop when a backlog has queued up.
 _YIELD_EVERY: Final = 50
 
@@ -267,39 +269,68 @@ class RoomBridge:
         self._put(observation)
 
     async def _read_text(self, reader: rtc.TextStreamReader, identity: str) -> Observation:
-        raw, total, kept, error = await _read_capped(
-            chunk.encode("utf-8", "surrogatepass") async for chunk in reader
-        )
         info = reader.info
+        data, spooled, error = await _read_spooled(
+            (chunk.encode("utf-8", "surrogatepass") async for chunk in reader), self.ingest, info.stream_id, info.topic
+        )
         attrs = dict(info.attributes or {})
         return lambda: self.ingest.text_stream(
-            raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
-            timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)
+            data, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
+            timestamp_ms=info.timestamp, error=error, spooled=spooled)
 
     async def _read_bytes(self, reader: rtc.ByteStreamReader, identity: str) -> Observation:
-        raw, total, kept, error = await _read_capped(chunk async for chunk in reader)
         info = reader.info
+        data, spooled, error = await _read_spooled(
+            (chunk async for chunk in reader), self.ingest, info.stream_id, info.topic
+        )
         attrs = dict(info.attributes or {})
         return lambda: self.ingest.byte_stream(
-            raw, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
-            name=info.name, timestamp_ms=info.timestamp, size=total, error=error, truncated=total > kept)
+            data, topic=info.topic, stream_id=info.stream_id, sender_identity=identity, attributes=attrs,
+            name=info.name, timestamp_ms=info.timestamp, error=error, spooled=spooled)
 
 
-async def _read_capped(chunks: AsyncIterator[bytes]) -> tuple[bytes, int, int, str | None]:
-    """Read a stream to its end, keeping at most MAX_STREAM_KEEP bytes: (kept bytes, total size,
-    kept size, error). A stream that fails midway keeps what arrived and names the failure."""
+async def _read_spooled(chunks: AsyncIterator[bytes], ingest: Ingest, stream_id: str,
+                        topic: str) -> tuple[bytes, ev.PayloadRef | None, str | None]:
+    """Read a stream to its end, whatever its size: ``(bytes, spooled, error)``.
+
+    Up to the inline limit it stays in memory. Past it, every chunk goes to the spool file as it
+    arrives (memory stays at one chunk however large the stream), and ``spooled`` is its
+    reference. The whole is read back only when it is to be parsed (a typed topic, or JSON) and
+    within the hard limit; otherwise ``bytes`` is just its head. A stream that fails midway keeps
+    what arrived and names the failure.
+    """
     parts: list[bytes] = []
     kept = 0
-    total = 0
+    writer: SpoolWriter | None = None
     error: str | None = None
     try:
-        async for data in chunks:
-            total += len(data)
-            if kept < MAX_STREAM_KEEP:
-                parts.append(data[: MAX_STREAM_KEEP - kept])
-                kept += len(parts[-1])
-    except rtc.StreamError as exc:
-        error = exc.description or "stream error"
-    except Exception as exc:
-        error = type(exc).__name__
-    return b"".join(parts), total, kept, error
+        try:
+            async for data in chunks:
+                if writer is not None:
+                    writer.write(data)
+                    continue
+                parts.append(data)
+                kept += len(data)
+                if kept > ingest.inline_limit:
+                    writer = ingest.spool.writer(ingest.stream_payload_name(stream_id))
+                    for part in parts:
+                        writer.write(part)
+                    head = b"".join(parts)[: 4096]
+                    parts = [head]
+        except rtc.StreamError as exc:
+            error = exc.description or "stream error"
+        except Exception as exc:
+            error = type(exc).__name__
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        return b"".join(parts), None, error
+    ref = writer.finish()
+    head = parts[0]
+    if error is None and ref.size <= ingest.max_payload and (
+            topic in TYPED_TOPICS or head.lstrip()[:1] in (b"{", b"[")):
+        whole = await asyncio.to_thread(writer.read_all)
+        return whole, ref, None
+    return head, ref, error

@@ -14,6 +14,11 @@ Buffering when NATS is unreachable, oldest first:
 
 ``close(deadline=…)`` (SIGTERM) writes what it can before the deadline and saves the rest into a
 spill file that the next bridge on this LEDGER_HOME appends first.
+
+Payloads above the inline limit wait in ``<LEDGER_HOME>/bridge/payloads/`` (:mod:`bridge.payloads`);
+before a batch holding such an event is appended, its objects are put into the payload bucket
+(once: an object already stored whole is kept), so no event ever points at nothing. A put that
+fails is retried like an append; the files are removed once their events are acknowledged.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import IO, TYPE_CHECKING, Final
 
 import nats.errors
 
+from bridge.payloads import PayloadSpool
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
 from ledger.client import Ledger, Position
@@ -171,6 +177,7 @@ class BridgeWriter:
         self.retry_max = retry_max
         self.stats_interval = stats_interval
         self.on_ack = on_ack
+        self.spool = PayloadSpool(self.home / "bridge" / "payloads")
         self._memory: deque[ev.KnownEvent] = deque()
         #: id(event) -> its encoding, when the submitter already had it (saves encoding twice)
         self._encoded: dict[int, bytes] = {}
@@ -195,8 +202,10 @@ class BridgeWriter:
         """An :class:`Ingest` for ``room`` feeding this writer (sharing its counters)."""
         from bridge.ingest import Ingest
 
+        settings = self.ledger.settings
         return Ingest(room, self.submit, bridge_id=self.bridge_id, counters=self.counters,
-                      encoded_sink=self.submit)
+                      encoded_sink=self.submit, spool=self.spool, inline_limit=settings.inline_limit,
+                      max_payload=settings.max_payload)
 
     @property
     def pending(self) -> int:
@@ -357,6 +366,7 @@ class BridgeWriter:
                 await self._wake.wait()
                 continue
             try:
+                await self._store_objects(events)
                 positions = await self._append(events, self._payloads(events))
             except EventError:
                 positions = await self._append_one_by_one(events)
@@ -383,11 +393,32 @@ class BridgeWriter:
             self.nats_ok = True
             delay = self.retry_initial
             commit()
+            self._discard_objects(events)
             self.counters.written += len(positions)
             self.counters.duplicates += sum(1 for p in positions if p.duplicate)
             self.counters.last_write_at = time.time()
             if self.on_ack is not None:
                 self.on_ack(events, positions)
+
+    async def _store_objects(self, events: list[ev.KnownEvent]) -> None:
+        """Put the payload files of these events into the bucket, before the events are appended."""
+        for event in events:
+            ref = event.payload
+            if ref is None:
+                continue
+            path = self.spool.path(ref.name)
+            if path.is_file():
+                await self.ledger.put_payload(ref, path)
+            elif await self.ledger.payload_info(ref) is None:
+                # Neither here nor stored: the file went missing (a wiped LEDGER_HOME). The event
+                # still says what arrived; readers report the object as missing.
+                self.counters.reject("payload file missing")
+                log.error("bridge writer: payload %s has no file and is not stored", ref.name)
+
+    def _discard_objects(self, events: list[ev.KnownEvent]) -> None:
+        for event in events:
+            if event.payload is not None:
+                self.spool.discard(event.payload.name)
 
     def _payloads(self, events: list[ev.KnownEvent]) -> list[bytes]:
         """The events as ingest encoded them (encoded here when it did not, e.g. from a spill file)."""

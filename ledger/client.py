@@ -15,9 +15,12 @@ batches so the server fsyncs once per batch rather than once per event.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import difflib
 import fnmatch
+import hashlib
+import io
 import logging
 import re
 import ssl
@@ -27,7 +30,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
@@ -39,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.object_store import ObjectStore
 
 from ledger import events as ev
 from ledger.errors import (
@@ -278,6 +283,20 @@ def _record(msg: Msg) -> Record:
     return Record(seq=seq, subject=msg.subject, time=stored_at, event=ev.decode_lenient(msg.data))
 
 
+def _object_sha256(info: js_api.ObjectInfo) -> str:
+    """An object's digest (``SHA-256=<base64url>``) as hex."""
+    digest = (info.digest or "").split("=", 1)[-1] if info.digest else ""
+    try:
+        return base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
+    except ValueError:
+        return ""
+
+
+def _needs_payload(event: ev.Event) -> bool:
+    """An event whose body lives in the Object Store (readers load it before handing it out)."""
+    return not isinstance(event, ev.OpaqueEvent) and event.payload is not None and bool(event.payload.form)
+
+
 def _type_matcher(types: Sequence[str] | None) -> Any:
     if not types:
         return None
@@ -304,6 +323,7 @@ class Ledger:
         # One batch at a time, so events keep their order across concurrent append_many calls.
         self._append_lock = asyncio.Lock()
         self._closing = False
+        self._payload_store: ObjectStore | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -956,7 +976,7 @@ class Ledger:
                 if until is not None and record.seq > until:
                     return
                 if wanted is None or wanted(record.type):
-                    yield record
+                    yield await self.resolve(record) if _needs_payload(record.event) else record
                 if stop and record.seq >= stop:
                     return
 
@@ -1018,7 +1038,7 @@ class Ledger:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             if not pending:
-                return records
+                return [await self.resolve(r) if _needs_payload(r.event) else r for r in records]
 
     async def follow(
         self, room: str, *, after: int = 0, types: Sequence[str] | None = None
@@ -1038,9 +1058,148 @@ class Ledger:
         async for chunk in self._deliveries(self.subjects.all_rooms(), config):
             for msg in chunk:
                 record = _record(msg)
-                yield record
+                yield await self.resolve(record) if _needs_payload(record.event) else record
                 if last and record.seq >= last:
                     return
+
+    # --- payloads in the Object Store ----------------------------------------------------------
+
+    def desired_payload_config(self) -> js_api.ObjectStoreConfig:
+        """The payload bucket: beside the stream, with its replicas and retention."""
+        s = self.settings
+        return js_api.ObjectStoreConfig(
+            bucket=s.payload_bucket,
+            description=f"room-ledger: payloads of {s.stream} events above the inline limit",
+            ttl=s.max_age_s or None,
+            storage=js_api.StorageType.FILE,
+            replicas=s.replicas,
+        )
+
+    async def payload_store(self, *, create: bool = True) -> ObjectStore:
+        """The payload bucket (created on first use, brought to the stream's replicas and max age)."""
+        if self._payload_store is not None:
+            return self._payload_store
+        config = self.desired_payload_config()
+        bucket = config.bucket or ""
+        stream = f"OBJ_{bucket}"
+        try:
+            info = await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            if not create:
+                raise
+            try:
+                store = await self.js.create_object_store(bucket, config)
+            except nats.js.errors.APIError as exc:
+                raise StreamConfigError(
+                    f"cannot create the payload bucket {bucket!r}: {exc.description} (err_code {exc.err_code})"
+                ) from exc
+        else:
+            current = info.config
+            wanted_age = float(config.ttl or 0)
+            if (current.num_replicas or 1) != config.replicas or abs(float(current.max_age or 0) - wanted_age) > 0.001:
+                current.num_replicas = config.replicas
+                current.max_age = wanted_age
+                await self.js.update_stream(current)
+            store = ObjectStore(name=bucket, stream=stream, js=self.js)
+        self._payload_store = store
+        return store
+
+    async def payload_info(self, ref: ev.PayloadRef) -> js_api.ObjectInfo | None:
+        """The stored object of ``ref`` when it is there whole (same size and digest), else None."""
+        store = await self.payload_store()
+        try:
+            info = await store.get_info(ref.name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        if info.size != ref.size or _object_sha256(info) != ref.sha256:
+            return None
+        return info
+
+    async def put_payload(self, ref: ev.PayloadRef, source: Path | bytes) -> None:
+        """Store a payload under its reference's name, once: an object already there with the same
+        digest (a retry, a second bridge) is kept. Chunks of a put that failed midway are purged
+        by nats-py and, without their meta message, never visible as an object."""
+        if await self.payload_info(ref) is not None:
+            return
+        store = await self.payload_store()
+        if isinstance(source, bytes):
+            info = await store.put(ref.name, source)
+        else:
+            handle: IO[bytes] = await asyncio.to_thread(Path(source).open, "rb")
+            try:
+                info = await store.put(ref.name, handle)  # type: ignore[arg-type]
+            finally:
+                handle.close()
+        if info.size != ref.size or _object_sha256(info) != ref.sha256:
+            raise AppendError(
+                f"payload {ref.name} stored as {info.size} bytes with another digest than the event's "
+                f"({ref.size} bytes, sha256 {ref.sha256[:12]}…): the source changed; retry"
+            )
+
+    async def read_payload(self, ref: ev.PayloadRef, into: IO[bytes] | None = None) -> bytes:
+        """The payload's bytes (checked against the reference's digest), or written ``into`` a file."""
+        store = await self.payload_store(create=False)
+        target = into if into is not None else io.BytesIO()
+        try:
+            await store.get(ref.name, writeinto=target)  # type: ignore[arg-type]
+        except nats.js.errors.ObjectNotFoundError as exc:
+            raise LedgerError(
+                f"payload object {ref.name!r} is not in bucket {self.settings.payload_bucket!r}: "
+                "purged, expired with LEDGER_MAX_AGE, or never stored"
+            ) from exc
+        if into is not None:
+            return b""
+        data = target.getvalue()  # type: ignore[attr-defined]
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise LedgerError(f"payload object {ref.name!r} does not match the event's sha256")
+        return bytes(data)
+
+    async def resolve(self, record: Record) -> Record:
+        """The record with its body loaded from the Object Store when the event's payload lives
+        there (an object that cannot be read gives an opaque event naming why)."""
+        event = record.event
+        if isinstance(event, ev.OpaqueEvent) or event.payload is None or not event.payload.form:
+            return record
+        try:
+            data = await self.read_payload(event.payload)
+        except (LedgerError, nats.errors.Error, nats.js.errors.Error) as exc:
+            resolved: ev.Event = ev.unresolved(event, f"payload not loaded: {exc}")
+        else:
+            resolved = ev.with_payload(event, data)
+        return Record(seq=record.seq, subject=record.subject, time=record.time, event=resolved)
+
+    async def purge_room_payloads(self, room: str) -> int:
+        """Delete every payload object of a room; returns how many went."""
+        prefix = ev.payload_object_name(room, "")
+        try:
+            store = await self.payload_store(create=False)
+        except nats.js.errors.NotFoundError:
+            return 0
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        deleted = 0
+        for info in infos:
+            if info.name and info.name.startswith(prefix) and not info.deleted:
+                with contextlib.suppress(nats.js.errors.ObjectNotFoundError):
+                    await store.delete(info.name)
+                    deleted += 1
+        return deleted
+
+    async def payload_bucket_status(self) -> dict[str, Any] | None:
+        """The bucket as ``ledger doctor`` shows it; None when none was created yet."""
+        try:
+            info = await self.js.stream_info(f"OBJ_{self.settings.payload_bucket}")
+        except nats.js.errors.NotFoundError:
+            return None
+        return {
+            "bucket": self.settings.payload_bucket,
+            "bytes": int(info.state.bytes or 0),
+            "messages": int(info.state.messages or 0),
+            "replicas": int(info.config.num_replicas or 1),
+            "max_age_s": float(info.config.max_age or 0) or None,
+        }
 
     # --- hydration (ledger/hydrate.py) ------------------------------------------------------
 

@@ -32,6 +32,11 @@ _STREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: The smallest duplicate window that still covers a bridge retrying after a NATS blip.
 MIN_DUPLICATE_WINDOW_S: Final = 120.0
+#: Payloads larger than this go to the Object Store bucket beside the stream, not inline.
+DEFAULT_INLINE_LIMIT: Final = 64 * 1024
+#: The hard limit: a payload larger than this is still stored byte-exact, but as ``data`` with the
+#: reason, never parsed or applied; the agent helpers refuse to send one.
+DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 
 
 def parse_duration(value: str, variable: str) -> float:
@@ -119,11 +124,18 @@ class Settings:
     replicas: int = 1
     max_age_s: float | None = None
     max_msg_size: int = 1024 * 1024
+    inline_limit: int = DEFAULT_INLINE_LIMIT
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     duplicate_window_s: float = MIN_DUPLICATE_WINDOW_S
     livekit_url: str | None = None
     livekit_api_key: str | None = None
     livekit_api_secret: str | None = None
     bridge_agent_name: str = "ledger-bridge"
+
+    @property
+    def payload_bucket(self) -> str:
+        """The Object Store bucket of payloads above the inline limit (beside the stream)."""
+        return f"{self.stream}-payloads"
 
     @property
     def embedded_nats(self) -> bool:
@@ -183,6 +195,12 @@ class Settings:
             values["max_age_s"] = age if age > 0 else None
         if (raw := get("LEDGER_MAX_MSG_SIZE")) is not None:
             values["max_msg_size"] = parse_size(raw, "LEDGER_MAX_MSG_SIZE")
+        if (raw := get("LEDGER_INLINE_LIMIT")) is not None:
+            values["inline_limit"] = parse_size(raw, "LEDGER_INLINE_LIMIT")
+        if (raw := get("LEDGER_MAX_PAYLOAD")) is not None:
+            values["max_payload"] = parse_size(raw, "LEDGER_MAX_PAYLOAD")
+            if values["max_payload"] < 1024:
+                raise SettingsError(f"LEDGER_MAX_PAYLOAD={raw!r} is under 1KiB: expected e.g. 64MiB")
         if (raw := get("LEDGER_DUPLICATE_WINDOW")) is not None:
             window = parse_duration(raw, "LEDGER_DUPLICATE_WINDOW")
             if window < MIN_DUPLICATE_WINDOW_S:
@@ -202,6 +220,12 @@ class Settings:
         if "livekit_url" in values and not re.match(r"^(wss?|https?)://", values["livekit_url"]):
             raise SettingsError(f"LIVEKIT_URL={values['livekit_url']!r}: expected ws(s)://host or http(s)://host")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        inline = values.get("inline_limit", DEFAULT_INLINE_LIMIT)
+        if inline > values.get("max_msg_size", 1024 * 1024) // 4:
+            raise SettingsError(
+                f"LEDGER_INLINE_LIMIT={inline} bytes is over a quarter of LEDGER_MAX_MSG_SIZE: an inline payload "
+                "is kept twice at worst (typed body and the JSON as sent) and escaped; expected e.g. 64KiB"
+            )
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:

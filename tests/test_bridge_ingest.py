@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -75,7 +76,7 @@ def test_ledger_protocol_flat_or_body_with_payload_id(payload: dict[str, Any]) -
     (b'{"type": "nope"}', "ledger protocol: type 'nope'"),
     (b'{"type": "floor.request", "id": 7, "agent_id": "a"}', "ledger protocol: 'id' must be"),
     (b"[" * 200 + b"]" * 200, "json nested"),
-    (b"[" * 200_000 + b"]" * 200_000, "oversized"),
+    (b"[" * 200_000 + b"]" * 200_000, "json nested"),
 ])
 def test_bad_ledger_payloads_become_data_with_a_reason(payload: bytes, reason: str) -> None:
     ingest, out = make()
@@ -184,22 +185,37 @@ def test_chat_ledger_streams_and_other_streams() -> None:
     assert broken.body.reason.startswith("stream error")  # type: ignore[union-attr]
 
 
-def test_oversized_stream_keeps_preview_size_and_digest() -> None:
+def test_a_stream_over_the_inline_limit_goes_whole_to_the_spool_with_a_reference() -> None:
     ingest, out = make()
-    ingest.text_stream("y" * (MAX_INLINE_BYTES + 10), topic="ledger", stream_id="big", sender_identity="a",
-                       size=5_000_000, truncated=True)
-    body = only(out).body
-    assert isinstance(body, ev.Data) and body.reason.startswith("oversized stream: 5000000 bytes")
-    assert len(ev.encode(only(out))) < 1024 * 1024
+    text = "y" * (MAX_INLINE_BYTES + 10)
+    ingest.text_stream(text, topic="ledger", stream_id="big", sender_identity="a")
+    event = only(out)
+    body = event.body
+    assert isinstance(body, ev.Data) and body.reason == "ledger topic: not a JSON object"
+    assert body.size == len(text) and body.text is None
+    ref = event.payload
+    assert ref is not None and ref.size == len(text) and ref.name == ev.payload_object_name("r1", event.id)
+    assert ingest.spool.path(ref.name).read_bytes() == text.encode()
+    assert ref.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert len(ev.encode(event)) < 2048
+    ingest.spool.discard(ref.name)
 
 
-def test_huge_attributes_and_unencodable_text_never_raise() -> None:
+def test_huge_attributes_keep_their_body_as_an_object_and_unencodable_text_never_raises() -> None:
     ingest, out = make()
-    ingest.participant_joined("p", attributes={f"k{i}": "v" * 1000 for i in range(1500)})  # 1.5 MB
+    attributes = {f"k{i}": "v" * 1000 for i in range(1500)}  # 1.5 MB
+    ingest.participant_joined("p", attributes=attributes)
     ingest.text_stream("bad \ud800 surrogate", topic="lk.chat", stream_id="s", sender_identity="p")
     ingest.participant_joined("\udcff", kind="agent")
     assert len(out) == 3
-    assert all(isinstance(e, ev.DataEvent) and e.body.reason for e in out), [e.body for e in out]
+    joined = out[0]
+    assert isinstance(joined, ev.ParticipantJoinedEvent) and joined.payload is not None
+    assert joined.payload.form == "body" and joined.body.attributes == {}
+    stored = ingest.spool.path(joined.payload.name).read_bytes()
+    rebuilt = ev.with_payload(joined, stored)
+    assert isinstance(rebuilt, ev.ParticipantJoinedEvent) and rebuilt.body.attributes == attributes
+    ingest.spool.discard(joined.payload.name)
+    assert all(isinstance(e, ev.DataEvent) and e.body.reason for e in out[1:]), [e.body for e in out]
     for event in out:
         ev.decode(ev.encode(event))  # every one is storable
 
@@ -309,3 +325,52 @@ def test_seed_fast_path_records_what_the_general_path_records(packet: dict[str, 
     assert got.type == expected.type and got.body == expected.body and got.at == expected.at
     if got.type == "agent.status" and isinstance(packet.get("id"), str) and packet["id"]:
         assert got.id == expected.id  # the packet's own id makes the event's, on both paths
+
+
+# --- typed events keep what was sent (issue 13) ---------------------------------------------------
+
+
+def test_a_seed_packet_with_more_fields_keeps_every_field_as_sent() -> None:
+    ingest, out = make()
+    raw = (b'{"agent_id":"a","status":"processing","action_lock":true,"intent":"refund",'
+           b'"confidence":0.93,"ts":1732860000.5}')
+    ingest.data_packet(raw, topic="state", sender_identity="a")
+    event = only(out)
+    assert isinstance(event, ev.AgentStatusEvent) and event.body.action_lock is True
+    stored = ev.decode(ev.encode(event))
+    assert isinstance(stored, ev.AgentStatusEvent) and bytes(stored.sent) == raw
+    shown = ev.to_builtins(stored)
+    assert shown["sent"] == json.loads(raw)
+    assert shown["extra"] == {"intent": "refund", "confidence": 0.93, "ts": 1732860000.5}
+
+
+@pytest.mark.parametrize("raw, lock", [
+    (b'{"agent_id":"a","status":"idle"}', None),
+    (b'{"agent_id":"a","status":"idle","action_lock":false}', False),
+    (b'{"agent_id":"a","status":"processing","action_lock":false,"task":null}', False),
+])
+def test_agent_status_without_or_with_a_false_lock_is_typed_and_shown_as_sent(raw: bytes, lock: bool | None) -> None:
+    for topic in ("state", "ledger"):
+        ingest, out = make()
+        ingest.data_packet(raw, topic=topic, sender_identity="a")
+        event = ev.decode(ev.encode(only(out)))
+        assert isinstance(event, ev.AgentStatusEvent) and event.body.action_lock is lock
+        assert ev.status_lock(event) is lock
+        assert ev.to_builtins(event)["sent"] == json.loads(raw)  # the false and the null are there
+
+
+def test_keys_of_the_seed_shape_without_a_lock_or_a_valid_status_are_plain_data() -> None:
+    ingest, out = make()
+    ingest.data_packet(b'{"agent_id":"a","status":"ok"}', topic="app", sender_identity="a")
+    event = only(out)
+    assert isinstance(event, ev.DataEvent) and event.body.reason == "" and event.body.json == {
+        "agent_id": "a", "status": "ok"}
+
+
+def test_a_protocol_message_keeps_unknown_fields_and_its_own_id() -> None:
+    ingest, out = make()
+    raw = b'{"type":"floor.request","id":"p-1","agent_id":"a","task":"refund","priority":3}'
+    ingest.data_packet(raw, topic="ledger", sender_identity="a")
+    event = ev.decode(ev.encode(only(out)))
+    assert isinstance(event, ev.FloorRequestEvent) and event.id == protocol_event_id("r1", "p-1")
+    assert ev.extra_fields(event) == {"priority": 3, "id": "p-1"}
