@@ -32,6 +32,7 @@ import msgspec
 
 from ledger import events as ev
 from ledger.events import derived_event_id
+from ledger.settings import DEFAULT_MAX_PAYLOAD
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -166,6 +167,11 @@ class LedgerAgent:
     async def publish(self, type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None) -> str:
         """Publish one event; returns the id it will have in the log."""
         pid, data = encode_protocol(type_name, body, payload_id=payload_id)
+        # Large messages go as a text stream (any size the bridge can store); only over the hard
+        # limit is one refused, here, before anything is sent (issue 13).
+        limit = self.ledger.settings.max_payload if self.ledger is not None else DEFAULT_MAX_PAYLOAD
+        if len(data) > limit:
+            raise ev.PayloadTooLarge(type_name, len(data), limit)
         participant = self.room.local_participant
         if len(data) <= MAX_PACKET_BYTES:
             await participant.publish_data(data, reliable=True, topic=LEDGER_TOPIC)

@@ -45,13 +45,26 @@ from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from ledger.errors import MalformedEvent
+from ledger.errors import EventError, MalformedEvent
 
 SenderKind: TypeAlias = Literal["agent", "standard", "sip", "egress", "ingress", "unknown"]
 AgentStatusValue: TypeAlias = Literal["processing", "idle", "resolved"]
 ConversationItemType: TypeAlias = Literal[
     "message", "function_call", "function_call_output", "agent_handoff", "agent_config_update"
 ]
+
+
+class PayloadTooLarge(EventError, ValueError):
+    """A payload over the hard limit (``LEDGER_MAX_PAYLOAD``): the helpers refuse to send it."""
+
+    def __init__(self, type_name: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{type_name} payload is {size} bytes, over the hard limit of {limit} bytes (LEDGER_MAX_PAYLOAD): "
+            "the bridge would store it only as data, never apply it; split it, or raise LEDGER_MAX_PAYLOAD "
+            "on the agents and the bridge alike"
+        )
+        self.size = size
+        self.limit = limit
 
 
 def utcnow() -> datetime:
