@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from cli.common import (
     settings_from,
     write_json,
 )
-from ledger.client import Ledger
+from ledger import events as ev
+from ledger.client import Ledger, Record
 from ledger.errors import UnknownRoom
 from ledger.settings import Settings
 
@@ -280,13 +284,88 @@ async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> N
         if not yes and not await asyncio.to_thread(typer.confirm, f"Remove {what}? This cannot be undone"):
             raise CliError("nothing removed")
         purged = await ledger.purge_room(room)
+        # After the events: an object is never left referenced by a remaining event.
+        objects = await ledger.purge_room_payloads(room)
         removed = await _projection_rows(settings, room, delete=True)
-    result = {"room": room, "events_removed": purged, "projection_rows_removed": removed or {}}
+    result = {"room": room, "events_removed": purged, "payload_objects_removed": objects,
+              "projection_rows_removed": removed or {}}
     if as_json:
         write_json(result)
     else:
         extra = f" and {sum((removed or {}).values()):,} projection rows" if removed else ""
-        console.print(f"removed {purged:,} events{extra} of room {room!r}")
+        objs = f", {objects:,} payload objects" if objects else ""
+        console.print(f"removed {purged:,} events{objs}{extra} of room {room!r}")
+
+
+async def payload(settings: Settings, room: str, seq: int, *, out: Path | None, as_json: bool) -> None:
+    """The exact bytes of one event's payload: from the Object Store when it lives there, else
+    the JSON as sent (typed events), the text or the decoded base64 (data events)."""
+    async with Ledger(settings, name="ledger-payload") as ledger:
+        record = await _record_at(ledger, room, seq)
+        event = record.event
+        if isinstance(event, ev.OpaqueEvent):
+            raise CliError(f"event #{seq} of room {room!r} is not readable by this version ({event.error or event.type})")
+        ref = event.payload
+        if as_json:
+            info: dict[str, Any] = {"room": room, "seq": seq, "type": event.type, "id": event.id}
+            if ref is not None:
+                info.update({"object": ref.name, "bucket": settings.payload_bucket, "size": ref.size,
+                             "sha256": ref.sha256, "form": ref.form})
+            else:
+                data = inline_payload(event)
+                info.update({"object": None, "size": len(data) if data is not None else None,
+                             "sha256": hashlib.sha256(data).hexdigest() if data is not None else None})
+            write_json(info)
+            return
+        if ref is not None:
+            if out is not None:
+                handle = await asyncio.to_thread(out.open, "wb")
+                try:
+                    await ledger.read_payload(ref, into=handle)
+                finally:
+                    handle.close()
+                return
+            data = await ledger.read_payload(ref)
+        else:
+            found = inline_payload(event)
+            if found is None:
+                raise CliError(f"event #{seq} ({event.type}) carries no payload of a packet or stream; "
+                               f"`ledger replay {room} --json` shows its body")
+            data = found
+    if out is not None:
+        await asyncio.to_thread(out.write_bytes, data)
+        return
+    sys.stdout.flush()
+    stdout = sys.stdout.buffer
+    stdout.write(data)
+    stdout.flush()
+
+
+def inline_payload(event: ev.KnownEvent) -> bytes | None:
+    """An inline event's payload bytes: the JSON as sent, a data event's text or base64, a chat
+    message's text; None for events not made from a payload."""
+    if event.sent:
+        return bytes(event.sent)
+    body = event.body
+    if isinstance(body, ev.Data):
+        if body.payload_b64 is not None:
+            return base64.b64decode(body.payload_b64)
+        if body.text is not None:
+            return body.text.encode("utf-8", "surrogatepass")
+        return b"" if body.size == 0 and body.transport != "internal" else None
+    if isinstance(body, ev.ChatMessage | ev.Transcript):
+        return body.text.encode("utf-8", "surrogatepass")
+    return None
+
+
+async def _record_at(ledger: Ledger, room: str, seq: int) -> Record:
+    """The room's event at stream sequence ``seq`` (its body loaded, when it lives in the bucket)."""
+    async for record in ledger.read(room, after=seq - 1, until=seq):
+        if record.seq == seq:
+            return record
+        break
+    await ledger.require_room(room)
+    raise CliError(f"room {room!r} has no event at sequence #{seq}: `ledger replay {room}` shows its sequences")
 
 
 # --- doctor, up, migrate ------------------------------------------------------------------------

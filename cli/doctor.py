@@ -230,6 +230,30 @@ async def _check_stream(report: Report, ledger: Ledger) -> None:
             f"stream {name!r} has {key}={now!r} but the settings say {want!r}: the next writer updates it "
             "where it can (subjects and replicas may need `nats stream edit`)",
         )
+    await _check_payload_bucket(report, ledger)
+
+
+async def _check_payload_bucket(report: Report, ledger: Ledger) -> None:
+    """The Object Store bucket of payloads above LEDGER_INLINE_LIMIT: beside the stream, with its
+    replicas and max age."""
+    s = ledger.settings
+    try:
+        bucket = await ledger.payload_bucket_status()
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        report.problem("warning", f"payload bucket {s.payload_bucket!r} does not answer ({exc})")
+        return
+    limits = {"inline_limit": s.inline_limit, "max_payload": s.max_payload}
+    if bucket is None:
+        report.stream["payloads"] = {"bucket": s.payload_bucket, "exists": False, **limits}
+        return
+    report.stream["payloads"] = {"exists": True, **bucket, **limits}
+    if bucket["replicas"] != s.replicas or abs((bucket["max_age_s"] or 0) - (s.max_age_s or 0)) > 0.001:
+        report.problem(
+            "warning",
+            f"payload bucket {s.payload_bucket!r} has replicas={bucket['replicas']} max_age={bucket['max_age_s']} "
+            f"but the stream's settings say replicas={s.replicas} max_age={s.max_age_s}: the next bridge "
+            "that stores a payload updates it",
+        )
 
 
 async def _check_postgres(report: Report, settings: Settings) -> None:
@@ -352,6 +376,18 @@ def render_report(console: Any, report: Report) -> None:
                 ("messages", f"{s['messages']:,} ({s['bytes']:,} bytes), #{s['first_seq']}–#{s['last_seq']}"),
                 ("consumers", s["consumers"]),
             ])
+        b = s.get("payloads")
+        if b:
+            limits = f"inline up to {b['inline_limit']:,} bytes, hard limit {b['max_payload']:,} bytes"
+            if not b.get("exists"):
+                section(f"payload bucket {b['bucket']}", [("exists", "no (created with the first large payload)"),
+                                                         ("limits", limits)])
+            else:
+                section(f"payload bucket {b['bucket']}", [
+                    ("replicas / max age", f"{b['replicas']} / {format_age(b['max_age_s'])}"),
+                    ("stored", f"{b['bytes']:,} bytes in {b['messages']:,} messages (chunks and metadata)"),
+                    ("limits", limits),
+                ])
     p = report.postgres
     section("PostgreSQL", [
         ("mode", "embedded" if p.get("embedded") else "your server"),

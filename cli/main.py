@@ -240,6 +240,29 @@ def purge(
 
 
 @app.command()
+def payload(
+    room: RoomArg,
+    seq: Annotated[int, typer.Argument(help="The event's stream sequence (as `ledger replay` shows it).", min=1)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the bytes to this file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The exact bytes of an event's payload, to stdout (or --out FILE); --json: where it is stored.
+
+    Payloads above LEDGER_INLINE_LIMIT come from the Object Store bucket beside the stream.
+
+    [bold]Examples[/]
+
+      ledger payload support-42 1234 > upload.bin
+
+      ledger payload support-42 1234 --out patch.json
+
+      ledger payload support-42 1234 --json
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.payload(settings, room, seq, out=out, as_json=as_json))
+
+
+@app.command()
 def doctor(
     as_json: JsonOpt = False,
     monitor_url: Annotated[

@@ -292,7 +292,7 @@ def _object_sha256(info: js_api.ObjectInfo) -> str:
         return ""
 
 
-def _needs_payload(event: ev.Event) -> bool:
+def needs_payload(event: ev.Event) -> bool:
     """An event whose body lives in the Object Store (readers load it before handing it out)."""
     return not isinstance(event, ev.OpaqueEvent) and event.payload is not None and bool(event.payload.form)
 
@@ -976,7 +976,7 @@ class Ledger:
                 if until is not None and record.seq > until:
                     return
                 if wanted is None or wanted(record.type):
-                    yield await self.resolve(record) if _needs_payload(record.event) else record
+                    yield await self.resolve(record) if needs_payload(record.event) else record
                 if stop and record.seq >= stop:
                     return
 
@@ -1038,7 +1038,7 @@ class Ledger:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             if not pending:
-                return [await self.resolve(r) if _needs_payload(r.event) else r for r in records]
+                return [await self.resolve(r) if needs_payload(r.event) else r for r in records]
 
     async def follow(
         self, room: str, *, after: int = 0, types: Sequence[str] | None = None
@@ -1058,7 +1058,7 @@ class Ledger:
         async for chunk in self._deliveries(self.subjects.all_rooms(), config):
             for msg in chunk:
                 record = _record(msg)
-                yield await self.resolve(record) if _needs_payload(record.event) else record
+                yield await self.resolve(record) if needs_payload(record.event) else record
                 if last and record.seq >= last:
                     return
 

@@ -54,7 +54,7 @@ import nats.js.errors
 
 from ledger import db
 from ledger import events as ev
-from ledger.client import Ledger, Record
+from ledger.client import Ledger, Record, needs_payload
 from ledger.errors import ConnectError as LedgerConnectError
 from ledger.feed import DEFAULT_WINDOW, Delivery, StreamFeed
 from ledger.settings import Settings
@@ -387,7 +387,15 @@ class Projector:
                 room = _safe_room(token)
                 pending.errors.append((seq, room, subject.rpartition(".")[2], f"decode: {exc}"))
                 continue
-            records.append((event.room, Record(seq=seq, subject=subject, time=msg.time, event=event)))
+            record = Record(seq=seq, subject=subject, time=msg.time, event=event)
+            if needs_payload(event) and self._ledger is not None:
+                # A body in the Object Store (above LEDGER_INLINE_LIMIT): folded whole; one that
+                # cannot be loaded comes back opaque and is recorded as an error below.
+                record = await self._ledger.resolve(record)
+                if isinstance(record.event, ev.OpaqueEvent):
+                    pending.errors.append((seq, record.event.room, record.type, record.event.error))
+                    continue
+            records.append((event.room, record))
         if last == 0:
             return None
         await self._load_states({room for room, _ in records})

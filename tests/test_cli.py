@@ -22,7 +22,7 @@ from ledger.settings import Settings
 from tests.test_cli_helpers import T0, at, env_for, invoke, json_of, ok, seed
 
 COMMANDS = ["replay", "state", "rooms", "purge", "doctor", "up", "migrate", "demo", "bridge", "dispatch",
-            "project", "rebuild"]
+            "project", "rebuild", "payload"]
 
 
 # --- help and errors ------------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""Payloads above the inline limit: spooled, put into the Object Store bucket before their event,
+loaded by every reader, shown and written byte-exact by the CLI, purged with their room.
+
+Real nats-server (and PostgreSQL for the projection); the bridge's ingest and writer driven
+directly, as ``ledger demo`` does. The same through real LiveKit participants is in
+tests/test_lossless.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bridge.ingest import Ingest
+from bridge.room import _read_spooled
+from bridge.writer import BridgeWriter
+from ledger import events as ev
+from ledger.agents import encode_protocol, protocol_event_id
+from ledger.client import Ledger, Record
+from ledger.hydrate import close as close_hydration
+from ledger.settings import Settings
+from projections.projector import Projector
+from projections.reducers import fold
+from tests.test_cli_helpers import invoke, json_of, ok
+
+MiB = 1024 * 1024
+
+
+async def bridged(settings: Settings, home: Path, room: str, feed: Callable[[Ingest], None]) -> list[Record]:
+    """Feed one room's ingest through a real writer; the room's log afterwards (bodies loaded)."""
+    async with Ledger(settings) as ledger:
+        writer = BridgeWriter(ledger, home=home, stats_interval=0)
+        await writer.start()
+        feed(writer.ingest(room))
+        assert await writer.flush(60), "the writer did not store everything within 60 s"
+        assert await writer.close() == 0
+        assert not list((home / "bridge" / "payloads").glob("*")), "payload files left after their events"
+        return [r async for r in ledger.read(room)]
+
+
+def big_patch(size: int) -> dict[str, Any]:
+    """A session document of ``size`` bytes or so: many fields and a long conversation."""
+    fields = {f"field_{i:03d}": f"value {i} " * 8 for i in range(120)}
+    turns = [{"role": "user" if i % 2 else "assistant", "text": f"turn {i} " + "words " * 40} for i in range(
+        size // 260)]
+    return {"caller": fields, "conversation": turns}
+
+
+def test_a_2mb_session_patch_is_stored_as_an_object_and_applied(settings: Settings, room: str, tmp_path: Path) -> None:
+    patch = big_patch(2 * MiB)
+    pid, data = encode_protocol("session.patch", ev.SessionPatch(patch=patch), payload_id="patch-1")
+    assert len(data) > 2 * MiB
+
+    def feed(ingest: Ingest) -> None:
+        ingest.participant_joined("triage", kind="agent")
+        ingest.text_stream(data.decode(), topic="ledger", stream_id="st-1", sender_identity="triage")
+
+    records = asyncio.run(bridged(settings, tmp_path, room, feed))
+    event = records[-1].event
+    assert isinstance(event, ev.SessionPatchEvent) and event.id == protocol_event_id(room, pid)
+    assert event.body.patch == patch  # loaded from the bucket by the reader
+    assert event.payload is not None and event.payload.size == len(data)
+    assert event.payload.sha256 == hashlib.sha256(data).hexdigest()
+    assert fold(records).session == patch
+
+    # the CLI: exact bytes, the reference in replay --json and in payload --json
+    seq = records[-1].seq
+    out = ok(settings, ["payload", room, str(seq)])
+    assert out.stdout_bytes == data
+    shown = json_of(ok(settings, ["payload", room, str(seq), "--json"]))
+    assert shown["object"] == event.payload.name and shown["size"] == len(data) and shown["form"] == "json"
+    lines = [json.loads(line) for line in ok(settings, ["replay", room, "--json"]).stdout.splitlines()]
+    assert lines[-1]["payload"]["name"] == event.payload.name
+    target = tmp_path / "out.json"
+    ok(settings, ["payload", room, str(seq), "--out", str(target)])
+    assert target.read_bytes() == data
+
+
+def test_projection_and_hydration_load_large_bodies(pg_settings: Settings, room: str, tmp_path: Path) -> None:
+    patch = big_patch(600 * 1024)
+    summary = "the caller asked about a refund. " * 20_000  # ~640 KB
+    _, patch_data = encode_protocol("session.patch", ev.SessionPatch(patch=patch))
+    _, summary_data = encode_protocol("context.summary", ev.ContextSummary(text=summary, covers_seq=1))
+
+    def feed(ingest: Ingest) -> None:
+        ingest.text_stream(patch_data.decode(), topic="ledger", stream_id="p", sender_identity="triage")
+        ingest.text_stream(summary_data.decode(), topic="ledger", stream_id="s", sender_identity="triage")
+
+    asyncio.run(bridged(pg_settings, tmp_path, room, feed))
+
+    async def project_and_hydrate() -> Any:
+        async with Projector(pg_settings) as projector:
+            await projector.catch_up()
+        async with Ledger(pg_settings) as ledger:
+            try:
+                return await ledger.hydrate(room)
+            finally:
+                await close_hydration(ledger)
+
+    snapshot = asyncio.run(project_and_hydrate())
+    assert snapshot.session == patch
+    assert snapshot.summary is not None and snapshot.summary.text == summary
+
+
+def test_binary_bytes_of_any_size_come_back_exactly(settings: Settings, room: str, tmp_path: Path) -> None:
+    blobs = [os.urandom(n) for n in (0, 1, 64 * 1024, 64 * 1024 + 1, 3 * MiB)]
+
+    def feed(ingest: Ingest) -> None:
+        for i, blob in enumerate(blobs):
+            ingest.byte_stream(blob, topic="files", stream_id=f"b{i}", sender_identity="user", name=f"f{i}.bin")
+
+    records = asyncio.run(bridged(settings, tmp_path, room, feed))
+    assert len(records) == len(blobs)
+    for record, blob in zip(records, blobs, strict=True):
+        assert isinstance(record.event, ev.DataEvent) and record.event.body.size == len(blob)
+        assert (record.event.payload is not None) == (len(blob) > settings.inline_limit)
+        result = ok(settings, ["payload", room, str(record.seq)])
+        assert result.stdout_bytes == blob, (len(result.stdout_bytes), len(blob))
+
+
+def test_over_the_hard_limit_is_data_with_the_reason_and_still_byte_exact(
+        settings: Settings, room: str, tmp_path: Path) -> None:
+    small = settings.replace(max_payload=1 * MiB)
+    _, data = encode_protocol("session.patch", ev.SessionPatch(patch=big_patch(2 * MiB)))
+
+    def feed(ingest: Ingest) -> None:
+        assert ingest.max_payload == 1 * MiB
+        ingest.text_stream(data.decode(), topic="ledger", stream_id="big", sender_identity="triage")
+
+    records = asyncio.run(bridged(small, tmp_path, room, feed))
+    event = records[-1].event
+    assert isinstance(event, ev.DataEvent) and event.body.reason.startswith("over the hard limit")
+    assert "LEDGER_MAX_PAYLOAD" in event.body.reason and event.body.size == len(data)
+    assert ok(settings, ["payload", room, str(records[-1].seq)]).stdout_bytes == data
+
+
+def test_purge_removes_the_rooms_objects_and_only_those(settings: Settings, room: str, tmp_path: Path) -> None:
+    other = room + "-other"
+    for name in (room, other):
+        asyncio.run(bridged(settings, tmp_path, name, lambda ingest: ingest.byte_stream(
+            os.urandom(200 * 1024), topic="files", stream_id="x", sender_identity="u")))
+
+    async def names() -> list[str]:
+        async with Ledger(settings) as ledger:
+            store = await ledger.payload_store()
+            return [i.name or "" for i in await store.list(ignore_deletes=True)]
+
+    assert any(n.startswith(ev.payload_object_name(room, "")) for n in asyncio.run(names()))
+    result = json_of(ok(settings, ["purge", room, "--yes", "--json"]))
+    assert result["payload_objects_removed"] == 1 and result["events_removed"] == 1
+    left = asyncio.run(names())
+    assert not any(n.startswith(ev.payload_object_name(room, "")) for n in left)
+    assert any(n.startswith(ev.payload_object_name(other, "")) for n in left)
+    ok(settings, ["purge", other, "--yes"])
+
+
+def test_doctor_reports_the_bucket(settings: Settings, room: str, tmp_path: Path) -> None:
+    asyncio.run(bridged(settings, tmp_path, room, lambda ingest: ingest.byte_stream(
+        os.urandom(100 * 1024), topic="files", stream_id="d", sender_identity="u")))
+    report = json_of(invoke(settings, ["doctor", "--json"]))
+    payloads = report["stream"]["payloads"]
+    assert payloads["exists"] and payloads["bucket"] == settings.payload_bucket
+    assert payloads["replicas"] == settings.replicas and payloads["inline_limit"] == settings.inline_limit
+    ok(settings, ["purge", room, "--yes"])
+
+
+def test_a_payload_whose_object_is_gone_reads_as_opaque_with_the_reason(
+        settings: Settings, room: str, tmp_path: Path) -> None:
+    _, data = encode_protocol("session.patch", ev.SessionPatch(patch=big_patch(200 * 1024)))
+    asyncio.run(bridged(settings, tmp_path, room, lambda ingest: ingest.text_stream(
+        data.decode(), topic="ledger", stream_id="gone", sender_identity="a")))
+
+    async def delete_and_read() -> list[Record]:
+        async with Ledger(settings) as ledger:
+            assert await ledger.purge_room_payloads(room) == 1
+            return [r async for r in ledger.read(room)]
+
+    (record,) = asyncio.run(delete_and_read())
+    assert isinstance(record.event, ev.OpaqueEvent) and "payload not loaded" in record.event.error
+    assert fold([record]).session == {}  # skipped and counted, not folded as an empty patch
+    failed = invoke(settings, ["payload", room, str(record.seq)])
+    assert failed.exit_code == 1 and "not readable" in failed.stderr
+
+
+# --- bounded memory ---------------------------------------------------------------------------------
+
+
+async def _chunks(total: int, size: int = 15_000) -> AsyncIterator[bytes]:
+    chunk = os.urandom(size)
+    sent = 0
+    while sent < total:
+        piece = chunk[: min(size, total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+def test_a_large_stream_is_spooled_with_bounded_memory(tmp_path: Path) -> None:
+    from bridge.payloads import PayloadSpool
+
+    ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
+    total = 60 * MiB
+
+    async def read() -> tuple[bytes, ev.PayloadRef | None, str | None]:
+        return await _read_spooled(_chunks(total), ingest, "s1", "files")
+
+    tracemalloc.start()
+    try:
+        head, ref, error = asyncio.run(read())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error is None and ref is not None and ref.size == total
+    assert len(head) <= 4096
+    assert peak < 4 * MiB, f"reading a {total // MiB} MiB stream peaked at {peak / MiB:.1f} MiB"
+    assert ingest.spool.path(ref.name).stat().st_size == total
+
+
+def test_a_json_stream_within_the_hard_limit_is_read_back_whole_to_be_typed(tmp_path: Path) -> None:
+    from bridge.payloads import PayloadSpool
+
+    ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
+    document = msgspec.json.encode({"x": "y" * (200 * 1024)})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(document), 15_000):
+            yield document[start:start + 15_000]
+
+    data, ref, error = asyncio.run(_read_spooled(chunks(), ingest, "s2", "app"))
+    assert data == document and ref is not None and ref.size == len(document) and error is None
+
+
+@pytest.mark.parametrize("size", [0, 100, 64 * 1024])
+def test_small_streams_stay_in_memory(tmp_path: Path, size: int) -> None:
+    from bridge.payloads import PayloadSpool
+
+    ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
+    data, ref, error = asyncio.run(_read_spooled(_chunks(size), ingest, "s3", "files"))
+    assert len(data) == size and ref is None and error is None
+    assert not list(tmp_path.iterdir())
