@@ -2,7 +2,9 @@
 
 1. Three agents take turns on one caller with action locks (seed 000): their coordination
    packets, speech and the caller's words go through the bridge's ingest path (the code that
-   turns room observations into events, without WebRTC) and its ordered writer.
+   turns room observations into events, without WebRTC) and its ordered writer.  With
+   ``LIVEKIT_URL`` set they are real participants in a real LiveKit room instead, and a bridge in
+   that room records them (``cli/demo_live.py``).
 2. The projector folds the log into PostgreSQL; the triage agent hands the caller to a billing
    specialist that runs in another process (seed 001). That process hydrates the room to the
    handoff's sequence: ~120 session fields, the conversation as a ChatContext, the floor.
@@ -310,6 +312,11 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
     load_room = f"demo-{run_id}-load"
     say(Text(f"ledger demo: room {room!r}", style="bold"))
 
+    if settings.livekit_url and not (settings.livekit_api_key or settings.livekit_api_secret):
+        # `livekit-server --dev`'s keys, as LiveKit's own tools assume for a local dev server
+        settings = settings.replace(livekit_api_key="devkey", livekit_api_secret="secret")
+        say(f"  LIVEKIT_URL={settings.livekit_url} without LIVEKIT_API_KEY/SECRET: using livekit-server --dev's"
+            " keys (devkey/secret)")
     settings, started = await start_servers(settings)
     timings["servers_s"] = round(time.perf_counter() - t0, 3)
     nats_url = ",".join(settings.nats_urls or ())
@@ -322,6 +329,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
     writer: Any = None
     bridge_ids: list[str] = []
     specialist = OtherProcess(settings, room, SPECIALIST)
+    live = contextlib.AsyncExitStack()  # the LiveKit room, when there is one
     try:
         # The specialist's worker starts now and warms up (loads LiveKit Agents) while act 1 plays.
         await specialist.start()
@@ -329,7 +337,15 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             writer = BridgeWriter(ledger, home=settings.home)
             bridge_ids.append(writer.bridge_id)
             await writer.start()
-            script = Script(writer, room)
+            script: Any
+            if settings.livekit_url:
+                from cli.demo_live import live_room
+
+                script = await live.enter_async_context(live_room(settings, ledger, writer, room))
+                say(f"  LiveKit {settings.livekit_url}: the bridge is in the room; callers and agents join it"
+                    " as real participants")
+            else:
+                script = Script(writer, room)
 
             act = time.perf_counter()
             await act_one(script)
@@ -356,6 +372,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
                 f"({late['source']}): ChatContext of {late['chat_ctx_items']} items, {late['session_fields']} "
                 f"session fields, floor {late['floor_holder'] or 'free'}")
             await act_two_arrival(script)
+            await live.aclose()  # the participants leave; the bridge records it and leaves too
 
             seq, took = await project(settings)
             timings["projector_final_s"] = round(took, 3)
@@ -396,6 +413,8 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             if not keep:
                 summary["cleanup"] = await _cleanup(ledger, settings, room, bridge_ids)
     finally:
+        with contextlib.suppress(Exception):
+            await live.aclose()
         await specialist.stop()
         if writer is not None:
             with contextlib.suppress(Exception):

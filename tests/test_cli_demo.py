@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,26 @@ def test_html_escapes_what_the_room_says(settings: Settings, room: str, tmp_path
     ok(settings, ["replay", room, "--html", str(page)])
     html = page.read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+@pytest.mark.livekit
+def test_demo_through_a_real_livekit_room(settings: Settings, empty_home: Path, livekit_server: Any) -> None:
+    """With LIVEKIT_URL set, the demo's caller and agents are real participants and the bridge records them."""
+    env = {**_unconfigured(empty_home), "LIVEKIT_URL": livekit_server.url,
+           "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret}
+    summary = json_of(ok(settings, ["demo", "--json", "--keep"], **env))
+    room = summary["room"]
+    assert summary["session_fields"] >= 120 and summary["floor_holder"] is None
+    assert [h["to"] for h in summary["handoffs"]] == ["billing"] and summary["handoffs"][0]["dead_air_s"] is not None
+    out = ok(settings, ["replay", room, "--json"], **env)
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    types = [r["type"] for r in records]
+    assert types[0] == "bridge.joined" and "bridge.left" in types
+    joined = {r["body"]["identity"]: r["body"] for r in records if r["type"] == "participant.joined"}
+    assert set(joined) == {"caller", "triage", "lookup", "scribe", "billing"}
+    assert all(body["sid"].startswith("PA_") for body in joined.values())  # sids the server gave
+    transcripts = [r["body"] for r in records if r["type"] == "transcript"]
+    assert transcripts[0]["speaker"] == "caller"  # triage transcribed the caller's microphone track
+    assert transcripts[0]["text"].startswith("Hi, I was charged twice")
+    statuses = [(r["sender"]["identity"], r["body"]["status"]) for r in records if r["type"] == "agent.status"]
+    assert statuses[:2] == [("triage", "processing"), ("lookup", "processing")]
