@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test tools lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ledger demo
 
-test: $(STAMP)
+# Test servers and clients, built or installed once per machine into ~/.cache/room-ledger (tests also
+# do it on first use). A client that cannot be installed here (no Go, no npm) makes its tests skip.
+tools:
+	tools/go-tool livekit-server
+	-tools/go-client
+	-tools/js-client
+
+test: $(STAMP) tools
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
