@@ -1,0 +1,79 @@
+"""The billing agent: dispatched by a handoff, it resumes the call with the whole conversation.
+
+    LIVEKIT_URL=ws://localhost:7880 LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret \\
+        python examples/handoff/billing.py
+
+``LedgerLink.resume`` reads the dispatch, hydrates the room to the handoff's sequence and returns
+the conversation (function calls and outputs kept), the userdata as ``CallData`` and the reason.
+The agent then speaks first, with all of it in its LLM's first request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BILLING,
+    TEXT_ONLY,
+    CallBase,
+    CallData,
+    Say,
+    ScriptedLLM,
+    Step,
+    last_item,
+    serve,
+    text_of,
+)
+from livekit.agents import Agent, AgentSession, JobContext, llm
+
+from ledger.agents import userdata_document
+from ledger.handoff import LedgerLink
+
+
+def script(chat_ctx: llm.ChatContext) -> Step:
+    item = last_item(chat_ctx)
+    told_triage = [i for i in chat_ctx.items if _resumed(i) and i.type == "message" and i.role == "user"]
+    if item is not None and item.type == "message" and item.role == "user" and not _resumed(item):
+        return Say(f"Billing here: about {text_of(item)!r}, I'm on it.")
+    return Say(f"Hi Ana, billing here. I have your account and the {len(told_triage)} things you told triage.")
+
+
+def _resumed(item: llm.ChatItem) -> bool:
+    """Whether ``item`` came with the handoff (hydrated from the log) rather than to this agent."""
+    extra = getattr(item, "extra", None) or {}
+    return "ledger_seq" in extra
+
+
+class Billing(Agent):
+    def __init__(self, userdata: CallBase, reason: str | None) -> None:
+        # The typed userdata the handoff brought (the api_client is this process's own, not handed over).
+        facts = json.dumps({k: v for k, v in userdata_document(userdata).items() if k != "api_client"},
+                           sort_keys=True)
+        super().__init__(instructions=f"You are the billing agent. The caller was handed to you by triage "
+                                      f"({reason or 'no reason given'}). What we know about the caller: {facts}")
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    link = await LedgerLink.open(ctx)
+    resumed = await link.resume(CallData)
+    if os.environ.get("HANDOFF_CRASH_AFTER_HYDRATE") == "1":
+        os._exit(70)  # the failure test: a target that dies once it has the context
+    userdata: CallBase = resumed.userdata if resumed else CallData()
+    agent = Billing(userdata, resumed.reason if resumed else None)
+    if resumed is not None:
+        # Function calls of tools this agent does not declare are kept (they are history).
+        await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
+    await ctx.connect()  # before the session starts: its first words need the room
+    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
+    await link.attach(session, task="billing")
+    session.generate_reply()
+
+
+if __name__ == "__main__":
+    serve(BILLING, entrypoint)

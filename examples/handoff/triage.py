@@ -1,0 +1,89 @@
+"""The triage agent: identifies the caller, then hands billing questions to the billing worker.
+
+    LIVEKIT_URL=ws://localhost:7880 LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret \\
+        python examples/handoff/triage.py
+
+Its LLM is scripted (see ``common.py``): "my account is 7" looks the account up (filling the
+120 userdata fields), a message about a bill calls ``transfer_to("billing", ...)``, "transfer me
+to NAME" transfers to NAME.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BILLING,
+    HANDOFF_TIMEOUT_S,
+    TEXT_ONLY,
+    TRIAGE,
+    Call,
+    CallBase,
+    CallData,
+    Say,
+    ScriptedLLM,
+    Step,
+    fill_account,
+    last_item,
+    serve,
+    text_of,
+)
+from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
+
+from ledger.handoff import LedgerLink, transfer_tool
+
+
+def script(chat_ctx: llm.ChatContext) -> Step:
+    item = last_item(chat_ctx)
+    if item is None:
+        return Say("Hi, this is triage. How can I help?")
+    if item.type == "function_call_output":
+        if item.name == "look_up_account":
+            return Say("Thanks Ana, I found your account.")
+        if item.name == "transfer_to":
+            return Say("Sorry, I can't transfer you right now." if item.is_error
+                       else "One moment, I'm transferring you now.")
+    text = text_of(item).lower() if item.type == "message" and item.role == "user" else ""
+    if match := re.search(r"transfer me to ([\w-]+)", text):
+        return Call("transfer_to", {"agent_name": match.group(1), "reason": "the caller asked"})
+    if "bill" in text or "charge" in text:
+        return Call("transfer_to", {"agent_name": BILLING, "reason": "billing question"})
+    if match := re.search(r"account (?:is )?(\d+)", text):
+        return Call("look_up_account", {"account_id": match.group(1)})
+    if text:
+        return Say(f"Triage here: you said {text!r}.")
+    return Say("Triage here. How can I help?")
+
+
+class Triage(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You are the triage agent of a call centre. Identify the caller; transfer "
+                                      "billing questions to billing.",
+                         tools=[transfer_tool(timeout=HANDOFF_TIMEOUT_S)])
+
+    @function_tool
+    async def look_up_account(self, context: RunContext[Any], account_id: str) -> str:
+        """Look up the caller's account by its number."""
+        fill_account(context.userdata, account_id)
+        return f"account {account_id}: Ana, gold tier, verified"
+
+    async def on_enter(self) -> None:
+        self.session.generate_reply()
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    link = await LedgerLink.open(ctx)
+    userdata: CallBase = CallData()
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, script), userdata=userdata)
+    await ctx.connect()  # before the session starts: its first words need the room
+    await session.start(Triage(), room=ctx.room, room_options=TEXT_ONLY)
+    await link.attach(session, task="triage")
+
+
+if __name__ == "__main__":
+    serve(TRIAGE, entrypoint)

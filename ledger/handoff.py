@@ -1,0 +1,549 @@
+"""Cross-process handoff of a LiveKit Agents ``AgentSession``: one tool on the source, one call on the target.
+
+In-process, an ``Agent`` hands the caller to another by returning it from a function tool. Across
+processes the other agent runs in another worker, so this module does the same through the
+room's log and LiveKit's agent dispatch::
+
+    # both workers: one link per job, then the session as usual
+    async def entrypoint(ctx: JobContext) -> None:
+        link = await LedgerLink.open(ctx)                  # Ledger from the LEDGER_* environment
+        resumed = await link.resume(CallData)              # target: None unless dispatched by a handoff
+        session = AgentSession(llm=..., userdata=resumed.userdata if resumed else CallData())
+        agent = Billing() if resumed else Triage()
+        if resumed:                                        # function calls and their outputs kept
+            await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
+        await session.start(agent, room=ctx.room, room_options=...)
+        await link.attach(session)                        # userdata published per turn; the floor
+
+    class Triage(Agent):
+        def __init__(self) -> None:
+            super().__init__(instructions="...", tools=[transfer_tool(agents=["billing"])])
+
+``transfer_to(agent_name, reason)`` returns at once (the LLM tells the caller it is transferring);
+then, in the background: the tool's call and output reach the log (from the session's own
+``lk.agent.session`` feed), the userdata is published, the ``handoff`` is appended and its
+sequence known, the target is dispatched with metadata ``{"room", "ledger_seq"}``, and the source
+keeps the caller (it ignores their typing meanwhile, so no message is answered twice) until the
+target holds the floor, then its job shuts down. If the target never takes the floor (no worker
+under that name, a crash, a timeout) or the handoff lost a race (another handoff released the
+floor first: log order decides), the dispatch is deleted, the failure is recorded as the caller
+handed back (``handoff`` from the target to the source, reason ``handoff failed: …``), the source
+claims the floor again, says so and goes on.
+
+The target's :meth:`LedgerLink.resume` hydrates to the handoff's sequence and returns the
+conversation as a ``ChatContext`` (function calls, outputs and timestamps kept), the typed
+userdata and the reason; :meth:`LedgerLink.attach` takes the floor, which is what the source
+waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+from livekit import api
+from livekit.agents import AgentSession, RunContext, ToolError, function_tool
+from livekit.agents.llm import ChatContext, FunctionTool
+
+from ledger import events as ev
+from ledger import hydrate as _hydrate  # noqa: F401  (loads the reducers now, not on a job's event loop)
+from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata
+from ledger.client import Ledger
+from ledger.settings import Settings
+from projections import reducers as rd
+
+if TYPE_CHECKING:
+    from livekit import rtc
+    from livekit.agents import JobContext
+    from livekit.agents.voice.events import AgentStateChangedEvent
+    from livekit.agents.voice.room_io.types import TextInputEvent
+
+    from ledger.hydrate import Snapshot
+
+log = logging.getLogger("ledger.handoff")
+
+T = TypeVar("T")
+
+#: The reason of the ``handoff`` that records a failed one (the caller handed back to the source).
+FAILED_PREFIX: Final = "handoff failed: "
+#: How long the source waits for its tool's call and output to reach the log before handing off.
+TOOL_OUTPUT_WAIT_S: Final = 5.0
+#: Agent states that end a turn (the session waits for the user again).
+_TURN_OVER: Final = frozenset({"listening", "idle"})
+_IN_TURN: Final = frozenset({"thinking", "speaking"})
+
+_links: weakref.WeakKeyDictionary[AgentSession[Any], LedgerLink] = weakref.WeakKeyDictionary()
+
+
+class HandoffFailed(Exception):
+    """A handoff did not complete: the source keeps the caller (``reason`` says why)."""
+
+    def __init__(self, to_agent: str, reason: str) -> None:
+        super().__init__(f"handoff to {to_agent!r} failed: {reason}")
+        self.to_agent = to_agent
+        self.reason = reason
+
+
+@dataclass
+class Resumed(Generic[T]):
+    """What the target of a handoff resumes with."""
+
+    #: The conversation so far: messages, function calls and outputs, handoffs, with timestamps.
+    chat_ctx: ChatContext
+    #: The shared session document as the developer's userdata type.
+    userdata: T
+    reason: str | None
+    from_agent: str
+    #: The handoff's log sequence; the snapshot covers at least this.
+    seq: int
+    snapshot: Snapshot
+
+
+@dataclass
+class HandoffOutcome:
+    """How a transfer ended (``LedgerLink.transfers`` keeps them, newest last)."""
+
+    to_agent: str
+    reason: str | None
+    seq: int | None = None
+    ok: bool = False
+    error: str | None = None
+    dispatch_id: str | None = None
+    #: Seconds from the tool call to the target holding the floor (or to the failure).
+    elapsed_s: float = 0.0
+
+
+class LedgerLink:
+    """One job's link to the room's log: userdata published per turn, the floor, handoffs both ways."""
+
+    def __init__(self, room: rtc.Room, ledger: Ledger, *, agent_id: str, owns_ledger: bool = False,
+                 job: JobContext | None = None, livekit_api: api.LiveKitAPI | None = None,
+                 metadata: str = "") -> None:
+        self.room = room
+        self.ledger = ledger
+        self.agent_id = agent_id
+        self.agent = LedgerAgent(room, ledger, agent_id=agent_id)
+        self.session: AgentSession[Any] | None = None
+        #: Every transfer this link started, in order.
+        self.transfers: list[HandoffOutcome] = []
+        self._owns_ledger = owns_ledger
+        self._job = job
+        self._api = livekit_api
+        self._metadata = metadata
+        self._resumed: Resumed[Any] | None = None
+        self._sync_wanted = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._transfer_task: asyncio.Task[None] | None = None
+        self._held_input: list[TextInputEvent] = []
+        self._attached = asyncio.Event()
+        self._holding = False
+        self._saved_cb: Any = None
+        self._replays: set[asyncio.Future[Any]] = set()
+        self._closed = False
+
+    # --- setting up -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, ctx: JobContext, ledger: Ledger | None = None, *, agent_id: str | None = None) -> LedgerLink:
+        """The link of a worker job; closed when the job shuts down.
+
+        ``ledger``: one you opened (kept open); by default one is opened from the ``LEDGER_*``
+        environment and closed with the job. ``agent_id``: the name the floor and handoffs know
+        this agent by (default: the job's agent name, which is what another worker dispatches).
+        """
+        owns = ledger is None
+        if ledger is None:
+            ledger = Ledger(Settings.from_env(), name=f"ledger-agent-{ctx.job.agent_name or 'agent'}")
+            await ledger.connect()
+        link = cls(ctx.room, ledger, agent_id=agent_id or ctx.job.agent_name or "agent", owns_ledger=owns,
+                   job=ctx, metadata=ctx.job.metadata)
+        ctx.add_shutdown_callback(link.aclose)
+        return link
+
+    async def resume(self, userdata_type: type[T], *, timeout: float = 10.0) -> Resumed[T] | None:
+        """The target side: None unless this job was dispatched by a handoff; else the context.
+
+        Hydrates the room to the handoff's sequence (read-your-writes: everything the source
+        published before handing off is in), and returns the conversation, the userdata as
+        ``userdata_type`` and the handoff's reason. Needs no room connection.
+        """
+        request = handoff_from_metadata(self._metadata)
+        if request is None:
+            return None
+        snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
+        handoff = await self._handoff_at(request)
+        resumed: Resumed[T] = Resumed(
+            chat_ctx=dataclasses.replace(snapshot, conversation=once_per_message(snapshot.conversation)).chat_ctx(), userdata=snapshot.session_as(userdata_type),
+            reason=handoff.reason if handoff else None, from_agent=handoff.from_agent if handoff else "",
+            seq=request.ledger_seq, snapshot=snapshot)
+        self._resumed = resumed
+        return resumed
+
+    async def _handoff_at(self, request: HandoffRequest) -> ev.Handoff | None:
+        for record in await self.ledger.read_recent(request.room, after=request.ledger_seq - 1, batch=1):
+            if record.seq == request.ledger_seq and isinstance(record.event, ev.HandoffEvent):
+                return record.event.body
+            break
+        return None
+
+    async def attach(self, session: AgentSession[Any], *, task: str | None = None, floor_timeout: float = 10.0) -> None:
+        """Follow the room's log for ``session``; publish its userdata; take the floor.
+
+        Call after ``session.start`` (the room is connected then). On a handoff's target this is
+        the take-over the source waits for. The session's userdata is published now (a source)
+        and then once per turn, as one merge patch of what changed.
+        """
+        self.session = session
+        _links[session] = self
+        resumed = self._resumed
+        log.debug("%s: attaching (hydrating %s)", self.agent_id, "no" if resumed else "yes")
+        await self.agent.start(snapshot=resumed.snapshot if resumed else None)
+        log.debug("%s: following the log from %d", self.agent_id, self.agent.seq)
+        self._attached.set()
+        if resumed is not None:
+            self.agent.adopt_session(resumed.snapshot.session)
+        session.on("agent_state_changed", self._on_agent_state)
+        self._sync_task = asyncio.create_task(self._sync_loop(), name=f"ledger-userdata-{self.agent_id}")
+        await self.sync_userdata()
+        await self.agent.request_floor(task=task)
+        log.debug("%s: floor requested", self.agent_id)
+        try:
+            await self.agent.wait_for_floor(timeout=floor_timeout)
+        except TimeoutError:
+            log.warning("%s: the floor is still held by %r; queued behind it", self.agent_id, self.agent.floor_holder)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.session is not None:
+            self.session.off("agent_state_changed", self._on_agent_state)
+        for task in (self._sync_task, self._transfer_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.agent.stop()
+        if self._api is not None:
+            with contextlib.suppress(Exception):
+                await self._api.aclose()
+        if self._owns_ledger:
+            await self.ledger.close()
+
+    # --- userdata -----------------------------------------------------------------------------------
+
+    def _on_agent_state(self, event: AgentStateChangedEvent) -> None:
+        # A turn ends when the agent goes back to waiting for the user: what its tools changed
+        # during the turn goes out as one patch.
+        if event.old_state in _IN_TURN and event.new_state in _TURN_OVER:
+            self._sync_wanted.set()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            try:
+                await self.sync_userdata()
+            except Exception:
+                log.warning("%s: publishing the userdata failed; retried at the end of the next turn",
+                            self.agent_id, exc_info=True)
+
+    async def sync_userdata(self) -> str | None:
+        """Publish what changed in the session's userdata now (the event id, or None: no change)."""
+        if self.session is None or not self.room.isconnected():
+            return None
+        try:
+            userdata = self.session.userdata
+        except ValueError:  # the session has no userdata
+            return None
+        return await self.agent.sync_userdata(userdata)
+
+    # --- the source's side of a handoff -------------------------------------------------------------
+
+    @property
+    def transferring(self) -> bool:
+        return self._transfer_task is not None and not self._transfer_task.done()
+
+    def start_transfer(self, to_agent: str, reason: str | None, *, call_id: str | None = None,
+                       timeout: float = 15.0, failure_message: str | None = None) -> asyncio.Task[None]:
+        """Hand the caller to ``to_agent`` in the background (what ``transfer_to`` calls)."""
+        if self.transferring:
+            raise HandoffFailed(to_agent, "another transfer is in progress")
+        outcome = HandoffOutcome(to_agent=to_agent, reason=reason)
+        self.transfers.append(outcome)
+        self._hold_input()
+        self._transfer_task = asyncio.create_task(
+            self._transfer(outcome, call_id, timeout, failure_message), name=f"ledger-handoff-{to_agent}")
+        self._transfer_task.add_done_callback(_log_crash)
+        return self._transfer_task
+
+    async def _transfer(self, outcome: HandoffOutcome, call_id: str | None, timeout: float,
+                        failure_message: str | None) -> None:
+        started = time.perf_counter()
+        to_agent = outcome.to_agent
+        try:
+            # A tool can run before attach() has hydrated (the caller was quick): wait for it.
+            await asyncio.wait_for(self._attached.wait(), timeout)
+            await self._handoff(outcome, call_id, timeout)
+        except Exception as exc:
+            why = exc.reason if isinstance(exc, HandoffFailed) else _describe(exc, to_agent, timeout)
+            outcome.error = why
+            outcome.elapsed_s = time.perf_counter() - started
+            log.warning("%s: handoff to %r failed: %s", self.agent_id, to_agent, why)
+            await self._recover(outcome, failure_message)
+            return
+        outcome.ok = True
+        outcome.elapsed_s = time.perf_counter() - started
+        log.info("%s: handed off to %r in %.2fs", self.agent_id, to_agent, outcome.elapsed_s)
+        await self._leave(f"handed off to {to_agent}")
+
+    async def _handoff(self, outcome: HandoffOutcome, call_id: str | None, timeout: float) -> None:
+        agent = self.agent
+        to_agent = outcome.to_agent
+        if call_id is not None:
+            # The target resumes with the tool call and its output: wait until the session's
+            # own feed has put them in the log (they are emitted once the tool has returned).
+            try:
+                await agent.wait_until(lambda s: any(i.call_id == call_id and i.type == "function_call_output"
+                                                     for i in s.conversation), TOOL_OUTPUT_WAIT_S)
+            except TimeoutError:
+                log.warning("%s: the transfer's tool output is not in the log after %gs (no bridge, or the "
+                            "session does not publish lk.agent.session); handing off without it",
+                            self.agent_id, TOOL_OUTPUT_WAIT_S)
+        log.debug("%s: handing off to %r: the tool's output is in the log", self.agent_id, to_agent)
+        patch_id = await self.sync_userdata()
+        try:
+            if patch_id is not None:
+                # In the log before the handoff, whatever its size (a large patch goes as a text
+                # stream, which the bridge records when it ends: it could land after the packet).
+                await agent.wait_for_event(patch_id, timeout)
+            event_id = await agent.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
+                                                                 reason=outcome.reason))
+            outcome.seq = seq = await agent.wait_for_event(event_id, timeout)
+        except TimeoutError:
+            raise HandoffFailed(to_agent, f"the room's log did not record the handoff within {timeout:g}s (is a "
+                                          "ledger bridge in the room?)") from None
+        log.debug("%s: handoff to %r at sequence %d", self.agent_id, to_agent, seq)
+        if not handoff_took_effect(agent, seq):
+            holder = agent.floor_holder
+            raise HandoffFailed(to_agent, f"{self.agent_id!r} did not hold the floor at the handoff (log order: "
+                                          f"another handoff or release came first; the holder is {holder!r})")
+        outcome.dispatch_id = await self._dispatch(to_agent, seq)
+        log.debug("%s: dispatched %r (%s)", self.agent_id, to_agent, outcome.dispatch_id)
+        try:
+            await agent.wait_for_floor(to_agent, timeout)
+        except TimeoutError:
+            raise HandoffFailed(to_agent, await self._why_not(outcome, timeout)) from None
+
+    async def _why_not(self, outcome: HandoffOutcome, timeout: float) -> str:
+        """Why the target never took the floor, as far as LiveKit knows."""
+        try:
+            dispatches = await self._livekit_api().agent_dispatch.list_dispatch(self.room.name)
+        except Exception:
+            dispatches = []
+        jobs = [j for d in dispatches if d.id == outcome.dispatch_id for j in d.state.jobs]
+        if not jobs:
+            return (f"no worker registered as {outcome.to_agent!r} took the job within {timeout:g}s "
+                    "(is that worker running?)")
+        return (f"{outcome.to_agent!r} got the job but did not take the floor within {timeout:g}s "
+                "(it failed or is too slow; see its log)")
+
+    async def _dispatch(self, agent_name: str, seq: int) -> str:
+        lk = self._livekit_api()
+        metadata = HandoffRequest(room=self.room.name, ledger_seq=seq)
+        import msgspec
+
+        dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name=agent_name, room=self.room.name,
+            metadata=msgspec.json.encode({"room": metadata.room, "ledger_seq": metadata.ledger_seq}).decode()))
+        return str(dispatch.id)
+
+    def _livekit_api(self) -> api.LiveKitAPI:
+        if self._api is None:
+            settings = self.ledger.settings
+            url = settings.livekit_url or _env("LIVEKIT_URL")
+            key = settings.livekit_api_key or _env("LIVEKIT_API_KEY")
+            secret = settings.livekit_api_secret or _env("LIVEKIT_API_SECRET")
+            if not (url and key and secret):
+                raise HandoffFailed("?", "no LiveKit server API to dispatch with: set LIVEKIT_URL, "
+                                         "LIVEKIT_API_KEY and LIVEKIT_API_SECRET")
+            self._api = api.LiveKitAPI(url.replace("ws://", "http://", 1).replace("wss://", "https://", 1),
+                                       key, secret)
+        return self._api
+
+    async def _recover(self, outcome: HandoffOutcome, failure_message: str | None) -> None:
+        """Keep the caller: withdraw the dispatch, record the failure, take the floor, say so."""
+        agent = self.agent
+        if outcome.dispatch_id is not None:
+            with contextlib.suppress(Exception):
+                await self._livekit_api().agent_dispatch.delete_dispatch(outcome.dispatch_id, self.room.name)
+        try:
+            if outcome.seq is not None:
+                # The caller handed back: releases the target's floor if it got it, and shows in
+                # `ledger replay --handoffs` as what it was.
+                await agent.publish("handoff", ev.Handoff(from_agent=outcome.to_agent, to_agent=self.agent_id,
+                                                          reason=f"{FAILED_PREFIX}{outcome.error}",
+                                                          min_seq=outcome.seq))
+            await agent.request_floor(task=f"{FAILED_PREFIX}{outcome.to_agent}")
+        except Exception:
+            log.warning("%s: recording the failed handoff failed", self.agent_id, exc_info=True)
+        self._release_input(replay=True)
+        session = self.session
+        if session is not None:
+            text = (failure_message or "Sorry, I could not reach {agent} just now. I'm still here with you.")
+            with contextlib.suppress(Exception):
+                session.say(text.format(agent=outcome.to_agent, reason=outcome.error))
+
+    async def _leave(self, reason: str) -> None:
+        session = self.session
+        if session is not None and session.current_speech is not None:
+            # Let the last words (the "transferring you" reply) finish.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.current_speech.wait_for_playout(), 10.0)
+        self._held_input.clear()
+        if self._job is not None:
+            self._job.shutdown(reason)
+            return
+        if session is not None:
+            await session.aclose()
+        await self.room.disconnect()
+
+    # --- the caller's typing while a handoff runs --------------------------------------------------
+
+    def _hold_input(self) -> None:
+        """While handing off, the caller's messages are not answered here (the target answers)."""
+        session = self.session
+        if session is None or self._holding:
+            return
+        with contextlib.suppress(RuntimeError):
+            room_io = session.room_io
+            self._saved_cb = getattr(room_io, "_text_input_cb", None)
+            room_io.register_text_input(self._held)
+            self._holding = True
+
+    async def _held(self, session: AgentSession[Any], event: TextInputEvent) -> None:
+        self._held_input.append(event)
+
+    def _release_input(self, *, replay: bool) -> None:
+        session = self.session
+        if session is None or not self._holding:
+            return
+        self._holding = False
+        callback = self._saved_cb
+        if callback is None:
+            from livekit.agents.voice.room_io.types import TextInputOptions
+
+            callback = TextInputOptions().text_input_cb
+        session.room_io.register_text_input(callback)
+        held, self._held_input = self._held_input, []
+        if replay:
+            for event in held:
+                result = callback(session, event)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    self._replays.add(task)
+                    task.add_done_callback(self._replays.discard)
+
+
+def once_per_message(items: list[rd.ConversationItem]) -> list[rd.ConversationItem]:
+    """The conversation with each message once, as the sessions' own feed recorded it.
+
+    A message typed on ``lk.chat`` is in the log twice: as the chat stream and as the user item of
+    the session's ``lk.agent.session`` feed (a moment later, with the session's item id and
+    timestamp). So is an agent's first reply, whose ``lk.transcription`` stream can reach the log
+    before the session's feed has said anything (until then the fold cannot know that the agent
+    has a feed). Where the feed has the message, its copy is kept and the other dropped.
+    """
+    fed: dict[tuple[str | None, str], int] = {}
+    for item in items:
+        if item.type == "message" and item.source == "conversation.item":
+            key = (item.role, item.text)
+            fed[key] = fed.get(key, 0) + 1
+    if not fed:
+        return items
+    kept: list[rd.ConversationItem] = []
+    for item in items:
+        key = (item.role, item.text)
+        if item.source in ("chat.message", "transcript") and fed.get(key, 0) > 0:
+            fed[key] -= 1
+            continue
+        kept.append(item)
+    return kept
+
+
+def handoff_took_effect(agent: LedgerAgent, seq: int) -> bool:
+    """Whether the handoff at ``seq`` released its source's floor (log order decides a race).
+
+    A handoff passes the floor only if its source held it at that point of the log; every
+    process folds the same log, so every process gives the same answer.
+    """
+    return any(t.end_seq == seq and t.end_reason == "handoff" and t.holder == agent.agent_id
+               for t in agent.state.floor.history)
+
+
+def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = 15.0,
+                  failure_message: str | None = None, name: str = "transfer_to",
+                  description: str | None = None) -> FunctionTool[..., Awaitable[str]]:
+    """A function tool ``transfer_to(agent_name, reason)`` that hands the caller to an agent in another worker.
+
+    ``agents``: the agent names it may hand to (listed to the LLM; others are refused).
+    ``timeout``: how long the target has to take the floor before the handoff fails and the
+    caller stays. ``failure_message``: what the source says then (``{agent}``, ``{reason}``).
+    The session must be attached (:meth:`LedgerLink.attach`).
+    """
+    allowed = list(agents) if agents is not None else None
+    text = description or (
+        "Transfer the caller to another agent, who continues the conversation with everything said so far. "
+        + (f"agent_name is one of: {', '.join(allowed)}. " if allowed else "")
+        + "reason: why, in a few words.")
+
+    async def transfer_to(context: RunContext[Any], agent_name: str, reason: str) -> str:
+        link = _links.get(context.session)
+        if link is None:
+            raise ToolError("transfers are not set up for this session (LedgerLink.attach was not called)")
+        if allowed is not None and agent_name not in allowed:
+            raise ToolError(f"unknown agent {agent_name!r}; choose one of {', '.join(allowed)}")
+        try:
+            link.start_transfer(agent_name, reason or None, call_id=context.function_call.call_id,
+                                timeout=timeout, failure_message=failure_message)
+        except HandoffFailed as exc:
+            raise ToolError(str(exc)) from exc
+        return f"Transferring the caller to {agent_name}. Tell them briefly; the other agent takes over."
+
+    tool: FunctionTool[..., Awaitable[str]] = function_tool(transfer_to, name=name, description=text)
+    return tool
+
+
+def link_of(session: AgentSession[Any]) -> LedgerLink | None:
+    """The link attached to ``session`` (None if none)."""
+    return _links.get(session)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("the handoff task failed: %r", exc, exc_info=exc)
+
+
+def _describe(exc: BaseException, to_agent: str, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"{to_agent!r} did not take the floor within {timeout:g}s (no worker took the job, or it failed)"
+    if isinstance(exc, api.TwirpError):
+        return f"LiveKit refused the dispatch: {exc.code} {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name) or None
+
+
+__all__ = ["FAILED_PREFIX", "HandoffFailed", "HandoffOutcome", "LedgerLink", "Resumed", "handoff_took_effect",
+           "link_of", "transfer_tool"]

@@ -1,0 +1,165 @@
+"""examples/handoff on the real livekit-server: two AgentServer workers in separate processes, real
+``AgentSession``s in text mode driven by a scripted LLM, a real dispatch from triage to billing.
+
+The caller types on ``lk.chat``; the agents answer on ``lk.transcription``. The bridge (in this
+process) records the room, and the conversation in the log comes from the sessions' own
+``lk.agent.session`` feed. Billing's LLM's first request must hold the whole earlier
+conversation (the caller's messages, triage's replies, the tool calls and their outputs, with
+timestamps) and the 120 userdata fields triage filled in; no message is answered by two agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger import events as ev
+from ledger.client import Ledger, Record
+from ledger.handoff import FAILED_PREFIX
+from ledger.settings import Settings
+from projections.reducers import fold
+from tests.followed_log import FollowedLog as Log
+from tests.handoff_example import ExampleWorkers, Replies
+from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
+
+pytestmark = pytest.mark.livekit
+
+
+@pytest.fixture
+async def workers(lk_settings: Settings, livekit_server: Any, tmp_path: Path) -> AsyncIterator[ExampleWorkers]:  # noqa: F811
+    w = ExampleWorkers(lk_settings, livekit_server, tmp_path)
+    try:
+        yield w
+    finally:
+        await w.stop()
+
+
+def left(log: Log, identity: str) -> bool:
+    return any(r.type == "participant.left" and r.event.body.identity == identity  # type: ignore[union-attr]
+               for r in log.records)
+
+
+def handoffs(log: Log) -> list[ev.Handoff]:
+    return [r.event.body for r in log.of("handoff")]  # type: ignore[misc]
+
+
+async def say(user: Any, text: str) -> None:
+    await user.local_participant.send_text(text, topic="lk.chat")
+
+
+async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+                                                  livekit_connect: Any, workers: ExampleWorkers) -> None:
+    log = Log(ledger, room)
+    async with running_bridge(lk_settings, room):
+        await workers.start("triage")
+        await workers.start("billing")
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+
+        greeting = await replies.next()
+        assert greeting.agent == workers.triage, greeting
+        await say(user, "Hi, I'm Ana, my account is 7")
+        found = await replies.next()
+        assert found.text == "Thanks Ana, I found your account." and found.identity == greeting.identity
+        await say(user, "I have a question about my bill")
+        transferring = await replies.next()
+        assert transferring.text == "One moment, I'm transferring you now." and transferring.identity == greeting.identity
+        hello = await replies.next(timeout=40)
+        assert hello.agent == workers.billing, hello
+        assert hello.text == "Hi Ana, billing here. I have your account and the 2 things you told triage."
+        await say(user, "Why was I charged twice?")
+        answer = await replies.next()
+        assert answer.identity == hello.identity and "charged twice" in answer.text
+        await log.until(lambda rs: left(log, greeting.identity), timeout=30)  # triage left the call
+
+    # every message answered by one agent: triage three times, then billing twice, nothing else
+    assert [(r.agent, r.text) for r in replies.all] == [
+        (workers.triage, greeting.text), (workers.triage, found.text), (workers.triage, transferring.text),
+        (workers.billing, hello.text), (workers.billing, answer.text)]
+
+    # billing's LLM's first request: the whole earlier conversation and the 120 userdata fields
+    first = workers.trace("billing")[0]["items"]
+    messages = [(i["role"], i["content"][0]) for i in first if i["type"] == "message"]
+    assert ("user", "Hi, I'm Ana, my account is 7") in messages
+    assert ("user", "I have a question about my bill") in messages
+    assert ("assistant", greeting.text) in messages and ("assistant", found.text) in messages
+    calls = {i["name"]: i for i in first if i["type"] == "function_call"}
+    outputs = {i["name"]: i for i in first if i["type"] == "function_call_output"}
+    assert set(calls) == {"look_up_account", "transfer_to"} == set(outputs)
+    assert json.loads(calls["look_up_account"]["arguments"]) == {"account_id": "7"}
+    assert json.loads(calls["transfer_to"]["arguments"])["agent_name"] == workers.billing
+    assert outputs["look_up_account"]["output"] == "account 7: Ana, gold tier, verified"
+    assert all(outputs[n]["call_id"] == calls[n]["call_id"] for n in calls)
+    stamped = [i["created_at"] for i in first if i["type"] != "message" or i["role"] in ("user", "assistant")]
+    assert all(isinstance(t, float) and t > 1.7e9 for t in stamped) and stamped == sorted(stamped)
+    (instructions,) = [i["content"][0] for i in first if i["type"] == "message" and i["role"] == "system"]
+    facts = json.loads(instructions.split("What we know about the caller: ", 1)[1])
+    assert len(facts) == 120 and facts["caller"] == "Ana" and facts["field_112"] == "value 112 of account 7"
+    assert "api_client" not in facts
+
+    # the log: the sessions' own feed, the handoff, the floor passed from triage to billing
+    records: list[Record] = [r async for r in ledger.read(room)]
+    items = [r for r in records if r.type == "conversation.item"]
+    assert {r.event.sender.identity for r in items} == {greeting.identity, hello.identity}
+    assert {r.event.body.item_type for r in items} >= {"message", "function_call", "function_call_output"}  # type: ignore[union-attr]
+    (handoff,) = [r for r in records if r.type == "handoff"]
+    assert (handoff.event.body.from_agent, handoff.event.body.to_agent) == (workers.triage, workers.billing)  # type: ignore[union-attr]
+    state = fold(records)
+    tenures = [(t.holder, t.end_reason) for t in state.floor.history]
+    assert tenures[:2] == [(workers.triage, "handoff"), (workers.billing, None)]
+    assert len(state.session) == 120
+    await log.close()
+
+
+async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+                                                         livekit_connect: Any, workers: ExampleWorkers) -> None:
+    log = Log(ledger, room)
+    async with running_bridge(lk_settings, room):
+        await workers.start("triage", HANDOFF_TIMEOUT_S="3")
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+        triage = (await replies.next()).identity
+        await say(user, "transfer me to nobody-here")
+        assert (await replies.next()).text == "One moment, I'm transferring you now."
+        sorry = await replies.next(timeout=20)
+        assert sorry.identity == triage and "could not reach nobody-here" in sorry.text
+        await say(user, "are you still there?")
+        still = await replies.next()
+        assert still.identity == triage and "are you still there?" in still.text
+        await log.until(lambda rs: len(log.of("handoff")) == 2)
+    first, back = handoffs(log)
+    assert (first.from_agent, first.to_agent) == (workers.triage, "nobody-here")
+    assert (back.from_agent, back.to_agent) == ("nobody-here", workers.triage)
+    assert back.reason is not None and back.reason.startswith(FAILED_PREFIX + "no worker registered as 'nobody-here'")
+    assert fold(log.records).floor.holder == workers.triage
+    await log.close()
+
+
+async def test_target_crashing_after_hydrating_is_a_recorded_failure(
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,  # noqa: F811
+        workers: ExampleWorkers) -> None:
+    log = Log(ledger, room)
+    async with running_bridge(lk_settings, room):
+        await workers.start("triage", HANDOFF_TIMEOUT_S="6")
+        await workers.start("billing", HANDOFF_CRASH_AFTER_HYDRATE="1")
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+        triage = (await replies.next()).identity
+        await say(user, "I have a question about my bill")
+        assert (await replies.next()).text == "One moment, I'm transferring you now."
+        sorry = await replies.next(timeout=30)
+        assert sorry.identity == triage and "could not reach" in sorry.text
+        await log.until(lambda rs: len(log.of("handoff")) == 2)
+    assert await asyncio.wait_for(workers.procs["billing"].wait(), 10) == 70  # it did crash, after hydrating
+    back = handoffs(log)[1]
+    assert back.reason is not None and back.reason.startswith(FAILED_PREFIX + f"'{workers.billing}' got the job")
+    assert fold(log.records).floor.holder == workers.triage
+    await log.close()
