@@ -9,76 +9,17 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from cli.common import Point, format_duration
-from cli.replay import (
-    FloorTimeline,
-    FloorTracker,
-    HandoffRow,
-    HandoffTracker,
-    Window,
-    records,
-    trim_conversation,
-)
-from ledger import events as ev
-from ledger.client import Ledger, Record
-
-#: Conversation items and session changes kept for the page (the latest ones).
-MAX_ITEMS: Final = 2000
-MAX_SESSION_CHANGES: Final = 1000
+from cli.replay import FloorTimeline
+from cli.roomview import PageData, collect, participant_views
+from cli.roomview import item_text as _item_text
+from ledger.client import Ledger
 
 _COLORS: Final = ["#e6a700", "#3b82f6", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316"]
-
-
-@dataclass
-class SessionChange:
-    seq: int
-    time: datetime
-    sender: str
-    patch: dict[str, Any]
-
-
-@dataclass
-class PageData:
-    room: str
-    floor: FloorTimeline
-    handoffs: list[HandoffRow]
-    state: Any
-    session_changes: list[SessionChange] = field(default_factory=list)
-    session_changes_total: int = 0
-    conversation_total: int = 0
-
-
-async def collect(ledger: Ledger, room: str, until: Point | None = None) -> PageData:
-    floor = FloorTracker(room)
-    hand = HandoffTracker()
-    changes: list[SessionChange] = []
-    total = 0
-    dropped = 0
-
-    def session(record: Record) -> None:
-        nonlocal total
-        event = record.event
-        if isinstance(event, ev.SessionPatchEvent):
-            total += 1
-            changes.append(SessionChange(record.seq, record.time, event.sender.identity, event.body.patch))
-            if len(changes) > MAX_SESSION_CHANGES * 2:
-                del changes[: len(changes) - MAX_SESSION_CHANGES]
-
-    async for record in records(ledger, room, Window(until=until)):
-        floor.feed(record)
-        hand.feed(record)
-        session(record)
-        dropped += trim_conversation(floor.state, MAX_ITEMS)
-    timeline = floor.finish()
-    dropped += trim_conversation(floor.state, MAX_ITEMS, slack=1)
-    conversation = floor.state.conversation
-    return PageData(room, timeline, hand.finish(), floor.state, changes[-MAX_SESSION_CHANGES:], total,
-                    dropped + len(conversation))
 
 
 def _e(value: Any) -> str:
@@ -146,18 +87,6 @@ def _table(headers: list[str], rows: list[list[str]], *, id_: str, empty: str) -
     return f'<table id="{id_}-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _item_text(item: Any) -> str:
-    if item.type == "message":
-        return str(item.text)
-    if item.type == "function_call":
-        return f"calls {item.name}({item.arguments or ''})"
-    if item.type == "function_call_output":
-        return f"{item.name or 'tool'} → {item.output or ''}"
-    if item.type == "agent_handoff":
-        return f"agent {item.old_agent_id} → {item.new_agent_id}"
-    return str(item.type)
-
-
 _CSS: Final = """
 :root { color-scheme: light dark; --muted: #6b7280; --line: #d1d5db; }
 body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px auto; max-width: 1100px;
@@ -206,9 +135,10 @@ def render(data: PageData, *, generated_at: datetime | None = None) -> str:
     people = [
         [_e(p.identity), _e(p.kind),
          '<span class="pill yes">present</span>' if p.present else '<span class="pill">left</span>',
-         _e(p.agent_state), _e(p.status), _e(p.task), "🔒" if p.lock else "",
-         _e(json.dumps(p.status_extra, ensure_ascii=False, default=str)) if p.status_extra else ""]
-        for p in sorted(state.participants.values(), key=lambda p: (not p.present, p.identity))
+         _e(p.agent_state), _e(p.status), _e(p.task),
+         "🔒" if p.lock == "holds" else "queued" if p.lock == "queued" else f'<span class="muted">{_e(p.note)}</span>',
+         _e(json.dumps(p.extra, ensure_ascii=False, default=str)) if p.extra else ""]
+        for p in participant_views(state)
     ]
     convo = [
         [f"#{item.seq}", _t(item.time), f'<span class="role-{_e(item.role)}">{_e(item.role or item.type)}</span>',

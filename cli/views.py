@@ -57,7 +57,9 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     people = Table(box=box.SIMPLE_HEAD, title="participants", title_justify="left", expand=False)
     for column in ("identity", "kind", "present", "agent state", "status", "task", "lock", "also sent"):
         people.add_column(column)
-    for p in sorted(state.participants.values(), key=lambda p: (not p.present, p.identity)):
+    from cli.roomview import participant_views  # what the HTML report and `ledger serve` show too
+
+    for p in participant_views(state):
         people.add_row(
             _s(p.identity),
             _s(p.kind),
@@ -65,9 +67,9 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
             _s(p.agent_state),
             _s(p.status),
             _s(p.task),
-            Text("lock", style="yellow") if p.lock else Text(""),
+            Text("lock", style="yellow") if p.lock == "holds" else Text(p.lock or _s(p.note), style="bright_black"),
             # fields of the agent's last status packet beyond agent_id/status/action_lock/task
-            _value(p.status_extra) if p.status_extra else "",
+            _value(p.extra) if p.extra else "",
         )
 
     session = Table(box=box.SIMPLE_HEAD, title=f"session (version #{state.session_version}, "
