@@ -214,6 +214,14 @@ def replay_json(settings: Settings, room: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
+def payload_bytes(settings: Settings, room: str, seq: int) -> bytes:
+    """``ledger payload ROOM SEQ``: the exact bytes of an event's payload."""
+    done = subprocess.run([sys.executable, "-m", "cli.main", "payload", room, str(seq)], cwd=REPO,
+                          env={**os.environ, **env_for(settings)}, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, f"ledger payload failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
+    return done.stdout
+
+
 async def replay_until(settings: Settings, room: str, want: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
     """Replay until ``want(events)`` holds: the bridge writes asynchronously, the CLI reads what is stored."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -272,9 +280,10 @@ async def test_livekit_js_sdk_in_chromium(lk_settings: Settings, room: str, live
     try:
         async with running_bridge(lk_settings, room), browser(chromium, page.url, workdir) as log:
             joined = await page.step("joined", 60, log)
-            # The server announces a participant once its connection is up, by which time attributes
-            # set right after connect() would already be in the announcement: change them only once the
-            # bridge has recorded the join, so the change is an event of its own.
+            # livekit-server announces a participant without tracks to the others in a batch, up to
+            # 3 s after it is active (subscriberUpdateInterval), unless it changes first: attributes set
+            # right after connect() would be in its first announcement, not a change. Change them once
+            # the bridge has recorded the join, so the change is an event of its own.
             await replay_until(lk_settings, room, lambda es: bool(of(es, "participant.joined", identity)))
             page.gate("attributes").set()
             await page.step("file", 30, log)
@@ -311,11 +320,11 @@ async def test_livekit_js_sdk_in_chromium(lk_settings: Settings, room: str, live
     body = stream["body"]
     assert body["topic"] == "browser-files" and body["size"] == len(file_bytes)
     assert body["attributes"].get("name") == "blob.bin"
-    digest = hashlib.sha256(file_bytes).hexdigest()
-    if ref := stream.get("payload"):  # kept beside the log (lossless capture): its size and digest
-        assert (ref["size"], ref["sha256"]) == (len(file_bytes), digest)
-    else:  # inline, as base64 (not UTF-8)
-        assert hashlib.sha256(base64.b64decode(body["payload_b64"])).hexdigest() == digest
+    if ref := stream.get("payload"):  # stored beside the log: its reference names size and digest
+        assert (ref["size"], ref["sha256"]) == (len(file_bytes), hashlib.sha256(file_bytes).hexdigest())
+    else:  # inline, as base64 (it is not UTF-8)
+        assert base64.b64decode(body["payload_b64"]) == file_bytes
+    assert payload_bytes(lk_settings, room, stream["seq"]) == file_bytes  # byte-exact, wherever it is kept
     assert of(events, "participant.left", identity)
 
 
@@ -356,6 +365,7 @@ async def _step(proc: asyncio.subprocess.Process, name: str, timeout: float = 60
     return step
 
 
+@pytest.mark.timeout(600)  # on a fresh machine without `make tools`, go_client first builds lk-data (minutes)
 async def test_livekit_go_sdk(lk_settings: Settings, room: str, livekit_server: Any, go_client: str,
                               pion_address: None) -> None:
     identity = "go-sender"
@@ -368,9 +378,10 @@ async def test_livekit_go_sdk(lk_settings: Settings, room: str, livekit_server: 
         assert proc.stdout is not None and proc.stdin is not None
         try:
             joined = await _step(proc, "joined")
-            # The server forwards a new participant's data before it announces the participant, and the
-            # Python SDK drops the sender of a packet from a participant it does not know yet: the
-            # bridge would record these packets without a sender. Send once the join is recorded.
+            # A participant without tracks is announced to the others up to 3 s after it is active (see
+            # above), but its data is forwarded at once; the Rust core of the Python SDK drops the sender
+            # of a packet from a participant it does not know yet, so the bridge would record these
+            # packets without a sender (seen every time when sent at once). Send once the join is recorded.
             await replay_until(lk_settings, room, lambda es: bool(of(es, "participant.joined", identity)))
             proc.stdin.write(b"send\n")
             await _step(proc, "sent")
