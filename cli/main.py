@@ -435,5 +435,48 @@ def rebuild(
     run(lambda: commands.rebuild(settings, yes=yes, as_json=as_json, projection=projection))
 
 
+# --- conversation export (issue 17) -------------------------------------------------------------
+
+
+@app.command("export")
+def export_(
+    room: Annotated[str | None, typer.Argument(help="One room (default: every room, or --prefix).",
+                                               show_default=False)] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Rooms whose name starts with this.",
+                                               show_default=False)] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Rooms active at or after this ISO time or time "
+                                              "ago (5m, 2h).", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Rooms active at or before this time.",
+                                              show_default=False)] = None,
+    livekit: Annotated[bool, typer.Option("--livekit", help="LiveKit's ChatContext.to_dict() shape ({\"items\": "
+                                          "[...]}, loads with ChatContext.from_dict) instead of OpenAI messages.")
+                       ] = False,
+    bare: Annotated[bool, typer.Option("--bare", help="Only messages (or items) per line, no room, turns or "
+                                       "participants.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the JSON Lines to FILE (default stdout).",
+                                             show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (needs --out).")] = False,
+) -> None:
+    """Export conversations as JSON Lines, one conversation per line: OpenAI messages or (--livekit) a ChatContext.
+
+    Each line also carries the turns (role, speaker identity and kind, text, times, log sequence, tool
+    calls and outputs, handoffs). Agent-to-agent rooms give one line per agent, from its side.
+
+    [bold]Examples[/]
+
+      ledger export support-42
+
+      ledger export --prefix support- --since 1d --out calls.jsonl
+
+      ledger export --livekit --bare --out ctx.jsonl --json
+    """
+    from cli import export as export_cli
+
+    settings = guard(commands.settings)
+    chosen = guard(lambda: export_cli.selection(room, prefix, since, until))
+    run(lambda: export_cli.export(settings, chosen, shape="livekit" if livekit else "openai", bare=bare, out=out,
+                                  as_json=as_json))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
