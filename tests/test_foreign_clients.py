@@ -345,7 +345,9 @@ def pion_address(livekit_server: Any) -> Iterator[None]:
     assert netns.inside(), "the livekit tests run inside the test network namespace"
     ip = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) or "ip"
     address = ipaddress.ip_interface("169.254.77.2/32")
-    subprocess.run([ip, "addr", "add", str(address), "dev", "lk0"], check=True, capture_output=True)
+    done = subprocess.run([ip, "addr", "add", str(address), "dev", "lk0"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, f"could not add {address} to the namespace's veth lk0: {done.stderr.strip()}"
     try:
         yield
     finally:
