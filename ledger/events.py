@@ -277,6 +277,82 @@ class BridgeLeft(Body, frozen=True):
     reason: str = ""
 
 
+
+class ServerEvent(Body, frozen=True):
+    """What livekit-server itself reported about the room through its webhook (``ledger webhooks``).
+
+    One type per webhook event (``server.room_started`` …; ``server.webhook`` for a name this
+    version does not know). The event id derives from the webhook's own ``id``, so a redelivered
+    webhook is stored once. ``webhook`` keeps the webhook's JSON as the server sent it.
+    """
+
+    #: The webhook's event name (``room_started`` …) and its own id.
+    event: str
+    webhook_id: str
+    #: Unix seconds when the server made the event.
+    created_at: int = 0
+    room_sid: str = ""
+    identity: str = ""
+    participant_sid: str = ""
+    kind: SenderKind = "unknown"
+    track_sid: str = ""
+    egress_id: str = ""
+    ingress_id: str = ""
+    webhook: dict[str, Any] = {}
+
+
+class ServerRoomStarted(ServerEvent, frozen=True):
+    pass
+
+
+class ServerRoomFinished(ServerEvent, frozen=True):
+    pass
+
+
+class ServerParticipantJoined(ServerEvent, frozen=True):
+    pass
+
+
+class ServerParticipantLeft(ServerEvent, frozen=True):
+    pass
+
+
+class ServerParticipantConnectionAborted(ServerEvent, frozen=True):
+    pass
+
+
+class ServerTrackPublished(ServerEvent, frozen=True):
+    pass
+
+
+class ServerTrackUnpublished(ServerEvent, frozen=True):
+    pass
+
+
+class ServerEgressStarted(ServerEvent, frozen=True):
+    pass
+
+
+class ServerEgressUpdated(ServerEvent, frozen=True):
+    pass
+
+
+class ServerEgressEnded(ServerEvent, frozen=True):
+    pass
+
+
+class ServerIngressStarted(ServerEvent, frozen=True):
+    pass
+
+
+class ServerIngressEnded(ServerEvent, frozen=True):
+    pass
+
+
+class ServerWebhook(ServerEvent, frozen=True):
+    pass
+
+
 # --- payload references ---------------------------------------------------------------------
 
 PayloadForm: TypeAlias = Literal["", "json", "text", "body"]
@@ -390,6 +466,58 @@ class BridgeLeftEvent(_Envelope, frozen=True, tag="bridge.left"):
     body: BridgeLeft
 
 
+class ServerRoomStartedEvent(_Envelope, frozen=True, tag="server.room_started"):
+    body: ServerRoomStarted
+
+
+class ServerRoomFinishedEvent(_Envelope, frozen=True, tag="server.room_finished"):
+    body: ServerRoomFinished
+
+
+class ServerParticipantJoinedEvent(_Envelope, frozen=True, tag="server.participant_joined"):
+    body: ServerParticipantJoined
+
+
+class ServerParticipantLeftEvent(_Envelope, frozen=True, tag="server.participant_left"):
+    body: ServerParticipantLeft
+
+
+class ServerParticipantConnectionAbortedEvent(_Envelope, frozen=True, tag="server.participant_connection_aborted"):
+    body: ServerParticipantConnectionAborted
+
+
+class ServerTrackPublishedEvent(_Envelope, frozen=True, tag="server.track_published"):
+    body: ServerTrackPublished
+
+
+class ServerTrackUnpublishedEvent(_Envelope, frozen=True, tag="server.track_unpublished"):
+    body: ServerTrackUnpublished
+
+
+class ServerEgressStartedEvent(_Envelope, frozen=True, tag="server.egress_started"):
+    body: ServerEgressStarted
+
+
+class ServerEgressUpdatedEvent(_Envelope, frozen=True, tag="server.egress_updated"):
+    body: ServerEgressUpdated
+
+
+class ServerEgressEndedEvent(_Envelope, frozen=True, tag="server.egress_ended"):
+    body: ServerEgressEnded
+
+
+class ServerIngressStartedEvent(_Envelope, frozen=True, tag="server.ingress_started"):
+    body: ServerIngressStarted
+
+
+class ServerIngressEndedEvent(_Envelope, frozen=True, tag="server.ingress_ended"):
+    body: ServerIngressEnded
+
+
+class ServerWebhookEvent(_Envelope, frozen=True, tag="server.webhook"):
+    body: ServerWebhook
+
+
 KnownEvent: TypeAlias = (
     ParticipantJoinedEvent
     | ParticipantLeftEvent
@@ -409,6 +537,19 @@ KnownEvent: TypeAlias = (
     | BridgeJoinedEvent
     | BridgeGapEvent
     | BridgeLeftEvent
+    | ServerRoomStartedEvent
+    | ServerRoomFinishedEvent
+    | ServerParticipantJoinedEvent
+    | ServerParticipantLeftEvent
+    | ServerParticipantConnectionAbortedEvent
+    | ServerTrackPublishedEvent
+    | ServerTrackUnpublishedEvent
+    | ServerEgressStartedEvent
+    | ServerEgressUpdatedEvent
+    | ServerEgressEndedEvent
+    | ServerIngressStartedEvent
+    | ServerIngressEndedEvent
+    | ServerWebhookEvent
 )
 
 
@@ -453,6 +594,19 @@ EVENT_TYPES: Final[dict[str, type[_Envelope]]] = {
         BridgeJoinedEvent,
         BridgeGapEvent,
         BridgeLeftEvent,
+        ServerRoomStartedEvent,
+        ServerRoomFinishedEvent,
+        ServerParticipantJoinedEvent,
+        ServerParticipantLeftEvent,
+        ServerParticipantConnectionAbortedEvent,
+        ServerTrackPublishedEvent,
+        ServerTrackUnpublishedEvent,
+        ServerEgressStartedEvent,
+        ServerEgressUpdatedEvent,
+        ServerEgressEndedEvent,
+        ServerIngressStartedEvent,
+        ServerIngressEndedEvent,
+        ServerWebhookEvent,
     )
 }
 

@@ -15,6 +15,11 @@ def test_every_type_has_a_permanent_tag() -> None:
         "agent.state", "agent.status", "floor.request", "floor.release", "transcript",
         "chat.message", "conversation.item", "handoff", "session.patch", "context.summary",
         "data", "bridge.joined", "bridge.gap", "bridge.left",
+        # livekit-server's own view, from its webhook (issue 17)
+        "server.room_started", "server.room_finished", "server.participant_joined", "server.participant_left",
+        "server.participant_connection_aborted", "server.track_published", "server.track_unpublished",
+        "server.egress_started", "server.egress_updated", "server.egress_ended", "server.ingress_started",
+        "server.ingress_ended", "server.webhook",
     }  # fmt: skip
 
 
