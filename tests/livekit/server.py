@@ -160,8 +160,13 @@ class LocalLiveKit(_ServerApi):
 
     local = True
 
-    def __init__(self, workdir: Path, *, binary: Path | None = None, node_ip: str = NODE_IP) -> None:
+    def __init__(self, workdir: Path, *, binary: Path | None = None, node_ip: str = NODE_IP,
+                 webhook_urls: list[str] | None = None, extra_config: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        #: livekit-server POSTs its webhooks (signed with this server's key) to these URLs.
+        self.webhook_urls = list(webhook_urls or [])
+        #: Merged over the configuration (top-level keys replace, nested dicts merge).
+        self.extra_config = dict(extra_config or {})
         self.binary = binary or server_binary()
         self.node_ip = node_ip
         self.api_key, self.api_secret = API_KEY, API_SECRET
@@ -175,7 +180,7 @@ class LocalLiveKit(_ServerApi):
         self._changed = threading.Condition()
 
     def config(self) -> dict[str, Any]:
-        return {
+        config: dict[str, Any] = {
             "port": self.port,
             "bind_addresses": ["127.0.0.1"],
             "keys": {self.api_key: self.api_secret},
@@ -193,6 +198,9 @@ class LocalLiveKit(_ServerApi):
             "room": {"auto_create": True, "empty_timeout": 20, "departure_timeout": 5},
             "turn": {"enabled": False},
         }
+        if self.webhook_urls:
+            config["webhook"] = {"api_key": self.api_key, "urls": self.webhook_urls}
+        return _merged(config, self.extra_config)
 
     def start(self) -> LocalLiveKit:
         """Start the server (again, after :meth:`kill`, on the same ports) and wait until it answers."""
@@ -298,6 +306,16 @@ class LocalLiveKit(_ServerApi):
         dropped = self.proxy.drop(lambda conn: conn.identity == identity and conn.room == room)
         if not dropped:
             raise AssertionError(f"no signal connection of {identity!r} in {room!r} to drop")
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 class _Relay:
