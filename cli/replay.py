@@ -308,6 +308,8 @@ class HandoffRow:
     last_speech_seq: int | None = None
     first_speech: datetime | None = None
     first_speech_seq: int | None = None
+    #: Each speaker's first speech since the handoff, while the target's identity is not yet known.
+    heard: dict[str, tuple[datetime, int]] = field(default_factory=dict, repr=False)
 
     @property
     def dead_air_s(self) -> float | None:
@@ -369,8 +371,13 @@ class HandoffTracker:
 
     def feed(self, record: Record) -> None:
         event = record.event
-        if isinstance(event, ev.AgentStatusEvent) and event.sender.identity:
-            self._identity_of.setdefault(event.body.agent_id, event.sender.identity)
+        if isinstance(event, ev.AgentStatusEvent | ev.FloorRequestEvent) and event.sender.identity:
+            self._learn(event.body.agent_id, event.sender.identity)
+        elif isinstance(event, ev.ParticipantJoinedEvent | ev.ParticipantAttributesEvent) and (
+                name := event.body.attributes.get("lk.agent_name")):
+            # A dispatched agent's LiveKit agent name (what handoffs name it by). Its first words can
+            # reach the log before its join does (the server announces a participant late).
+            self._learn(name, event.body.identity)
         speaker = _speaker_of(event)
         if speaker is not None:
             when = _speech_time(record)
@@ -379,6 +386,12 @@ class HandoffTracker:
                 if speaker in self._names(row.to_agent):
                     row.first_speech, row.first_speech_seq = when, record.seq
                     self._pending.remove(row)
+                elif speaker in self._names(row.from_agent) and (row.last_speech is None or when >= row.last_speech):
+                    # The source's words after the handoff (its "transferring you") are the last the caller
+                    # heard from it: dead air starts there.
+                    row.last_speech, row.last_speech_seq = when, record.seq
+                else:
+                    row.heard.setdefault(speaker, (when, record.seq))
             return
         found: HandoffRow | None = None
         if isinstance(event, ev.HandoffEvent):
@@ -388,6 +401,7 @@ class HandoffTracker:
             isinstance(event, ev.ConversationItemEvent)
             and event.body.item_type == "agent_handoff"
             and event.body.new_agent_id
+            and event.body.old_agent_id  # none: a session starting with its first agent, not a handoff
         ):
             b2 = event.body
             found = HandoffRow(record.seq, record.time, b2.old_agent_id or "?", b2.new_agent_id or "?", None,
@@ -400,6 +414,13 @@ class HandoffTracker:
             row.last_speech, row.last_speech_seq = max(spoken)
         self.rows.append(row)
         self._pending.append(row)
+
+    def _learn(self, agent: str, identity: str) -> None:
+        self._identity_of.setdefault(agent, identity)
+        for row in list(self._pending):
+            if row.to_agent == agent and identity in row.heard:
+                row.first_speech, row.first_speech_seq = row.heard[identity]
+                self._pending.remove(row)
 
     def finish(self, since: Point | None = None) -> list[HandoffRow]:
         if since is None:
