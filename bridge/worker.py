@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import threading
 import uuid
@@ -282,13 +283,26 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
         ws_url=url, api_key=key, api_secret=secret, job_executor_type=JobExecutorType.THREAD,
         permissions=WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=False,
                                       can_update_metadata=False, hidden=True),
-        port=http_port, num_idle_processes=0, load_threshold=1.0,
+        # No load threshold: with no job running yet, livekit-agents counts each accepted job
+        # as a whole threshold's worth of load, so an idle worker refused every dispatch but the
+        # first of a burst (livekit-server then drops them: "no workers with sufficient
+        # capacity"). The room cap is enforced in _accept_job instead.
+        port=http_port, num_idle_processes=0, load_threshold=math.inf,
         # Load is the share of MAX_ROOMS_PER_WORKER in use, not the host's CPU: a busy host would
-        # otherwise refuse dispatches, and LiveKit does not offer a refused job again.
+        # otherwise refuse dispatches, and LiveKit does not offer a refused job again. The
+        # server weighs workers by it when it picks one.
         load_fnc=lambda server: min(len(server.active_jobs) / MAX_ROOMS_PER_WORKER, 1.0),
         shutdown_process_timeout=process.flush_deadline + 5.0,
     )
-    server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name)
+
+    async def _accept_job(request: Any) -> None:
+        if len(server.active_jobs) >= MAX_ROOMS_PER_WORKER:
+            # not ``terminate``: livekit-server then offers the job to another worker
+            await request.reject(terminate=False)
+        else:
+            await request.accept()
+
+    server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name, on_request=_accept_job)
     settle_heap()  # again, now that the agents framework is loaded
     # AgentServer.run() writes LIVEKIT_* into os.environ; put them back afterwards.
     saved_env = {name: os.environ.get(name) for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}

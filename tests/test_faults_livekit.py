@@ -217,3 +217,30 @@ async def test_server_down_longer_than_sdk_retries_worker_bridge_rejoins_and_rec
     assert texts(log) == ["before the crash", "after the restart"]
     await log.until(lambda rs: rs[-1].type == "bridge.left")
     await log.close()
+
+
+async def test_a_burst_of_dispatches_to_an_idle_worker_bridges_every_room(
+        lk_settings: Settings, ledger: Ledger, livekit_connect: Callable[..., Awaitable[rtc.Room]],
+        livekit_server: Any) -> None:
+    """Rooms dispatched together to a worker with no job yet: each one is bridged.
+
+    livekit-agents counted an accepted job of an idle worker as its whole load threshold, so the
+    worker refused the rest of the burst and livekit-server dropped them for good."""
+    rooms = [f"test-{uuid.uuid4().hex[:12]}" for _ in range(6)]
+    logs = [Log(ledger, room) for room in rooms]
+    for room in rooms:
+        await livekit_connect("agent-b", room, kind="agent")
+    stop = asyncio.Event()
+    mark = livekit_server.log_mark()
+    worker = asyncio.create_task(run_bridge(lk_settings, room=None, stop=stop, flush_deadline=2.0))
+    try:
+        await livekit_server.worker_registered(lk_settings.bridge_agent_name, 30, after=mark)
+        await asyncio.gather(*(create_dispatch(lk_settings, room) for room in rooms))
+        for log in logs:
+            await log.until(lambda rs: any(r.type == "participant.joined" for r in rs), timeout=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
+    for log in logs:
+        assert [r.type for r in log.records][:2] == ["bridge.joined", "participant.joined"]
+        await log.close()
