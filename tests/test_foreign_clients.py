@@ -62,19 +62,21 @@ CHROMIUM_FLAGS = [
 # ---- installing the clients ------------------------------------------------------------------
 
 
-def _tool(script: str, what: str) -> str:
+def _tool(script: str, what: str, needs: str) -> str:
+    """Run tools/SCRIPT (installs once, prints the path). Skips only when ``needs`` is not installed."""
     done = subprocess.run([str(REPO / "tools" / script)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"{what} could not be installed by tools/{script}: {done.stderr.strip()[-500:]}")
+        message = f"{what} could not be installed by tools/{script}: {done.stderr.strip()[-800:]}"
+        if shutil.which(needs) is None:
+            pytest.skip(message)
+        pytest.fail(message)
     return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
 def js_sdk() -> Path:
-    """The folder with node_modules/livekit-client (once per machine, in a cache)."""
-    if shutil.which("npm") is None:
-        pytest.skip("the LiveKit JavaScript SDK is installed with npm: apt-get install -y nodejs npm")
-    bundle = Path(_tool("js-client", "livekit-client")) / "node_modules/livekit-client/dist/livekit-client.umd.js"
+    """livekit-client's browser bundle (installed once per machine, in a cache)."""
+    bundle = Path(_tool("js-client", "livekit-client", "npm")) / "node_modules/livekit-client/dist/livekit-client.umd.js"
     assert bundle.is_file(), f"tools/js-client installed no browser bundle at {bundle}"
     return bundle
 
@@ -90,7 +92,7 @@ def chromium() -> str:
 @pytest.fixture(scope="session")
 def go_client() -> str:
     """The lk-data binary (tests/clients/go), built once per machine into the go-tools cache."""
-    return _tool("go-client", "the Go client (lk-data)")
+    return _tool("go-client", "the Go client (lk-data)", "go")
 
 
 # ---- the browser -----------------------------------------------------------------------------
