@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cli.replay import handoffs as replay_handoffs
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.handoff import FAILED_PREFIX
@@ -64,6 +65,9 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
 
         greeting = await replies.next()
         assert greeting.agent == workers.triage, greeting
+        # triage has attached (published its userdata, claimed the floor) before the caller types
+        await log.until(lambda rs: any(r.type == "floor.request" and r.event.body.agent_id == workers.triage  # type: ignore[union-attr]
+                                       for r in rs))
         await say(user, "Hi, I'm Ana, my account is 7")
         found = await replies.next()
         assert found.text == "Thanks Ana, I found your account." and found.identity == greeting.identity
@@ -114,6 +118,20 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     tenures = [(t.holder, t.end_reason) for t in state.floor.history]
     assert tenures[:2] == [(workers.triage, "handoff"), (workers.billing, None)]
     assert len(state.session) == 120
+    # userdata went out per turn, with no hand call: the defaults when triage attached, then one
+    # merge patch at the end of the turn whose tool filled the account in (before the next message)
+    patches = [r for r in records if r.type == "session.patch" and r.event.sender.identity == greeting.identity]
+    bill = next(r.seq for r in records if r.type == "chat.message" and "bill" in r.event.body.text)  # type: ignore[union-attr]
+    first_patch, turn_patch = (p.event.body.patch for p in patches[:2])  # type: ignore[union-attr]
+    assert len(first_patch) == 118 and first_patch["caller"] == ""  # steps, facility: None, not yet a value
+    assert patches[1].seq < bill and turn_patch["caller"] == "Ana" and len(turn_patch) == 120
+    assert len(patches) == 2
+
+    # `ledger replay --handoffs` sees the same handoff and its dead air
+    rows = await replay_handoffs(ledger, room)
+    (row,) = rows
+    assert (row.from_agent, row.to_agent) == (workers.triage, workers.billing)
+    assert row.dead_air_s is not None and 0 < row.dead_air_s < 30
     await log.close()
 
 
