@@ -478,5 +478,62 @@ def export_(
                                   as_json=as_json))
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; the view is "
+                                      "read-only but shows everything rooms say).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8790,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="Require this bearer token (header 'Authorization: Bearer …', or open "
+                     "/?token=… once in a browser).", envvar="LEDGER_SERVE_TOKEN", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print where it serves as one JSON line.")] = False,
+) -> None:
+    """Serve a live web view of every room: timelines, floor lanes, handoffs, session, time travel, search.
+
+    Read-only; no external assets (works offline). Ctrl-C stops.
+
+    [bold]Examples[/]
+
+      ledger serve                      (then open http://127.0.0.1:8790/)
+
+      LEDGER_SERVE_TOKEN=s3cret ledger serve --host 0.0.0.0
+    """
+    from cli.serve import serve as serve_view
+
+    settings = guard(commands.settings)
+    run(lambda: serve_view(settings, host=host, port=port, token=token or None, as_json=as_json),
+        interrupt_ok=True)
+
+
+# --- the server's own view: webhooks (issue 17) -------------------------------------------------
+
+
+@app.command()
+def webhooks(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")
+                    ] = 7890,
+    as_json: Annotated[bool, typer.Option("--json", help="NDJSON: the address, then one line per webhook stored."
+                                          )] = False,
+) -> None:
+    """Receive livekit-server's webhooks: verify each signature, append it to the room's log as server.*.
+
+    Configure the server with webhook: {api_key: <LIVEKIT_API_KEY>, urls: [http://HOST:PORT/]}. A
+    redelivered webhook is stored once; a request that is not signed with the key gets 401.
+
+    [bold]Examples[/]
+
+      LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=... ledger webhooks --host 0.0.0.0 --port 7890
+
+      ledger replay support-42 --type 'server.*'
+    """
+    from cli import webhooks as webhooks_cli
+
+    settings = guard(commands.settings)
+    run(lambda: webhooks_cli.webhooks(settings, host=host, port=port, as_json=as_json), interrupt_ok=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
