@@ -4,7 +4,8 @@
   resume fails, its full reconnect succeeds) and for longer than the SDK retries (~20 s: every
   client ends up disconnected, and the server has forgotten its rooms and dispatches). Either
   way the bridge comes back, the blind spot is one ``bridge.gap``, and later events are logged.
-* 5% loss and 50 ms delay (``tc netem``) on the server's WebRTC port while agents publish
+* 5% loss and 50 ms delay each way on the server's WebRTC UDP port (``tc netem``, or where the
+  kernel has no netem an NFQUEUE delay line: ``tests/livekit/impair.py``) while agents publish
   reliable data: every packet is logged once, in each sender's order.
 
 The server is shared by the whole session: every test leaves it running and healthy.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -32,6 +34,7 @@ from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
 from tests.followed_log import FollowedLog as Log
+from tests.livekit import impair
 
 pytestmark = [pytest.mark.livekit, pytest.mark.fault]
 
@@ -244,3 +247,38 @@ async def test_a_burst_of_dispatches_to_an_idle_worker_bridges_every_room(
     for log in logs:
         assert [r.type for r in log.records][:2] == ["bridge.joined", "participant.joined"]
         await log.close()
+
+
+async def test_loss_and_delay_on_the_servers_udp_port_every_reliable_packet_logged_once_in_order(
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Callable[..., Awaitable[rtc.Room]],
+        livekit_server: Any) -> None:
+    if reason := impair.why_not():
+        pytest.skip(reason)
+    per_agent = 200
+    log = Log(ledger, room)
+    agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "xyz"]
+    async with direct_bridge(lk_settings, room):
+        await log.until(lambda rs: {r.event.body.identity for r in log.of("participant.joined")}  # type: ignore[union-attr]
+                        >= {"agent-x", "agent-y", "agent-z"})
+
+        async def publish(agent: rtc.Room) -> None:
+            me = agent.local_participant.identity
+            for i in range(per_agent):
+                payload = {"agent_id": me, "status": "processing", "action_lock": False, "task": f"{me}#{i}"}
+                await agent.local_participant.publish_data(json.dumps(payload).encode(), reliable=True,
+                                                           topic="agent-state")
+
+        with impair.impaired_udp_port(livekit_server.udp_port, loss=0.05, delay_s=0.05) as impairment:
+            await asyncio.gather(*(publish(agent) for agent in agents))
+            await log.until(lambda rs: log.count("agent.status") >= 3 * per_agent, timeout=120)
+    # the impairment applied, both ways, to this traffic
+    assert impairment.dropped > 0 and impairment.seen > 3 * per_agent, impairment
+    if impairment.method != "tc netem":
+        assert impairment.to_port > 0 and impairment.from_port > 0, impairment
+    logged: dict[str, list[int]] = {}
+    for record in log.of("agent.status"):
+        agent_id, counter = record.event.body.task.split("#")  # type: ignore[union-attr]
+        assert record.event.sender.identity == agent_id
+        logged.setdefault(agent_id, []).append(int(counter))
+    assert logged == {f"agent-{n}": list(range(per_agent)) for n in "xyz"}
+    await log.close()
