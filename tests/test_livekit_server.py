@@ -42,6 +42,10 @@ async def test_lossy_data_and_destinations(livekit_connect, livekit_server, room
     bob = await livekit_connect("bob", room)
     carol = await livekit_connect("carol", room)
     bob_got, carol_got = Events(bob, "data_received"), Events(carol, "data_received")
+    # the server drops lossy data to participants that are not active yet: wait until all are announced
+    await sees(alice, "bob", "carol")
+    await sees(bob, "alice")
+    await sees(carol, "alice")
 
     await alice.local_participant.publish_data(b"lossy", reliable=False, topic="t1")
     for got in (bob_got, carol_got):
