@@ -233,8 +233,12 @@ async def rooms(settings: Settings, *, as_json: bool) -> None:
         console.print(f"No rooms in stream {settings.stream!r} yet. Try `ledger demo --keep`.")
         return
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(rows)} room(s) in stream {settings.stream}", title_justify="left")
-    for col in ("room", "events", "first activity", "last activity", "present", "gaps"):
-        table.add_column(col, no_wrap=col != "present", overflow="ellipsis",
+    columns = ["room", "events", "first activity", "last activity", "present", "gaps"]
+    server_view = any(row.server_events for row in rows)
+    if server_view:  # `ledger webhooks` runs: what the server saw that the bridge did not
+        columns.append("bridge missed")
+    for col in columns:
+        table.add_column(col, no_wrap=col not in ("present", "bridge missed"), overflow="ellipsis",
                          justify="right" if col in ("events", "gaps") else "left")
     for row in rows:
         present = ", ".join(row.participants[:6]) + (f" +{len(row.participants) - 6}" if len(row.participants) > 6
@@ -246,8 +250,18 @@ async def rooms(settings: Settings, *, as_json: bool) -> None:
             f"{row.last_activity:%Y-%m-%d %H:%M:%S}" if row.last_activity else "",
             present,
             Text(str(row.gaps), style="bold red") if row.gaps else Text("0", style="bright_black"),
+            *([_missed_cell(row)] if server_view else []),
         )
     console.print(table)
+
+
+def _missed_cell(row: Any) -> Text:
+    if row.uncovered:
+        return Text("the whole room (server started it; no bridge.joined)", style="bold red")
+    if row.missed:
+        return Text(", ".join(row.missed[:4]) + (f" +{len(row.missed) - 4}" if len(row.missed) > 4 else ""),
+                    style="yellow")
+    return Text("")
 
 
 async def _projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:

@@ -26,9 +26,18 @@ class RoomRow:
     last_activity: datetime | None = None
     participants: list[str] = field(default_factory=list)
     gaps: int = 0
+    #: livekit-server's own view (``ledger webhooks``): ``server.*`` events of the room.
+    server_events: int = 0
+    #: The server reported the room started, and the bridge never joined it.
+    uncovered: bool = False
+    #: Participants the server saw join whom the bridge never recorded (hidden ones left out).
+    missed: list[str] = field(default_factory=list)
 
     def to_builtins(self) -> dict[str, Any]:
         return {
+            "server_events": self.server_events,
+            "uncovered": self.uncovered,
+            "missed": self.missed,
             "room": self.room,
             "events": self.events,
             "first_seq": self.first_seq,
@@ -59,7 +68,34 @@ async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
     row.participants = sorted(p.identity for p in state.participants.values() if p.present)
     async for _ in ledger.read(room, types=["bridge.gap"]):
         row.gaps += 1
+    await _server_view(ledger, room, row, state)
     return row
+
+
+async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> None:
+    """What the server's webhooks say the bridge did not see: the whole room, or participants."""
+    from ledger import events as ev
+
+    started = False
+    joined: dict[str, None] = {}
+    async for record in ledger.read(room, types=["server.*"]):
+        row.server_events += 1
+        event = record.event
+        if isinstance(event, ev.ServerRoomStartedEvent):
+            started = True
+        elif isinstance(event, ev.ServerParticipantJoinedEvent) and event.body.identity:
+            permission = event.body.webhook.get("participant", {}).get("permission", {})
+            # Hidden participants (the bridge itself among them) are never announced to the room.
+            if not (isinstance(permission, dict) and permission.get("hidden")):
+                joined[event.body.identity] = None
+    if not row.server_events:
+        return
+    bridged = False
+    async for _ in ledger.read(room, types=["bridge.joined"]):
+        bridged = True
+        break
+    row.uncovered = started and not bridged
+    row.missed = [identity for identity in joined if identity not in state.participants]
 
 
 async def room_rows(ledger: Ledger) -> list[RoomRow]:

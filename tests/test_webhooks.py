@@ -21,10 +21,12 @@ from livekit import api, rtc
 
 from ledger import events as ev
 from ledger.client import Ledger
+from ledger.settings import Settings
 from ledger.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
 from tests.followed_log import FollowedLog
 from tests.livekit import netns
 from tests.livekit.server import API_KEY, API_SECRET, LocalLiveKit, free_port, have_binary
+from tests.test_cli_helpers import json_of, ok
 
 
 @dataclass
@@ -177,3 +179,37 @@ async def test_forged_or_stale_signatures_get_401_and_nothing_is_stored(ledger: 
     orphan = json.dumps({"event": "egress_updated", "id": "EV_orphan"}).encode()
     answer = await post(receiver.url, orphan, sign(orphan, API_KEY, API_SECRET))
     assert (answer.status, answer.body["stored"]) == (200, False)
+
+
+async def test_rooms_flags_what_the_bridge_never_saw(ledger: Ledger, receiver: Receiver, settings: Settings) -> None:
+    prefix = f"wh-{uuid.uuid4().hex[:8]}"
+    never, partly = f"{prefix}-never", f"{prefix}-partly"
+
+    async def server_says(room: str, webhook_id: str, event: str, identity: str = "", hidden: bool = False) -> None:
+        webhook: dict[str, Any] = {"event": event, "room": {"sid": "RM_x", "name": room}, "id": webhook_id}
+        if identity:
+            webhook["participant"] = {"identity": identity, "sid": f"PA_{identity}",
+                                      "permission": {"hidden": hidden}}
+        body = json.dumps(webhook).encode()
+        assert (await post(receiver.url, body, sign(body, API_KEY, API_SECRET))).status == 200
+
+    await server_says(never, "EV_n1", "room_started")
+    await server_says(never, "EV_n2", "participant_joined", "caller")
+    await server_says(partly, "EV_p1", "room_started")
+    await ledger.append(ev.make_event(partly, ev.BridgeJoined(bridge_id="b1")))
+    await server_says(partly, "EV_p2", "participant_joined", "ledger-bridge", hidden=True)
+    await server_says(partly, "EV_p3", "participant_joined", "alice")
+    await ledger.append(ev.make_event(partly, ev.ParticipantJoined(identity="alice", kind="standard")))
+    # Bob came and went while the bridge could not see the room.
+    await ledger.append(ev.make_event(partly, ev.BridgeGap(bridge_id="b1", started_at=ev.utcnow(),
+                                                           ended_at=ev.utcnow(), reason="reconnect")))
+    await server_says(partly, "EV_p4", "participant_joined", "bob")
+
+    rows = {row["room"]: row for row in json_of(await asyncio.to_thread(ok, settings, ["rooms", "--json"]))
+            if row["room"].startswith(prefix)}
+    assert (rows[never]["uncovered"], rows[never]["missed"]) == (True, ["caller"])
+    assert (rows[partly]["uncovered"], rows[partly]["missed"], rows[partly]["gaps"]) == (False, ["bob"], 1)
+    assert rows[partly]["server_events"] == 4
+    table = (await asyncio.to_thread(ok, settings, ["rooms"])).stdout
+    line = next(text for text in table.splitlines() if never in text)
+    assert "the whole room" in line
