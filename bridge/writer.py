@@ -41,6 +41,7 @@ import nats.errors
 from bridge.payloads import PayloadSpool
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
+from ledger import metrics
 from ledger.client import Ledger, Position
 from ledger.errors import EventError, LedgerError
 
@@ -195,6 +196,7 @@ class BridgeWriter:
         self._per_event_s = 0.0005
         self._atomic_s = 0.02
         self._atomic_trials = 0
+        metrics.track_writer(self)  # Prometheus reads the counters when it scrapes
 
     # --- public --------------------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class BridgeWriter:
 
     def submit(self, event: ev.KnownEvent, encoded: bytes | None = None) -> None:
         """Queue one event. Never blocks, never raises (a closed writer spills it to disk)."""
+        metrics.observed(event.type)
         try:
             if (self._spill is not None and self._spill.unread > 0) or len(self._memory) >= self.memory_limit \
                     or self._closed:
@@ -365,6 +368,7 @@ class BridgeWriter:
                     continue
                 await self._wake.wait()
                 continue
+            started = metrics.now()
             try:
                 await self._store_objects(events)
                 positions = await self._append(events, self._payloads(events))
@@ -397,6 +401,7 @@ class BridgeWriter:
             self.counters.written += len(positions)
             self.counters.duplicates += sum(1 for p in positions if p.duplicate)
             self.counters.last_write_at = time.time()
+            metrics.written(events, positions, metrics.now() - started)
             if self.on_ack is not None:
                 self.on_ack(events, positions)
 

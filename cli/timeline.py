@@ -165,7 +165,21 @@ def _summary(event: ev.Event) -> str:
             return f"bridge {b.bridge_id} left" + (f" ({b.reason})" if b.reason else "")
         case ev.OpaqueEvent():
             return f"(type not known to this version, {len(event.raw)} bytes)"
+    body = getattr(event, "body", None)
+    if isinstance(body, ev.ServerEvent):
+        return _server_summary(body)
     return ""
+
+
+def _server_summary(b: ev.ServerEvent) -> str:
+    """livekit-server's own report (``ledger webhooks``)."""
+    text = "server: " + b.event.replace("_", " ")
+    if b.identity:
+        text += f" {b.identity} ({b.kind})"
+    for label, value in (("track", b.track_sid), ("egress", b.egress_id), ("ingress", b.ingress_id)):
+        if value:
+            text += f" {label} {value}"
+    return text
 
 
 def _conversation_summary(b: ev.ConversationItem) -> str:

@@ -213,3 +213,5 @@ async def test_rooms_flags_what_the_bridge_never_saw(ledger: Ledger, receiver: R
     table = (await asyncio.to_thread(ok, settings, ["rooms"])).stdout
     line = next(text for text in table.splitlines() if never in text)
     assert "the whole room" in line
+    replay = (await asyncio.to_thread(ok, settings, ["replay", never])).stdout
+    assert "server: room started" in replay and "server: participant joined caller (standard)" in replay
