@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -282,11 +281,10 @@ class Ingest:
         name = ev.payload_object_name(self.room, event.id)
         spooled, self._spooled = self._spooled, None
         if spooled is not None:
-            # A stream's bytes, written as they arrived (under the stream's name: a protocol
-            # message names its own id, so the file follows the event's name).
-            if spooled.name != name:
-                os.replace(self.spool.path(spooled.name), self.spool.path(name))
-            ref = ev.PayloadRef(name=name, size=spooled.size, sha256=spooled.sha256, form=form)
+            # A stream's bytes, spooled (and uploaded) as they arrived under the name its event
+            # id gives; a protocol message names an id of its own, but the stream's name stays
+            # (as deterministic: a second bridge reads the same stream id).
+            ref = ev.PayloadRef(name=spooled.name, size=spooled.size, sha256=spooled.sha256, form=form)
         elif raw is not None:
             ref = self.spool.keep(name, raw, form)
         else:

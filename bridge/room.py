@@ -293,9 +293,9 @@ async def _read_spooled(chunks: AsyncIterator[bytes], ingest: Ingest, stream_id:
                         topic: str) -> tuple[bytes, ev.PayloadRef | None, str | None]:
     """Read a stream to its end, whatever its size: ``(bytes, spooled, error)``.
 
-    Up to the inline limit it stays in memory. Past it, every chunk goes to the spool file as it
-    arrives (memory stays at one chunk however large the stream), and ``spooled`` is its
-    reference. The whole is read back only when it is to be parsed (a typed topic, or JSON) and
+    Up to the inline limit it stays in memory. Past it, every chunk goes to the spool file and
+    to the payload bucket as it arrives (memory stays at a few chunks however large the stream),
+    and ``spooled`` is its reference. The whole is read back only when it is to be parsed (a typed topic, or JSON) and
     within the hard limit; otherwise ``bytes`` is just its head. A stream that fails midway keeps
     what arrived and names the failure.
     """
@@ -312,7 +312,7 @@ async def _read_spooled(chunks: AsyncIterator[bytes], ingest: Ingest, stream_id:
                 parts.append(data)
                 kept += len(data)
                 if kept > ingest.inline_limit:
-                    writer = ingest.spool.writer(ingest.stream_payload_name(stream_id))
+                    writer = ingest.spool.writer(ingest.stream_payload_name(stream_id), upload=True)
                     for part in parts:
                         writer.write(part)
                     head = b"".join(parts)[: 4096]
@@ -328,6 +328,7 @@ async def _read_spooled(chunks: AsyncIterator[bytes], ingest: Ingest, stream_id:
     if writer is None:
         return b"".join(parts), None, error
     ref = writer.finish()
+    await writer.stored()  # the bucket has the bytes about when the stream ends
     head = parts[0]
     if error is None and ref.size <= ingest.max_payload and (
             topic in TYPED_TOPICS or head.lstrip()[:1] in (b"{", b"[")):

@@ -178,7 +178,7 @@ class BridgeWriter:
         self.retry_max = retry_max
         self.stats_interval = stats_interval
         self.on_ack = on_ack
-        self.spool = PayloadSpool(self.home / "bridge" / "payloads")
+        self.spool = PayloadSpool(self.home / "bridge" / "payloads", uploader=ledger.upload)
         self._memory: deque[ev.KnownEvent] = deque()
         #: id(event) -> its encoding, when the submitter already had it (saves encoding twice)
         self._encoded: dict[int, bytes] = {}

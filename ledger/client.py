@@ -81,6 +81,9 @@ ATOMIC_BATCH_SIZE: Final = 1000
 #: JetStream's "atomic publish batch is too large" and "batch is incomplete" error codes.
 ERR_BATCH_TOO_LARGE: Final = 10199
 ERR_BATCH_INCOMPLETE: Final = 10176
+#: Object Store chunk size (nats-py's default) and chunks a payload put keeps in flight.
+_PUT_CHUNK: Final = 128 * 1024
+_PUT_WINDOW: Final = 8
 #: Per-event overhead on the wire besides the payload: subject, headers, reply.
 _HEADER_ALLOWANCE: Final = 512
 _EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -283,6 +286,19 @@ def _record(msg: Msg) -> Record:
     return Record(seq=seq, subject=msg.subject, time=stored_at, event=ev.decode_lenient(msg.data))
 
 
+class _NoHash:
+    """A digest already known (the spool hashed the bytes as they arrived)."""
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def update(self, data: bytes) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        return self._value
+
+
 def _object_sha256(info: js_api.ObjectInfo) -> str:
     """An object's digest (``SHA-256=<base64url>``) as hex."""
     digest = (info.digest or "").split("=", 1)[-1] if info.digest else ""
@@ -302,6 +318,172 @@ def _type_matcher(types: Sequence[str] | None) -> Any:
         return None
     patterns = list(types)
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class ObjectUpload:
+    """One payload put into the payload bucket while its bytes arrive.
+
+    nats-py's ``ObjectStore.put`` protocol (chunks on ``$O.<bucket>.C.<nuid>``, then the meta
+    message on ``$O.<bucket>.M.<name>`` with a rollup), so any client reads the object; but the
+    chunks go out as they fill, up to ``_PUT_WINDOW`` in flight, while the stream is still being
+    read: a large stream is stored about when it ends. Until ``finish`` publishes the meta message
+    the chunks are no object; a failed upload purges them (best effort) and leaves the caller to
+    put the spooled file again.
+    """
+
+    def __init__(self, ledger: Ledger, name: str, *, existing: js_api.ObjectInfo | bool | None = False,
+                 max_buffered: int = 8 * 1024 * 1024) -> None:
+        self.ledger = ledger
+        self.name = name
+        self.bucket = ledger.settings.payload_bucket
+        self.size = 0
+        self.chunks = 0
+        #: Why the upload stopped early ("" while it goes well).
+        self.failed = ""
+        self._nuid = ledger.nc._nuid.next().decode()
+        self._subject = f"$O.{self.bucket}.C.{self._nuid}"
+        self._buffer = bytearray()
+        self._max_buffered = max_buffered
+        self._in_flight: deque[asyncio.Future[_PubAck]] = deque()
+        self._existing = existing
+        self._kick = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._pump(), name=f"object-upload-{name}")
+        self._task.add_done_callback(self._pumped)
+
+    def _pumped(self, task: asyncio.Task[None]) -> None:
+        # A pump that failed (NATS away past the ack timeout) unblocks writers at once.
+        if not task.cancelled() and task.exception() is not None and not self.failed:
+            exc = task.exception()
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self._buffer.clear()
+            self._drained.set()
+            self._purge_later()
+
+    def feed(self, data: bytes) -> None:
+        """Queue bytes (never blocks): a stream callback's side. Past ``max_buffered`` bytes not yet
+        sent (NATS slow or away) the upload gives up; the spooled file is put later instead."""
+        if self.failed or self._closing:
+            return
+        self._buffer += data
+        if len(self._buffer) > self._max_buffered:
+            self._stop("NATS did not keep up with the stream")
+            return
+        if len(self._buffer) >= _PUT_CHUNK:
+            self._drained.clear()
+            self._kick.set()
+
+    async def write(self, data: bytes) -> None:
+        """Queue bytes and wait while more than a window is unsent (a file's side)."""
+        self.feed(data)
+        while len(self._buffer) >= _PUT_CHUNK * _PUT_WINDOW and not self.failed:
+            await self._drained.wait()
+        if self.failed:
+            raise AppendError(f"payload {self.name} not stored: {self.failed}")
+
+    async def _pump(self) -> None:
+        ledger = self.ledger
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while len(self._buffer) >= _PUT_CHUNK or (self._closing and self._buffer):
+                n = min(_PUT_CHUNK, len(self._buffer))
+                data = bytes(self._buffer[:n])
+                del self._buffer[:n]  # bytearray drops its front without moving the rest
+                reply, future = ledger._expect_reply()
+                await ledger.nc.publish(self._subject, data, reply=reply)
+                self.size += n
+                self.chunks += 1
+                self._in_flight.append(future)
+                if len(self._in_flight) >= _PUT_WINDOW:
+                    await self._settle(self._in_flight.popleft())
+            self._drained.set()
+            if self._closing:
+                break
+        while self._in_flight:
+            await self._settle(self._in_flight.popleft())
+
+    async def _settle(self, future: asyncio.Future[_PubAck]) -> None:
+        ack = await self.ledger._await_ack(future, f"a chunk of payload {self.name}")
+        if ack.error is not None:
+            raise AppendError(f"stream refused a chunk of payload {self.name}: {ack.error.description}",
+                              err_code=ack.error.err_code)
+
+    def _stop(self, why: str) -> None:
+        self.failed = self.failed or why
+        self._buffer.clear()
+        self._drained.set()
+        if not self._task.done():
+            self._task.cancel()
+        self._purge_later()
+
+    def _purge_later(self) -> None:
+        async def purge() -> None:
+            for future in self._in_flight:
+                future.cancel()
+            with contextlib.suppress(Exception):
+                await self.ledger.js.purge_stream(f"OBJ_{self.bucket}", subject=self._subject)
+
+        task = asyncio.get_running_loop().create_task(purge())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    def abort(self) -> None:
+        self._stop("aborted")
+
+    async def finish(self, sha256: str, *, check_existing: bool = True) -> js_api.ObjectInfo:
+        """Send the rest and publish the meta message (``sha256``: hex digest of all bytes fed).
+
+        An object already stored under the name with the same bytes (a retry, a second bridge)
+        is kept and this upload's chunks dropped. Raises when the upload failed.
+        """
+        self._closing = True
+        self._kick.set()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            if not self.failed:
+                raise
+        except BaseException as exc:
+            if not self.failed:
+                self._stop(f"{type(exc).__name__}: {exc}")
+            raise AppendError(f"payload {self.name} not stored: {self.failed}") from exc
+        if self.failed:
+            raise AppendError(f"payload {self.name} not stored: {self.failed}")
+        ledger = self.ledger
+        existing = self._existing
+        try:
+            if check_existing:
+                store = await ledger.payload_store()
+                try:
+                    existing = await store.get_info(self.name)
+                except nats.js.errors.ObjectNotFoundError:
+                    existing = None
+            if isinstance(existing, js_api.ObjectInfo) and existing.size == self.size \
+                    and _object_sha256(existing) == sha256 and not existing.deleted:
+                self._purge_later()
+                return existing
+            info = js_api.ObjectInfo(
+                name=self.name, bucket=self.bucket, nuid=self._nuid, size=self.size, chunks=self.chunks,
+                digest="SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(sha256)).decode(),
+                mtime=datetime.now(UTC).isoformat(), options=js_api.ObjectMetaOptions(max_chunk_size=_PUT_CHUNK),
+            )
+            meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(self.name.encode()).decode()}"
+            await ledger.js.publish(meta_subject, msgspec.json.encode(info.as_dict()),
+                                    headers={js_api.Header.ROLLUP: "sub"})
+        except BaseException as exc:
+            self._stop(f"{type(exc).__name__}: {exc}")
+            raise
+        if isinstance(existing, js_api.ObjectInfo) and existing.nuid and not existing.deleted:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await ledger.js.purge_stream(f"OBJ_{self.bucket}", subject=f"$O.{self.bucket}.C.{existing.nuid}")
+        return info
+
+
+#: Fire-and-forget clean-ups kept referenced until they finish.
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class Ledger:
@@ -1119,22 +1301,46 @@ class Ledger:
         """Store a payload under its reference's name, once: an object already there with the same
         digest (a retry, a second bridge) is kept. Chunks of a put that failed midway are purged
         by nats-py and, without their meta message, never visible as an object."""
-        if await self.payload_info(ref) is not None:
-            return
         store = await self.payload_store()
-        if isinstance(source, bytes):
-            info = await store.put(ref.name, source)
-        else:
-            handle: IO[bytes] = await asyncio.to_thread(Path(source).open, "rb")
-            try:
-                info = await store.put(ref.name, handle)  # type: ignore[arg-type]
-            finally:
-                handle.close()
+        try:
+            existing: js_api.ObjectInfo | None = await store.get_info(ref.name)
+        except nats.js.errors.ObjectNotFoundError:
+            existing = None
+        if existing is not None and existing.size == ref.size and _object_sha256(existing) == ref.sha256:
+            return
+        handle: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else await asyncio.to_thread(
+            Path(source).open, "rb")
+        try:
+            info = await self._put_object(ref.name, handle, existing, sha256=ref.sha256)
+        finally:
+            handle.close()
         if info.size != ref.size or _object_sha256(info) != ref.sha256:
             raise AppendError(
                 f"payload {ref.name} stored as {info.size} bytes with another digest than the event's "
                 f"({ref.size} bytes, sha256 {ref.sha256[:12]}…): the source changed; retry"
             )
+
+    async def _put_object(self, name: str, source: IO[bytes], existing: js_api.ObjectInfo | None, *,
+                          sha256: str | None = None) -> js_api.ObjectInfo:
+        """Put a file's bytes under ``name`` (see :class:`ObjectUpload`)."""
+        upload = ObjectUpload(self, name, existing=existing)
+        digest = _NoHash(bytes.fromhex(sha256)) if sha256 else hashlib.sha256()
+        try:
+            while True:
+                # Page-cache reads of a just-written spool file: cheaper than a thread hop each.
+                data = source.read(_PUT_CHUNK)
+                if not data:
+                    break
+                digest.update(data)
+                await upload.write(data)
+        except BaseException:
+            upload.abort()
+            raise
+        return await upload.finish(digest.digest().hex(), check_existing=False)
+
+    def upload(self, name: str) -> ObjectUpload:
+        """Start putting a payload whose bytes are still arriving (``feed``, then ``finish``)."""
+        return ObjectUpload(self, name)
 
     async def read_payload(self, ref: ev.PayloadRef, into: IO[bytes] | None = None) -> bytes:
         """The payload's bytes (checked against the reference's digest), or written ``into`` a file."""

@@ -361,7 +361,8 @@ PayloadForm: TypeAlias = Literal["", "json", "text", "body"]
 class PayloadRef(msgspec.Struct, frozen=True, omit_defaults=True):
     """A payload stored in the Object Store bucket beside the stream (``ledger payload`` reads it)."""
 
-    #: Object name: ``<room token>/<event id>``, so a retried or doubly-bridged payload is stored once.
+    #: Object name: ``<room token>/<event id>`` (for a stream: the id its stream gives, even when a
+    #: protocol message names its own), so a retried or doubly-bridged payload is stored once.
     name: str
     size: int
     #: Hex SHA-256 of the bytes.
