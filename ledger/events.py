@@ -278,6 +278,17 @@ class BridgeLeft(Body, frozen=True):
 
 
 
+class DispatchCreated(Body, frozen=True):
+    """An agent dispatch the ledger created through LiveKit's AgentDispatch API (``ledger dispatch``,
+    the handoff tool): ``ledger dispatches`` puts it beside the agent that joined for it."""
+
+    dispatch_id: str
+    agent_name: str
+    metadata: str = ""
+    #: What created it: "ledger dispatch", "handoff", …
+    by: str = ""
+
+
 class ServerEvent(Body, frozen=True):
     """What livekit-server itself reported about the room through its webhook (``ledger webhooks``).
 
@@ -467,6 +478,10 @@ class BridgeLeftEvent(_Envelope, frozen=True, tag="bridge.left"):
     body: BridgeLeft
 
 
+class DispatchCreatedEvent(_Envelope, frozen=True, tag="dispatch.created"):
+    body: DispatchCreated
+
+
 class ServerRoomStartedEvent(_Envelope, frozen=True, tag="server.room_started"):
     body: ServerRoomStarted
 
@@ -538,6 +553,7 @@ KnownEvent: TypeAlias = (
     | BridgeJoinedEvent
     | BridgeGapEvent
     | BridgeLeftEvent
+    | DispatchCreatedEvent
     | ServerRoomStartedEvent
     | ServerRoomFinishedEvent
     | ServerParticipantJoinedEvent
@@ -595,6 +611,7 @@ EVENT_TYPES: Final[dict[str, type[_Envelope]]] = {
         BridgeJoinedEvent,
         BridgeGapEvent,
         BridgeLeftEvent,
+        DispatchCreatedEvent,
         ServerRoomStartedEvent,
         ServerRoomFinishedEvent,
         ServerParticipantJoinedEvent,
