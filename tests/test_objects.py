@@ -246,3 +246,32 @@ def test_small_streams_stay_in_memory(tmp_path: Path, size: int) -> None:
     data, ref, error = asyncio.run(_read_spooled(_chunks(size), ingest, "s3", "files"))
     assert len(data) == size and ref is None and error is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_spooled_stream_is_in_the_bucket_when_it_ends(settings: Settings, room: str, tmp_path: Path) -> None:
+    """The bridge's spool uploads while the stream arrives: the object is whole when the stream ends."""
+    blob = os.urandom(5 * MiB + 123)
+
+    async def go() -> None:
+        async with Ledger(settings) as ledger:
+            writer = BridgeWriter(ledger, home=tmp_path, stats_interval=0)
+            await writer.start()
+            ingest = writer.ingest(room)
+            head, ref, error = await _read_spooled(_chunks_of(blob), ingest, "up-1", "files")
+            assert ref is not None and error is None and ref.size == len(blob)
+            assert await ledger.payload_info(ref) is not None  # stored before any event points at it
+            ingest.byte_stream(head, topic="files", stream_id="up-1", sender_identity="u", spooled=ref)
+            assert await writer.flush(60)
+            await writer.close()
+            (record,) = [r async for r in ledger.read(room)]
+            assert record.event.payload == ev.PayloadRef(name=ref.name, size=ref.size, sha256=ref.sha256)
+            assert await ledger.read_payload(ref) == blob
+            assert await ledger.purge_room_payloads(room) == 1
+
+    asyncio.run(go())
+
+
+async def _chunks_of(data: bytes, size: int = 15_000) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        await asyncio.sleep(0)
+        yield data[start:start + size]

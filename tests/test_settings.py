@@ -68,3 +68,18 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env({})
     with pytest.raises(AttributeError):
         settings.stream = "X"  # type: ignore[misc]
+
+
+def test_payload_limits_from_the_environment() -> None:
+    from ledger.settings import DEFAULT_INLINE_LIMIT, DEFAULT_MAX_PAYLOAD
+
+    default = Settings.from_env({})
+    assert default.inline_limit == DEFAULT_INLINE_LIMIT == 64 * 1024
+    assert default.max_payload == DEFAULT_MAX_PAYLOAD == 64 * 1024 * 1024
+    assert default.payload_bucket == "ROOMS-payloads"
+    chosen = Settings.from_env({"LEDGER_INLINE_LIMIT": "16KiB", "LEDGER_MAX_PAYLOAD": "1GiB", "LEDGER_STREAM": "X"})
+    assert (chosen.inline_limit, chosen.max_payload, chosen.payload_bucket) == (16 * 1024, 1024**3, "X-payloads")
+    with pytest.raises(SettingsError, match="LEDGER_INLINE_LIMIT"):
+        Settings.from_env({"LEDGER_INLINE_LIMIT": "512KiB"})  # over a quarter of the 1 MiB message
+    with pytest.raises(SettingsError, match="LEDGER_MAX_PAYLOAD"):
+        Settings.from_env({"LEDGER_MAX_PAYLOAD": "lots"})
