@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import msgspec
 
-from ledger import db
+from ledger import db, metrics
 from ledger.client import DIRECT_BATCH
 from ledger.errors import LedgerError
 from projections import reducers as rd
@@ -386,8 +386,9 @@ async def hydrate(
         covers = state.summary.covers_seq
         if conversation and conversation[0].seq <= covers:
             conversation = conversation[bisect.bisect_right(conversation, covers, key=_item_seq):]
+    elapsed = time.perf_counter() - started
+    metrics.hydrated(source, elapsed, caught_up)
     return Snapshot(
         room=room, seq=state.seq, state=state, conversation=conversation, full_conversation=full_conversation,
-        projection_seq=projection_seq, source=source, caught_up=caught_up,
-        elapsed_s=time.perf_counter() - started,
+        projection_seq=projection_seq, source=source, caught_up=caught_up, elapsed_s=elapsed,
     )

@@ -52,7 +52,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from ledger import db
+from ledger import db, metrics
 from ledger import events as ev
 from ledger.client import Ledger, Record, needs_payload
 from ledger.errors import ConnectError as LedgerConnectError
@@ -225,6 +225,7 @@ class Projector:
             self._ledger = Ledger(self.settings, name=f"ledger-projector-{self.partition}")
             await self._ledger.connect()
         await self._connect_db()
+        metrics.track_projector(self)
 
     async def close(self) -> None:
         if self._inflight is not None and self._conn is not None and not self._conn.is_closed():
@@ -362,6 +363,7 @@ class Projector:
         if not msgs:
             await self._flush()
             return None
+        started = metrics.now()
         pending = _Pending()
         records: list[tuple[str, Record]] = []
         first = last = 0
@@ -420,6 +422,7 @@ class Projector:
         self._inflight = asyncio.create_task(self._commit(rows, last))
         self._folded = last
         self.events_done += last - first + 1
+        metrics.projected(self.partition, last - first + 1, len(pending.errors), metrics.now() - started)
         return BatchResult(first, last, last - first + 1, len(pending.states), len(pending.errors))
 
     async def _load_states(self, rooms: set[str]) -> None:
