@@ -109,6 +109,22 @@ def main(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts and jq) instead of tables.")]
 RoomArg = Annotated[str, typer.Argument(help="The LiveKit room name.", show_default=False)]
+MetricsOpt = Annotated[
+    str | None,
+    typer.Option("--metrics-port", help="Serve Prometheus metrics on [HOST:]PORT/metrics (HOST defaults to "
+                 "127.0.0.1; 0.0.0.0:9100 for a scraper elsewhere).", envvar="LEDGER_METRICS_PORT",
+                 show_envvar=True, show_default=False, metavar="[HOST:]PORT"),
+]
+
+
+def _serve_metrics(address: str | None) -> None:
+    """Start the /metrics endpoint of a long-running command (a thread of its own)."""
+    if not address:
+        return
+    from ledger import metrics
+
+    host, port = guard(lambda: metrics.serve(address))
+    err_console.print(f"metrics: http://{host}:{port}/metrics")
 
 
 # --- replay -------------------------------------------------------------------------------------
@@ -346,6 +362,7 @@ def bridge(
         str | None, typer.Option("--room", help="Join only this room (default: rooms dispatched to the bridge).",
                                  show_default=False)
     ] = None,
+    metrics_port: MetricsOpt = None,
 ) -> None:
     """Run the bridge: record LiveKit rooms into the ledger until Ctrl-C (needs LIVEKIT_URL and keys).
 
@@ -356,6 +373,7 @@ def bridge(
       ledger bridge --room support-42
     """
     settings = guard(commands.settings)
+    _serve_metrics(metrics_port)
     run(lambda: commands.bridge(settings, room=room), interrupt_ok=True)
 
 
@@ -388,6 +406,7 @@ def project(
         int, typer.Option("--partitions", min=1, help="How many workers split the rooms between them.")
     ] = 1,
     as_json: JsonOpt = False,
+    metrics_port: MetricsOpt = None,
 ) -> None:
     """Run the projector: fold the log into PostgreSQL tables, following it until Ctrl-C.
 
@@ -406,6 +425,7 @@ def project(
     if partition >= partitions:
         print_error(f"--partition {partition} is not below --partitions {partitions}: use 0 … {partitions - 1}")
         raise typer.Exit(1)
+    _serve_metrics(metrics_port)
     run(
         lambda: commands.project(
             settings, once=once, as_json=as_json, partition=partition, partitions=partitions
@@ -489,6 +509,7 @@ def serve(
                      "/?token=… once in a browser).", envvar="LEDGER_SERVE_TOKEN", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print where it serves as one JSON line.")] = False,
+    metrics_port: MetricsOpt = None,
 ) -> None:
     """Serve a live web view of every room: timelines, floor lanes, handoffs, session, time travel, search.
 
@@ -503,6 +524,7 @@ def serve(
     from cli.serve import serve as serve_view
 
     settings = guard(commands.settings)
+    _serve_metrics(metrics_port)
     run(lambda: serve_view(settings, host=host, port=port, token=token or None, as_json=as_json),
         interrupt_ok=True)
 
