@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,7 @@ async def publisher_main() -> None:
     """Commands on stdin, one JSON line each; one JSON line answers each on stdout."""
     from livekit import rtc
 
+    from bridge.worker import only_own_room_events
     from tests.livekit import sees
     from tests.livekit.server import mint_token
 
@@ -112,11 +114,15 @@ async def publisher_main() -> None:
             # standard) keeps it open; without one, the publisher is standard itself.
             await room.pub.connect(url, mint_token(key, secret, f"pub-{name}", name,
                                                    kind="agent" if baseline else "standard"))
+            # Many rooms share this process: each room's loop is spared the others' events, as
+            # in the bridge (a room alone in its process would never see them).
+            only_own_room_events(room.pub)
             if baseline:
                 room.sub = rtc.Room()
                 room.sub.on("data_received", room.on_data)
                 await room.sub.connect(url, mint_token(key, secret, f"sub-{name}", name, can_publish=False,
                                                        can_publish_data=False))
+                only_own_room_events(room.sub)
                 # the subscriber is up once the server announces the publisher to it
                 await sees(room.sub, f"pub-{name}", timeout=30)
         return room
@@ -488,6 +494,13 @@ async def controller(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cancel_on_sigterm(work: Any) -> int:
+    """SIGTERM (bench/run's timeout) cancels the run, so its servers and subprocesses are stopped."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return int(await task)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rooms", type=int, default=100, help="rooms of the bridge-vs-baseline comparison")
@@ -521,7 +534,7 @@ def main() -> int:
                   f"or set LIVEKIT_URL/LIVEKIT_API_KEY/LIVEKIT_API_SECRET", file=sys.stderr)
             return 1
         return subprocess.run(argv, env={**os.environ, netns.INSIDE_ENV: "1"}, check=False).returncode
-    return asyncio.run(controller(args))
+    return asyncio.run(_cancel_on_sigterm(controller(args)))
 
 
 if __name__ == "__main__":
