@@ -471,6 +471,11 @@ async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_
     name = agent_name or settings.bridge_agent_name
     result = await tokens.create_dispatch(settings, room, agent_name=name)
     data = {"room": room, "agent_name": name, "dispatch_id": getattr(result, "id", "")}
+    from cli.dispatches import record
+
+    # In the log too, so `ledger dispatches` can say who joined for it and how long it took.
+    if warning := await record(settings, room, result, by="ledger dispatch"):
+        err_console.print(f"warning: {warning}")
     if as_json:
         write_json(data)
     else:

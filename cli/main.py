@@ -557,5 +557,22 @@ def webhooks(
     run(lambda: webhooks_cli.webhooks(settings, host=host, port=port, as_json=as_json), interrupt_ok=True)
 
 
+@app.command()
+def dispatches(room: RoomArg, as_json: JsonOpt = False) -> None:
+    """Which agent got this room: its dispatches (LiveKit's AgentDispatch API, and those `ledger dispatch`
+    recorded) beside the agent that joined for each, when, and how long after the dispatch.
+
+    [bold]Examples[/]
+
+      ledger dispatches support-42
+
+      ledger dispatches support-42 --json | jq '.dispatches[] | {agent_name, after_s}'
+    """
+    from cli import dispatches as dispatches_cli
+
+    settings = guard(commands.settings)
+    run(lambda: dispatches_cli.dispatches(settings, room, as_json=as_json))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
