@@ -10,6 +10,7 @@ API (JSON; what the pages read)
     ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`view_json`
     ``/api/events?room=R[&after=SEQ]`` server-sent events: one ``record`` per event, following the log
     ``/api/search?room=R&q=TEXT``      the room's events whose content contains TEXT
+    ``/metrics``                       Prometheus metrics of this process (ledger/metrics.py)
 
 One follower per room (:class:`RoomHub`): a single ordered consumer follows the room's log, folds
 it with :class:`cli.roomview.RoomCollector` (the HTML report's derivation) and fans the events
@@ -443,6 +444,16 @@ async def _events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    from ledger import metrics
+
+    hubs = request.app[HUBS].hubs
+    metrics.SERVE_ROOMS.set(len(hubs))
+    metrics.SERVE_CLIENTS.set(sum(len(h.subscribers) for h in hubs.values()))
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 # --- authentication ---------------------------------------------------------------------------
 
 
@@ -516,6 +527,7 @@ def make_app(ledger: Ledger, *, token: str | None = None) -> web.Application:
     app.router.add_get("/api/room", _room)
     app.router.add_get("/api/events", _events)
     app.router.add_get("/api/search", _search)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 

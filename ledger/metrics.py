@@ -19,6 +19,7 @@ Metrics (counters end in ``_total`` on the wire)
                 ledger_projector_errors_total{partition}, ledger_projector_checkpoint{partition},
                 ledger_projector_lag_events{partition}, ledger_stream_head
     hydration   ledger_hydrate_seconds{source} (histogram), ledger_hydrate_caught_up_events{source}
+    serve       ledger_serve_rooms_followed, ledger_serve_event_streams
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Protocol
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -245,6 +246,12 @@ HYDRATE_CAUGHT_UP: Final = Histogram(
 def hydrated(source: str, seconds: float, caught_up: int) -> None:
     HYDRATE_SECONDS.labels(source).observe(seconds)
     HYDRATE_CAUGHT_UP.labels(source).observe(caught_up)
+
+
+# --- ledger serve ------------------------------------------------------------------------------
+
+SERVE_ROOMS: Final = Gauge("ledger_serve_rooms_followed", "Rooms ledger serve follows for its web view now.")
+SERVE_CLIENTS: Final = Gauge("ledger_serve_event_streams", "Browsers following a room's live timeline now.")
 
 
 # --- exposition --------------------------------------------------------------------------------

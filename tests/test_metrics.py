@@ -1,0 +1,170 @@
+"""Prometheus metrics (ledger/metrics.py), scraped over HTTP from real work against NATS and PostgreSQL.
+
+The registry is the process's default one, shared by every test in the session: each test reads
+the figures before and after its own work and asserts on the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ledger import events as ev
+from ledger import metrics
+from ledger.client import Ledger
+from ledger.settings import Settings
+from tests.test_cli_helpers import env_for, scripted_events
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def metrics_url() -> str:
+    host, port = metrics.serve("127.0.0.1:0")
+    return f"http://{host}:{port}/metrics"
+
+
+async def scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_bridge_writer_metrics(ledger: Ledger, room: str, metrics_url: str, tmp_path: Path) -> None:
+    from bridge.writer import BridgeWriter
+
+    before = await scrape(metrics_url)
+    writer = BridgeWriter(ledger, home=tmp_path, stats_interval=0)
+    await writer.start()
+    try:
+        events = scripted_events(room)
+        for event in events:
+            writer.submit(event)
+        assert await writer.flush(20)
+        again = events[4]  # the same event id again: stored once, counted as a duplicate
+        writer.submit(again)
+        assert await writer.flush(20)
+        after = await scrape(metrics_url)
+    finally:
+        await writer.close()
+    transcripts = sum(1 for e in events if e.type == "transcript")
+    assert transcripts == 3
+    for name in ("ledger_bridge_events_observed_total", "ledger_bridge_events_written_total"):
+        assert value(after, name, type="transcript") - value(before, name, type="transcript") == transcripts + 1
+        assert value(after, name, type="handoff") - value(before, name, type="handoff") == 1
+    dup = "ledger_bridge_duplicates_total"
+    assert value(after, dup, type="transcript") - value(before, dup, type="transcript") == 1
+    batches = value(after, "ledger_bridge_append_seconds_count") - value(before, "ledger_bridge_append_seconds_count")
+    assert batches >= 2
+    assert value(after, "ledger_bridge_append_seconds_sum") > value(before, "ledger_bridge_append_seconds_sum")
+    assert value(after, "ledger_bridge_last_write_timestamp_seconds") >= time.time() - 60
+    assert value(after, "ledger_bridge_pending") == 0 and value(after, "ledger_bridge_nats_ok") == 1
+    for name in ("ledger_bridge_rooms", "ledger_bridge_gaps_total", "ledger_bridge_spilled_total",
+                 "ledger_bridge_spill_pending", "ledger_bridge_append_failures_total"):
+        assert (name, ()) in after, name
+
+
+async def test_projector_and_hydrate_metrics(pg_settings: Settings, room: str, metrics_url: str) -> None:
+    from projections.projector import Projector
+
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append_many(scripted_events(room))
+        before = await scrape(metrics_url)
+        async with Projector(pg_settings, projection=f"t{uuid.uuid4().hex[:8]}") as projector:
+            checkpoint = await projector.catch_up()
+            folded = (value(await scrape(metrics_url), "ledger_projector_events_folded_total", partition="0")
+                      - value(before, "ledger_projector_events_folded_total", partition="0"))
+            assert 0 < folded <= checkpoint  # a fresh projection folds the whole stream (purged rooms leave holes)
+            deadline = time.monotonic() + 10
+            while True:  # the head is read every HEAD_EVERY_S while metrics are served
+                now = await scrape(metrics_url)
+                if value(now, "ledger_stream_head") >= checkpoint:
+                    break
+                assert time.monotonic() < deadline, "ledger_stream_head never appeared"
+                await asyncio.sleep(0.1)
+            assert value(now, "ledger_projector_checkpoint", partition="0") >= checkpoint
+            assert ("ledger_projector_lag_events", (("partition", "0"),)) in now
+            assert value(now, "ledger_projector_batch_seconds_count", partition="0") > value(
+                before, "ledger_projector_batch_seconds_count", partition="0")
+        before = await scrape(metrics_url)
+        await ledger.hydrate(room)
+        after = await scrape(metrics_url)
+    hydrations = {
+        source: value(after, "ledger_hydrate_seconds_count", source=source)
+        - value(before, "ledger_hydrate_seconds_count", source=source)
+        for source in ("projection+log", "log")
+    }
+    assert sum(hydrations.values()) == 1
+
+
+def test_metrics_port_option_and_serve_endpoint(pg_settings: Settings, room: str) -> None:
+    """``ledger project --metrics-port 127.0.0.1:0`` says where /metrics is; ``ledger serve`` answers it too."""
+    env = {**os.environ, **env_for(pg_settings)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "project", "--metrics-port", "127.0.0.1:0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", line)
+        assert found, line
+        deadline = time.monotonic() + 30
+        while True:  # the projector registers once connected to NATS and PostgreSQL
+            samples = asyncio.run(scrape(found.group(1)))
+            if ("ledger_projector_checkpoint", (("partition", "0"),)) in samples:
+                break
+            assert time.monotonic() < deadline, sorted({name for name, _ in samples})
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "project", "--metrics-port", "nine"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 1 and "expected a port (9100) or HOST:PORT" in bad.stderr
+
+
+async def test_serve_answers_metrics_behind_its_token(ledger: Ledger, room: str) -> None:
+    from cli.serve import start
+
+    await ledger.append(ev.make_event(room, ev.Transcript(speaker="a", text="hi")))
+    runner, served = await start(ledger, port=0, token="tok")
+    try:
+        async with aiohttp.ClientSession() as http, http.get(served.url + "metrics") as response:
+            assert response.status == 401
+        samples = await scrape(served.url + "metrics", {"Authorization": "Bearer tok"})
+        assert ("ledger_serve_event_streams", ()) in samples and ("ledger_serve_rooms_followed", ()) in samples
+    finally:
+        await runner.cleanup()
+
+
+def test_metrics_address_forms() -> None:
+    assert metrics.parse_address("9100") == ("127.0.0.1", 9100)
+    assert metrics.parse_address("0.0.0.0:9100") == ("0.0.0.0", 9100)
+    assert metrics.parse_address("[::1]:9100") == ("::1", 9100)
+    for bad in ("", "x", "70000", "host:", ":9100x"):
+        with pytest.raises(Exception, match="expected a port"):
+            metrics.parse_address(bad)
