@@ -278,6 +278,22 @@ class BridgeLeft(Body, frozen=True):
 
 
 
+class RoleClaim(Body, frozen=True):
+    """An agent claims one of ``roles`` (seed 002: customer or support). Decided by log order, like
+    the floor: the earliest claim gets the first role of its list still free; a later one waits
+    until a role it accepts is freed (see :mod:`ledger.roles`)."""
+
+    agent_id: str
+    #: The roles it would take, in its order of preference.
+    roles: list[str]
+
+
+class RoleRelease(Body, frozen=True):
+    agent_id: str
+    #: The role given up (None: whatever it holds, and its waiting claim).
+    role: str | None = None
+
+
 class DispatchCreated(Body, frozen=True):
     """An agent dispatch the ledger created through LiveKit's AgentDispatch API (``ledger dispatch``,
     the handoff tool): ``ledger dispatches`` puts it beside the agent that joined for it."""
@@ -478,6 +494,14 @@ class BridgeLeftEvent(_Envelope, frozen=True, tag="bridge.left"):
     body: BridgeLeft
 
 
+class RoleClaimEvent(_Envelope, frozen=True, tag="role.claim"):
+    body: RoleClaim
+
+
+class RoleReleaseEvent(_Envelope, frozen=True, tag="role.release"):
+    body: RoleRelease
+
+
 class DispatchCreatedEvent(_Envelope, frozen=True, tag="dispatch.created"):
     body: DispatchCreated
 
@@ -554,6 +578,8 @@ KnownEvent: TypeAlias = (
     | BridgeGapEvent
     | BridgeLeftEvent
     | DispatchCreatedEvent
+    | RoleClaimEvent
+    | RoleReleaseEvent
     | ServerRoomStartedEvent
     | ServerRoomFinishedEvent
     | ServerParticipantJoinedEvent
@@ -612,6 +638,8 @@ EVENT_TYPES: Final[dict[str, type[_Envelope]]] = {
         BridgeGapEvent,
         BridgeLeftEvent,
         DispatchCreatedEvent,
+        RoleClaimEvent,
+        RoleReleaseEvent,
         ServerRoomStartedEvent,
         ServerRoomFinishedEvent,
         ServerParticipantJoinedEvent,

@@ -15,7 +15,7 @@ def test_every_type_has_a_permanent_tag() -> None:
         "agent.state", "agent.status", "floor.request", "floor.release", "transcript",
         "chat.message", "conversation.item", "handoff", "session.patch", "context.summary",
         "data", "bridge.joined", "bridge.gap", "bridge.left",
-        "dispatch.created",
+        "dispatch.created", "role.claim", "role.release",
         # livekit-server's own view, from its webhook (issue 17)
         "server.room_started", "server.room_finished", "server.participant_joined", "server.participant_left",
         "server.participant_connection_aborted", "server.track_published", "server.track_unpublished",
