@@ -193,9 +193,10 @@ class _ProjectorCollector(Collector):
                 lag.add_metric(label, float(max(self.head - projector.checkpoint, 0)))
         yield checkpoint
         yield lag
+        head = GaugeMetricFamily("ledger_stream_head", "Last sequence of the stream (as last read).", labels=[])
         if self.head is not None:
-            yield GaugeMetricFamily("ledger_stream_head", "Last sequence of the stream (as last read).",
-                                    value=float(self.head))
+            head.add_metric([], float(self.head))
+        yield head
 
 
 PROJECTOR: Final = _ProjectorCollector()

@@ -168,3 +168,26 @@ def test_metrics_address_forms() -> None:
     for bad in ("", "x", "70000", "host:", ":9100x"):
         with pytest.raises(Exception, match="expected a port"):
             metrics.parse_address(bad)
+
+
+def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
+    import json
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used = {name for expr in exprs for name in re.findall(r"\bledger_[a-z_]+", expr)}
+    metrics.observed("transcript")  # so that labelled families have a sample
+    metrics.hydrated("log", 0.001, 0)
+    metrics.projected(0, 1, 0, 0.001)
+    exposed: set[str] = set()
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        if line.startswith("# TYPE ledger_"):  # families without samples yet are described too
+            _, _, name, kind = line.split()
+            suffixes = {"histogram": ["_bucket", "_sum", "_count"]}.get(kind, [""])  # counters: name_total
+            exposed.update(name + suffix for suffix in suffixes)
+    assert used - exposed == set(), f"the dashboard asks for metrics nobody exposes: {used - exposed}"
+    assert {"ledger_bridge_append_seconds_bucket", "ledger_projector_lag_events", "ledger_hydrate_seconds_bucket",
+            "ledger_bridge_events_written_total"} <= used
