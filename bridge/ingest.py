@@ -247,8 +247,15 @@ class Ingest:
         try:
             encoded = ev.encode(event)
         except (UnicodeEncodeError, RecursionError, TypeError, ValueError, OverflowError) as exc:
-            event = self._unencodable(event, type(exc).__name__)
             kind = "rejected"
+            if raw is not None and not isinstance(body, ev.Data):
+                # The bytes as they came are always storable: keep them whole, untyped.
+                data = ev.Data(topic=str(getattr(body, "topic", "")), transport="internal",
+                               payload_b64=base64.b64encode(raw).decode("ascii"), size=len(raw),
+                               reason=f"not encodable as {event.type} ({type(exc).__name__}); kept as bytes")
+                self.counters.reject("unencodable event")
+                return self._emit(data, id=event.id, sender=_storable(sender), at=at, kind="rejected", raw=raw)
+            event = self._unencodable(event, type(exc).__name__)
         else:
             if self._spooled is not None or (raw is not None and len(raw) > self.inline_limit) \
                     or len(encoded) > MAX_EVENT_BYTES:
@@ -738,6 +745,12 @@ class Ingest:
         if not items:
             self.counters.skipped += 1
         return True
+
+
+def _storable(sender: ev.Sender) -> ev.Sender:
+    """A sender whose identity can be encoded (lone surrogates escaped)."""
+    identity = sender.identity.encode("utf-8", "backslashreplace").decode("utf-8")
+    return sender if identity == sender.identity else ev.Sender(identity, sender.kind)
 
 
 def _timed_text(text: str) -> str:
