@@ -32,6 +32,10 @@ a later event with the same item id updates the content in place.
   segments are duplicates and are skipped. Role: ``assistant`` when the speaker is an agent.
 - ``chat.message``: kept (role from the sender's kind), keyed by message id.
 
+Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
+role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
+holder leaving, and goes to the earliest waiting claim that lists it.
+
 Session: RFC 7386 merge patches applied in log order; ``session_version`` is the sequence of
 the last patch. Summary: the latest ``context.summary`` in log order.
 
@@ -49,6 +53,8 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from ledger import events as ev
+from ledger import roles as role_rules
+from ledger.roles import Roles
 
 __all__ = [
     "ConversationItem",
@@ -230,6 +236,8 @@ class RoomState(msgspec.Struct, kw_only=True):
     transcribers: dict[str, str] = msgspec.field(default_factory=dict)
     #: item id -> position in :attr:`conversation` (derived; not stored, rebuilt when out of step).
     positions: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`ledger.roles`).
+    roles: Roles = msgspec.field(default_factory=Roles)
 
     @property
     def seq(self) -> int:
@@ -374,6 +382,7 @@ def _on_left(state: RoomState, event: Any, seq: int, time: datetime) -> None:
     for track, transcriber in list(state.transcribers.items()):
         if transcriber == identity:
             del state.transcribers[track]
+    role_rules.left(state.roles, identity, seq, time)
 
 
 def _on_attributes(state: RoomState, event: Any, seq: int, time: datetime) -> None:
@@ -531,6 +540,10 @@ def _on_gap(state: RoomState, event: Any, seq: int, time: datetime) -> None:
     )
 
 
+def _on_role(state: RoomState, event: Any, seq: int, time: datetime) -> None:
+    role_rules.apply_event(state.roles, event, seq, time)
+
+
 def _ignore(state: RoomState, event: Any, seq: int, time: datetime) -> None:
     """Known types with no state of their own (counted in the index only)."""
 
@@ -652,6 +665,11 @@ _HANDLERS: Final[dict[type, Any]] = {
     ev.BridgeJoinedEvent: _ignore,
     ev.BridgeGapEvent: _on_gap,
     ev.BridgeLeftEvent: _ignore,
+    ev.RoleClaimEvent: _on_role,
+    ev.RoleReleaseEvent: _on_role,
+    # The server's own view (ledger webhooks) and the dispatches the ledger made: shown, no state.
+    ev.DispatchCreatedEvent: _ignore,
+    **{cls: _ignore for tag, cls in ev.EVENT_TYPES.items() if tag.startswith("server.")},
 }
 
 
