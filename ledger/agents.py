@@ -12,6 +12,7 @@ followed log, so every agent computes the same holder::
     await agent.patch_session({"caller": {"verified": True}})
     await agent.sync_userdata(session.userdata)   # publishes only what changed
     await agent.hand_off("billing-agent", reason="billing question")   # dispatch + wait + leave
+    role = await agent.claim_role({"customer", "support"})             # decided by log order
 
 The target of a handoff reads its dispatch metadata with :func:`handoff_from_metadata`, hydrates
 with ``min_seq`` and takes the floor (:meth:`LedgerAgent.take_over`).
@@ -24,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,7 +49,7 @@ LEDGER_TOPIC: Final = "ledger"
 #: Event types agents may publish on the ledger topic.
 AGENT_EVENT_TYPES: Final = frozenset(
     {"agent.status", "floor.request", "floor.release", "handoff", "session.patch", "context.summary",
-     "conversation.item"}
+     "conversation.item", "role.claim", "role.release"}
 )
 #: Largest payload sent as one reliable data packet; larger ones go as a text stream.
 MAX_PACKET_BYTES: Final = 15 * 1024
@@ -140,6 +141,27 @@ def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
     return HandoffRequest(room=data["room"], ledger_seq=data["ledger_seq"])
 
 
+class HandoffLost(Exception):
+    """A handoff that did not pass the floor: its source did not hold it at that point of the log."""
+
+    def __init__(self, from_agent: str, to_agent: str, seq: int, holder: str | None) -> None:
+        super().__init__(f"handoff {from_agent!r} -> {to_agent!r} at sequence {seq} passed nothing: {from_agent!r} "
+                         f"did not hold the floor there (another handoff or release came first in the log; the "
+                         f"floor is now {holder!r}'s); nobody was dispatched")
+        self.from_agent, self.to_agent, self.seq, self.holder = from_agent, to_agent, seq, holder
+
+
+def handoff_took_effect(state: RoomState, seq: int, from_agent: str) -> bool:
+    """Whether ``from_agent``'s handoff at ``seq`` released its floor (log order decides a race).
+
+    A handoff passes the floor only if its source held it at that point of the log; every
+    process folds the same log, so every process gives the same answer. ``state``: any fold
+    of the room that has reached ``seq`` (recent enough to keep that tenure in its history).
+    """
+    return any(t.end_seq == seq and t.end_reason == "handoff" and t.holder == from_agent
+               for t in state.floor.history)
+
+
 class LedgerAgent:
     """One agent's ledger helpers on its LiveKit room connection (and, for reads, a ``Ledger``)."""
 
@@ -209,6 +231,27 @@ class LedgerAgent:
 
     async def publish_summary(self, text: str, covers_seq: int) -> str:
         return await self.publish("context.summary", ev.ContextSummary(text=text, covers_seq=covers_seq))
+
+    async def claim_role(self, roles: Iterable[str], *, timeout: float = 10.0) -> str:
+        """Claim one of ``roles``; returns the one the log gives this agent (see :mod:`ledger.roles`).
+
+        Two agents claiming ``{"customer", "support"}`` at the same instant get different roles,
+        decided by log order. Needs :meth:`start` first.
+        """
+        from ledger.roles import claim_role
+
+        return await claim_role(self, roles, timeout=timeout)
+
+    async def release_role(self, role: str | None = None, *, timeout: float = 10.0) -> None:
+        """Give up the role (or a waiting claim); returns once the log shows it."""
+        from ledger.roles import release_role
+
+        await release_role(self, role, timeout=timeout)
+
+    @property
+    def role(self) -> str | None:
+        """This agent's role in the followed log (None: none yet)."""
+        return self.state.roles.role_of(self.agent_id)
 
     # --- reading the log: the floor -----------------------------------------------------------------
 
@@ -293,10 +336,14 @@ class LedgerAgent:
         Publishes ``handoff``, waits until the log has it, creates a dispatch of the target whose
         metadata carries only the room and that sequence, waits until the target holds the floor,
         then (``leave``) disconnects. Returns the handoff's sequence. Needs :meth:`start` first.
+        Raises :class:`HandoffLost` (before dispatching) when this agent did not hold the floor at
+        the handoff's place in the log, e.g. another handoff of the same caller came first.
         """
         event_id = await self.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
                                                             reason=reason))
         seq = await self.wait_for_event(event_id, timeout)
+        if not handoff_took_effect(self.state, seq, self.agent_id):
+            raise HandoffLost(self.agent_id, to_agent, seq, self.floor_holder)
         if dispatch:
             await self._dispatch(to_agent, seq, livekit_api)
         await self.wait_for_floor(to_agent, timeout)

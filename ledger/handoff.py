@@ -54,7 +54,7 @@ from livekit.agents.llm import ChatContext, FunctionTool
 
 from ledger import events as ev
 from ledger import hydrate as _hydrate  # noqa: F401  (loads the reducers now, not on a job's event loop)
-from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata
+from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
 from ledger.settings import Settings
 from projections import reducers as rd
@@ -331,7 +331,7 @@ class LedgerLink:
             raise HandoffFailed(to_agent, f"the room's log did not record the handoff within {timeout:g}s (is a "
                                           "ledger bridge in the room?)") from None
         log.debug("%s: handoff to %r at sequence %d", self.agent_id, to_agent, seq)
-        if not handoff_took_effect(agent, seq):
+        if not handoff_took_effect(agent.state, seq, self.agent_id):
             holder = agent.floor_holder
             raise HandoffFailed(to_agent, f"{self.agent_id!r} did not hold the floor at the handoff (log order: "
                                           f"another handoff or release came first; the holder is {holder!r})")
@@ -476,16 +476,6 @@ def once_per_message(items: list[rd.ConversationItem]) -> list[rd.ConversationIt
             continue
         kept.append(item)
     return kept
-
-
-def handoff_took_effect(agent: LedgerAgent, seq: int) -> bool:
-    """Whether the handoff at ``seq`` released its source's floor (log order decides a race).
-
-    A handoff passes the floor only if its source held it at that point of the log; every
-    process folds the same log, so every process gives the same answer.
-    """
-    return any(t.end_seq == seq and t.end_reason == "handoff" and t.holder == agent.agent_id
-               for t in agent.state.floor.history)
 
 
 def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = 15.0,
