@@ -83,7 +83,7 @@ class SpoolWriter:
         try:
             await self.upload.finish(self._sha.hexdigest())
         except Exception as exc:  # NATS away: the file is put again by the writer
-            log.info("payload %s: upload while arriving failed (%s); the writer retries", self.name,
+            log.info("a payload's upload while arriving failed (%s); the writer puts its file again",
                      type(exc).__name__)
             return False
         return True

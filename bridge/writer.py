@@ -418,7 +418,7 @@ class BridgeWriter:
                 # Neither here nor stored: the file went missing (a wiped LEDGER_HOME). The event
                 # still says what arrived; readers report the object as missing.
                 self.counters.reject("payload file missing")
-                log.error("bridge writer: payload %s has no file and is not stored", ref.name)
+                log.error("bridge writer: a payload has no file and is not stored (%d bytes)", ref.size)
 
     def _discard_objects(self, events: list[ev.KnownEvent]) -> None:
         for event in events:
