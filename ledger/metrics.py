@@ -5,6 +5,9 @@ workers expose too, so a process that already serves Agents metrics shows these 
 ``ledger bridge|project|serve --metrics-port [HOST:]PORT`` (or ``LEDGER_METRICS_PORT``) serves
 ``/metrics``; ``ledger serve`` also answers ``/metrics`` on its own port.
 
+The same measurements become OpenTelemetry spans when an OTLP endpoint is configured
+(ledger/tracing.py).
+
 Hot paths stay cheap: the bridge counts events by type in plain dicts and its writers' own
 counters (bridge/stats.py) are read when Prometheus scrapes, not copied on every event.
 
@@ -37,6 +40,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ledger import tracing
 from ledger.errors import SettingsError
 
 log = logging.getLogger("ledger.metrics")
@@ -153,11 +157,18 @@ def written(events: Sequence[Any], positions: Sequence[Any], seconds: float) -> 
     APPEND_SECONDS.observe(seconds)
     done = BRIDGE.written
     dup = BRIDGE.duplicates
+    duplicates = 0
     for event, position in zip(events, positions, strict=False):
         kind: str = event.type
         done[kind] = done.get(kind, 0) + 1
         if position.duplicate:
             dup[kind] = dup.get(kind, 0) + 1
+            duplicates += 1
+    tracing.record("ledger.bridge.append", seconds, {
+        "ledger.events": len(events), "ledger.duplicates": duplicates,
+        "ledger.first_seq": positions[0].seq if positions else None,
+        "ledger.last_seq": positions[-1].seq if positions else None,
+    })
 
 
 # --- projector ---------------------------------------------------------------------------------
@@ -230,6 +241,8 @@ def projected(partition: int, events: int, errors: int, seconds: float) -> None:
     BATCH_SECONDS.labels(label).observe(seconds)
     if errors:
         PROJECTION_ERRORS.labels(label).inc(errors)
+    tracing.record("ledger.projector.batch", seconds,
+                   {"ledger.partition": partition, "ledger.events": events, "ledger.errors": errors})
 
 
 # --- hydration ---------------------------------------------------------------------------------
@@ -247,6 +260,7 @@ HYDRATE_CAUGHT_UP: Final = Histogram(
 def hydrated(source: str, seconds: float, caught_up: int) -> None:
     HYDRATE_SECONDS.labels(source).observe(seconds)
     HYDRATE_CAUGHT_UP.labels(source).observe(caught_up)
+    tracing.record("ledger.hydrate", seconds, {"ledger.source": source, "ledger.caught_up": caught_up})
 
 
 # --- ledger serve ------------------------------------------------------------------------------
