@@ -44,6 +44,8 @@ class Report:
     postgres: dict[str, Any] = field(default_factory=dict)
     projector: dict[str, Any] = field(default_factory=dict)
     bridges: list[dict[str, Any]] = field(default_factory=list)
+    #: What the processes' Prometheus endpoints say (cli/doctor_metrics.py).
+    metrics: list[dict[str, Any]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     def problem(self, level: Level, message: str) -> None:
@@ -62,6 +64,7 @@ class Report:
             "postgres": self.postgres,
             "projector": self.projector,
             "bridges": self.bridges,
+            "metrics": self.metrics,
             "problems": [{"level": p.level, "message": p.message} for p in self.problems],
         }
 
@@ -330,6 +333,9 @@ async def diagnose(settings: Settings, *, monitor_url: str | None = None) -> Rep
     await _check_nats(report, settings, monitor_url)
     await _check_postgres(report, settings)
     _check_bridges(report, settings)
+    from cli.doctor_metrics import check_metrics
+
+    await check_metrics(report, settings)
     return report
 
 
@@ -412,16 +418,19 @@ def render_report(console: Any, report: Report) -> None:
             console.print(table)
     shown = [b for b in report.bridges if b.get("alive")] or report.bridges[:1]
     for b in shown:
-        counters = dict(b.get("counters", {}))
+        counters = dict(b.get("metrics") or b.get("counters", {}))
         if counters.get("last_write_at"):
             counters["last_write_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(counters["last_write_at"]))
         alive = "running" if b.get("alive") else "stopped"
-        section(f"bridge {b.get('bridge_id')} ({alive})", [
+        section(f"bridge {b.get('bridge_id')} ({alive}; from its {b.get('source', 'stats file')})", [
             (k, v) for k, v in counters.items() if v not in (0, "", {}, 0.0)
         ])
     if len(report.bridges) > len(shown):
         console.print(Text(f"({len(report.bridges) - len(shown)} older bridge stats files under "
                            f"{report.settings.get('home')}/bridge; --json lists them)", style="bright_black"))
+    from cli.doctor_metrics import render_metrics
+
+    render_metrics(report, section)
     if not report.problems:
         console.print(Text("no problems found", style="bold green"))
         return

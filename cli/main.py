@@ -117,13 +117,14 @@ MetricsOpt = Annotated[
 ]
 
 
-def _serve_metrics(address: str | None) -> None:
-    """Start the /metrics endpoint of a long-running command (a thread of its own)."""
+def _serve_metrics(address: str | None, settings: Any, role: str) -> None:
+    """Start the /metrics endpoint of a long-running command (a thread of its own); `ledger doctor`
+    on this machine finds it through LEDGER_HOME."""
     if not address:
         return
     from ledger import metrics
 
-    host, port = guard(lambda: metrics.serve(address))
+    host, port = guard(lambda: metrics.serve(address, home=settings.home, role=role))
     err_console.print(f"metrics: http://{host}:{port}/metrics")
 
 
@@ -373,7 +374,7 @@ def bridge(
       ledger bridge --room support-42
     """
     settings = guard(commands.settings)
-    _serve_metrics(metrics_port)
+    _serve_metrics(metrics_port, settings, "bridge")
     run(lambda: commands.bridge(settings, room=room), interrupt_ok=True)
 
 
@@ -425,7 +426,7 @@ def project(
     if partition >= partitions:
         print_error(f"--partition {partition} is not below --partitions {partitions}: use 0 … {partitions - 1}")
         raise typer.Exit(1)
-    _serve_metrics(metrics_port)
+    _serve_metrics(metrics_port, settings, f"projector {partition}/{partitions}")
     run(
         lambda: commands.project(
             settings, once=once, as_json=as_json, partition=partition, partitions=partitions
@@ -524,7 +525,7 @@ def serve(
     from cli.serve import serve as serve_view
 
     settings = guard(commands.settings)
-    _serve_metrics(metrics_port)
+    _serve_metrics(metrics_port, settings, "serve")
     run(lambda: serve_view(settings, host=host, port=port, token=token or None, as_json=as_json),
         interrupt_ok=True)
 

@@ -28,12 +28,16 @@ Metrics (counters end in ``_total`` on the wire)
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import json
 import logging
+import os
 import re
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -285,8 +289,13 @@ def parse_address(value: str, variable: str = PORT_ENV) -> tuple[str, int]:
     return host, port
 
 
-def serve(address: str, variable: str = "--metrics-port") -> tuple[str, int]:
-    """Serve ``/metrics`` on ``[HOST:]PORT`` (a thread of its own); returns where it listens."""
+def serve(address: str, variable: str = "--metrics-port", *, home: Path | None = None,
+          role: str = "") -> tuple[str, int]:
+    """Serve ``/metrics`` on ``[HOST:]PORT`` (a thread of its own); returns where it listens.
+
+    With ``home``, the address is noted in ``<home>/metrics/<pid>.json`` while the process runs,
+    so ``ledger doctor`` on this machine finds it.
+    """
     global _serving
     host, port = parse_address(address, variable)
     try:
@@ -297,7 +306,156 @@ def serve(address: str, variable: str = "--metrics-port") -> tuple[str, int]:
     _serving = True
     bound = int(server.server_port)
     log.info("metrics on http://%s:%d/metrics", host, bound)
+    if home is not None:
+        _note_endpoint(Path(home), host, bound, role)
     return host, bound
+
+
+# --- where the endpoints are, and what they say (ledger doctor) ---------------------------------
+
+URLS_ENV: Final = "LEDGER_METRICS_URLS"
+
+
+def _endpoints_dir(home: Path) -> Path:
+    return home / "metrics"
+
+
+def _note_endpoint(home: Path, host: str, port: int, role: str) -> None:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/metrics"
+    path = _endpoints_dir(home) / f"{os.getpid()}.json"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"pid": os.getpid(), "role": role, "url": url, "started_at": time.time()}))
+        atexit.register(lambda: path.unlink(missing_ok=True))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def endpoints(home: Path, environ: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Metrics endpoints to read: those noted under ``home`` by running processes, then ``LEDGER_METRICS_URLS``."""
+    found: list[dict[str, Any]] = []
+    directory = _endpoints_dir(Path(home))
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                pid = int(data["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not _alive(pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            found.append({"url": str(data["url"]), "pid": pid, "role": str(data.get("role", "")),
+                          "from": str(path)})
+    env = os.environ if environ is None else environ
+    for url in (u.strip() for u in env.get(URLS_ENV, "").split(",")):
+        if url and url not in {e["url"] for e in found}:
+            found.append({"url": url, "pid": None, "role": "", "from": URLS_ENV})
+    return found
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Estimate a quantile from cumulative histogram buckets (upper bound, count), as PromQL does."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            span = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / span if span else 1.0)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def summarize(text: str) -> dict[str, Any]:
+    """The figures ``ledger doctor`` shows, from one exposition (the same numbers Grafana graphs)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    by_label: dict[str, dict[str, float]] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            if name == "process_start_time_seconds":
+                continue
+            if name.endswith("_bucket") and "le" in labels:
+                key = name[: -len("_bucket")]
+                buckets.setdefault(key, []).append((float(labels["le"]), float(sample.value)))
+                continue
+            label = next((v for k, v in labels.items() if k in ("type", "reason", "partition", "source")), None)
+            if label is None:
+                values[name] = values.get(name, 0.0) + float(sample.value)
+            else:
+                group = by_label.setdefault(name, {})
+                group[label] = group.get(label, 0.0) + float(sample.value)
+    for key in buckets:
+        buckets[key].sort()
+
+    def total(name: str) -> float:
+        return values.get(name, 0.0) + sum(by_label.get(name, {}).values())
+
+    append = buckets.get("ledger_bridge_append_seconds", [])
+    hydrate_count = total("ledger_hydrate_seconds_count")
+    last_write = values.get("ledger_bridge_last_write_timestamp_seconds", 0.0)
+    figures: dict[str, Any] = {
+        "bridge": {
+            "rooms": int(values.get("ledger_bridge_rooms", 0)),
+            "events_written": int(total("ledger_bridge_events_written_total")),
+            "duplicates": int(total("ledger_bridge_duplicates_total")),
+            "rejected": {k: int(v) for k, v in by_label.get("ledger_bridge_rejected_total", {}).items()},
+            "gaps": int(values.get("ledger_bridge_gaps_total", 0)),
+            "pending": int(values.get("ledger_bridge_pending", 0)),
+            "spill_pending": int(values.get("ledger_bridge_spill_pending", 0)),
+            "append_failures": int(values.get("ledger_bridge_append_failures_total", 0)),
+            "append_p50_ms": _ms(_quantile(append, 0.5)),
+            "append_p99_ms": _ms(_quantile(append, 0.99)),
+            "last_write_age_s": round(time.time() - last_write, 1) if last_write else None,
+        },
+        "projector": {
+            "events_folded": {k: int(v) for k, v in by_label.get("ledger_projector_events_folded_total", {}).items()},
+            "lag": {k: int(v) for k, v in by_label.get("ledger_projector_lag_events", {}).items()},
+            "checkpoint": {k: int(v) for k, v in by_label.get("ledger_projector_checkpoint", {}).items()},
+            "errors": int(total("ledger_projector_errors_total")),
+        },
+        "hydrate": {
+            "count": int(hydrate_count),
+            "mean_ms": _ms(total("ledger_hydrate_seconds_sum") / hydrate_count) if hydrate_count else None,
+        },
+    }
+    return figures
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def read_endpoint(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    """Scrape one endpoint: ``{"url", "reachable", "error"?, "figures"?}`` (blocking; run it in a thread)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return {"url": url, "reachable": False, "error": str(reason)}
+    return {"url": url, "reachable": True, "figures": summarize(text)}
 
 
 def exposition() -> tuple[bytes, str]:

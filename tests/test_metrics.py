@@ -191,3 +191,52 @@ def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     assert used - exposed == set(), f"the dashboard asks for metrics nobody exposes: {used - exposed}"
     assert {"ledger_bridge_append_seconds_bucket", "ledger_projector_lag_events", "ledger_hydrate_seconds_bucket",
             "ledger_bridge_events_written_total"} <= used
+
+
+def test_doctor_reads_the_metrics_endpoints(pg_settings: Settings, tmp_path: Path) -> None:
+    """``ledger doctor`` reads what the processes' /metrics say; a bridge without one falls back to its stats file."""
+    import json
+
+    from bridge.stats import Counters, stats_path, write_stats
+    from tests.test_cli_helpers import invoke, json_of
+
+    home = tmp_path / "home"
+    # This process stands in for a running bridge: its stats file, and its metrics noted under home.
+    metrics.serve("127.0.0.1:0", home=home, role="bridge")
+    write_stats(home, "bridge-live", Counters(written=5, rooms=1))
+    write_stats(home, "bridge-old", Counters(written=7))
+    old = stats_path(home, "bridge-old")
+    old.write_text(json.dumps({**json.loads(old.read_text()), "pid": 2**22 + 12345}))  # a process long gone
+
+    env = {**os.environ, **env_for(pg_settings), "LEDGER_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "project", "--metrics-port", "127.0.0.1:0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stderr is not None
+        url = re.search(r"(http://\S+/metrics)", proc.stderr.readline())
+        assert url, "the projector did not say where its metrics are"
+        deadline = time.monotonic() + 30
+        while ("ledger_projector_checkpoint", (("partition", "0"),)) not in asyncio.run(scrape(url.group(1))):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        unreachable = "http://127.0.0.1:9/metrics"
+        result = invoke(pg_settings, ["doctor", "--json"], LEDGER_HOME=str(home), LEDGER_METRICS_URLS=unreachable)
+        report = json_of(result)
+        by_url = {m["url"]: m for m in report["metrics"]}
+        projector = by_url[url.group(1)]
+        assert projector["reachable"] and projector["role"] == "projector 0/1" and projector["pid"] == proc.pid
+        assert "0" in projector["figures"]["projector"]["checkpoint"]
+        mine = next(m for m in report["metrics"] if m.get("pid") == os.getpid())
+        assert mine["reachable"] and mine["role"] == "bridge"
+        assert by_url[unreachable]["reachable"] is False and by_url[unreachable]["from"] == "LEDGER_METRICS_URLS"
+        assert any(unreachable in p["message"] and p["level"] == "warning" for p in report["problems"])
+        bridges = {b["bridge_id"]: b for b in report["bridges"]}
+        assert bridges["bridge-live"]["source"] == "metrics" and "events_written" in bridges["bridge-live"]["metrics"]
+        assert bridges["bridge-old"]["source"] == "stats file (no metrics endpoint reachable)"
+        human = invoke(pg_settings, ["doctor"], LEDGER_HOME=str(home)).stdout
+        assert "metrics of projector 0/1" in human and "from its metrics" in human
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # Gone with its process: nothing left to read.
+    assert not any(e["pid"] == proc.pid for e in metrics.endpoints(home))
