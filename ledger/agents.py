@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,7 +38,7 @@ from ledger.settings import DEFAULT_MAX_PAYLOAD
 if TYPE_CHECKING:
     from livekit import rtc
 
-    from ledger.client import Ledger
+    from ledger.client import Ledger, Record
     from ledger.hydrate import Snapshot
     from projections.reducers import RoomState
 
@@ -175,6 +175,8 @@ class LedgerAgent:
         self._changed = asyncio.Condition()
         self._follow_task: asyncio.Task[None] | None = None
         self._seen_ids: dict[str, int] = {}
+        #: Called with each followed record once :attr:`state` includes it (see :meth:`on_record`).
+        self._listeners: list[Callable[[Record], None]] = []
 
     @property
     def agent_id(self) -> str:
@@ -288,8 +290,15 @@ class LedgerAgent:
             self._seen_ids[record.event.id] = record.seq
             if len(self._seen_ids) > 10_000:
                 self._seen_ids.pop(next(iter(self._seen_ids)))
+            for listener in list(self._listeners):
+                listener(record)
             async with self._changed:
                 self._changed.notify_all()
+
+    def on_record(self, listener: Callable[[Record], None]) -> Callable[[], None]:
+        """Call ``listener(record)`` for each followed record, after it is folded; returns the undo."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     @property
     def state(self) -> RoomState:

@@ -48,14 +48,15 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
+import msgspec
 from livekit import api
 from livekit.agents import AgentSession, RunContext, ToolError, function_tool
 from livekit.agents.llm import ChatContext, FunctionTool
 
 from ledger import events as ev
-from ledger import hydrate as _hydrate  # noqa: F401  (loads the reducers now, not on a job's event loop)
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
+from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
 from ledger.settings import Settings
 from projections import reducers as rd
 
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from livekit.agents.voice.events import AgentStateChangedEvent
     from livekit.agents.voice.room_io.types import TextInputEvent
 
-    from ledger.hydrate import Snapshot
+    from ledger.client import Record
 
 log = logging.getLogger("ledger.handoff")
 
@@ -73,6 +74,12 @@ T = TypeVar("T")
 
 #: The reason of the ``handoff`` that records a failed one (the caller handed back to the source).
 FAILED_PREFIX: Final = "handoff failed: "
+#: Dispatch metadata of a warm standby: ``{"standby": true, "room": ...}``.
+STANDBY_KEY: Final = "standby"
+#: The ``agent.status`` task a standby announces itself with.
+STANDBY_TASK: Final = "standby"
+#: How long a source waits for a standby to take the floor before dispatching the target after all.
+STANDBY_GRACE_S: Final = 3.0
 #: How long the source waits for its tool's call and output to reach the log before handing off.
 TOOL_OUTPUT_WAIT_S: Final = 5.0
 #: Agent states that end a turn (the session waits for the user again).
@@ -118,6 +125,8 @@ class HandoffOutcome:
     dispatch_id: str | None = None
     #: Seconds from the tool call to the target holding the floor (or to the failure).
     elapsed_s: float = 0.0
+    #: "dispatch" (the target was dispatched) or "standby" (a warm standby took over).
+    via: str = "dispatch"
 
 
 class LedgerLink:
@@ -143,6 +152,7 @@ class LedgerLink:
         self._transfer_task: asyncio.Task[None] | None = None
         self._held_input: list[TextInputEvent] = []
         self._attached = asyncio.Event()
+        self._handed_seq = 0
         self._holding = False
         self._saved_cb: Any = None
         self._replays: set[asyncio.Future[Any]] = set()
@@ -209,15 +219,93 @@ class LedgerLink:
         self._attached.set()
         if resumed is not None:
             self.agent.adopt_session(resumed.snapshot.session)
+        await self._publish_userdata(session)
+        await self._take_floor(task, floor_timeout)
+
+    async def _publish_userdata(self, session: AgentSession[Any]) -> None:
         session.on("agent_state_changed", self._on_agent_state)
         self._sync_task = asyncio.create_task(self._sync_loop(), name=f"ledger-userdata-{self.agent_id}")
         await self.sync_userdata()
+
+    async def _take_floor(self, task: str | None, timeout: float) -> None:
         await self.agent.request_floor(task=task)
         log.debug("%s: floor requested", self.agent_id)
         try:
-            await self.agent.wait_for_floor(timeout=floor_timeout)
+            await self.agent.wait_for_floor(timeout=timeout)
         except TimeoutError:
             log.warning("%s: the floor is still held by %r; queued behind it", self.agent_id, self.agent.floor_holder)
+
+    # --- warm standby -------------------------------------------------------------------------------
+
+    @property
+    def is_standby(self) -> bool:
+        """Whether this job was dispatched as a warm standby (:meth:`warm_up`), not by a handoff."""
+        try:
+            data = msgspec.json.decode(self._metadata or "{}")
+        except msgspec.DecodeError:
+            return False
+        return isinstance(data, dict) and data.get(STANDBY_KEY) is True
+
+    async def warm_up(self, agent_name: str) -> str:
+        """Dispatch ``agent_name`` into this room as a warm standby; returns the dispatch id.
+
+        Its job starts its session now and follows the room's log (:meth:`standby`), so a later
+        ``transfer_to(agent_name)`` needs no dispatch and no hydration: the standby sees the
+        handoff in the log it already follows and takes over.
+        """
+        metadata = msgspec.json.encode({STANDBY_KEY: True, "room": self.room.name}).decode()
+        dispatch = await self._livekit_api().agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name=agent_name, room=self.room.name, metadata=metadata))
+        return str(dispatch.id)
+
+    async def standby(self, session: AgentSession[Any], userdata_type: type[T], *, task: str | None = None,
+                      floor_timeout: float = 10.0) -> Resumed[T]:
+        """A warm standby's side: wait, session started and silent, until a handoff names this agent.
+
+        Call after ``session.start``. Follows the room's log (the caller's typing is left to the
+        agent holding the floor), announces itself (``agent.status`` idle, task ``standby``), and
+        returns when a handoff to this agent passes the floor: the conversation and userdata as
+        of the handoff, from the state already followed (no hydration). The session's userdata
+        is set to it, published per turn from then on, and the floor taken. Load
+        ``resumed.chat_ctx`` into the agent (``update_chat_ctx``) and speak.
+        """
+        self.session = session
+        _links[session] = self
+        self._hold_input()
+        handed: asyncio.Future[ev.Handoff] = asyncio.get_running_loop().create_future()
+
+        def watch(record: Record) -> None:
+            event = record.event
+            if (isinstance(event, ev.HandoffEvent) and event.body.to_agent == self.agent_id and not handed.done()
+                    and handoff_took_effect(self.agent.state, record.seq, event.body.from_agent)):
+                handed.set_result(event.body)
+                self._handed_seq = record.seq
+
+        undo = self.agent.on_record(watch)
+        try:
+            await self.agent.start()
+            self._attached.set()
+            await self.agent.status("idle", task=STANDBY_TASK)
+            log.info("%s: standing by in %s", self.agent_id, self.room.name)
+            handoff = await handed
+        finally:
+            undo()
+        state = self.agent.state
+        snapshot = Snapshot(room=self.room.name, seq=self._handed_seq, state=state,
+                            conversation=once_per_message(list(state.conversation)), full_conversation=True,
+                            source="followed")
+        resumed: Resumed[T] = Resumed(chat_ctx=snapshot.chat_ctx(), userdata=snapshot.session_as(userdata_type),
+                                      reason=handoff.reason, from_agent=handoff.from_agent, seq=self._handed_seq,
+                                      snapshot=snapshot)
+        self._resumed = resumed
+        session.userdata = resumed.userdata
+        self.agent.adopt_session(dict(state.session))
+        self._release_input(replay=False)  # what the caller typed meanwhile was the source's to answer
+        # No longer a standby (before the claim: a status without the lock withdraws claims).
+        await self.agent.status("processing", task=task or "taken over")
+        await self._publish_userdata(session)
+        await self._take_floor(task, floor_timeout)
+        return resumed
 
     async def aclose(self) -> None:
         if self._closed:
@@ -335,12 +423,27 @@ class LedgerLink:
             holder = agent.floor_holder
             raise HandoffFailed(to_agent, f"{self.agent_id!r} did not hold the floor at the handoff (log order: "
                                           f"another handoff or release came first; the holder is {holder!r})")
+        if self._standing_by(to_agent):
+            # A warm standby follows the log: it has seen the handoff already. Dispatch only if it
+            # does not take the floor soon (it may have died since it announced itself).
+            outcome.via = "standby"
+            try:
+                await agent.wait_for_floor(to_agent, min(STANDBY_GRACE_S, timeout))
+                return
+            except TimeoutError:
+                log.warning("%s: the standby %r did not take the floor within %gs; dispatching it", self.agent_id,
+                            to_agent, min(STANDBY_GRACE_S, timeout))
+                outcome.via = "dispatch"
         outcome.dispatch_id = await self._dispatch(to_agent, seq)
         log.debug("%s: dispatched %r (%s)", self.agent_id, to_agent, outcome.dispatch_id)
         try:
             await agent.wait_for_floor(to_agent, timeout)
         except TimeoutError:
             raise HandoffFailed(to_agent, await self._why_not(outcome, timeout)) from None
+
+    def _standing_by(self, agent_name: str) -> bool:
+        announced = self.agent.state.participants.get(agent_name)
+        return announced is not None and announced.status == "idle" and announced.task == STANDBY_TASK
 
     async def _why_not(self, outcome: HandoffOutcome, timeout: float) -> str:
         """Why the target never took the floor, as far as LiveKit knows."""
@@ -358,8 +461,6 @@ class LedgerLink:
     async def _dispatch(self, agent_name: str, seq: int) -> str:
         lk = self._livekit_api()
         metadata = HandoffRequest(room=self.room.name, ledger_seq=seq)
-        import msgspec
-
         dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name=agent_name, room=self.room.name,
             metadata=msgspec.json.encode({"room": metadata.room, "ledger_seq": metadata.ledger_seq}).decode()))

@@ -135,6 +135,50 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     await log.close()
 
 
+async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+                                                          livekit_connect: Any, livekit_server: Any,
+                                                          workers: ExampleWorkers) -> None:
+    log = Log(ledger, room)
+    async with running_bridge(lk_settings, room):
+        await workers.start("triage", HANDOFF_WARM="1")
+        await workers.start("billing")
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+        greeting = await replies.next()
+        # billing is in the room before any handoff, standing by, silent
+        await log.until(lambda rs: any(r.type == "agent.status" and r.event.body.agent_id == workers.billing  # type: ignore[union-attr]
+                                       and r.event.body.task == "standby" for r in rs))
+        await say(user, "Hi, I'm Ana, my account is 7")
+        found = await replies.next()
+        await say(user, "I have a question about my bill")
+        transferring = await replies.next()
+        hello = await replies.next()
+        assert hello.agent == workers.billing, hello
+        assert hello.text == "Hi Ana, billing here. I have your account and the 2 things you told triage."
+        await say(user, "Why was I charged twice?")
+        answer = await replies.next()
+        assert answer.identity == hello.identity and "charged twice" in answer.text
+        await log.until(lambda rs: left(log, greeting.identity), timeout=30)
+        async with livekit_server.api() as lk:
+            dispatches = [d for d in await lk.agent_dispatch.list_dispatch(room) if d.agent_name == workers.billing]
+    # one dispatch of billing: the standby's, made when the call started; none at the handoff
+    assert [json.loads(d.metadata).get("standby") for d in dispatches] == [True]
+    assert [(r.agent, r.text) for r in replies.all] == [
+        (workers.triage, greeting.text), (workers.triage, found.text), (workers.triage, transferring.text),
+        (workers.billing, hello.text), (workers.billing, answer.text)]
+    first = next(t for t in workers.trace("billing"))["items"]
+    calls = {i["name"] for i in first if i["type"] == "function_call"}
+    assert calls == {"look_up_account", "transfer_to"}
+    (instructions,) = [i["content"][0] for i in first if i["type"] == "message" and i["role"] == "system"]
+    facts = json.loads(instructions.split("What we know about the caller: ", 1)[1])
+    assert len(facts) == 120 and facts["field_112"] == "value 112 of account 7"
+    state = fold(log.records)
+    assert [(t.holder, t.end_reason) for t in state.floor.history][:2] == [(workers.triage, "handoff"),
+                                                                           (workers.billing, None)]
+    await log.close()
+
+
 async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
                                                          livekit_connect: Any, workers: ExampleWorkers) -> None:
     log = Log(ledger, room)

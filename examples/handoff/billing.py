@@ -49,17 +49,23 @@ def _resumed(item: llm.ChatItem) -> bool:
     return "ledger_seq" in extra
 
 
+def instructions(userdata: CallBase, reason: str | None) -> str:
+    # The typed userdata the handoff brought (the api_client is this process's own, not handed over).
+    facts = json.dumps({k: v for k, v in userdata_document(userdata).items() if k != "api_client"}, sort_keys=True)
+    return (f"You are the billing agent. The caller was handed to you by triage ({reason or 'no reason given'}). "
+            f"What we know about the caller: {facts}")
+
+
 class Billing(Agent):
     def __init__(self, userdata: CallBase, reason: str | None) -> None:
-        # The typed userdata the handoff brought (the api_client is this process's own, not handed over).
-        facts = json.dumps({k: v for k, v in userdata_document(userdata).items() if k != "api_client"},
-                           sort_keys=True)
-        super().__init__(instructions=f"You are the billing agent. The caller was handed to you by triage "
-                                      f"({reason or 'no reason given'}). What we know about the caller: {facts}")
+        super().__init__(instructions=instructions(userdata, reason))
 
 
 async def entrypoint(ctx: JobContext) -> None:
     link = await LedgerLink.open(ctx)
+    if link.is_standby:
+        await warm_standby(ctx, link)
+        return
     resumed = await link.resume(CallData)
     if os.environ.get("HANDOFF_CRASH_AFTER_HYDRATE") == "1":
         os._exit(70)  # the failure test: a target that dies once it has the context
@@ -72,6 +78,19 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()  # before the session starts: its first words need the room
     await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
     await link.attach(session, task="billing")
+    session.generate_reply()
+
+
+async def warm_standby(ctx: JobContext, link: LedgerLink) -> None:
+    """Dispatched ahead (``link.warm_up("billing")`` in triage): session up and silent, log followed."""
+    userdata: CallBase = CallData()
+    agent = Billing(userdata, None)
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
+    await ctx.connect()
+    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
+    resumed = await link.standby(session, CallData, task="billing")
+    await agent.update_instructions(instructions(resumed.userdata, resumed.reason))
+    await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
     session.generate_reply()
 
 

@@ -10,6 +10,7 @@ to NAME" transfers to NAME.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ from common import (
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
 from ledger.handoff import LedgerLink, transfer_tool
+
+#: Dispatch billing as a warm standby when the call starts (HANDOFF_WARM=1).
+WARM = os.environ.get("HANDOFF_WARM") == "1"
 
 
 def script(chat_ctx: llm.ChatContext) -> Step:
@@ -83,6 +87,8 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()  # before the session starts: its first words need the room
     await session.start(Triage(), room=ctx.room, room_options=TEXT_ONLY)
     await link.attach(session, task="triage")
+    if WARM:
+        await link.warm_up(BILLING)  # billing's worker joins now and follows the log: no dispatch at the handoff
 
 
 if __name__ == "__main__":
