@@ -66,6 +66,8 @@ HEARTBEAT_S: Final = 15.0
 #: Items of the conversation and session changes sent with a view (the latest ones).
 VIEW_ITEMS: Final = 300
 SEARCH_LIMIT: Final = 500
+#: The room list is read from the log at most this often, however many rooms pages are open.
+ROOMS_EVERY_S: Final = 1.0
 
 _STATIC: Final = importlib.resources.files("cli") / "static"
 _CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -251,6 +253,22 @@ class Hubs:
         self.ledger = ledger
         self.hubs: dict[str, RoomHub] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._rows: tuple[float, list[Any]] | None = None
+        self._rows_task: asyncio.Future[list[Any]] | None = None
+
+    async def room_rows(self) -> list[Any]:
+        """:func:`cli.ops.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
+        (every open rooms page asks every two seconds; each read looks into every room)."""
+        from cli.ops import room_rows
+
+        now = time.monotonic()
+        if self._rows is None or now - self._rows[0] > ROOMS_EVERY_S:
+            if self._rows_task is None or self._rows_task.done():
+                self._rows_task = asyncio.ensure_future(room_rows(self.ledger))
+            task = self._rows_task
+            rows = await asyncio.shield(task)
+            self._rows = (time.monotonic(), rows)
+        return self._rows[1]
 
     def get(self, room: str) -> RoomHub:
         hub = self.hubs.get(room)
@@ -323,9 +341,7 @@ async def _static(request: web.Request) -> web.StreamResponse:
 
 
 async def _rooms(request: web.Request) -> web.StreamResponse:
-    from cli.ops import room_rows
-
-    rows = await room_rows(request.app[LEDGER])
+    rows = await request.app[HUBS].room_rows()
     hubs = request.app[HUBS].hubs
     data = []
     for row in rows:
