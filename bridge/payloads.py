@@ -82,6 +82,7 @@ class SpoolWriter:
             return False
         try:
             await self.upload.finish(self._sha.hexdigest())
+            self.spool.stored.add(self.name)
         except Exception as exc:  # NATS away: the file is put again by the writer
             log.info("a payload's upload while arriving failed (%s); the writer puts its file again",
                      type(exc).__name__)
@@ -111,6 +112,8 @@ class PayloadSpool:
         self.directory = Path(directory) if directory is not None else default_dir()
         #: Starts an upload per spooled stream (the bridge's writer sets it; None: files only).
         self.uploader = uploader
+        #: Names this process saw stored whole by their upload (the writer need not ask).
+        self.stored: set[str] = set()
 
     def path(self, name: str) -> Path:
         return self.directory / f"{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}.bin"
@@ -133,5 +136,6 @@ class PayloadSpool:
         return self.path(name).is_file()
 
     def discard(self, name: str) -> None:
+        self.stored.discard(name)
         with contextlib.suppress(OSError):
             self.path(name).unlink()

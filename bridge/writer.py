@@ -409,8 +409,8 @@ class BridgeWriter:
         """Put the payload files of these events into the bucket, before the events are appended."""
         for event in events:
             ref = event.payload
-            if ref is None:
-                continue
+            if ref is None or ref.name in self.spool.stored:
+                continue  # none, or put into the bucket while it arrived
             path = self.spool.path(ref.name)
             if path.is_file():
                 await self.ledger.put_payload(ref, path)

@@ -350,8 +350,21 @@ class ObjectUpload:
         self._drained = asyncio.Event()
         self._drained.set()
         self._closing = False
-        self._task = asyncio.get_running_loop().create_task(self._pump(), name=f"object-upload-{name}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._pump(), name=f"object-upload-{name}")
         self._task.add_done_callback(self._pumped)
+        # Whether the name is already stored is asked while the bytes arrive, not after.
+        self._lookup: asyncio.Task[js_api.ObjectInfo | None] | None = (
+            loop.create_task(self._existing_info()) if existing is False else None)
+        if self._lookup is not None:
+            self._lookup.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _existing_info(self) -> js_api.ObjectInfo | None:
+        store = await self.ledger.payload_store()
+        try:
+            return await store.get_info(self.name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
 
     def _pumped(self, task: asyncio.Task[None]) -> None:
         # A pump that failed (NATS away past the ack timeout) unblocks writers at once.
@@ -413,6 +426,8 @@ class ObjectUpload:
 
     def _stop(self, why: str) -> None:
         self.failed = self.failed or why
+        if self._lookup is not None and not self._lookup.done():
+            self._lookup.cancel()
         self._buffer.clear()
         self._drained.set()
         if not self._task.done():
@@ -455,12 +470,8 @@ class ObjectUpload:
         ledger = self.ledger
         existing = self._existing
         try:
-            if check_existing:
-                store = await ledger.payload_store()
-                try:
-                    existing = await store.get_info(self.name)
-                except nats.js.errors.ObjectNotFoundError:
-                    existing = None
+            if check_existing and self._lookup is not None:
+                existing = await self._lookup
             if isinstance(existing, js_api.ObjectInfo) and existing.size == self.size \
                     and _object_sha256(existing) == sha256 and not existing.deleted:
                 self._purge_later()
