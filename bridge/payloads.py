@@ -49,7 +49,12 @@ class SpoolWriter:
     def __init__(self, spool: PayloadSpool, name: str, *, upload: bool = False) -> None:
         self.spool = spool
         self.name = name
-        self.upload: Upload | None = spool.uploader(name) if upload and spool.uploader is not None else None
+        self.upload: Upload | None = None
+        if upload and spool.uploader is not None:
+            try:
+                self.upload = spool.uploader(name)
+            except Exception as exc:  # not connected: the writer puts the file once it can
+                log.info("no upload while the payload arrives (%s); the writer puts its file", type(exc).__name__)
         self.size = 0
         self._sha = hashlib.sha256()
         self._final = spool.path(name)

@@ -275,3 +275,19 @@ async def _chunks_of(data: bytes, size: int = 15_000) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):
         await asyncio.sleep(0)
         yield data[start:start + size]
+
+
+def test_payload_of_a_missing_sequence_or_room_is_one_line(settings: Settings, room: str, tmp_path: Path) -> None:
+    records = asyncio.run(bridged(settings, tmp_path, room, lambda ingest: ingest.data_packet(
+        b"hello", topic="t", sender_identity="u")))
+    assert ok(settings, ["payload", room, str(records[0].seq)]).stdout_bytes == b"hello"
+    shown = json_of(ok(settings, ["payload", room, str(records[0].seq), "--json"]))
+    assert shown["object"] is None and shown["size"] == 5
+    for args in ([room, str(records[0].seq + 10_000)], [room + "-nope", "1"]):
+        result = invoke(settings, ["payload", *args])
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    joined = asyncio.run(bridged(settings, tmp_path, room, lambda ingest: ingest.participant_joined("u")))
+    result = invoke(settings, ["payload", room, str(joined[-1].seq)])
+    assert result.exit_code == 1 and "carries no payload" in result.stderr
+    text = ok(settings, ["doctor"]).stdout
+    assert "payload bucket" in text
