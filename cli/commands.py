@@ -332,14 +332,18 @@ async def payload(settings: Settings, room: str, seq: int, *, out: Path | None, 
             write_json(info)
             return
         if ref is not None:
+            # Streamed chunk by chunk (nats-py checks the digest): a 200 MB payload needs no 200 MB.
             if out is not None:
                 handle = await asyncio.to_thread(out.open, "wb")
                 try:
                     await ledger.read_payload(ref, into=handle)
                 finally:
                     handle.close()
-                return
-            data = await ledger.read_payload(ref)
+            else:
+                sys.stdout.flush()
+                await ledger.read_payload(ref, into=sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            return
         else:
             found = inline_payload(event)
             if found is None:
