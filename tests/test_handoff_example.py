@@ -120,7 +120,9 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     assert len(state.session) == 120
     # userdata went out per turn, with no hand call: the defaults when triage attached, then one
     # merge patch at the end of the turn whose tool filled the account in (before the next message)
-    patches = [r for r in records if r.type == "session.patch" and r.event.sender.identity == greeting.identity]
+    # (by position, not sender: a participant's packets that reach the bridge before the server has
+    # announced it are recorded with no sender identity; see the report on issue 14)
+    patches = [r for r in records if r.type == "session.patch" and r.seq < handoff.seq]
     bill = next(r.seq for r in records if r.type == "chat.message" and "bill" in r.event.body.text)  # type: ignore[union-attr]
     first_patch, turn_patch = (p.event.body.patch for p in patches[:2])  # type: ignore[union-attr]
     assert len(first_patch) == 118 and first_patch["caller"] == ""  # steps, facility: None, not yet a value
