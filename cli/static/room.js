@@ -187,8 +187,15 @@ function eventItem(e) {
   li.appendChild(el("span", ` ${e.sender || "-"}: `, "sender"));
   li.appendChild(el("span", e.text, "text"));
   if (travelledTo !== null && e.seq > travelledTo) li.classList.add("future");
-  li.addEventListener("click", () => travel(e.seq));
   return li;
+}
+
+// One listener per list (not per row: a busy room adds a thousand rows a second).
+function travelOnClick(list) {
+  list.addEventListener("click", (event) => {
+    const li = event.target.closest("li[data-seq]");
+    if (li && list.contains(li)) travel(Number(li.dataset.seq));
+  });
 }
 
 function flush() {
@@ -197,10 +204,19 @@ function flush() {
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   const batch = pending.slice(-TIMELINE_MAX);
   pending = [];
-  list.append(...batch.map(eventItem));
-  while (list.childElementCount > TIMELINE_MAX) list.firstElementChild.remove();
+  const fragment = document.createDocumentFragment();
+  for (const e of batch) fragment.appendChild(eventItem(e));
+  list.appendChild(fragment);
+  let extra = list.childElementCount - TIMELINE_MAX;
+  while (extra-- > 0) list.firstElementChild.remove();
   if (atBottom) list.scrollTop = list.scrollHeight;
   $("timeline-count").textContent = `(${received.toLocaleString("en")} received, latest #${lastSeq})`;
+  const slider = $("slider");
+  slider.max = String(lastSeq);
+  if (live) {
+    slider.value = String(lastSeq);
+    $("slider-label").textContent = `#${lastSeq} (now)`;
+  }
 }
 
 function follow() {
@@ -213,14 +229,6 @@ function follow() {
     if (e.seq > lastSeq) lastSeq = e.seq;
     pending.push(e);
     if (!flushScheduled) { flushScheduled = true; setTimeout(flush, 15); }
-    if (live) {
-      const slider = $("slider");
-      slider.max = String(lastSeq);
-      slider.value = String(lastSeq);
-      $("slider-label").textContent = `#${lastSeq} (now)`;
-    } else {
-      $("slider").max = String(lastSeq);
-    }
     scheduleRefresh();
   });
 }
@@ -289,6 +297,8 @@ function start() {
     travel(seq);
   });
   $("back-to-live").addEventListener("click", backToLive);
+  travelOnClick($("timeline"));
+  travelOnClick($("search-hits"));
   $("search-form").addEventListener("submit", search);
   $("search-clear").addEventListener("click", () => {
     $("search-results").hidden = true; $("search-clear").hidden = true; $("search").value = "";
