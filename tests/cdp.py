@@ -23,7 +23,10 @@ import aiohttp
 import pytest
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-extensions", "--no-first-run", "--mute-audio", "--disable-dev-shm-usage"]
+         "--disable-extensions", "--no-first-run", "--mute-audio", "--disable-dev-shm-usage",
+         # Every page is watched as if it were in front (a background tab would be throttled).
+         "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+         "--disable-backgrounding-occluded-windows"]
 
 
 def chromium_path() -> str:
