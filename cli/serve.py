@@ -9,6 +9,7 @@ API (JSON; what the pages read)
     ``/api/rooms``                     :func:`cli.ops.room_rows`
     ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`view_json`
     ``/api/events?room=R[&after=SEQ]`` server-sent events: one ``record`` per event, following the log
+    ``/api/live?room=R[&after=SEQ]``   the same as a WebSocket of JSON arrays (what the room page reads)
     ``/api/search?room=R&q=TEXT``      the room's events whose content contains TEXT
     ``/metrics``                       Prometheus metrics of this process (ledger/metrics.py)
 
@@ -147,9 +148,8 @@ def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
     }
 
 
-def _sse(record: Record) -> bytes:
-    data = msgspec.json.encode(record_json(record))
-    return b"id: %d\nevent: record\ndata: %s\n\n" % (record.seq, data)
+def _record_bytes(record: Record) -> bytes:
+    return msgspec.json.encode(record_json(record))
 
 
 # --- one follower per room ---------------------------------------------------------------------
@@ -196,7 +196,7 @@ class RoomHub:
                 self.caught_up.set()
             async for record in self.ledger.follow(self.room):
                 self.collector.feed(record)
-                line = (record.seq, _sse(record))
+                line = (record.seq, _record_bytes(record))
                 self.recent.append(line)
                 for sub in list(self.subscribers):
                     if sub.queue.qsize() >= MAX_BACKLOG:
@@ -403,10 +403,69 @@ async def _search(request: web.Request) -> web.StreamResponse:
     return _json({"room": room, "q": query, "hits": hits, "scanned": scanned, "more": more})
 
 
+#: A batch of the room's events as ``(seq, record JSON)``; empty: nothing for a while (heartbeat).
+Batch = list[tuple[int, bytes]]
+
+
+async def _batches(hub: RoomHub, sub: _Subscriber, after: int | None) -> AsyncIterator[Batch]:
+    """What a client has not seen yet: the room's buffer (or the log before it), then live batches.
+
+    Ends when the subscriber was dropped as too slow or the room's reader failed: the client
+    reconnects from the last sequence it has.
+    """
+    backlog = list(hub.recent)
+    if after is None:
+        backlog = backlog[-FIRST_SCREEN:]
+        sent = backlog[0][0] - 1 if backlog else 0
+    else:
+        sent = after
+        first = backlog[0][0] if backlog else hub.seq + 1
+        if after + 1 < first:
+            older: Batch = []
+            async for record in hub.ledger.read(hub.room, after=after, until=first - 1):
+                older.append((record.seq, _record_bytes(record)))
+                if len(older) >= 1000:
+                    yield older
+                    older = []
+                sent = record.seq
+            if older:
+                yield older
+    chunk = [(seq, data) for seq, data in backlog if seq > sent]
+    if chunk:
+        yield chunk
+        sent = chunk[-1][0]
+    while True:
+        try:
+            seq, data = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
+        except TimeoutError:
+            yield []
+            continue
+        if seq < 0:
+            return
+        batch = [(seq, data)] if seq > sent else []
+        sent = max(sent, seq)
+        # Whatever else is waiting goes in the same write (a busy room is not one write per event).
+        while not sub.queue.empty():
+            seq, data = sub.queue.get_nowait()
+            if seq < 0:
+                break
+            if seq > sent:
+                batch.append((seq, data))
+                sent = seq
+        if batch:
+            yield batch
+        if seq < 0:
+            return
+
+
+def _after(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
+
+
 async def _events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events (for scripts: ``curl -N``; EventSource resumes with Last-Event-ID)."""
     room = _room_of(request)
-    after_text = request.headers.get("Last-Event-ID") or request.query.get("after") or ""
-    after = int(after_text) if after_text.isdigit() else None
+    after = _after(request.headers.get("Last-Event-ID") or request.query.get("after"))
     hub = request.app[HUBS].get(room)
     await hub.ready()
     sub = hub.subscribe()
@@ -415,49 +474,48 @@ async def _events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(b"retry: 1000\n\n")
-        # What the browser has not seen yet, from the room's buffer (or the log before it), then live.
-        backlog = list(hub.recent)
-        if after is None:
-            backlog = backlog[-FIRST_SCREEN:]
-            sent = backlog[0][0] - 1 if backlog else 0
-        else:
-            sent = after
-            first = backlog[0][0] if backlog else hub.seq + 1
-            if after + 1 < first:
-                async for record in hub.ledger.read(room, after=after, until=first - 1):
-                    await response.write(_sse(record))
-                    sent = record.seq
-        chunk = [line for seq, line in backlog if seq > sent]
-        if chunk:
-            await response.write(b"".join(chunk))
-            sent = backlog[-1][0]
-        while True:
-            try:
-                seq, line = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
-            except TimeoutError:
+        async for batch in _batches(hub, sub, after):
+            if not batch:
                 await response.write(b": keep-alive\n\n")
                 continue
-            if seq < 0:
-                break  # dropped as too slow, or the room's reader failed: the browser reconnects
-            lines = [line] if seq > sent else []
-            sent = max(sent, seq)
-            # Whatever else is waiting goes in the same write (a busy room is not one write per event).
-            while not sub.queue.empty():
-                seq, line = sub.queue.get_nowait()
-                if seq < 0:
-                    break
-                if seq > sent:
-                    lines.append(line)
-                    sent = seq
-            if lines:
-                await response.write(b"".join(lines))
-            if seq < 0:
-                break
+            await response.write(b"".join(b"id: %d\nevent: record\ndata: %s\n\n" % item for item in batch))
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         hub.unsubscribe(sub)
     return response
+
+
+async def _live(request: web.Request) -> web.StreamResponse:
+    """The room page's live timeline: a WebSocket of JSON arrays of records (each batch one message).
+
+    A WebSocket rather than server-sent events: browsers open at most six HTTP/1.1 connections
+    per server, and an event stream holds one for good, so a seventh tab of the view would hang.
+    """
+    room = _room_of(request)
+    after = _after(request.query.get("after"))
+    hub = request.app[HUBS].get(room)
+    await hub.ready()
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, compress=False)
+    await ws.prepare(request)
+    sub = hub.subscribe()
+
+    async def send() -> None:
+        async for batch in _batches(hub, sub, after):
+            if batch:
+                await ws.send_str((b"[" + b",".join(data for _, data in batch) + b"]").decode())
+        await ws.close()
+
+    sender = asyncio.create_task(send())
+    try:
+        async for _ in ws:  # the page sends nothing; this ends when it goes away
+            pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError, Exception):
+            await sender
+        hub.unsubscribe(sub)
+    return ws
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
@@ -542,6 +600,7 @@ def make_app(ledger: Ledger, *, token: str | None = None) -> web.Application:
     app.router.add_get("/api/rooms", _rooms)
     app.router.add_get("/api/room", _room)
     app.router.add_get("/api/events", _events)
+    app.router.add_get("/api/live", _live)
     app.router.add_get("/api/search", _search)
     app.router.add_get("/metrics", _metrics)
     return app

@@ -88,7 +88,7 @@ async def test_room_page_shows_the_room_and_follows_the_log(ledger: Ledger, room
     assert "reconnect" in await page.text("#gap-rows") and "1 bridge gap" in await page.text("#gap-warning")
     assert await page.text("#floor-holder") == "free"  # billing released at the end
 
-    # A new event appears in the open page, pushed over server-sent events.
+    # A new event appears in the open page, pushed over its WebSocket.
     started = time.monotonic()
     new = await ledger.append(ev.make_event(room, ev.AgentStatus(agent_id="billing", status="processing",
                                                                  action_lock=True, task="refund #2"),
@@ -223,6 +223,13 @@ async def test_event_stream_resumes_after_a_position(ledger: Ledger, room: str, 
             new = await ledger.append(ev.make_event(room, ev.FloorRequest(agent_id="triage"), sender=TRIAGE))
             await asyncio.wait_for(read_until(len(seqs) - 5), 10)
             assert got[-1] == new.seq
+        # The page's WebSocket: JSON arrays of records, after a position, then live ones.
+        async with http.ws_connect(f"{served}api/live?{_q(room)}&after={seqs[8]}") as ws:
+            first = json.loads((await ws.receive(timeout=10)).data)
+            assert [r["seq"] for r in first] == [*seqs[9:], new.seq]
+            assert first[0]["type"] == "transcript" and "double charge" in first[0]["text"]
+            later = await ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="triage"), sender=TRIAGE))
+            assert [r["seq"] for r in json.loads((await ws.receive(timeout=10)).data)] == [later.seq]
         async with http.get(f"{served}api/room?{_q(room)}&at={seqs[3]}") as response:
             view = await response.json()
             assert view["seq"] == seqs[3] and view["floor"]["holder"] == "triage" and view["live"] is False
@@ -253,3 +260,20 @@ def test_ledger_serve_command(settings: Settings, room: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_eight_tabs_follow_one_room(ledger: Ledger, room: str, served: str, browser: Browser) -> None:
+    """More tabs than a browser's six HTTP/1.1 connections per server: each one still follows live."""
+    await ledger.append_many(scripted_events(room))
+    pages = [await browser.page() for _ in range(8)]
+    try:
+        for page in pages:
+            assert await page.goto(f"{served}room?{_q(room)}") == 200
+            await page.wait_for("document.querySelectorAll('#timeline li').length === 12")
+        new = await ledger.append(ev.make_event(room, ev.Transcript(speaker="user-1", text="all of you?"),
+                                                sender=USER))
+        for page in pages:
+            await page.wait_for(f"!!document.querySelector('#timeline li[data-seq=\"{new.seq}\"]')")
+    finally:
+        for page in pages:
+            await page.close()

@@ -1,4 +1,4 @@
-// One room: the live timeline (server-sent events following the log), the folded view (floor lanes,
+// One room: the live timeline (a WebSocket following the log), the folded view (floor lanes,
 // handoffs, participants, conversation, session and its patches), time travel and search.
 // Everything from the room is put into the page with textContent; only the floor lanes arrive as
 // SVG markup, built and escaped by the server (the same drawing as `ledger replay --html`).
@@ -219,17 +219,33 @@ function flush() {
   }
 }
 
+// The live timeline arrives over a WebSocket (an EventSource would hold one of the six connections
+// a browser opens per server, so a seventh tab would hang); on a drop it reconnects after the last
+// event it has, so nothing is missed or shown twice.
+let lastReceived = null;
+
+function receive(e) {
+  if (lastReceived !== null && e.seq <= lastReceived) return;
+  lastReceived = e.seq;
+  received += 1;
+  if (e.seq > lastSeq) lastSeq = e.seq;
+  pending.push(e);
+}
+
 function follow() {
-  const source = new EventSource(`/api/events?${new URLSearchParams({ room }).toString()}`);
-  source.addEventListener("open", () => { $("conn").textContent = "following the log"; });
-  source.addEventListener("error", () => { $("conn").textContent = "reconnecting…"; });
-  source.addEventListener("record", (message) => {
-    const e = JSON.parse(message.data);
-    received += 1;
-    if (e.seq > lastSeq) lastSeq = e.seq;
-    pending.push(e);
+  const query = { room };
+  if (lastReceived !== null) query.after = String(lastReceived);
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const socket = new WebSocket(`${scheme}//${location.host}/api/live?${new URLSearchParams(query).toString()}`);
+  socket.addEventListener("open", () => { $("conn").textContent = "following the log"; });
+  socket.addEventListener("message", (message) => {
+    for (const e of JSON.parse(message.data)) receive(e);
     if (!flushScheduled) { flushScheduled = true; setTimeout(flush, 15); }
     scheduleRefresh();
+  });
+  socket.addEventListener("close", () => {
+    $("conn").textContent = "reconnecting…";
+    setTimeout(follow, 1000);
   });
 }
 
