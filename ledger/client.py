@@ -435,6 +435,11 @@ class ObjectUpload:
         self._purge_later()
 
     def _purge_later(self) -> None:
+        # Chunks without a meta message are no object, but they take room: purged now, and again
+        # after the next put that succeeds (chunks nats-py held while NATS was away are sent when
+        # it is back, after a purge tried during the outage).
+        self.ledger._unpurged_chunks.add(self._subject)
+
         async def purge() -> None:
             for future in self._in_flight:
                 future.cancel()
@@ -517,6 +522,8 @@ class Ledger:
         self._append_lock = asyncio.Lock()
         self._closing = False
         self._payload_store: ObjectStore | None = None
+        #: Chunk subjects of failed uploads, purged again after the next put that succeeds.
+        self._unpurged_chunks: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -1325,11 +1332,21 @@ class Ledger:
             info = await self._put_object(ref.name, handle, existing, sha256=ref.sha256)
         finally:
             handle.close()
+        await self._purge_unpurged()
         if info.size != ref.size or _object_sha256(info) != ref.sha256:
             raise AppendError(
                 f"payload {ref.name} stored as {info.size} bytes with another digest than the event's "
                 f"({ref.size} bytes, sha256 {ref.sha256[:12]}…): the source changed; retry"
             )
+
+    async def _purge_unpurged(self) -> None:
+        """Purge the chunks failed uploads left behind while NATS was away."""
+        for subject in list(self._unpurged_chunks):
+            try:
+                await self.js.purge_stream(f"OBJ_{self.settings.payload_bucket}", subject=subject)
+            except (nats.errors.Error, nats.js.errors.Error):
+                return
+            self._unpurged_chunks.discard(subject)
 
     async def _put_object(self, name: str, source: IO[bytes], existing: js_api.ObjectInfo | None, *,
                           sha256: str | None = None) -> js_api.ObjectInfo:

@@ -280,6 +280,9 @@ async def test_nats_restarted_while_a_large_stream_is_stored(lk_settings: Settin
             assert ref is not None and ref.size == len(blob) and ref.name == name
             assert await watcher.read_payload(ref) == blob
             assert not list(writer.spool.directory.glob("*.bin")), "the spooled file outlived its event"
+            info = await store.get_info(name)
+            # nothing of the failed attempt left: the object's chunks and its meta message only
+            assert await chunks_stored() == (info.chunks or 0) + 1
             await log.close()
     finally:
         embedded.stop_nats(home)
