@@ -366,12 +366,16 @@ async def controller(args: argparse.Namespace) -> int:
                 """Join publishers (and baseline subscribers) in ``count`` new rooms, dispatch the bridge."""
                 names = [f"bench-{tag}-{len(rooms) + i:04d}" for i in range(count)]
                 took = await publishers.join(names, baseline=not args.no_baseline)
-                # One dispatch at a time: jobs starting together in one bridge process can starve
-                # one another's event loops past the FFI's connect handshake timeout ("timed out
-                # waiting for ReadyForRoomEventRequest"), a panic that ends the whole process.
+                # One dispatch at a time by default: jobs starting together in one bridge process
+                # have starved one another's event loops past the FFI's connect handshake timeout
+                # ("timed out waiting for ReadyForRoomEventRequest"), a panic that ends the whole
+                # process. --burst dispatches them all at once.
+                if args.burst:
+                    await asyncio.gather(*(create_dispatch(settings, name) for name in names))
                 for name in names:
-                    await create_dispatch(settings, name)
-                    async with asyncio.timeout(30):
+                    if not args.burst:
+                        await create_dispatch(settings, name)
+                    async with asyncio.timeout(60 if args.burst else 30):
                         while name not in capture.joined:
                             if bridge is not None and bridge.poll() is not None:
                                 raise RuntimeError(f"the bridge exited ({bridge.returncode}); see "
@@ -525,6 +529,7 @@ def main() -> int:
     parser.add_argument("--capacity-rate", type=float, default=5.0, help="events/s per room in the steps")
     parser.add_argument("--procs", type=int, default=2, help="publisher subprocesses")
     parser.add_argument("--no-baseline", action="store_true", help="no rtc subscribers (halves the connections)")
+    parser.add_argument("--burst", action="store_true", help="dispatch each step's new rooms all at once")
     parser.add_argument("--sync-always", action="store_true", help="embedded NATS fsyncs every write")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     parser.add_argument("--quick", action="store_true", help="10 rooms x 10/s for 5 s, steps 5,10")
@@ -547,7 +552,10 @@ def main() -> int:
             print(f"bench/capture: needs a private network namespace for livekit-server ({exc}); "
                   f"or set LIVEKIT_URL/LIVEKIT_API_KEY/LIVEKIT_API_SECRET", file=sys.stderr)
             return 1
-        return subprocess.run(argv, env={**os.environ, netns.INSIDE_ENV: "1"}, check=False).returncode
+        inner = subprocess.Popen(argv, env={**os.environ, netns.INSIDE_ENV: "1"})
+        # unshare and sh exec the inner run: it is this pid, and cleans up on SIGTERM
+        signal.signal(signal.SIGTERM, lambda *_: inner.terminate())
+        return inner.wait()
     return asyncio.run(_cancel_on_sigterm(controller(args)))
 
 

@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,8 +128,10 @@ async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, s
             bridge = RoomBridge(rtc_room, ingest, livekit_url=url)
             bridge.attach()
             try:
-                await rtc_room.connect(url, bridge_token(settings, room, identity),
-                                       rtc.RoomOptions(auto_subscribe=False))
+                async with _connect_slot():
+                    await rtc_room.connect(url, bridge_token(settings, room, identity),
+                                           rtc.RoomOptions(auto_subscribe=False))
+                    only_own_room_events(rtc_room)
             except (rtc.ConnectError, OSError) as exc:
                 log.warning("bridge: cannot connect to LiveKit (%s); retrying", type(exc).__name__)
                 await bridge.close(left=False)
@@ -139,7 +141,6 @@ async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, s
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.2
-            only_own_room_events(rtc_room)
             if gap_started is None:
                 bridge.connected()
                 _record_predecessor_gaps(settings, room, writer.bridge_id, ingest)
@@ -165,6 +166,30 @@ async def bridge_one_room(settings: Settings, room: str, writer: BridgeWriter, s
             log.warning("bridge: disconnected from LiveKit (%s); rejoining", reason or "unknown")
     finally:
         writer.counters.rooms -= 1
+
+
+#: One room connecting at a time in this process (rooms run in threads, each with its own loop).
+_CONNECTING = threading.Semaphore(1)
+
+
+@contextlib.asynccontextmanager
+async def _connect_slot() -> AsyncIterator[None]:
+    """Hold the process's connect slot while a room connects.
+
+    After its ConnectCallback, livekit's FFI waits only a few seconds for the room's loop to say
+    it is ready, then panics, and the panic ends the whole process. A burst of dispatches (50
+    rooms at once on a busy 2-core machine) started so many rooms together that some loops
+    missed that window (bench/capture.py --burst); one at a time, they do not.
+    """
+    # Polled, not awaited in a thread: an acquire left running in a thread after its waiter
+    # was cancelled would hold the slot for ever. Rooms live in different loops, so no
+    # asyncio primitive is shared.
+    while not _CONNECTING.acquire(blocking=False):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        _CONNECTING.release()
 
 
 def only_own_room_events(room: rtc.Room) -> None:
@@ -288,8 +313,9 @@ async def _job_entry(ctx: Any) -> None:
     ctx.add_shutdown_callback(on_shutdown)
     with process.lock:
         process.counters.rooms += 1
-    await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
-    only_own_room_events(ctx.room)
+    async with _connect_slot():
+        await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
+        only_own_room_events(ctx.room)
     bridge.connected()
     log.info("bridge: job started")
     # Return now: the job lasts until livekit-agents shuts it down (dispatch deleted, room
