@@ -175,6 +175,10 @@ class LedgerAgent:
         self._changed = asyncio.Condition()
         self._follow_task: asyncio.Task[None] | None = None
         self._seen_ids: dict[str, int] = {}
+        #: Whether the last publish went as a text stream (too big for a packet). Packets of one
+        #: sender reach the log in the order sent; a stream is recorded when it ends, so a packet
+        #: sent after it can be recorded first.
+        self.last_streamed = False
         #: Called with each followed record once :attr:`state` includes it (see :meth:`on_record`).
         self._listeners: list[Callable[[Record], None]] = []
 
@@ -197,7 +201,8 @@ class LedgerAgent:
         if len(data) > limit:
             raise ev.PayloadTooLarge(type_name, len(data), limit)
         participant = self.room.local_participant
-        if len(data) <= MAX_PACKET_BYTES:
+        self.last_streamed = len(data) > MAX_PACKET_BYTES
+        if not self.last_streamed:
             await participant.publish_data(data, reliable=True, topic=LEDGER_TOPIC)
         else:
             await participant.send_text(data.decode("utf-8"), topic=LEDGER_TOPIC)
