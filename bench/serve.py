@@ -4,7 +4,8 @@
 
 Starts ``ledger serve`` as its own process (on the embedded nats-server of a scratch home unless
 LEDGER_NATS_URL is set), opens ``--clients`` server-sent-event streams of one room (what the room
-page's EventSource reads) and ``--browsers`` real room pages in headless Chromium, then appends
+page's EventSource used to read; scripts read it with curl) and ``--browsers`` real room pages in
+headless Chromium (each following over its WebSocket, one browser: several tabs), then appends
 ``--rate`` events/s for ``--seconds`` seconds. For every event it takes the time from its
 append call to its arrival at each client (for a browser: to its row appearing in
 the page's timeline, seen by a MutationObserver). The baseline, in the same run, is a

@@ -65,7 +65,7 @@ IDLE_S: Final = 120.0
 #: Comment line sent on a quiet event stream, so dead connections are noticed.
 HEARTBEAT_S: Final = 15.0
 #: Items of the conversation and session changes sent with a view (the latest ones).
-VIEW_ITEMS: Final = 300
+VIEW_ITEMS: Final = 150
 SEARCH_LIMIT: Final = 500
 #: The room list is read from the log at most this often, however many rooms pages are open.
 ROOMS_EVERY_S: Final = 1.0

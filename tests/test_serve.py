@@ -107,7 +107,8 @@ async def test_the_slider_shows_the_room_at_that_moment(ledger: Ledger, room: st
     positions = await ledger.append_many(scripted_events(room))
     seqs = [p.seq for p in positions]
     await page.goto(f"{served}room?{_q(room)}")
-    await page.wait_for(f"document.body.dataset.viewSeq === '{seqs[-1]}'")
+    await page.wait_for(f"document.body.dataset.viewSeq === '{seqs[-1]}' && "
+                        "document.querySelectorAll('#timeline li').length === 12")
     # Before the handoff (the 9th event) triage held the floor with billing queued; then billing took it.
     for index, holder, queue in ((5, "triage", "billing"), (8, "billing", "empty")):
         seq = seqs[index]

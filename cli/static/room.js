@@ -4,7 +4,9 @@
 // SVG markup, built and escaped by the server (the same drawing as `ledger replay --html`).
 "use strict";
 
-const TIMELINE_MAX = 1000;
+const TIMELINE_MAX = 500;
+// New rows are added in batches this often: a busy room (1,000 events/s) is ten layouts a second, not sixty.
+const FLUSH_MS = 100;
 const REFRESH_MS = 1000;
 
 const room = new URLSearchParams(location.search).get("room") || "";
@@ -75,6 +77,16 @@ function wrap(node) {
   return td;
 }
 
+// The JSON each section was last drawn from: a refresh redraws only what changed.
+const drawn = {};
+
+function changed(section, data) {
+  const text = JSON.stringify(data);
+  if (drawn[section] === text) return false;
+  drawn[section] = text;
+  return true;
+}
+
 function render(view) {
   $("room-name").textContent = view.room;
   document.title = `${view.room} · ledger serve`;
@@ -95,14 +107,14 @@ function render(view) {
   gapWarning.textContent = view.gaps.length ? ` · ${view.gaps.length} bridge gap(s): events may be missing` : "";
 
   // The server's SVG: every name in it escaped by cli/html.py.
-  $("floor-lanes").innerHTML = view.floor_svg;
-  rows("tenures", view.tenures, (t) => tr(`#${t.start_seq} ${hms(t.start)}`, el("strong", t.holder), t.task || "",
+  if (changed("svg", view.floor_svg)) $("floor-lanes").innerHTML = view.floor_svg;
+  if (changed("tenures", view.tenures)) rows("tenures", view.tenures, (t) => tr(`#${t.start_seq} ${hms(t.start)}`, el("strong", t.holder), t.task || "",
     t.end_seq ? `#${t.end_seq} ${hms(t.end)}` : "holding", t.end_reason || ""), "Nobody held the floor.", 5);
-  rows("handoff-rows", view.handoffs, (h) => {
+  if (changed("handoffs", view.handoffs)) rows("handoff-rows", view.handoffs, (h) => {
     const dead = el("td", duration(h.dead_air_s), h.dead_air_s >= 2 ? "dead-bad" : "");
     return tr(`#${h.seq} ${hms(h.time)}`, h.from, h.to, h.reason || "", dead);
   }, "No handoffs.", 5);
-  rows("participant-rows", view.participants, (p) => {
+  if (changed("participants", view.participants)) rows("participant-rows", view.participants, (p) => {
     const lock = p.lock === "holds" ? el("td", "🔒 holds the floor") : p.lock === "queued" ?
       el("td", "queued") : el("td", p.note, "muted");
     const row = tr(p.identity, p.kind, el("span", p.present ? "present" : "left", p.present ? "pill yes" : "pill"),
@@ -113,6 +125,13 @@ function render(view) {
 
   $("conversation-count").textContent = `(${view.conversation_total} items` +
     (view.conversation.length < view.conversation_total ? `, the latest ${view.conversation.length} shown)` : ")");
+  if (changed("conversation", view.conversation)) drawConversation(view);
+  if (changed("session", [view.session, view.session_changes])) drawSession(view);
+  if (changed("gaps", view.gaps)) drawGaps(view);
+  drawSlider(view);
+}
+
+function drawConversation(view) {
   const items = view.conversation.map((i) => {
     const li = el("li");
     li.dataset.seq = i.seq;
@@ -124,7 +143,9 @@ function render(view) {
   const convo = $("conversation-items");
   convo.replaceChildren(...items);
   convo.scrollTop = convo.scrollHeight;
+}
 
+function drawSession(view) {
   $("session-version").textContent = `(version #${view.session_version}, ${Object.keys(view.session).length} fields)`;
   $("session-doc").textContent = JSON.stringify(view.session, null, 2);
   $("session-changes-count").textContent = `(${view.session_changes_total})`;
@@ -138,10 +159,15 @@ function render(view) {
     li.title = JSON.stringify(c.patch);
     return li;
   }));
+}
+
+function drawGaps(view) {
   $("gap-rows").replaceChildren(...view.gaps.map((g) => el("li",
     `#${g.seq} bridge ${g.bridge_id}: ${hms(g.started_at)} → ${hms(g.ended_at)} ${g.reason || ""}`, "bridge-gap")));
   if (!view.gaps.length) $("gap-rows").appendChild(el("li", "No gaps.", "muted"));
+}
 
+function drawSlider(view) {
   const slider = $("slider");
   slider.min = String(view.first_seq || 1);
   if (live) {
@@ -240,7 +266,7 @@ function follow() {
   socket.addEventListener("open", () => { $("conn").textContent = "following the log"; });
   socket.addEventListener("message", (message) => {
     for (const e of JSON.parse(message.data)) receive(e);
-    if (!flushScheduled) { flushScheduled = true; setTimeout(flush, 15); }
+    if (!flushScheduled) { flushScheduled = true; setTimeout(flush, FLUSH_MS); }
     scheduleRefresh();
   });
   socket.addEventListener("close", () => {
