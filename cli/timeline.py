@@ -168,6 +168,12 @@ def _summary(event: ev.Event) -> str:
     body = getattr(event, "body", None)
     if isinstance(body, ev.ServerEvent):
         return _server_summary(body)
+    if isinstance(body, ev.RoleClaim):
+        return f"{body.agent_id} claims a role: {'/'.join(body.roles)}"
+    if isinstance(body, ev.RoleRelease):
+        return f"{body.agent_id} releases " + (f"role {body.role}" if body.role else "its role")
+    if isinstance(body, ev.DispatchCreated):
+        return f"dispatch {body.dispatch_id} of agent {body.agent_name!r}" + (f" by {body.by}" if body.by else "")
     return ""
 
 

@@ -50,6 +50,13 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     if floor.queue:
         head.append("   queue: ", style="bold")
         head.append(", ".join(_s(c.agent_id) + (f" ({_s(c.task)})" if c.task else "") for c in floor.queue))
+    roles = getattr(getattr(state, "state", state), "roles", None)  # a Snapshot or a RoomState
+    if roles is not None and (roles.holders or roles.waiting):
+        head.append("\nroles: ", style="bold")
+        head.append(", ".join(f"{_s(role)} = {_s(h.agent_id)}" for role, h in sorted(roles.holders.items())))
+        if roles.waiting:
+            head.append("   waiting: ", style="bold")
+            head.append(", ".join(f"{_s(w.agent_id)} ({'/'.join(_s(r) for r in w.roles)})" for w in roles.waiting))
     head.append(f"\nlast sequence #{state.seq}, {state.index.events} events", style="bright_black")
     if state.index.gaps:
         head.append(f", {len(state.index.gaps)} bridge gap(s)", style="bold red")
