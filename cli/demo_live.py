@@ -19,11 +19,11 @@ from typing import Any
 
 from livekit import api, rtc
 
-from bridge.ingest import protocol_event_id
 from bridge.room import RoomBridge
 from bridge.worker import bridge_one_room
 from bridge.writer import BridgeWriter
 from cli.common import CliError
+from ledger.agents import protocol_event_id
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
 
