@@ -7,8 +7,9 @@ LEDGER_NATS_URL is set), opens ``--clients`` server-sent-event streams of one ro
 page's EventSource used to read; scripts read it with curl) and ``--browsers`` real room pages in
 headless Chromium (each following over its WebSocket, one browser: several tabs), then appends
 ``--rate`` events/s for ``--seconds`` seconds. For every event it takes the time from its
-append call to its arrival at each client (for a browser: to its row appearing in
-the page's timeline, seen by a MutationObserver). The baseline, in the same run, is a
+append call to its arrival at each client (for a browser: its arrival in the page's script, and
+its row appearing in the page's timeline, seen by a MutationObserver; a page that falls behind
+draws only the latest 500 rows of a batch). The baseline, in the same run, is a
 ``Ledger.follow`` of the room in this process: the log's own delivery, with no web server between.
 The stream clients run in a process of their own, so that reading 20 streams does not slow the
 producer.
@@ -113,6 +114,7 @@ async def follower(ledger: Ledger, room: str, after: int, arrivals: Arrivals, re
 
 
 _OBSERVER = """
+window.__ledgerArrivals = [];
 window.__arrivals = [];
 new MutationObserver((changes) => {
   const now = Date.now() / 1000;
@@ -181,13 +183,19 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(direct.got_wanted.wait(), 30)
         page_arrivals: list[Arrivals] = []
+        page_rows: list[Arrivals] = []
         for page in pages:
             with contextlib.suppress(Exception):
-                await page.wait_for(f"window.__arrivals.some(a => a[0] === {last})", 30)
+                await page.wait_for(f"window.__ledgerArrivals.some(a => a[0] === {last})", 30)
             got = Arrivals()
-            for seq, when in await page.evaluate("window.__arrivals"):
+            for seq, when in await page.evaluate("window.__ledgerArrivals"):
                 got.note(int(seq), float(when))
             page_arrivals.append(got)
+            # Rows drawn: a page that falls behind draws only the latest 500 of a batch.
+            rows = Arrivals()
+            for seq, when in await page.evaluate("window.__arrivals"):
+                rows.note(int(seq), float(when))
+            page_rows.append(rows)
             await page.close()
         follow_task.cancel()
         await asyncio.gather(follow_task, return_exceptions=True)
@@ -201,6 +209,7 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
     stream_lat = latencies(streams)
     direct_lat = latencies([direct])
     page_lat = latencies(page_arrivals)
+    row_lat = latencies(page_rows)
     return {
         "rate": total / produce_s,
         "streams_delivered": delivered(streams),
@@ -213,6 +222,8 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
         "pages_delivered": delivered(page_arrivals),
         "pages_p50_s": percentile(page_lat, 50) if page_lat else None,
         "pages_p99_s": percentile(page_lat, 99) if page_lat else None,
+        "rows_p50_s": percentile(row_lat, 50) if row_lat else None,
+        "rows_p99_s": percentile(row_lat, 99) if row_lat else None,
     }
 
 
@@ -270,6 +281,7 @@ async def main(args: argparse.Namespace) -> None:
         "streams_p50_ms": _ms(med("streams_p50_s")), "streams_p99_ms": _ms(med("streams_p99_s")),
         "pages_delivered": min(r["pages_delivered"] for r in results),
         "pages_p50_ms": _ms(med("pages_p50_s")), "pages_p99_ms": _ms(med("pages_p99_s")),
+        "rows_p50_ms": _ms(med("rows_p50_s")), "rows_p99_ms": _ms(med("rows_p99_s")),
     }
     baselines = {"direct_follow_p50_ms": _ms(med("direct_p50_s")), "direct_follow_p99_ms": _ms(med("direct_p99_s")),
                  "direct_delivered": min(r["direct_delivered"] for r in results)}
@@ -288,7 +300,8 @@ async def main(args: argparse.Namespace) -> None:
         ("streams delivered (worst client)", f"{figures['streams_delivered']:.4f} (in order: {figures['streams_in_order']})"),
         ("streams: append -> client p50 / p99", f"{figures['streams_p50_ms']} / {figures['streams_p99_ms']} ms"),
         ("pages delivered (worst page)", f"{figures['pages_delivered']:.4f}"),
-        ("pages: append -> row in the DOM p50 / p99", f"{figures['pages_p50_ms']} / {figures['pages_p99_ms']} ms"),
+        ("pages: append -> in the page p50 / p99", f"{figures['pages_p50_ms']} / {figures['pages_p99_ms']} ms"),
+        ("pages: append -> row drawn p50 / p99", f"{figures['rows_p50_ms']} / {figures['rows_p99_ms']} ms"),
         ("baseline: Ledger.follow p50 / p99", f"{baselines['direct_follow_p50_ms']} / {baselines['direct_follow_p99_ms']} ms"),
         ("target", f"every event to every client, p99 <= {targets['p99_ms_max']:.0f} ms"),
         ("met", str(met)),

@@ -253,6 +253,8 @@ let lastReceived = null;
 function receive(e) {
   if (lastReceived !== null && e.seq <= lastReceived) return;
   lastReceived = e.seq;
+  // bench/serve.py sets this array to time each event's arrival in the page.
+  if (window.__ledgerArrivals) window.__ledgerArrivals.push([e.seq, Date.now() / 1000]);
   received += 1;
   if (e.seq > lastSeq) lastSeq = e.seq;
   pending.push(e);
