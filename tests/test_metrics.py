@@ -233,7 +233,7 @@ def test_doctor_reads_the_metrics_endpoints(pg_settings: Settings, tmp_path: Pat
         bridges = {b["bridge_id"]: b for b in report["bridges"]}
         assert bridges["bridge-live"]["source"] == "metrics" and "events_written" in bridges["bridge-live"]["metrics"]
         assert bridges["bridge-old"]["source"] == "stats file (no metrics endpoint reachable)"
-        human = invoke(pg_settings, ["doctor"], LEDGER_HOME=str(home)).stdout
+        human = " ".join(invoke(pg_settings, ["doctor"], LEDGER_HOME=str(home)).stdout.split())  # titles wrap
         assert "metrics of projector 0/1" in human and "from its metrics" in human
     finally:
         proc.send_signal(signal.SIGINT)
