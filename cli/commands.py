@@ -214,7 +214,17 @@ async def state(settings: Settings, room: str, *, as_json: bool) -> None:
     async with Ledger(settings, name="ledger-state") as ledger:
         snapshot = await _state_now(ledger, room)
     if as_json:
-        write_json(state_to_builtins(snapshot))
+        from cli.roomview import participant_views
+
+        data = state_to_builtins(snapshot)
+        # A participant's lock is whether the floor is its now (as every view shows it); what its
+        # last status packet claimed stays as lock_sent (issue 16.5).
+        for view in participant_views(snapshot):
+            entry = data["participants"].get(view.identity)
+            if entry is not None:
+                entry.update(lock_sent=entry.get("lock"), lock=view.lock == "holds", queued=view.lock == "queued",
+                             note=view.note)
+        write_json(data)
         return
     from cli.views import render_state
 

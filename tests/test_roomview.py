@@ -6,6 +6,7 @@ through ``cli.roomview.participant_views``; the room here is folded from the rea
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room
     lines = {c[0]: " ".join(c) for c in cells if c and c[0] in by_id}
     assert lines["billing"].endswith("refund lock") and "greet lock" not in lines["triage"], out
     assert "handed the caller off" in lines["triage"]
+    # `ledger state --json`: lock is the truth now; what the last packet claimed is lock_sent.
+    people = json.loads(ok(settings, ["state", room, "--json"]).stdout)["participants"]
+    assert people["triage"]["lock"] is False and people["triage"]["lock_sent"] is True
+    assert people["triage"]["note"].startswith("floor passed on: handed the caller off")
+    assert people["billing"]["lock"] is True and people["scribe"]["queued"] is True
 
 
 def test_an_agent_that_left_holds_nothing(settings: Settings, room: str) -> None:
