@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +29,7 @@ from ledger.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
 from tests.followed_log import FollowedLog
 from tests.livekit import netns
 from tests.livekit.server import API_KEY, API_SECRET, LocalLiveKit, free_port, have_binary
-from tests.test_cli_helpers import json_of, ok
+from tests.test_cli_helpers import env_for, invoke, json_of, ok
 
 
 @dataclass
@@ -215,3 +218,40 @@ async def test_rooms_flags_what_the_bridge_never_saw(ledger: Ledger, receiver: R
     assert "the whole room" in line
     replay = (await asyncio.to_thread(ok, settings, ["replay", never])).stdout
     assert "server: room started" in replay and "server: participant joined caller (standard)" in replay
+
+
+async def test_ledger_webhooks_command(ledger: Ledger, settings: Settings) -> None:
+    """``ledger webhooks`` as a process: says where it listens, stores a signed webhook, refuses a forged one."""
+    room = f"wh-{uuid.uuid4().hex[:10]}"
+    port = free_port()
+    env = {**os.environ, **env_for(settings), "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "webhooks", "--port", str(port), "--json", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert first["listening"] == f"http://127.0.0.1:{port}/"
+        body = webhook_body(room, "EV_cli_1", "participant_joined")
+        assert (await post(first["listening"], body, sign(body, API_KEY, "forged-secret-0123456789abcdef-0123"))
+                ).status == 401
+        stored = await post(first["listening"], body, sign(body, API_KEY, API_SECRET))
+        assert stored.status == 200
+        line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert line == {"type": "server.participant_joined", "room": room, "seq": stored.body["seq"],
+                        "duplicate": False}
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert (summary["stored"], summary["rejected"]) == (1, 1), err.decode()
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert [r.type async for r in ledger.read(room)] == ["server.participant_joined"]
+
+
+def test_webhooks_needs_the_keys(settings: Settings) -> None:
+    result = invoke(settings, ["webhooks"], LIVEKIT_API_KEY="", LIVEKIT_API_SECRET="")
+    assert result.exit_code == 1 and "LIVEKIT_API_KEY" in result.output
