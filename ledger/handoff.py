@@ -220,16 +220,20 @@ class LedgerLink:
         if resumed is not None:
             self.agent.adopt_session(resumed.snapshot.session)
         await self._publish_userdata(session)
-        await self._take_floor(task, floor_timeout)
+        # A handoff's target does not wait to hear its claim back: the handoff freed the floor
+        # and the claim is in the log before anything it says (the source waits for it).
+        await self._take_floor(task, floor_timeout, wait=resumed is None)
 
     async def _publish_userdata(self, session: AgentSession[Any]) -> None:
         session.on("agent_state_changed", self._on_agent_state)
         self._sync_task = asyncio.create_task(self._sync_loop(), name=f"ledger-userdata-{self.agent_id}")
         await self.sync_userdata()
 
-    async def _take_floor(self, task: str | None, timeout: float) -> None:
+    async def _take_floor(self, task: str | None, timeout: float, *, wait: bool = True) -> None:
         await self.agent.request_floor(task=task)
         log.debug("%s: floor requested", self.agent_id)
+        if not wait:
+            return
         try:
             await self.agent.wait_for_floor(timeout=timeout)
         except TimeoutError:
@@ -288,6 +292,7 @@ class LedgerLink:
             await self.agent.status("idle", task=STANDBY_TASK)
             log.info("%s: standing by in %s", self.agent_id, self.room.name)
             handoff = await handed
+            log.debug("%s: handed the caller at %d", self.agent_id, self._handed_seq)
         finally:
             undo()
         state = self.agent.state
@@ -303,8 +308,9 @@ class LedgerLink:
         self._release_input(replay=False)  # what the caller typed meanwhile was the source's to answer
         # No longer a standby (before the claim: a status without the lock withdraws claims).
         await self.agent.status("processing", task=task or "taken over")
+        await self._take_floor(task, floor_timeout, wait=False)
         await self._publish_userdata(session)
-        await self._take_floor(task, floor_timeout)
+        log.debug("%s: took over", self.agent_id)
         return resumed
 
     async def aclose(self) -> None:
@@ -408,9 +414,10 @@ class LedgerLink:
         log.debug("%s: handing off to %r: the tool's output is in the log", self.agent_id, to_agent)
         patch_id = await self.sync_userdata()
         try:
-            if patch_id is not None:
-                # In the log before the handoff, whatever its size (a large patch goes as a text
-                # stream, which the bridge records when it ends: it could land after the packet).
+            if patch_id is not None and agent.last_streamed:
+                # In the log before the handoff: a patch too big for a packet went as a text
+                # stream, which the bridge records when it ends (a packet sent after could land
+                # first). A packet is recorded before the handoff's packet anyway.
                 await agent.wait_for_event(patch_id, timeout)
             event_id = await agent.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
                                                                  reason=outcome.reason))

@@ -56,9 +56,11 @@ async def say(user: Any, text: str) -> None:
 async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
                                                   livekit_connect: Any, workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
+    await workers.start("triage")
+    await workers.start("billing")
+    # the bridge joins just before the caller: a room with only a hidden participant in it is closed
+    # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
-        await workers.start("triage")
-        await workers.start("billing")
         user = await livekit_connect("caller", room)
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)
@@ -71,6 +73,8 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
         await say(user, "Hi, I'm Ana, my account is 7")
         found = await replies.next()
         assert found.text == "Thanks Ana, I found your account." and found.identity == greeting.identity
+        # the end of that turn publishes what its tool changed in the userdata: no hand call
+        await log.until(lambda rs: len(log.of("session.patch")) >= 2)
         await say(user, "I have a question about my bill")
         transferring = await replies.next()
         assert transferring.text == "One moment, I'm transferring you now." and transferring.identity == greeting.identity
@@ -141,9 +145,11 @@ async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings,
                                                           livekit_connect: Any, livekit_server: Any,
                                                           workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
+    await workers.start("triage", HANDOFF_WARM="1")
+    await workers.start("billing")
+    # the bridge joins just before the caller: a room with only a hidden participant in it is closed
+    # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
-        await workers.start("triage", HANDOFF_WARM="1")
-        await workers.start("billing")
         user = await livekit_connect("caller", room)
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)
@@ -184,8 +190,10 @@ async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings,
 async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
                                                          livekit_connect: Any, workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
+    await workers.start("triage", HANDOFF_TIMEOUT_S="3")
+    # the bridge joins just before the caller: a room with only a hidden participant in it is closed
+    # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
-        await workers.start("triage", HANDOFF_TIMEOUT_S="3")
         user = await livekit_connect("caller", room)
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)
@@ -210,9 +218,11 @@ async def test_target_crashing_after_hydrating_is_a_recorded_failure(
         lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,  # noqa: F811
         workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
+    await workers.start("triage", HANDOFF_TIMEOUT_S="6")
+    await workers.start("billing", HANDOFF_CRASH_AFTER_HYDRATE="1")
+    # the bridge joins just before the caller: a room with only a hidden participant in it is closed
+    # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
-        await workers.start("triage", HANDOFF_TIMEOUT_S="6")
-        await workers.start("billing", HANDOFF_CRASH_AFTER_HYDRATE="1")
         user = await livekit_connect("caller", room)
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)

@@ -10,6 +10,7 @@ The agent then speaks first, with all of it in its LLM's first request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -62,8 +63,11 @@ class Billing(Agent):
 
 
 async def entrypoint(ctx: JobContext) -> None:
+    # Joining the room (WebRTC) and reading the log (NATS) are independent: both at once.
+    connecting = asyncio.ensure_future(ctx.connect())
     link = await LedgerLink.open(ctx)
     if link.is_standby:
+        await connecting
         await warm_standby(ctx, link)
         return
     resumed = await link.resume(CallData)
@@ -75,7 +79,7 @@ async def entrypoint(ctx: JobContext) -> None:
         # Function calls of tools this agent does not declare are kept (they are history).
         await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
     session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
-    await ctx.connect()  # before the session starts: its first words need the room
+    await connecting  # before the session starts: its first words need the room
     await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
     await link.attach(session, task="billing")
     session.generate_reply()
@@ -86,7 +90,6 @@ async def warm_standby(ctx: JobContext, link: LedgerLink) -> None:
     userdata: CallBase = CallData()
     agent = Billing(userdata, None)
     session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
-    await ctx.connect()
     await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
     resumed = await link.standby(session, CallData, task="billing")
     await agent.update_instructions(instructions(resumed.userdata, resumed.reason))
