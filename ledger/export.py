@@ -2,7 +2,8 @@
 
 ::
 
-    async for conversation in export_conversations(ledger, select_rooms(ledger, prefix="support-")):
+    rooms = await select_rooms(ledger, RoomSelection(prefix="support-"))
+    async for conversation in export_conversations(ledger, rooms):
         out.write(msgspec.json.encode(conversation.to_builtins(shape="openai")) + b"\\n")
 
 A conversation is one room's whole conversation, folded by the same reducers as hydration: its
@@ -36,12 +37,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import nats.js.errors
 
 from ledger import events as ev
+from ledger.client import DIRECT_BATCH
 from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
     from livekit.agents.llm import ChatContext
 
-    from ledger.client import Ledger
+    from ledger.client import Ledger, Record
     from ledger.hydrate import Snapshot
     from projections.reducers import ConversationItem
 
@@ -50,6 +52,8 @@ Shape = Literal["openai", "livekit"]
 #: Rooms hydrated at once while exporting: enough to hide the round trips, few enough that memory
 #: does not grow with the number of rooms.
 EXPORT_CONCURRENCY: Final = 8
+#: Rooms up to this many events are read whole by direct gets (no consumer) for their handoffs.
+SMALL_ROOM_EVENTS: Final = 4 * DIRECT_BATCH
 #: Participant kinds that are people (a room where one of them spoke is not agent-to-agent).
 _HUMAN_KINDS: Final = frozenset({"standard", "sip"})
 
@@ -147,15 +151,16 @@ async def _activity(ledger: Ledger, room: str) -> tuple[datetime | None, datetim
     return first, last
 
 
-async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[str]:
-    """The rooms to export, by name. Only names are held (a few bytes per room)."""
+async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[tuple[str, int]]:
+    """The rooms to export with their event counts. Only names and counts are held (bytes per room)."""
     if selection.room is not None:
-        names = [selection.room] if await ledger.room_last_seq(selection.room) else []
+        summaries = [s for s in await _summaries(ledger, selection.room) if s[1]]
     else:
-        names = [s.room for s in await ledger.room_summaries() if selection.matches_name(s.room)]
+        summaries = [(s.room, s.events) for s in await ledger.room_summaries() if selection.matches_name(s.room)]
     if selection.since is None and selection.until is None:
-        return names
-    kept: list[str] = []
+        return summaries
+    names = [room for room, _ in summaries]
+    kept: list[tuple[str, int]] = []
     limit = asyncio.Semaphore(EXPORT_CONCURRENCY * 2)
 
     async def check(room: str) -> bool:
@@ -167,10 +172,15 @@ async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[str]:
             return False
         return not (selection.until is not None and first > selection.until)
 
-    for room, keep in zip(names, await asyncio.gather(*(check(r) for r in names)), strict=True):
+    for summary, keep in zip(summaries, await asyncio.gather(*(check(r) for r in names)), strict=True):
         if keep:
-            kept.append(room)
+            kept.append(summary)
     return kept
+
+
+async def _summaries(ledger: Ledger, room: str) -> list[tuple[str, int]]:
+    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
+    return [(room, sum(int(n) for n in (info.state.subjects or {}).values()))]
 
 
 # --- one room ---------------------------------------------------------------------------------
@@ -255,19 +265,48 @@ def _is_agent_to_agent(snapshot: Snapshot, kinds: dict[str, str]) -> list[str]:
     return speakers if len(speakers) >= 2 else []
 
 
-async def _tool_owners(ledger: Ledger, room: str) -> dict[str, str]:
+async def _records(ledger: Ledger, room: str, type_name: str, snapshot: Snapshot,
+                   read: list[Record] | None) -> list[Record]:
+    """The room's events of one type, up to the snapshot (from ``read`` when the room was read whole)."""
+    if read is not None:
+        return [r for r in read if r.type == type_name]
+    return [r async for r in ledger.read(room, types=[type_name], until=snapshot.seq)]
+
+
+async def _snapshot(ledger: Ledger, room: str, events: int | None) -> tuple[Snapshot, list[Record] | None]:
+    """The room folded to its head, and its records when it was small enough to read whole.
+
+    A small room is read by direct gets and folded here with the reducers hydration uses: a
+    log-only ``hydrate`` makes a consumer per room, and thousands of rooms a minute reach the
+    server's consumer limit before the idle ones expire (err_code 10026, seen at ~10,000 rooms).
+    """
+    from ledger.hydrate import Snapshot
+    from projections import reducers as rd
+
+    if events is None or events > SMALL_ROOM_EVENTS:
+        return await ledger.hydrate(room, full_conversation=True), None
+    records = await ledger.read_recent(room, after=0)
+    state = rd.fold(records, rd.RoomState(room=room))
+    return Snapshot(room=room, seq=state.seq, state=state, conversation=state.conversation,
+                    full_conversation=True), records
+
+
+async def _tool_owners(ledger: Ledger, room: str, snapshot: Snapshot, read: list[Record] | None) -> dict[str, str]:
     """item id -> the identity whose session published it (tool items carry no speaker)."""
     owners: dict[str, str] = {}
-    async for record in ledger.read(room, types=["conversation.item"]):
+    for record in await _records(ledger, room, "conversation.item", snapshot, read):
         event = record.event
         if isinstance(event, ev.ConversationItemEvent) and event.body.item_type != "message":
             owners[event.body.item_id] = event.sender.identity
     return owners
 
 
-async def export_room(ledger: Ledger, room: str) -> list[Conversation]:
-    """The room's conversation(s): one, or one per agent in an agent-to-agent room; none when empty."""
-    snapshot = await ledger.hydrate(room, full_conversation=True)
+async def export_room(ledger: Ledger, room: str, events: int | None = None) -> list[Conversation]:
+    """The room's conversation(s): one, or one per agent in an agent-to-agent room; none when empty.
+
+    ``events``: the room's event count, when known (a small room is read whole, without a consumer).
+    """
+    snapshot, read = await _snapshot(ledger, room, events)
     state = snapshot.state
     kinds = {identity: p.kind for identity, p in state.participants.items()}
     for item in snapshot.conversation:
@@ -275,7 +314,7 @@ async def export_room(ledger: Ledger, room: str) -> list[Conversation]:
             kinds[item.speaker] = "unknown"
     handoffs: list[dict[str, Any]] = []
     if state.index.counts.get("handoff"):
-        async for record in ledger.read(room, types=["handoff"], until=snapshot.seq):
+        for record in await _records(ledger, room, "handoff", snapshot, read):
             if isinstance(record.event, ev.HandoffEvent):
                 handoffs.append(_handoff_turn(record.seq, record.time, record.event, kinds))
     kept = [item for item in snapshot.conversation if _in_chat_ctx(item)]
@@ -294,7 +333,7 @@ async def export_room(ledger: Ledger, room: str) -> list[Conversation]:
     agents = _is_agent_to_agent(snapshot, kinds)
     if not agents:
         return [conversation(snapshot.chat_ctx(), [_turn(item, kinds) for item in kept])]
-    owners = await _tool_owners(ledger, room) if any(i.type != "message" for i in kept) else {}
+    owners = await _tool_owners(ledger, room, snapshot, read) if any(i.type != "message" for i in kept) else {}
     sides: list[Conversation] = []
     for agent in agents:
         ctx = _side(snapshot, agent, owners)
@@ -357,20 +396,22 @@ def _merge(turns: list[dict[str, Any]], handoffs: Sequence[dict[str, Any]]) -> l
 
 
 async def export_conversations(
-    ledger: Ledger, rooms: Iterable[str], *, stats: ExportStats | None = None,
+    ledger: Ledger, rooms: Iterable[str | tuple[str, int]], *, stats: ExportStats | None = None,
     concurrency: int = EXPORT_CONCURRENCY,
 ) -> AsyncIterator[Conversation]:
-    """The conversations of ``rooms``, in the given room order, a few rooms hydrated ahead."""
+    """The conversations of ``rooms`` (names, or ``(name, events)`` as :func:`select_rooms` gives them),
+    in the given order, a few rooms folded ahead."""
     stats = stats if stats is not None else ExportStats()
     pending: list[tuple[str, asyncio.Task[list[Conversation]]]] = []
     names = iter(rooms)
     try:
         while True:
             while len(pending) < max(1, concurrency):
-                room = next(names, None)
-                if room is None:
+                chosen = next(names, None)
+                if chosen is None:
                     break
-                pending.append((room, asyncio.ensure_future(export_room(ledger, room))))
+                room, events = (chosen, None) if isinstance(chosen, str) else chosen
+                pending.append((room, asyncio.ensure_future(export_room(ledger, room, events))))
             if not pending:
                 return
             room, task = pending.pop(0)
