@@ -49,7 +49,7 @@ LEDGER_TOPIC: Final = "ledger"
 #: Event types agents may publish on the ledger topic.
 AGENT_EVENT_TYPES: Final = frozenset(
     {"agent.status", "floor.request", "floor.release", "handoff", "session.patch", "context.summary",
-     "conversation.item", "role.claim", "role.release"}
+     "conversation.item", "role.claim", "role.release", "dispatch.created"}
 )
 #: Largest payload sent as one reliable data packet; larger ones go as a text stream.
 MAX_PACKET_BYTES: Final = 15 * 1024
@@ -239,6 +239,18 @@ class LedgerAgent:
     async def publish_summary(self, text: str, covers_seq: int) -> str:
         return await self.publish("context.summary", ev.ContextSummary(text=text, covers_seq=covers_seq))
 
+    async def record_dispatch(self, dispatch: Any, *, by: str) -> str | None:
+        """Publish ``dispatch.created`` for a dispatch this agent just created (``ledger dispatches``
+        then shows who joined for it, and how long after). Never raises: the dispatch exists
+        either way; returns the event id, or None (logged) when it could not be sent."""
+        try:
+            return await self.publish("dispatch.created", ev.DispatchCreated(
+                dispatch_id=str(dispatch.id), agent_name=str(dispatch.agent_name),
+                metadata=str(dispatch.metadata), by=by))
+        except Exception as exc:
+            log.warning("dispatch %s created but not recorded in the log: %s", getattr(dispatch, "id", "?"), exc)
+            return None
+
     async def claim_role(self, roles: Iterable[str], *, timeout: float = 10.0) -> str:
         """Claim one of ``roles``; returns the one the log gives this agent (see :mod:`ledger.roles`).
 
@@ -375,8 +387,9 @@ class LedgerAgent:
             settings = self._need_ledger().settings
             livekit_api = api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret)
         try:
-            await livekit_api.agent_dispatch.create_dispatch(
+            dispatch = await livekit_api.agent_dispatch.create_dispatch(
                 api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
+            await self.record_dispatch(dispatch, by="hand_off")
         finally:
             if owned:
                 await livekit_api.aclose()

@@ -260,6 +260,7 @@ class LedgerLink:
         metadata = msgspec.json.encode({STANDBY_KEY: True, "room": self.room.name}).decode()
         dispatch = await self._livekit_api().agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name=agent_name, room=self.room.name, metadata=metadata))
+        await self.agent.record_dispatch(dispatch, by="warm_up")
         return str(dispatch.id)
 
     async def standby(self, session: AgentSession[Any], userdata_type: type[T], *, task: str | None = None,
@@ -471,6 +472,7 @@ class LedgerLink:
         dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name=agent_name, room=self.room.name,
             metadata=msgspec.json.encode({"room": metadata.room, "ledger_seq": metadata.ledger_seq}).decode()))
+        await self.agent.record_dispatch(dispatch, by="transfer_to")
         return str(dispatch.id)
 
     def _livekit_api(self) -> api.LiveKitAPI:

@@ -38,7 +38,10 @@ async def agent_worker(livekit_server: Any, agent_name: str) -> AsyncIterator[li
 
     server = AgentServer(ws_url=livekit_server.url, api_key=livekit_server.api_key,
                          api_secret=livekit_server.api_secret, job_executor_type=JobExecutorType.THREAD,
-                         port=0, num_idle_processes=0, load_threshold=math.inf)
+                         port=0, num_idle_processes=0, load_threshold=math.inf,
+                         # by jobs, not the host's CPU: livekit-server offers jobs only to workers
+                         # under its target load (0.7), which a busy test machine's CPU exceeds
+                         load_fnc=lambda server: min(len(server.active_jobs) / 100, 0.5))
     server.rtc_session(entry, agent_name=agent_name)
     mark = livekit_server.log_mark()
     run = asyncio.ensure_future(server.run(devmode=False))
@@ -120,3 +123,36 @@ async def test_dispatches_without_livekit_settings_show_the_log(settings: Settin
     assert [(j["identity"], j["agent_name"]) for j in view["unexplained_joins"]] == [("agent-AJ_1", "triage")]
     missing = await asyncio.to_thread(invoke, settings, ["dispatches", f"nothing-{uuid.uuid4().hex[:6]}"], **env)
     assert missing.exit_code == 1 and "no events for room" in missing.output
+
+
+async def test_an_agent_records_the_dispatch_it_creates(lk_settings: Settings, ledger: Ledger, room: str,
+                                                        livekit_server: Any, livekit_connect: Any) -> None:
+    """What the handoff helpers do after dispatching a target: ``dispatch.created`` through the room."""
+    from livekit import api as lkapi
+
+    from ledger.agents import LedgerAgent
+
+    helper = f"helper-{uuid.uuid4().hex[:8]}"
+    log = Log(ledger, room)
+    triage_room = await livekit_connect("triage", room, kind="agent")
+    async with worker_bridge(lk_settings, livekit_server), agent_worker(livekit_server, helper):
+        await asyncio.to_thread(ok, lk_settings, ["dispatch", room], **cli_env(lk_settings))
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), timeout=30)
+        triage = LedgerAgent(triage_room, ledger)
+        await triage.start()
+        async with livekit_server.api() as lk:
+            dispatch = await lk.agent_dispatch.create_dispatch(
+                lkapi.CreateAgentDispatchRequest(agent_name=helper, room=room))
+        event_id = await triage.record_dispatch(dispatch, by="transfer_to")
+        assert event_id is not None and await triage.wait_for_event(event_id) > 0
+        await log.until(lambda rs: any(r.type == "participant.joined" and body_of(r).kind == "agent"
+                                       and body_of(r).attributes.get("lk.agent_name") == helper for r in rs),
+                        timeout=30)
+        view = json_of(await asyncio.to_thread(ok, lk_settings, ["dispatches", room, "--json"],
+                                               **cli_env(lk_settings)))
+        await triage.stop()
+    await log.close()
+    row = next(r for r in view["dispatches"] if r["dispatch_id"] == dispatch.id)
+    assert (row["created_by"], row["on_server"], row["joined"]["agent_name"]) == ("transfer_to", True, helper)
+    recorded = next(r for r in log.records if r.type == "dispatch.created" and body_of(r).by == "transfer_to")
+    assert recorded.event.sender.identity == "triage"
