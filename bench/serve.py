@@ -126,7 +126,14 @@ true
 """
 
 
-async def run_once(args: argparse.Namespace, settings: Settings, url: str, browser: Any) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_once(args: argparse.Namespace, settings: Settings, url: str, browser: Any,
+                   server_pid: int) -> dict[str, Any]:
     room = f"bench-serve-{uuid.uuid4().hex[:8]}"
     sender = ev.Sender("agent-bench", "agent")
     async with Ledger(settings) as ledger:
@@ -153,6 +160,7 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
         await ready.wait()
         acked: dict[int, float] = {}
         batch = max(1, args.rate // 50)  # 50 appends a second
+        cpu_before = cpu_seconds(server_pid)
         started = time.perf_counter()
         sent = 0
         while sent < total:
@@ -172,6 +180,8 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
         produce_s = time.perf_counter() - started
         last = max(acked)
         out = await asyncio.wait_for(clients.stdout.read(), args.seconds + 90)
+        # The server's CPU for producing-time worth of events, delivered to every stream.
+        server_cpu = cpu_seconds(server_pid) - cpu_before
         await clients.wait()
         streams = []
         for client in json.loads(out.decode().strip().splitlines()[-1]):
@@ -212,6 +222,7 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
     row_lat = latencies(page_rows)
     return {
         "rate": total / produce_s,
+        "server_cpu": server_cpu / produce_s,
         "streams_delivered": delivered(streams),
         "streams_in_order": all(a.in_order for a in streams),
         "streams_p50_s": percentile(stream_lat, 50) if stream_lat else None,
@@ -237,7 +248,7 @@ async def served(settings: Settings) -> Any:
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        yield json.loads(line)["url"]
+        yield json.loads(line)["url"], proc.pid
     finally:
         proc.terminate()
         await proc.wait()
@@ -254,14 +265,14 @@ async def main(args: argparse.Namespace) -> None:
         async with Ledger(settings) as ledger:
             await ledger.ensure_stream()
         results: list[dict[str, Any]] = []
-        async with served(settings) as url, contextlib.AsyncExitStack() as stack:
+        async with served(settings) as (url, server_pid), contextlib.AsyncExitStack() as stack:
             browser = None
             if args.browsers:
                 from tests.cdp import Browser
 
                 browser = await stack.enter_async_context(Browser.launch())
             for run in range(args.runs):
-                result = await run_once(args, settings, url, browser)
+                result = await run_once(args, settings, url, browser, server_pid)
                 results.append(result)
                 print(f"run {run + 1}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})}",
                       flush=True)
@@ -276,6 +287,7 @@ async def main(args: argparse.Namespace) -> None:
 
     figures = {
         "clients": args.clients, "browsers": args.browsers, "rate_events_per_s": med("rate"),
+        "server_cpu_share": med("server_cpu"),
         "streams_delivered": min(r["streams_delivered"] for r in results),
         "streams_in_order": all(r["streams_in_order"] for r in results),
         "streams_p50_ms": _ms(med("streams_p50_s")), "streams_p99_ms": _ms(med("streams_p99_s")),
@@ -297,6 +309,7 @@ async def main(args: argparse.Namespace) -> None:
           f"{args.rate} events/s for {args.seconds}s (median of {args.runs} runs)")
     print_table([
         ("produced", f"{figures['rate_events_per_s']:.0f} events/s"),
+        ("ledger serve's CPU while producing", f"{figures['server_cpu_share'] * 100:.0f}% of one core"),
         ("streams delivered (worst client)", f"{figures['streams_delivered']:.4f} (in order: {figures['streams_in_order']})"),
         ("streams: append -> client p50 / p99", f"{figures['streams_p50_ms']} / {figures['streams_p99_ms']} ms"),
         ("pages delivered (worst page)", f"{figures['pages_delivered']:.4f}"),
