@@ -458,10 +458,13 @@ async def controller(args: argparse.Namespace) -> int:
         if publishers is not None:
             publishers.close()
         if bridge is not None and bridge.poll() is None:
+            stopping = time.monotonic()
             bridge.terminate()
             try:
-                bridge.wait(30)
+                bridge.wait(120)
+                print(f"  the bridge stopped {time.monotonic() - stopping:.1f} s after SIGTERM", flush=True)
             except subprocess.TimeoutExpired:
+                print("  the bridge did not stop within 120 s of SIGTERM: killed", flush=True)
                 bridge.kill()
                 bridge.wait()
         if server is not None:
