@@ -206,3 +206,25 @@ def test_errors_name_the_fix(settings: Settings, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "--out FILE" in result.output
     result = invoke(settings, ["export", "r", "--prefix", "x"])
     assert result.exit_code == 1 and "not both" in result.output
+
+
+def test_the_demo_room_exports_what_hydration_holds(pg_settings: Settings, tmp_path: Path) -> None:
+    """`ledger demo --keep` (three agents, the caller, a handoff to billing in another process), then export."""
+    summary = json_of(ok(pg_settings, ["demo", "--keep", "--json"], LIVEKIT_URL=""))
+    room = summary["room"]
+    try:
+        ctx = run_async(_hydrated_ctx(pg_settings, room))
+        assert len(ctx.items) >= 6
+        ok(pg_settings, ["export", room, "--livekit", "--out", str(tmp_path / "demo.jsonl")])
+        [line] = lines_of(tmp_path / "demo.jsonl")
+        assert ChatContext.from_dict(line).to_dict(exclude_timestamp=False) == ctx.to_dict(exclude_timestamp=False)
+        speakers = {(t.get("speaker"), t.get("kind")) for t in line["turns"] if t["type"] == "message"}
+        assert ("triage", "agent") in speakers and ("billing", "agent") in speakers
+        assert [(t["from_agent"], t["to_agent"]) for t in line["turns"] if t["type"] == "handoff"] == [
+            ("triage", "billing")]
+        ok(pg_settings, ["export", room, "--out", str(tmp_path / "demo-openai.jsonl")])
+        [line] = lines_of(tmp_path / "demo-openai.jsonl")
+        expected, _ = ctx.to_provider_format("openai", inject_dummy_user_message=False)
+        assert line["messages"] == json.loads(json.dumps(expected))
+    finally:
+        ok(pg_settings, ["purge", room, "--yes"])
