@@ -12,6 +12,7 @@ room's log and LiveKit's agent dispatch::
         agent = Billing() if resumed else Triage()
         if resumed:                                        # function calls and their outputs kept
             await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
+        await ctx.connect()
         await session.start(agent, room=ctx.room, room_options=...)
         await link.attach(session)                        # userdata published per turn; the floor
 
@@ -34,6 +35,14 @@ The target's :meth:`LedgerLink.resume` hydrates to the handoff's sequence and re
 conversation as a ``ChatContext`` (function calls, outputs and timestamps kept), the typed
 userdata and the reason; :meth:`LedgerLink.attach` takes the floor, which is what the source
 waits for.
+
+Warm standby: :meth:`LedgerLink.warm_up` dispatches the target when the call starts; its job
+starts its session and calls :meth:`LedgerLink.standby`, which follows the room's log, announces
+the standby (``agent.status`` idle, task ``standby``) and returns at the first handoff naming it
+that passes the floor, from the state it already follows. A source that sees the announcement
+dispatches nothing (after ``STANDBY_GRACE_S`` without the standby taking the floor, it
+dispatches after all). A standby takes only handoffs made after it announced itself: for an
+earlier one the source has dispatched a cold target already.
 """
 
 from __future__ import annotations
@@ -645,5 +654,5 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-__all__ = ["FAILED_PREFIX", "HandoffFailed", "HandoffOutcome", "LedgerLink", "Resumed", "handoff_took_effect",
-           "link_of", "transfer_tool"]
+__all__ = ["FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
+           "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "once_per_message", "transfer_tool"]
