@@ -11,14 +11,18 @@ Spans are recorded where the metrics are (ledger/metrics.py), from the same meas
 span per bridge append batch (``ledger.bridge.append``), per projector batch
 (``ledger.projector.batch``) and per hydration (``ledger.hydrate``). A process that already has a
 tracer provider (a LiveKit Agents worker set up for observability) keeps it; spans go there.
+
+:func:`span` wraps a block and hands its W3C ``traceparent`` on, for work that crosses processes
+(a handoff: the source puts it into the handoff event, the target continues the trace with it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 log = logging.getLogger("ledger.tracing")
@@ -94,6 +98,30 @@ def record(name: str, seconds: float, attributes: Mapping[str, Any]) -> None:
     span = active.start_span(name, start_time=end - int(seconds * 1e9),
                              attributes={k: v for k, v in attributes.items() if v is not None})
     span.end(end_time=end)
+
+
+@contextlib.contextmanager
+def span(name: str, attributes: Mapping[str, Any] | None = None, *,
+         traceparent: str | None = None) -> Iterator[dict[str, str]]:
+    """A span around a block (the current one inside it), child of ``traceparent`` when given.
+
+    Yields the W3C trace context to hand on (``{"traceparent": …}``; empty when traces are off):
+    a handoff puts it into its event so the target's ``span(…, traceparent=…)`` continues the same
+    trace — A's handoff, the dispatch, B's hydration (recorded inside it) and B's first reply.
+    """
+    active = tracer()
+    if active is None:
+        yield {}
+        return
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    parent = propagator.extract({"traceparent": traceparent}) if traceparent else None
+    with active.start_as_current_span(name, context=parent,
+                                      attributes={k: v for k, v in (attributes or {}).items() if v is not None}):
+        carrier: dict[str, str] = {}
+        propagator.inject(carrier)
+        yield carrier
 
 
 def flush(timeout_s: float = 5.0) -> None:

@@ -53,7 +53,9 @@ async def receiver() -> AsyncIterator[Receiver]:
                 for span in scope.spans:
                     attributes = {a.key: (a.value.string_value or a.value.int_value) for a in span.attributes}
                     got.spans.append({"name": span.name, "service": service, "attributes": attributes,
-                                      "seconds": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9})
+                                      "seconds": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9,
+                                      "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                                      "parent": span.parent_span_id.hex()})
         got.arrived.set()
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
                             content_type="application/x-protobuf")
@@ -116,3 +118,46 @@ async def test_traces_are_off_without_an_endpoint(pg_settings: Settings, room: s
     code, output = await _ledger(env, "state", room, "--json")
     assert code == 0, output
     assert receiver.spans == []
+
+
+_SOURCE = """
+import json
+from ledger import tracing
+with tracing.span("ledger.handoff", {"ledger.from": "triage", "ledger.to": "billing"}) as carrier:
+    print(json.dumps(carrier))
+"""
+
+_TARGET = """
+import sys
+from ledger import metrics, tracing
+with tracing.span("ledger.handoff.resume", {"ledger.agent": "billing"}, traceparent=sys.argv[1]):
+    metrics.hydrated("projection+log", 0.004, 3)  # what hydrate() records, inside the resume
+"""
+
+
+async def test_a_trace_crosses_processes_through_traceparent(receiver: Receiver) -> None:
+    """One process's span hands its traceparent to another: one trace, the hydration inside the resume."""
+    import json
+
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "agent"}
+    env.pop("OTEL_SDK_DISABLED", None)
+
+    async def python(code: str, *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, *args, env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    carrier = json.loads(await python(_SOURCE))
+    assert carrier["traceparent"].startswith("00-")
+    await python(_TARGET, carrier["traceparent"])
+    spans = {s["name"]: s for s in receiver.spans}
+    handoff, resume, hydrate = spans["ledger.handoff"], spans["ledger.handoff.resume"], spans["ledger.hydrate"]
+    assert handoff["trace"] == resume["trace"] == hydrate["trace"]
+    assert resume["parent"] == handoff["id"] and hydrate["parent"] == resume["id"]
+    assert handoff["attributes"] == {"ledger.from": "triage", "ledger.to": "billing"}
+
+    # Traces off: the same block runs and hands on nothing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    assert json.loads(await python(_SOURCE)) == {}
