@@ -115,14 +115,19 @@ class ExampleWorkers:
         env.update(extra)
         return env
 
-    async def start(self, which: str, **extra: str) -> None:
-        """Start ``triage`` or ``billing`` and wait until the server has registered it."""
+    async def start(self, which: str, *, key: str | None = None, **extra: str) -> None:
+        """Start ``triage`` or ``billing`` and wait until the server has registered it.
+
+        ``key``: its name in :attr:`procs` and of its log (default ``which``; another key starts
+        a second worker under the same agent name)."""
         name = self.triage if which == "triage" else self.billing
         mark = self.livekit.log_mark()
-        with (self.workdir / f"{which}.log").open("ab") as log:
-            self.procs[which] = await asyncio.create_subprocess_exec(
+        key = key or which
+        with (self.workdir / f"{key}.log").open("ab") as log:
+            self.procs[key] = await asyncio.create_subprocess_exec(
                 sys.executable, str(EXAMPLE / f"{which}.py"), env=self.env(**extra), stdout=log,
                 stderr=subprocess.STDOUT, cwd=REPO)
+        which = key
         registered = asyncio.ensure_future(self.livekit.worker_registered(name, 60, after=mark))
         while not registered.done():
             await asyncio.wait({registered}, timeout=0.5)

@@ -187,6 +187,43 @@ async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings,
     await log.close()
 
 
+async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+                                                        livekit_connect: Any, workers: ExampleWorkers) -> None:
+    """The standby announced itself, then its process died: the source waits STANDBY_GRACE_S for it
+    to take the floor, then dispatches billing (another worker takes the job) and the call goes on."""
+    await workers.start("triage", HANDOFF_WARM="1")
+    await workers.start("billing", key="billing-1")
+    await workers.start("billing", key="billing-2")
+    async with running_bridge(lk_settings, room):
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+        await replies.next()
+        await log_until_standby(ledger, room, workers.billing)
+        standby = next(k for k in ("billing-1", "billing-2") if "standing by" in workers.output(k))
+        workers.procs[standby].kill()
+        await workers.procs[standby].wait()
+        await say(user, "I have a question about my bill")
+        assert (await replies.next()).text == "One moment, I'm transferring you now."
+        hello = await replies.next(timeout=40)
+        assert hello.agent == workers.billing and hello.text.startswith("Hi Ana, billing here")
+    other = "billing-2" if standby == "billing-1" else "billing-1"
+    assert "standing by" not in workers.output(other)  # the dispatched job took over cold
+    records = [r async for r in ledger.read(room)]
+    assert [r.event.body.to_agent for r in records if r.type == "handoff"] == [workers.billing]  # type: ignore[union-attr]
+    assert fold(records).floor.holder == workers.billing
+
+
+async def log_until_standby(ledger: Ledger, room: str, agent: str, timeout: float = 30.0) -> None:
+    async def wait() -> None:
+        async for record in ledger.follow(room, types=["agent.status"]):
+            body = record.event.body
+            if isinstance(body, ev.AgentStatus) and body.agent_id == agent and body.task == "standby":
+                return
+
+    await asyncio.wait_for(wait(), timeout)
+
+
 async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
                                                          livekit_connect: Any, workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
