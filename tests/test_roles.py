@@ -44,6 +44,10 @@ class _Record:
         self.seq, self.event, self.time = seq, event, T0 + timedelta(seconds=seq)
 
 
+def body_of(record: Any) -> Any:
+    return record.event.body
+
+
 def fold_roles(events: list[ev.KnownEvent]) -> Roles:
     roles = Roles()
     for n, event in enumerate(events, 1):
@@ -226,3 +230,36 @@ async def lk_api(settings: Settings) -> AsyncIterator[api.LiveKitAPI]:
         yield lk
     finally:
         await lk.aclose()
+
+
+@pytest.mark.livekit
+async def test_a_role_is_freed_when_its_holder_leaves(lk_settings: Settings, ledger: Ledger, room: str,
+                                                      livekit_server: Any, livekit_connect: Any) -> None:
+    """Three agents, two roles, on the real server: the third waits; the customer leaves; it becomes customer."""
+    from ledger.agents import LedgerAgent
+
+    log = FollowedLog(ledger, room)
+    async with worker_bridge(lk_settings, livekit_server):
+        await create_dispatch(lk_settings, room)
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), timeout=30)
+        rooms = {name: await livekit_connect(name, room, kind="agent") for name in ("ann", "bob", "cid")}
+        # The bridge must know them for their leaving to be in the log.
+        await log.until(lambda rs: {body_of(r).identity for r in rs if r.type == "participant.joined"} >= set(rooms),
+                        timeout=30)
+        agents = {name: LedgerAgent(lk_room, ledger) for name, lk_room in rooms.items()}
+        for agent in agents.values():
+            await agent.start()
+        assert await agents["ann"].claim_role(["customer", "support"]) == "customer"
+        assert await agents["bob"].claim_role(["customer", "support"]) == "support"
+        waiting = asyncio.ensure_future(agents["cid"].claim_role(["customer", "support"], timeout=30))
+        await agents["bob"].wait_until(lambda s: [w.agent_id for w in s.roles.waiting] == ["cid"])
+        assert not waiting.done()
+        await rooms["ann"].disconnect()  # the bridge records participant.left: ann's role is free
+        assert await waiting == "customer"
+        await agents["bob"].wait_until(lambda s: s.roles.assignment() == {"customer": "cid", "support": "bob"})
+        for agent in agents.values():
+            await agent.stop()
+    await log.close()
+    left = next(r for r in log.records if r.type == "participant.left")
+    snapshot = await ledger.hydrate(room)
+    assert snapshot.state.roles.holders["customer"].seq == left.seq
