@@ -102,7 +102,7 @@ async def test_roles_in_projection_hydration_state_and_replay(pg_settings: Setti
 
     env = env_for(pg_settings)
     state = json_of(await asyncio.to_thread(ok, pg_settings, ["state", room, "--json"], **env))
-    holders = state["state"]["roles"]["holders"] if "state" in state else state["roles"]["holders"]
+    holders = state["roles"]["holders"]
     assert {role: h["agent_id"] for role, h in holders.items()} == {"customer": "c", "support": "b"}
     text = (await asyncio.to_thread(ok, pg_settings, ["state", room], **env)).stdout
     assert "roles: customer = c, support = b" in text
