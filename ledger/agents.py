@@ -62,16 +62,20 @@ def protocol_event_id(room: str, payload_id: str) -> str:
     return derived_event_id(room, "ledger", payload_id)
 
 
-def encode_protocol(type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None) -> tuple[
-        str, bytes]:
-    """``(payload_id, JSON)`` of one protocol message; the body is validated first."""
+def encode_protocol(type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None,
+                    extra: Mapping[str, Any] | None = None) -> tuple[str, bytes]:
+    """``(payload_id, JSON)`` of one protocol message; the body is validated first.
+
+    ``extra``: fields beyond the type's own, sent as they are (the log keeps them with the event),
+    e.g. a handoff's W3C ``traceparent``.
+    """
     if type_name not in AGENT_EVENT_TYPES:
         raise ValueError(f"{type_name!r} is not a type agents publish; one of {sorted(AGENT_EVENT_TYPES)}")
     if not isinstance(body, ev.Body):
         body = ev.body_from_dict(type_name, dict(body))
     fields: dict[str, Any] = msgspec.to_builtins(body)
     pid = payload_id or os.urandom(12).hex()
-    return pid, msgspec.json.encode({"type": type_name, "id": pid, **fields})
+    return pid, msgspec.json.encode({**(extra or {}), "type": type_name, "id": pid, **fields})
 
 
 def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,9 +196,10 @@ class LedgerAgent:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    async def publish(self, type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None) -> str:
+    async def publish(self, type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None,
+                      extra: Mapping[str, Any] | None = None) -> str:
         """Publish one event; returns the id it will have in the log."""
-        pid, data = encode_protocol(type_name, body, payload_id=payload_id)
+        pid, data = encode_protocol(type_name, body, payload_id=payload_id, extra=extra)
         # Large messages go as a text stream (any size the bridge can store); only over the hard
         # limit is one refused, here, before anything is sent (issue 13).
         limit = self.ledger.settings.max_payload if self.ledger is not None else DEFAULT_MAX_PAYLOAD
@@ -365,14 +370,18 @@ class LedgerAgent:
         Raises :class:`HandoffLost` (before dispatching) when this agent did not hold the floor at
         the handoff's place in the log, e.g. another handoff of the same caller came first.
         """
-        event_id = await self.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
-                                                            reason=reason))
-        seq = await self.wait_for_event(event_id, timeout)
-        if not handoff_took_effect(self.state, seq, self.agent_id):
-            raise HandoffLost(self.agent_id, to_agent, seq, self.floor_holder)
-        if dispatch:
-            await self._dispatch(to_agent, seq, livekit_api)
-        await self.wait_for_floor(to_agent, timeout)
+        from ledger import tracing
+
+        # The handoff carries its trace context: the target's resume continues this trace.
+        with tracing.span("ledger.handoff", {"ledger.from": self.agent_id, "ledger.to": to_agent}) as trace:
+            event_id = await self.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
+                                                                reason=reason), extra=trace)
+            seq = await self.wait_for_event(event_id, timeout)
+            if not handoff_took_effect(self.state, seq, self.agent_id):
+                raise HandoffLost(self.agent_id, to_agent, seq, self.floor_holder)
+            if dispatch:
+                await self._dispatch(to_agent, seq, livekit_api)
+            await self.wait_for_floor(to_agent, timeout)
         if leave:
             await self.stop()
             await self.room.disconnect()

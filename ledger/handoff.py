@@ -63,6 +63,7 @@ from livekit.agents import AgentSession, RunContext, ToolError, function_tool
 from livekit.agents.llm import ChatContext, FunctionTool
 
 from ledger import events as ev
+from ledger import tracing
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
 from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
@@ -156,6 +157,8 @@ class LedgerLink:
         self._api = livekit_api
         self._metadata = metadata
         self._resumed: Resumed[Any] | None = None
+        #: A handoff's target, until its first reply: the resume's trace context and when it began.
+        self._reply_trace: tuple[str | None, float] | None = None
         self._sync_wanted = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._transfer_task: asyncio.Task[None] | None = None
@@ -196,8 +199,13 @@ class LedgerLink:
         request = handoff_from_metadata(self._metadata)
         if request is None:
             return None
-        snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
-        handoff = await self._handoff_at(request)
+        handoff, traceparent = await self._handoff_at(request)
+        # The source's trace goes on here: this hydration, then the first reply (_on_agent_state).
+        started = time.time()
+        with tracing.span("ledger.handoff.resume", {"ledger.agent": self.agent_id, "ledger.seq": request.ledger_seq},
+                          traceparent=traceparent) as trace:
+            snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
+        self._reply_trace = (trace.get("traceparent"), started) if trace else None
         resumed: Resumed[T] = Resumed(
             chat_ctx=dataclasses.replace(snapshot, conversation=once_per_message(snapshot.conversation)).chat_ctx(), userdata=snapshot.session_as(userdata_type),
             reason=handoff.reason if handoff else None, from_agent=handoff.from_agent if handoff else "",
@@ -205,12 +213,14 @@ class LedgerLink:
         self._resumed = resumed
         return resumed
 
-    async def _handoff_at(self, request: HandoffRequest) -> ev.Handoff | None:
+    async def _handoff_at(self, request: HandoffRequest) -> tuple[ev.Handoff | None, str | None]:
+        """The handoff at the request's sequence, and the trace context its source sent with it."""
         for record in await self.ledger.read_recent(request.room, after=request.ledger_seq - 1, batch=1):
             if record.seq == request.ledger_seq and isinstance(record.event, ev.HandoffEvent):
-                return record.event.body
+                traceparent = ev.extra_fields(record.event).get("traceparent")
+                return record.event.body, traceparent if isinstance(traceparent, str) else None
             break
-        return None
+        return None, None
 
     async def attach(self, session: AgentSession[Any], *, task: str | None = None, floor_timeout: float = 10.0) -> None:
         """Follow the room's log for ``session``; publish its userdata; take the floor.
@@ -348,6 +358,11 @@ class LedgerLink:
         # during the turn goes out as one patch.
         if event.old_state in _IN_TURN and event.new_state in _TURN_OVER:
             self._sync_wanted.set()
+            if self._reply_trace is not None:  # a handoff's target: its first reply ends the trace
+                traceparent, started = self._reply_trace
+                self._reply_trace = None
+                tracing.record("ledger.handoff.first_reply", time.time() - started,
+                               {"ledger.agent": self.agent_id}, traceparent=traceparent)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -395,7 +410,9 @@ class LedgerLink:
         try:
             # A tool can run before attach() has hydrated (the caller was quick): wait for it.
             await asyncio.wait_for(self._attached.wait(), timeout)
-            await self._handoff(outcome, call_id, timeout)
+            # The handoff carries its trace context: the target's resume continues this trace.
+            with tracing.span("ledger.handoff", {"ledger.from": self.agent_id, "ledger.to": to_agent}) as trace:
+                await self._handoff(outcome, call_id, timeout, trace)
         except Exception as exc:
             why = exc.reason if isinstance(exc, HandoffFailed) else _describe(exc, to_agent, timeout)
             outcome.error = why
@@ -408,7 +425,8 @@ class LedgerLink:
         log.info("%s: handed off to %r in %.2fs", self.agent_id, to_agent, outcome.elapsed_s)
         await self._leave(f"handed off to {to_agent}")
 
-    async def _handoff(self, outcome: HandoffOutcome, call_id: str | None, timeout: float) -> None:
+    async def _handoff(self, outcome: HandoffOutcome, call_id: str | None, timeout: float,
+                       trace: dict[str, str] | None = None) -> None:
         agent = self.agent
         to_agent = outcome.to_agent
         if call_id is not None:
@@ -430,7 +448,7 @@ class LedgerLink:
                 # first). A packet is recorded before the handoff's packet anyway.
                 await agent.wait_for_event(patch_id, timeout)
             event_id = await agent.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
-                                                                 reason=outcome.reason))
+                                                                 reason=outcome.reason), extra=trace)
             outcome.seq = seq = await agent.wait_for_event(event_id, timeout)
         except TimeoutError:
             raise HandoffFailed(to_agent, f"the room's log did not record the handoff within {timeout:g}s (is a "

@@ -89,13 +89,21 @@ def _setup() -> Any:
     return trace.get_tracer("room-ledger")
 
 
-def record(name: str, seconds: float, attributes: Mapping[str, Any]) -> None:
-    """A span that ends now and lasted ``seconds`` (measured by the caller); nothing when traces are off."""
+def record(name: str, seconds: float, attributes: Mapping[str, Any], *, traceparent: str | None = None) -> None:
+    """A span that ends now and lasted ``seconds`` (measured by the caller); nothing when traces are off.
+
+    Its parent is the current span, or the one ``traceparent`` names.
+    """
     active = _tracer if _checked else tracer()
     if active is None:
         return
+    context = None
+    if traceparent:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
     end = time.time_ns()
-    span = active.start_span(name, start_time=end - int(seconds * 1e9),
+    span = active.start_span(name, context=context, start_time=end - int(seconds * 1e9),
                              attributes={k: v for k, v in attributes.items() if v is not None})
     span.end(end_time=end)
 
