@@ -396,8 +396,11 @@ class LedgerAgent:
             settings = self._need_ledger().settings
             livekit_api = api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret)
         try:
-            dispatch = await livekit_api.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
+            from ledger import tracing
+
+            with tracing.span("ledger.dispatch", {"ledger.agent_name": agent_name, "ledger.seq": seq}):
+                dispatch = await livekit_api.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
             await self.record_dispatch(dispatch, by="hand_off")
         finally:
             if owned:

@@ -496,9 +496,10 @@ class LedgerLink:
     async def _dispatch(self, agent_name: str, seq: int) -> str:
         lk = self._livekit_api()
         metadata = HandoffRequest(room=self.room.name, ledger_seq=seq)
-        dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
-            agent_name=agent_name, room=self.room.name,
-            metadata=msgspec.json.encode({"room": metadata.room, "ledger_seq": metadata.ledger_seq}).decode()))
+        with tracing.span("ledger.dispatch", {"ledger.agent_name": agent_name, "ledger.seq": seq}):
+            dispatch = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+                agent_name=agent_name, room=self.room.name,
+                metadata=msgspec.json.encode({"room": metadata.room, "ledger_seq": metadata.ledger_seq}).decode()))
         await self.agent.record_dispatch(dispatch, by="transfer_to")
         return str(dispatch.id)
 

@@ -1,9 +1,9 @@
 """One trace across a real cross-process handoff (issue 16.2), on the real livekit-server.
 
 examples/handoff's two AgentServer workers run with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at an
-OTLP/HTTP receiver in this process: triage's handoff span carries its trace context in the
-``handoff`` event, and billing's resume (with its hydration inside) and its first reply continue
-that trace.
+OTLP/HTTP receiver in this process: triage's handoff span (with the dispatch inside) carries its trace
+context in the ``handoff`` event, and billing's resume (with its hydration inside) and its first
+reply continue that trace.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ async def test_one_trace_from_the_handoff_to_the_targets_first_reply(
             return {s["name"]: s for s in receiver.spans}
 
         deadline = time.monotonic() + 30
-        wanted = {"ledger.handoff", "ledger.handoff.resume", "ledger.hydrate", "ledger.handoff.first_reply"}
+        wanted = {"ledger.handoff", "ledger.dispatch", "ledger.handoff.resume", "ledger.hydrate",
+                  "ledger.handoff.first_reply"}
         while not wanted <= {s["name"] for s in receiver.spans if s["service"] in ("triage", "billing")}:
             assert time.monotonic() < deadline, f"spans so far: {sorted({s['name'] for s in receiver.spans})}"
             receiver.arrived.clear()
@@ -82,4 +83,6 @@ async def test_one_trace_from_the_handoff_to_the_targets_first_reply(
     hydrations = [s for s in receiver.spans if s["name"] == "ledger.hydrate" and s["parent"] == resume["id"]]
     assert len(hydrations) == 1 and hydrations[0]["trace"] == handoff["trace"]
     assert handoff["attributes"]["ledger.to"] == workers.billing
+    dispatch = found["ledger.dispatch"]  # LiveKit's agent dispatch, inside the handoff
+    assert dispatch["parent"] == handoff["id"] and dispatch["attributes"]["ledger.agent_name"] == workers.billing
 
