@@ -299,12 +299,12 @@ async def main(args: argparse.Namespace) -> None:
                  "direct_delivered": min(r["direct_delivered"] for r in results)}
     ratios = {"streams_p99_vs_direct": (figures["streams_p99_ms"] / baselines["direct_follow_p99_ms"])
               if figures["streams_p99_ms"] and baselines["direct_follow_p99_ms"] else None}
-    targets = {"delivered": 1.0, "p99_ms_max": TARGET_P99_S * 1000, "rate_events_per_s": args.rate * 0.95}
+    targets = {"delivered": 1.0, "p99_ms": TARGET_P99_S * 1000, "rate_events_per_s": args.rate * 0.95}
     met = (figures["streams_delivered"] == 1.0 and figures["streams_in_order"]
-           and (figures["streams_p99_ms"] or 1e9) <= targets["p99_ms_max"]
+           and (figures["streams_p99_ms"] or 1e9) <= targets["p99_ms"]
            and (figures["rate_events_per_s"] or 0) >= targets["rate_events_per_s"]
            and (not args.browsers or (figures["pages_delivered"] == 1.0
-                                      and (figures["pages_p99_ms"] or 1e9) <= targets["p99_ms_max"])))
+                                      and (figures["pages_p99_ms"] or 1e9) <= targets["p99_ms"])))
     print(f"\nledger serve: {args.clients} event streams + {args.browsers} Chromium page(s) following one room at "
           f"{args.rate} events/s for {args.seconds}s (median of {args.runs} runs)")
     print_table([
@@ -316,7 +316,7 @@ async def main(args: argparse.Namespace) -> None:
         ("pages: append -> in the page p50 / p99", f"{figures['pages_p50_ms']} / {figures['pages_p99_ms']} ms"),
         ("pages: append -> row drawn p50 / p99", f"{figures['rows_p50_ms']} / {figures['rows_p99_ms']} ms"),
         ("baseline: Ledger.follow p50 / p99", f"{baselines['direct_follow_p50_ms']} / {baselines['direct_follow_p99_ms']} ms"),
-        ("target", f"every event to every client, p99 <= {targets['p99_ms_max']:.0f} ms"),
+        ("target", f"every event to every client, p99 <= {targets['p99_ms']:.0f} ms"),
         ("met", str(met)),
     ])
     print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met)
