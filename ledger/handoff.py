@@ -167,6 +167,7 @@ class LedgerLink:
         self._handed_seq = 0
         self._holding = False
         self._saved_cb: Any = None
+        self._muted = False
         self._replays: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -565,12 +566,20 @@ class LedgerLink:
             self._saved_cb = getattr(room_io, "_text_input_cb", None)
             room_io.register_text_input(self._held)
             self._holding = True
+        # A voice session stops listening too (the target hears the caller); untested here: the
+        # tests run text-only sessions.
+        self._muted = session.input.audio is not None and session.input.audio_enabled
+        if self._muted:
+            session.input.set_audio_enabled(False)
 
     async def _held(self, session: AgentSession[Any], event: TextInputEvent) -> None:
         self._held_input.append(event)
 
     def _release_input(self, *, replay: bool) -> None:
         session = self.session
+        if session is not None and self._muted:
+            self._muted = False
+            session.input.set_audio_enabled(True)
         if session is None or not self._holding:
             return
         self._holding = False
