@@ -31,6 +31,12 @@ a later event with the same item id updates the content in place.
   (``track_id``, else the speaker): the first in log order, until it leaves; the others'
   segments are duplicates and are skipped. Role: ``assistant`` when the speaker is an agent.
 - ``chat.message``: kept (role from the sender's kind), keyed by message id.
+- Echoes: an agent session repeats in its feed what it heard or said — a typed ``lk.chat``
+  message becomes the session's user item, and an agent's first reply can reach the log as a
+  transcript before its feed is known. A feed message item whose role and text equal a chat or
+  transcript item kept before it, and not yet matched, is that item's echo: it is skipped (and so
+  are later updates of its item id), so a message is in the conversation once. Only the last
+  ``MAX_ECHOES`` unmatched items are remembered.
 
 Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
@@ -45,6 +51,7 @@ state's last sequence is ignored, so applying the same records twice changes not
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from datetime import datetime
@@ -213,6 +220,23 @@ class RoomIndex(msgspec.Struct, kw_only=True):
     failed: list[int] = msgspec.field(default_factory=list)
 
 
+#: How many kept chat/transcript items wait to be matched by a feed item repeating them.
+MAX_ECHOES: Final = 64
+
+
+class Echo(msgspec.Struct, kw_only=True, gc=False):
+    """A kept chat or transcript item an agent session's feed may repeat."""
+
+    role: str
+    #: A digest of the stripped text: small, and safe in PostgreSQL's JSON (no NUL).
+    digest: str
+    item_id: str
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
 class RoomState(msgspec.Struct, kw_only=True):
     """Everything the reducers know about one room. Mutable; change it only through :func:`apply`."""
 
@@ -238,6 +262,10 @@ class RoomState(msgspec.Struct, kw_only=True):
     positions: dict[str, int] = msgspec.field(default_factory=dict)
     #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`ledger.roles`).
     roles: Roles = msgspec.field(default_factory=Roles)
+    #: Chat and transcript items a feed has not repeated yet (oldest first, at most MAX_ECHOES).
+    echoes: list[Echo] = msgspec.field(default_factory=list)
+    #: Feed item id -> the chat/transcript item it repeated (its later updates are skipped too).
+    echoed: dict[str, str] = msgspec.field(default_factory=dict)
 
     @property
     def seq(self) -> int:
@@ -551,7 +579,23 @@ def _ignore(state: RoomState, event: Any, seq: int, time: datetime) -> None:
 # --- conversation ---------------------------------------------------------------------------
 
 
-def _put_item(state: RoomState, item: ConversationItem) -> None:
+def _remember_echo(state: RoomState, item: ConversationItem) -> None:
+    """Remember a chat/transcript item a feed may repeat (by item id: the projector, which keeps
+    no items in memory, cannot tell a new item from an update, so neither may this)."""
+    if not item.text or not item.role or item.item_id in state.echoed.values():
+        return
+    echo = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id)
+    for i, old in enumerate(state.echoes):
+        if old.item_id == item.item_id:
+            state.echoes[i] = echo
+            return
+    state.echoes.append(echo)
+    del state.echoes[:-MAX_ECHOES]
+
+
+def _put_item(state: RoomState, item: ConversationItem, *, may_echo: bool = False) -> None:
+    if may_echo:
+        _remember_echo(state, item)
     position = state.item_position(item.item_id)
     if position is None:
         state.positions[item.item_id] = len(state.conversation)
@@ -581,6 +625,17 @@ def _on_conversation_item(state: RoomState, event: Any, seq: int, time: datetime
         if state.user_feed is None:
             state.user_feed = owner
         elif state.user_feed != owner:
+            return
+    if body.item_id in state.echoed:
+        return
+    if body.item_type == "message" and body.text:
+        digest = _text_digest(body.text)
+        echo = next((e for e in state.echoes if e.role == role and e.digest == digest), None)
+        if echo is not None:
+            state.echoes.remove(echo)
+            state.echoed[body.item_id] = echo.item_id
+            if len(state.echoed) > 4 * MAX_ECHOES:
+                del state.echoed[next(iter(state.echoed))]
             return
     speaker = body.speaker
     if speaker is None and body.item_type == "message" and role == "assistant":
@@ -630,6 +685,7 @@ def _on_transcript(state: RoomState, event: Any, seq: int, time: datetime) -> No
             item_id=item_id, role=role, speaker=body.speaker, text=body.text, seq=seq,
             time=event.at or time, source="transcript", language=body.language,
         ),
+        may_echo=True,
     )
 
 
@@ -643,6 +699,7 @@ def _on_chat(state: RoomState, event: Any, seq: int, time: datetime) -> None:
             item_id=f"chat:{body.message_id}", role=role, speaker=speaker or None, text=body.text, seq=seq,
             time=event.at or time, source="chat.message",
         ),
+        may_echo=True,
     )
 
 

@@ -285,3 +285,34 @@ def test_a_status_stored_before_locks_could_be_absent_reads_as_false() -> None:
     state = fold([rec(1, ev.AgentStatus(agent_id="a", status="processing", action_lock=True)),
                   Record(seq=2, subject="", time=T0, event=old)])
     assert state.floor.holder is None
+
+
+def test_a_feed_repeating_a_chat_message_or_a_first_transcript_is_one_item() -> None:
+    """A typed lk.chat message is also the agent session's user item, and an agent's first reply can
+    land as a transcript before its feed is known: each message is in the conversation once."""
+    log = records(
+        ev.ParticipantJoined(identity="user", kind="standard"),
+        ev.ParticipantJoined(identity="a", kind="agent"),
+        (ev.ChatMessage(message_id="m1", text="I was charged twice"), "user"),
+        (ev.Transcript(speaker="a", text="Let me check that.", segment_id="s1"), "a"),  # a's feed not known yet
+        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice"), "a"),  # the echo of m1
+        (ev.ConversationItem(item_id="i2", role="assistant", text="Let me check that."), "a"),  # of s1
+        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice"), "a"),  # an update of i1
+        (ev.ChatMessage(message_id="m2", text="thanks"), "user"),
+        (ev.ConversationItem(item_id="i3", role="user", text="thanks!"), "a"),  # not the same words
+        (ev.ConversationItem(item_id="i4", role="assistant", text="I was charged twice"), "a"),  # other role
+    )
+    state = fold(log)
+    assert [(i.item_id, i.role, i.text) for i in state.conversation] == [
+        ("chat:m1", "user", "I was charged twice"),
+        ("tr:s1", "assistant", "Let me check that."),
+        ("chat:m2", "user", "thanks"),
+        ("i3", "user", "thanks!"),
+        ("i4", "assistant", "I was charged twice"),
+    ]
+    # resuming from the stored state folds the rest the same way
+    first, rest = log[:5], log[5:]
+    resumed = decode_state(encode_state(fold(first)))
+    for record in rest:
+        apply(resumed, record)
+    assert [i.item_id for i in resumed.conversation if i.seq > 5] == ["chat:m2", "i3", "i4"]
