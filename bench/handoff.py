@@ -223,8 +223,8 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
 
 
 async def replay_dead_air_ms(env: Env, room: str) -> float | None:
-    from cli.replay import handoffs
     from ledger.client import Ledger
+    from ledger.timeline import handoffs
 
     async with Ledger(env.settings) as ledger:
         rows = [r for r in await handoffs(ledger, room) if r.via == "handoff"]

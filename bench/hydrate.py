@@ -26,8 +26,8 @@ from bench._common import bench_settings, median, percentile, print_json, print_
 from ledger import db
 from ledger.client import Ledger
 from ledger.hydrate import close
+from ledger.state import fold
 from projections.projector import Projector
-from projections.reducers import fold
 from projections.sample import interleaved, room_events
 
 

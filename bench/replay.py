@@ -37,12 +37,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.replay import Window, replay_ndjson  # noqa: E402
 from ledger import embedded  # noqa: E402
 from ledger import events as ev  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.subjects import room_token  # noqa: E402
+from ledger.timeline import write_ndjson  # noqa: E402
 
 _CHILD = (
     "import atexit, sys\n"
@@ -139,7 +139,9 @@ async def ndjson_read(settings: Settings, room: str) -> dict[str, float]:
     out = io.BufferedWriter(sink, buffer_size=64 * 1024)
     started = time.perf_counter()
     async with Ledger(settings, name="bench-replay") as ledger:
-        count = await replay_ndjson(ledger, room, Window(), out=out)
+        # What `ledger replay --json` runs: the room's records, each an NDJSON line (ledger.timeline).
+        await ledger.require_room(room)
+        count = await write_ndjson(ledger.read(room), out)
     done = time.perf_counter()
     first = sink.first or done
     return {"events": count, "seconds": done - started, "first_ms": (first - started) * 1000,

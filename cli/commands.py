@@ -189,22 +189,10 @@ async def _state_now(ledger: Ledger, room: str) -> Any:
     from cli.replay import fold_room
     from ledger import db
 
-    try:
-        importlib.import_module("ledger.hydrate")
-        hydrate_available = True
-    except ModuleNotFoundError:
-        hydrate_available = False
-    if hydrate_available and db.running_url(ledger.settings) is not None:
+    if db.running_url(ledger.settings) is not None:
         await ledger.require_room(room)
-        from ledger import hydrate as hydration
-
-        try:
-            snapshot = await ledger.hydrate(room, full_conversation=True)
-        finally:
-            await hydration.close(ledger)
-        state = getattr(snapshot, "state", None)
-        if state is not None:
-            return state
+        snapshot = await ledger.hydrate(room, full_conversation=True)
+        return snapshot.state
     return await fold_room(ledger, room, keep_items=5000)
 
 
@@ -274,29 +262,12 @@ def _missed_cell(row: Any) -> Text:
     return Text("")
 
 
-async def _projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
-    """Rows of the room in every projection (deleted when ``delete``); None without projections."""
-    try:
-        projector = importlib.import_module("projections.projector")
-    except ModuleNotFoundError:
-        return None
-    fn = getattr(projector, "purge_room" if delete else "room_rows", None)
-    if fn is None:
-        return None
-    from ledger import db
-
-    if db.running_url(settings) is None:
-        return None
-    result = await fn(settings, room)
-    return {str(k): int(v) for k, v in dict(result).items()}
-
-
 async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> None:
-    from cli.ops import room_event_count
+    from cli.ops import projection_rows, room_event_count
 
     async with Ledger(settings, name="ledger-purge") as ledger:
         events = await room_event_count(ledger, room)
-        rows = await _projection_rows(settings, room, delete=False)
+        rows = await projection_rows(settings, room, delete=False)
         if not events and not any((rows or {}).values()):
             names = await ledger.rooms()
             import difflib
@@ -310,7 +281,7 @@ async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> N
         purged = await ledger.purge_room(room)
         # After the events: an object is never left referenced by a remaining event.
         objects = await ledger.purge_room_payloads(room)
-        removed = await _projection_rows(settings, room, delete=True)
+        removed = await projection_rows(settings, room, delete=True)
     result = {"room": room, "events_removed": purged, "payload_objects_removed": objects,
               "projection_rows_removed": removed or {}}
     if as_json:

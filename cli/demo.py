@@ -440,7 +440,7 @@ async def _count(ledger: Ledger, room: str) -> int:
 
 
 async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: list[str]) -> dict[str, Any]:
-    from cli.commands import _projection_rows
+    from cli.ops import projection_rows
 
     removed = await ledger.purge_room(room)
     for bridge_id in bridge_ids:
@@ -448,7 +448,7 @@ async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: li
 
         with contextlib.suppress(OSError):
             stats_path(settings.home, bridge_id).unlink()
-    rows = await _projection_rows(settings, room, delete=True)
+    rows = await projection_rows(settings, room, delete=True)
     return {"events_removed": removed, "projection_rows_removed": rows}
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from cli.common import Point, format_duration
-from cli.replay import FloorTimeline
 from cli.roomview import PageData, collect, participant_views
 from cli.roomview import item_text as _item_text
 from ledger.client import Ledger
+from ledger.timeline import FloorTimeline
 
 _COLORS: Final = ["#e6a700", "#3b82f6", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316"]
 

@@ -10,7 +10,9 @@ from typing import Any
 
 import nats.js.errors
 
+from ledger import db
 from ledger.client import Ledger
+from ledger.settings import Settings
 
 #: How many rooms ``ledger rooms`` looks into at once.
 ROOM_CONCURRENCY = 16
@@ -50,7 +52,7 @@ class RoomRow:
 
 
 async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
-    from projections.reducers import RoomState, apply_safely
+    from ledger.state import RoomState, apply_safely
 
     row = RoomRow(room=room, events=events)
     stream = ledger.settings.stream
@@ -114,3 +116,14 @@ async def room_rows(ledger: Ledger) -> list[RoomRow]:
 async def room_event_count(ledger: Ledger, room: str) -> int:
     info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
     return sum(int(n) for n in (info.state.subjects or {}).values())
+
+
+async def projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
+    """Rows of the room in every projection (deleted when ``delete``); None without a running PostgreSQL."""
+    # The projector brings SQLAlchemy along: loaded only by the commands that touch projections.
+    from projections import projector
+
+    if db.running_url(settings) is None:
+        return None
+    result = await (projector.purge_room if delete else projector.room_rows)(settings, room)
+    return {str(k): int(v) for k, v in dict(result).items()}

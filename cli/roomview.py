@@ -20,17 +20,10 @@ from datetime import datetime
 from typing import Any, Final
 
 from cli.common import Point
-from cli.replay import (
-    FloorTimeline,
-    FloorTracker,
-    HandoffRow,
-    HandoffTracker,
-    Window,
-    records,
-    trim_conversation,
-)
+from cli.replay import Window, records
 from ledger import events as ev
 from ledger.client import Ledger, Record
+from ledger.timeline import FloorTimeline, FloorTracker, HandoffRow, HandoffTracker, trim_conversation
 
 #: Conversation items and session changes kept for a view (the latest ones).
 MAX_ITEMS: Final = 2000

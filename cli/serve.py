@@ -40,12 +40,12 @@ import msgspec
 from aiohttp import web
 
 from cli.common import CliError, parse_point
-from cli.replay import ndjson_line
 from cli.roomview import PageData, RoomCollector, collect, item_text, participant_views
 from cli.timeline import event_time, summary
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.errors import LedgerError, UnknownRoom
+from ledger.timeline import ndjson_line
 
 log = logging.getLogger("ledger.serve")
 

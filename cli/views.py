@@ -13,8 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import format_duration
-from cli.replay import FloorTimeline, HandoffRow
 from cli.timeline import clean
+from ledger.timeline import FloorTimeline, HandoffRow
 
 HOLD = "█"
 QUEUED = "░"

@@ -9,8 +9,6 @@ The agent-facing API::
             ...
 """
 
-from typing import TYPE_CHECKING, Any
-
 from ledger.client import Ledger, Position, Record, RoomSummary
 from ledger.errors import (
     AppendError,
@@ -24,20 +22,8 @@ from ledger.errors import (
     StreamConfigError,
     UnknownRoom,
 )
+from ledger.hydrate import HydrateTimeout, Snapshot
 from ledger.settings import Settings
-
-if TYPE_CHECKING:
-    from ledger.hydrate import HydrateTimeout, Snapshot
-
-
-def __getattr__(name: str) -> Any:
-    # Hydration builds on projections.reducers, which imports ledger.events: load it lazily so
-    # `import ledger` does not go round in a circle.
-    if name in ("HydrateTimeout", "Snapshot"):
-        from ledger import hydrate
-
-        return getattr(hydrate, name)
-    raise AttributeError(f"module 'ledger' has no attribute {name!r}")
 
 __all__ = [
     "AppendError",

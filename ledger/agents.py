@@ -27,20 +27,21 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
 from ledger import events as ev
 from ledger.events import derived_event_id
 from ledger.settings import DEFAULT_MAX_PAYLOAD
+from ledger.state import RoomState, apply_safely
 
 if TYPE_CHECKING:
     from livekit import rtc
+    from livekit.agents.llm import ChatContext
 
     from ledger.client import Ledger, Record
     from ledger.hydrate import Snapshot
-    from projections.reducers import RoomState
 
 log = logging.getLogger("ledger.agents")
 
@@ -302,12 +303,14 @@ class LedgerAgent:
         return self.ledger
 
     async def _follow(self) -> None:
-        from projections.reducers import apply
-
         ledger = self._need_ledger()
         async for record in ledger.follow(self.room_name, after=self._seq):
             assert self._state is not None
-            apply(self._state, record)
+            failure = apply_safely(self._state, record)
+            if failure is not None:
+                # Skipped the way every reader skips it (the state notes its sequence): the follow goes on.
+                log.warning("room event %d could not be folded and is skipped (%s)", record.seq,
+                            type(failure).__name__)
             self._seq = record.seq
             self._seen_ids[record.event.id] = record.seq
             if len(self._seen_ids) > 10_000:
@@ -427,3 +430,74 @@ def _apply_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = _apply_patch(result.get(key), value)
     return result
+
+
+# --- the conversation for LiveKit Agents ------------------------------------------------------
+
+
+def chat_ctx(snapshot: Snapshot) -> ChatContext:
+    """A snapshot's conversation as a LiveKit Agents ``llm.ChatContext`` (``Snapshot.chat_ctx()``).
+
+    User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
+    ``extra["speaker"]``); function calls, their outputs and agent handoffs kept; system and
+    developer messages and agent config updates (instructions) left out; timestamps kept in
+    ``created_at``. When the snapshot starts at a summary, the summary comes first as an
+    assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
+    """
+    # livekit-agents is an optional, heavy dependency: loaded by the agents that use it only.
+    from livekit.agents import llm
+
+    items: list[Any] = []
+    summary = snapshot.state.summary
+    if summary is not None and not snapshot.full_conversation:
+        items.append(
+            llm.ChatMessage(
+                id=f"summary_{summary.seq}",
+                role="assistant",
+                content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
+                created_at=summary.time.timestamp(),
+                extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
+            )
+        )
+    for item in snapshot.conversation:
+        created_at = item.created_at if item.created_at is not None else item.time.timestamp()
+        if item.type == "message":
+            role: Literal["user", "assistant"]
+            if item.role == "user":
+                role = "user"
+            elif item.role == "assistant":
+                role = "assistant"
+            else:
+                continue
+            extra: dict[str, Any] = {"ledger_seq": item.seq}
+            if item.speaker:
+                extra["speaker"] = item.speaker
+            items.append(
+                llm.ChatMessage(
+                    id=item.item_id, role=role, content=[item.text], interrupted=item.interrupted,
+                    created_at=created_at, extra=extra,
+                )
+            )
+        elif item.type == "function_call":
+            items.append(
+                llm.FunctionCall(
+                    id=item.item_id, call_id=item.call_id or item.item_id, name=item.name or "",
+                    arguments=item.arguments or "", created_at=created_at, extra={"ledger_seq": item.seq},
+                )
+            )
+        elif item.type == "function_call_output":
+            items.append(
+                llm.FunctionCallOutput(
+                    id=item.item_id, call_id=item.call_id or "", name=item.name or "",
+                    output=item.output if item.output is not None else item.text, is_error=item.is_error,
+                    created_at=created_at,
+                )
+            )
+        elif item.type == "agent_handoff" and item.new_agent_id:
+            items.append(
+                llm.AgentHandoff(
+                    id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
+                    created_at=created_at,
+                )
+            )
+    return llm.ChatContext(items)

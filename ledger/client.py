@@ -56,7 +56,7 @@ from ledger.errors import (
     StreamConfigError,
     UnknownRoom,
 )
-from ledger.settings import Settings
+from ledger.settings import DIRECT_BATCH, Settings
 from ledger.subjects import Subjects, category_of, room_token
 
 if TYPE_CHECKING:
@@ -87,8 +87,6 @@ _PUT_WINDOW: Final = 8
 #: Per-event overhead on the wire besides the payload: subject, headers, reply.
 _HEADER_ALLOWANCE: Final = 512
 _EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-#: Events one direct-get request returns (``read_recent``).
-DIRECT_BATCH: Final = 1_000
 #: Messages a reader buffers before it holds the server back.
 _READ_BUFFER: Final = 10_000
 #: How long a read keeps asking a recovering cluster for its consumer.
@@ -524,6 +522,8 @@ class Ledger:
         self._payload_store: ObjectStore | None = None
         #: Chunk subjects of failed uploads, purged again after the next put that succeeds.
         self._unpurged_chunks: set[str] = set()
+        #: Awaited by close(), before the connection goes (e.g. hydration's database pool).
+        self._close_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -641,10 +641,10 @@ class Ledger:
 
     async def close(self) -> None:
         self._closing = True
-        import ledger.hydrate
-
-        with contextlib.suppress(Exception):
-            await ledger.hydrate.close(self)
+        hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            with contextlib.suppress(Exception):
+                await hook()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectError("ledger closed before the append was acknowledged"))
@@ -656,6 +656,10 @@ class Ledger:
                 await self._nc.close()
         self._nc = None
         self._js = None
+
+    def on_close(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await ``hook()`` when this ledger closes (errors ignored): for resources kept per ledger."""
+        self._close_hooks.append(hook)
 
     @property
     def nc(self) -> NatsClient:
@@ -1441,6 +1445,8 @@ class Ledger:
         self, room: str, *, min_seq: int | None = None, full_conversation: bool = False, timeout: float = 5.0
     ) -> Snapshot:
         """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
+        # Hydration brings the fold and prometheus_client along: loaded on first use, so that
+        # `import ledger.client` stays light for the CLI's first line.
         from ledger.hydrate import hydrate
 
         return await hydrate(

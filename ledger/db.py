@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ledger.errors import ConnectError
 from ledger.settings import Settings
@@ -22,6 +22,24 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 5.0
 
 _SCHEME_RE = re.compile(r"^postgres(?:ql)?(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
+
+
+# PostgreSQL cannot hold NUL in text or JSONB. The log keeps the exact bytes; the projection
+# stores U+FFFD instead (an escaped backslash before "u0000" is left alone). The projector writes
+# with these and hydration looks rows up with them, so both live here, beside the connections.
+_JSON_NUL: Final = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def pg_json(data: bytes) -> bytes:
+    """JSON that PostgreSQL's JSONB accepts: NUL characters replaced by U+FFFD."""
+    if b"\\u0000" not in data:
+        return data
+    return _JSON_NUL.sub(rb"\1\\ufffd", data)
+
+
+def pg_text(value: str) -> str:
+    """Text that PostgreSQL accepts: NUL characters replaced by U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def asyncpg_dsn(url: str) -> str:

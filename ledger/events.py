@@ -163,7 +163,7 @@ class AgentStatus(Body, frozen=True):
     """The coordination payload agents broadcast (seed 000).
 
     ``action_lock`` absent (None) is not false: with status ``processing`` the floor is left as
-    it is; ``idle`` and ``resolved`` release it (see :mod:`projections.reducers`). Widened from
+    it is; ``idle`` and ``resolved`` release it (see :mod:`ledger.state`). Widened from
     ``bool = False``: an explicit false is now stored, and old events decode unchanged. Events
     stored before the widening left a false out (``omit_defaults``), so None means "absent" only
     on an event that keeps what was sent (``sent`` or ``payload``): see :func:`status_lock`.

@@ -39,15 +39,16 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import nats.js.errors
 
 from ledger import events as ev
-from ledger.client import DIRECT_BATCH
+from ledger import state as rd
 from ledger.errors import LedgerError
+from ledger.hydrate import Snapshot
+from ledger.settings import DIRECT_BATCH
 
 if TYPE_CHECKING:
     from livekit.agents.llm import ChatContext
 
     from ledger.client import Ledger, Record
-    from ledger.hydrate import Snapshot
-    from projections.reducers import ConversationItem
+    from ledger.state import ConversationItem
 
 Shape = Literal["openai", "livekit"]
 
@@ -282,9 +283,6 @@ async def _snapshot(ledger: Ledger, room: str, events: int | None) -> tuple[Snap
     log-only ``hydrate`` makes a consumer per room, and thousands of rooms a minute reach the
     server's consumer limit before the idle ones expire (err_code 10026, seen at ~10,000 rooms).
     """
-    from ledger.hydrate import Snapshot
-    from projections import reducers as rd
-
     if events is None or events > SMALL_ROOM_EVENTS:
         return await ledger.hydrate(room, full_conversation=True), None
     records = await ledger.read_recent(room, after=0)

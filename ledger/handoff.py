@@ -63,12 +63,12 @@ from livekit.agents import AgentSession, RunContext, ToolError, function_tool
 from livekit.agents.llm import ChatContext, FunctionTool
 
 from ledger import events as ev
+from ledger import state as rd
 from ledger import tracing
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
 from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
 from ledger.settings import Settings
-from projections import reducers as rd
 
 if TYPE_CHECKING:
     from livekit import rtc

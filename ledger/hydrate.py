@@ -11,7 +11,7 @@
 How: one query reads the room's projection row (its folded state, at the room's sequence S)
 with the conversation items it needs (from the latest summary on, or all); then the log after S
 is read and folded in memory with the same reducers the projector uses
-(:mod:`projections.reducers`). So the snapshot is current to the log head even when the
+(:mod:`ledger.state`). So the snapshot is current to the log head even when the
 projector lags or is stopped. With no PostgreSQL (unset and the embedded one not running,
 unreachable, not migrated) or no row for the room, the whole room is folded from the log.
 """
@@ -26,14 +26,14 @@ import operator
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from ledger import db, metrics
-from ledger.client import DIRECT_BATCH
+from ledger import agents, db, metrics
+from ledger import state as rd
 from ledger.errors import LedgerError
-from projections import reducers as rd
+from ledger.settings import DIRECT_BATCH
 
 if TYPE_CHECKING:
     import asyncpg
@@ -83,6 +83,7 @@ SELECT r.seq, r.state::text AS state,
 _SERVER_SETTINGS: Final = {"plan_cache_mode": "force_generic_plan", "enable_bitmapscan": "off",
                            "enable_seqscan": "off"}
 
+_state_decoder: Final = msgspec.json.Decoder(rd.RoomState)
 _items_decoder: Final = msgspec.json.Decoder(list[rd.ConversationItem])
 _item_seq: Final = operator.attrgetter("seq")
 
@@ -160,70 +161,8 @@ class Snapshot:
         return data
 
     def chat_ctx(self) -> ChatContext:
-        """The conversation as a LiveKit Agents ``llm.ChatContext``.
-
-        User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
-        ``extra["speaker"]``); function calls, their outputs and agent handoffs kept; system and
-        developer messages and agent config updates (instructions) left out; timestamps kept in
-        ``created_at``. When the snapshot starts at a summary, the summary comes first as an
-        assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
-        """
-        from livekit.agents import llm
-
-        items: list[Any] = []
-        summary = self.state.summary
-        if summary is not None and not self.full_conversation:
-            items.append(
-                llm.ChatMessage(
-                    id=f"summary_{summary.seq}",
-                    role="assistant",
-                    content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
-                    created_at=summary.time.timestamp(),
-                    extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
-                )
-            )
-        for item in self.conversation:
-            created_at = item.created_at if item.created_at is not None else item.time.timestamp()
-            if item.type == "message":
-                role: Literal["user", "assistant"]
-                if item.role == "user":
-                    role = "user"
-                elif item.role == "assistant":
-                    role = "assistant"
-                else:
-                    continue
-                extra: dict[str, Any] = {"ledger_seq": item.seq}
-                if item.speaker:
-                    extra["speaker"] = item.speaker
-                items.append(
-                    llm.ChatMessage(
-                        id=item.item_id, role=role, content=[item.text], interrupted=item.interrupted,
-                        created_at=created_at, extra=extra,
-                    )
-                )
-            elif item.type == "function_call":
-                items.append(
-                    llm.FunctionCall(
-                        id=item.item_id, call_id=item.call_id or item.item_id, name=item.name or "",
-                        arguments=item.arguments or "", created_at=created_at, extra={"ledger_seq": item.seq},
-                    )
-                )
-            elif item.type == "function_call_output":
-                items.append(
-                    llm.FunctionCallOutput(
-                        id=item.item_id, call_id=item.call_id or "", name=item.name or "",
-                        output=item.output if item.output is not None else item.text, is_error=item.is_error,
-                        created_at=created_at,
-                    )
-                )
-            elif item.type == "agent_handoff" and item.new_agent_id:
-                items.append(
-                    llm.AgentHandoff(
-                        id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
-                        created_at=created_at,
-                    )
-                )
-        return llm.ChatContext(items)
+        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`ledger.agents.chat_ctx`."""
+        return agents.chat_ctx(self)
 
 
 # --- the database side ----------------------------------------------------------------------
@@ -244,6 +183,7 @@ async def _pool(ledger: Ledger) -> asyncpg.Pool[Any] | None:
     handle = _dbs.get(ledger)
     if handle is None:
         handle = _dbs[ledger] = _Db()
+        ledger.on_close(lambda: close(ledger))
     loop = asyncio.get_running_loop()
     if handle.pool is not None and handle.loop is loop:
         return handle.pool
@@ -306,7 +246,7 @@ async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState
     import asyncpg
 
     try:
-        key = rd.pg_text(room)
+        key = db.pg_text(room)
         async with pool.acquire() as conn:
             row = await conn.fetchrow(_SNAPSHOT_QUERY, key, full)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
@@ -314,7 +254,7 @@ async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState
         return None
     if row is None:
         return None
-    state = rd.decode_state(row["state"])
+    state = _state_decoder.decode(row["state"])
     parts: list[str] = row["pages"]
     if row["tail"] is not None:
         parts.append(row["tail"])

@@ -37,6 +37,9 @@ DEFAULT_INLINE_LIMIT: Final = 64 * 1024
 #: The hard limit: a payload larger than this is still stored byte-exact, but as ``data`` with the
 #: reason, never parsed or applied; the agent helpers refuse to send one.
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+#: Events one direct-get request returns (``Ledger.read_recent``); hydration reads a tail this short
+#: that way, without a consumer.
+DIRECT_BATCH: Final = 1_000
 
 
 def parse_duration(value: str, variable: str) -> float:

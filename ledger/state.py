@@ -52,7 +52,6 @@ state's last sequence is ignored, so applying the same records twice changes not
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Final, Protocol
@@ -728,45 +727,3 @@ _HANDLERS: Final[dict[type, Any]] = {
     ev.DispatchCreatedEvent: _ignore,
     **{cls: _ignore for tag, cls in ev.EVENT_TYPES.items() if tag.startswith("server.")},
 }
-
-
-# --- storage helpers (used by the projector and hydration) ------------------------------------
-
-_state_encoder: Final = msgspec.json.Encoder()
-_state_decoder: Final = msgspec.json.Decoder(RoomState)
-_item_encoder: Final = msgspec.json.Encoder()
-_item_decoder: Final = msgspec.json.Decoder(ConversationItem)
-
-
-# PostgreSQL cannot hold NUL in text or JSONB. The log keeps the exact bytes; the projection
-# stores U+FFFD instead (an escaped backslash before "u0000" is left alone).
-_JSON_NUL: Final = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
-
-
-def pg_json(data: bytes) -> bytes:
-    """JSON that PostgreSQL's JSONB accepts: NUL characters replaced by U+FFFD."""
-    if b"\\u0000" not in data:
-        return data
-    return _JSON_NUL.sub(rb"\1\\ufffd", data)
-
-
-def pg_text(value: str) -> str:
-    """Text that PostgreSQL accepts: NUL characters replaced by U+FFFD."""
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def encode_state(state: RoomState) -> bytes:
-    """The state without its conversation (stored apart, one row per item) as JSON."""
-    return pg_json(_state_encoder.encode(msgspec.structs.replace(state, conversation=[], positions={})))
-
-
-def decode_state(data: bytes | str) -> RoomState:
-    return _state_decoder.decode(data)
-
-
-def encode_item(item: ConversationItem) -> bytes:
-    return pg_json(_item_encoder.encode(item))
-
-
-def decode_item(data: bytes | str) -> ConversationItem:
-    return _item_decoder.decode(data)

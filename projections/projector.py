@@ -5,7 +5,7 @@ How it works
 - Reads the stream in order from its checkpoint + 1 with a :class:`~ledger.feed.StreamFeed`
   (a bounded window of deliveries taken straight from the protocol parser); each take is one
   batch (bounded by ``batch_size``; when caught up, whatever has arrived).
-- Folds the batch in memory with :mod:`projections.reducers`: room states come from an LRU
+- Folds the batch in memory with :mod:`ledger.state`: room states come from an LRU
   cache, loaded for the batch's rooms in one query on a miss.
 - Writes the batch in one transaction while the next batch is read and folded (at most one
   batch in flight; it is committed before the next starts, and before any room row is read):
@@ -54,12 +54,13 @@ import nats.js.errors
 
 from ledger import db, metrics
 from ledger import events as ev
+from ledger import state as rd
 from ledger.client import Ledger, Record, needs_payload
 from ledger.errors import ConnectError as LedgerConnectError
 from ledger.feed import DEFAULT_WINDOW, Delivery, StreamFeed
 from ledger.settings import Settings
 from ledger.subjects import room_from_token
-from projections import reducers as rd
+from projections import rows as pg_rows
 from projections.tables import PAGE_ITEMS, ROOMS
 
 log = logging.getLogger("projections.projector")
@@ -434,13 +435,13 @@ class Projector:
             return
         # A room evicted from the cache may have its newest state in the batch being written.
         await self._flush()
-        stored_as = {rd.pg_text(room): room for room in missing}
+        stored_as = {pg_rows.pg_text(room): room for room in missing}
         rows = await self._conn.fetch(
             f"SELECT room, state::text AS state FROM {self.tables.room_state} WHERE room = ANY($1::text[])",
             list(stored_as),
         )
         for row in rows:
-            self._cache[stored_as.pop(row["room"], row["room"])] = rd.decode_state(row["state"])
+            self._cache[stored_as.pop(row["room"], row["room"])] = pg_rows.decode_state(row["state"])
         # A room without a row has no items either (a room's row and items commit together).
         self._unpaged.update(dict.fromkeys(stored_as, 0))
 
@@ -496,24 +497,24 @@ class Projector:
         items_per_room: dict[str, int] = {}
         for room, state in pending.states.items():
             index = state.index
-            rooms.append(rd.pg_text(room))
+            rooms.append(pg_rows.pg_text(room))
             seqs.append(index.last_seq)
             firsts.append(index.first_seq)
             activities.append(index.last_activity)
             counts.append(index.events)
-            holders.append(rd.pg_text(state.floor.holder) if state.floor.holder else None)
+            holders.append(pg_rows.pg_text(state.floor.holder) if state.floor.holder else None)
             versions.append(state.session_version)
             covers.append(state.summary.covers_seq if state.summary else None)
-            docs.append(rd.encode_state(state).decode())
+            docs.append(pg_rows.encode_state(state).decode())
             if state.conversation:
-                room_key = rd.pg_text(room)
+                room_key = pg_rows.pg_text(room)
                 items_per_room[room_key] = len(state.conversation)
                 for item in state.conversation:
                     item_rows.append(_ItemRow(
-                        room=room_key, item_id=rd.pg_text(item.item_id), seq=item.seq, type=item.type,
-                        role=rd.pg_text(item.role) if item.role else item.role,
-                        speaker=rd.pg_text(item.speaker) if item.speaker else item.speaker,
-                        item=msgspec.Raw(rd.encode_item(item)),
+                        room=room_key, item_id=pg_rows.pg_text(item.item_id), seq=item.seq, type=item.type,
+                        role=pg_rows.pg_text(item.role) if item.role else item.role,
+                        speaker=pg_rows.pg_text(item.speaker) if item.speaker else item.speaker,
+                        item=msgspec.Raw(pg_rows.encode_item(item)),
                     ))
         return _Rows(
             rooms=(rooms, seqs, firsts, activities, counts, holders, versions, covers, docs),
@@ -582,7 +583,7 @@ class Projector:
                     """INSERT INTO projection_errors (projection, seq, room, event_type, error)
                        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (projection, seq) DO NOTHING""",
                     [
-                        (self.projection, s, rd.pg_text(r) if r else r, rd.pg_text(t) if t else t, rd.pg_text(e))
+                        (self.projection, s, pg_rows.pg_text(r) if r else r, pg_rows.pg_text(t) if t else t, pg_rows.pg_text(e))
                         for s, r, t, e in rows.errors
                     ],
                 )
@@ -789,7 +790,7 @@ _ROOM_TABLES = ("room_state", "conversation_items", "conversation_pages", "room_
 
 async def _room_table_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int]:
     conn = await db.connect(settings)
-    key = rd.pg_text(room)
+    key = pg_rows.pg_text(room)
     counts: dict[str, int] = {}
     try:
         async with conn.transaction():

@@ -80,7 +80,7 @@ def _room_state(name: str) -> Table:
         Column("floor_holder", Text),
         Column("session_version", BigInteger, nullable=False, server_default="0"),
         Column("summary_covers_seq", BigInteger),
-        #: projections.reducers.RoomState without its conversation.
+        #: ledger.state.RoomState without its conversation.
         Column("state", JSONB, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     )
@@ -101,7 +101,7 @@ def _conversation(name: str) -> Table:
         Column("type", Text, nullable=False),
         Column("role", Text),
         Column("speaker", Text),
-        #: projections.reducers.ConversationItem.
+        #: ledger.state.ConversationItem.
         Column("item", JSONB, nullable=False),
         #: The same JSON as text: what hydration sends (JSONB back to text is slow in bulk).
         Column("item_text", Text, nullable=False),

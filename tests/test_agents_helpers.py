@@ -17,7 +17,7 @@ from ledger.agents import (
     protocol_event_id,
     userdata_document,
 )
-from projections.reducers import merge_patch
+from ledger.state import merge_patch
 
 
 @pytest.mark.parametrize(("type_name", "body"), [
@@ -99,7 +99,7 @@ def test_each_message_once_the_feed_copy_kept() -> None:
     from datetime import UTC, datetime
 
     from ledger.handoff import once_per_message
-    from projections.reducers import ConversationItem
+    from ledger.state import ConversationItem
 
     now = datetime.now(UTC)
 

@@ -16,7 +16,7 @@ from bridge.writer import BridgeWriter
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
-from projections.reducers import fold
+from ledger.state import fold
 from tests.followed_log import FollowedLog as Log
 
 pytestmark = pytest.mark.livekit

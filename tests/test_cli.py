@@ -15,10 +15,10 @@ import pytest
 
 from cli.common import CliError, format_duration, parse_point
 from cli.main import app
-from cli.replay import ndjson_line
 from ledger import events as ev
 from ledger.client import Record
 from ledger.settings import Settings
+from ledger.timeline import ndjson_line
 from tests.test_cli_helpers import T0, at, env_for, invoke, json_of, ok, seed
 
 COMMANDS = ["replay", "state", "rooms", "purge", "doctor", "up", "migrate", "demo", "bridge", "dispatch",

@@ -39,9 +39,10 @@ import msgspec
 import pytest
 
 from ledger import db, embedded
+from ledger import state as rd
 from ledger.client import Ledger
 from ledger.settings import Settings
-from projections import reducers as rd
+from projections import rows as pg_rows
 from projections.migrate import upgrade
 from projections.projector import Projector
 from projections.rebuild import rebuild
@@ -126,17 +127,17 @@ async def _checkpoint(conn: Any, projection: str) -> int:
 
 
 def _comparable(state: rd.RoomState) -> Any:
-    return msgspec.json.decode(rd.encode_state(state)), msgspec.to_builtins(state.conversation)
+    return msgspec.json.decode(pg_rows.encode_state(state)), msgspec.to_builtins(state.conversation)
 
 
 async def _projected(conn: Any, room: str) -> rd.RoomState | None:
     row = await conn.fetchrow("SELECT seq, state::text AS state FROM room_state WHERE room = $1", room)
     if row is None:
         return None
-    state = rd.decode_state(row["state"])
+    state = pg_rows.decode_state(row["state"])
     rows = await conn.fetch("SELECT seq, item::text AS item, item_text FROM conversation_items WHERE room = $1 "
                             "ORDER BY seq", room)
-    state.conversation = [rd.decode_item(r["item"]) for r in rows]
+    state.conversation = [pg_rows.decode_item(r["item"]) for r in rows]
     await assert_pages_follow_items(conn, room, rows, "conversation_pages")
     return state
 

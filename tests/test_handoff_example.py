@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from cli.replay import handoffs as replay_handoffs
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.handoff import FAILED_PREFIX
 from ledger.settings import Settings
-from projections.reducers import fold
+from ledger.state import fold
+from ledger.timeline import handoffs as replay_handoffs
 from tests.followed_log import FollowedLog as Log
 from tests.handoff_example import ExampleWorkers, Replies
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from livekit import rtc
 
 from cli import commands
-from cli.replay import ndjson_line
 from ledger import embedded
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
+from ledger.timeline import ndjson_line
 from tests.followed_log import FollowedLog
 from tests.test_bridge_livekit import running_bridge
 

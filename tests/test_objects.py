@@ -28,8 +28,8 @@ from ledger.agents import encode_protocol, protocol_event_id
 from ledger.client import Ledger, Record
 from ledger.hydrate import close as close_hydration
 from ledger.settings import Settings
+from ledger.state import fold
 from projections.projector import Projector
-from projections.reducers import fold
 from tests.test_cli_helpers import invoke, json_of, ok
 
 MiB = 1024 * 1024

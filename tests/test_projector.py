@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 
 from ledger import db
 from ledger import events as ev
+from ledger import state as rd
 from ledger.client import Ledger
 from ledger.hydrate import close
 from ledger.settings import Settings
-from projections import reducers as rd
+from projections import rows as pg_rows
 from projections.migrate import current_revision, head_revision, upgrade
 from projections.projector import Projector, partition_of, status
 from projections.rebuild import rebuild
@@ -56,10 +57,10 @@ async def projected(conn: asyncpg.Connection[Any], room: str, table: str = "room
     row = await conn.fetchrow(f"SELECT seq, state::text AS state FROM {table} WHERE room = $1", room)
     if row is None:
         return None
-    state = rd.decode_state(row["state"])
+    state = pg_rows.decode_state(row["state"])
     assert state.seq == row["seq"]
     rows = await conn.fetch(f"SELECT seq, item::text AS item, item_text FROM {items} WHERE room = $1 ORDER BY seq", room)
-    state.conversation = [rd.decode_item(r["item"]) for r in rows]
+    state.conversation = [pg_rows.decode_item(r["item"]) for r in rows]
     await assert_pages_follow_items(conn, room, rows, pages)
     return state
 
@@ -85,8 +86,8 @@ def comparable(state: rd.RoomState) -> tuple[Any, Any]:
     """The state as plain data, as PostgreSQL can hold it (JSONB does not keep key order, dict
     equality ignores it; NUL characters become U+FFFD on the way in)."""
     return (
-        msgspec.json.decode(rd.encode_state(state)),
-        [msgspec.json.decode(rd.encode_item(item)) for item in state.conversation],
+        msgspec.json.decode(pg_rows.encode_state(state)),
+        [msgspec.json.decode(pg_rows.encode_item(item)) for item in state.conversation],
     )
 
 

@@ -10,15 +10,14 @@ from hypothesis import strategies as st
 
 from ledger import events as ev
 from ledger.client import Record
-from projections.reducers import (
+from ledger.state import (
     FLOOR_HISTORY_KEPT,
     RoomState,
     apply,
-    decode_state,
-    encode_state,
     fold,
     merge_patch,
 )
+from projections.rows import decode_state, encode_state
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 ROOM = "r"

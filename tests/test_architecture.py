@@ -1,0 +1,154 @@
+"""The import rules of the code base, checked on the import graph read from the source (``ast``).
+
+- ``ledger/`` (the core) imports none of ``bridge/``, ``projections/``, ``cli/``;
+- ``bridge/`` and ``projections/`` never import each other;
+- ``bench/`` imports no ``cli`` module (it measures the public APIs, or the ``ledger`` command as
+  a subprocess);
+- no import cycle among the modules of ``ledger``, ``bridge``, ``projections`` and ``cli``.
+
+Every import counts, at module level or inside a function (a lazy import still runs), except those
+under ``if TYPE_CHECKING:`` (never executed).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("ledger", "bridge", "projections", "cli")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package in (*PACKAGES, "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found[_module_name(path)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[str, int]]:
+    """(imported module, line) for every import that runs, resolved to a module of this repository
+    where one exists (``from ledger import state`` is ``ledger.state``; ``from ledger import Ledger``
+    is ``ledger``)."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield (sub if sub in MODULES else target), node.lineno
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _graph() -> dict[str, list[tuple[str, int]]]:
+    graph: dict[str, list[tuple[str, int]]] = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        graph[module] = sorted(set(_imports(tree, module, path.name == "__init__.py")))
+    return graph
+
+
+GRAPH = _graph()
+
+
+def _top(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def _violations(source: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}"
+        for module, targets in GRAPH.items() if _top(module) == source
+        for target, line in targets if _top(target) in forbidden
+    ]
+
+
+def test_the_graph_is_read() -> None:
+    assert "ledger.state" in {t for t, _ in GRAPH["ledger.hydrate"]}
+    assert len(GRAPH) > 50
+
+
+@pytest.mark.parametrize(("source", "forbidden"), [
+    ("ledger", ("bridge", "projections", "cli")),
+    ("bridge", ("projections", "cli")),
+    ("projections", ("bridge", "cli")),
+    ("bench", ("cli",)),
+])
+def test_import_rules(source: str, forbidden: tuple[str, ...]) -> None:
+    assert _violations(source, forbidden) == [], f"{source}/ must not import {', '.join(forbidden)}"
+
+
+def test_no_import_cycles() -> None:
+    # Tarjan's strongly connected components over the packages' modules.
+    nodes = [m for m in GRAPH if _top(m) in PACKAGES]
+    edges = {m: sorted({t for t, _ in GRAPH[m] if t in GRAPH and _top(t) in PACKAGES and t != m}) for m in nodes}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component: list[str] = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in nodes:
+        if node not in index:
+            visit(node)
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_a_violation_is_seen() -> None:
+    # The checker itself: an import of projections from the core is reported, one under
+    # TYPE_CHECKING is not.
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import cli.main\n"
+                     "def f():\n    from projections import rows\n")
+    assert sorted(_imports(tree, "ledger.x", False)) == [("projections.rows", 5), ("typing", 1)]
