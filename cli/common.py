@@ -97,12 +97,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _is_domain_error(exc: BaseException) -> bool:
-    if isinstance(exc, LedgerError):
-        return True
-    # Embedded-server errors are domain errors too; imported lazily to keep start-up light.
-    from ledger.embedded import EmbeddedError
-
-    return isinstance(exc, EmbeddedError)
+    return isinstance(exc, LedgerError)
 
 
 def fail(exc: BaseException) -> typer.Exit:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import msgspec
 
 from ledger import events as ev
+from ledger.errors import LedgerError
 from ledger.events import derived_event_id
 from ledger.settings import DEFAULT_MAX_PAYLOAD
 from ledger.state import RoomState, apply_safely
@@ -146,7 +147,7 @@ def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
     return HandoffRequest(room=data["room"], ledger_seq=data["ledger_seq"])
 
 
-class HandoffLost(Exception):
+class HandoffLost(LedgerError):
     """A handoff that did not pass the floor: its source did not hold it at that point of the log."""
 
     def __init__(self, from_agent: str, to_agent: str, seq: int, holder: str | None) -> None:

@@ -53,6 +53,7 @@ from ledger.errors import (
     EventError,
     EventTooLarge,
     LedgerError,
+    LogUnavailable,
     StreamConfigError,
     UnknownRoom,
 )
@@ -81,6 +82,15 @@ ATOMIC_BATCH_SIZE: Final = 1000
 #: JetStream's "atomic publish batch is too large" and "batch is incomplete" error codes.
 ERR_BATCH_TOO_LARGE: Final = 10199
 ERR_BATCH_INCOMPLETE: Final = 10176
+#: "atomic publish batch contains duplicate message id": nothing of the batch was stored (an id in
+#: it is within the stream's duplicate window); it is sent again event by event, which reports them.
+ERR_BATCH_DUPLICATE: Final = 10201
+#: "atomic publish is disabled" on this stream.
+ERR_ATOMIC_DISABLED: Final = 10174
+#: The NATS protocol's -ERR texts for refused credentials. Core NATS errors carry no code, and at
+#: connect nats-py raises the server's line as a plain ``nats.errors.Error``.
+_CREDENTIALS_REFUSED: Final = ("authorization violation", "authentication timeout", "authentication expired",
+                               "user authentication revoked")
 #: Object Store chunk size (nats-py's default) and chunks a payload put keeps in flight.
 _PUT_CHUNK: Final = 128 * 1024
 _PUT_WINDOW: Final = 8
@@ -500,6 +510,14 @@ class ObjectUpload:
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
+def credentials_refused(exc: nats.errors.Error) -> bool:
+    """Whether NATS refused the connection's credentials (a permanent error: retrying cannot help)."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    text = str(exc).lower()
+    return any(refusal in text for refusal in _CREDENTIALS_REFUSED)
+
+
 class Ledger:
     """An async context manager around one NATS connection and the ledger's stream."""
 
@@ -567,7 +585,7 @@ class Ledger:
             # The first connection must fail fast and clearly; only later drops reconnect forever.
             self._nc = await asyncio.wait_for(self._first_connect(options), timeout=10)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise ConnectError(self._unreachable_message(exc)) from exc
+            raise LogUnavailable(self._unreachable_message(exc)) from exc
         # nats-py checks every header character one by one (46 a message here, half the cost of
         # a read); JetStream's own and our headers are well-formed ASCII, so parse them plainly.
         self._nc._parse_header_lines = _parse_header_lines  # type: ignore[method-assign]
@@ -593,7 +611,7 @@ class Ledger:
             writer.close()
             reachable.append(url)
         if not reachable:
-            raise ConnectError(self._unreachable_message(last_error))
+            raise LogUnavailable(self._unreachable_message(last_error))
         nc = NatsClient()
         # The first connection does not retry: a refused login or a failed TLS handshake is an
         # answer, not an outage. Once connected, drops reconnect forever.
@@ -606,8 +624,7 @@ class Ledger:
                 "and LEDGER_NATS_TLS_KEY"
             ) from exc
         except nats.errors.Error as exc:
-            text = str(exc).lower()
-            if "authorization" in text or "authentication" in text:
+            if credentials_refused(exc):
                 raise ConnectError(
                     f"NATS at {where} refused the credentials ({exc}): check LEDGER_NATS_USER and "
                     "LEDGER_NATS_PASSWORD, LEDGER_NATS_CREDS or LEDGER_NATS_NKEY_SEED"
@@ -985,7 +1002,7 @@ class Ledger:
         commit = await self._await_ack(batch.commit_future, f"atomic batch {batch.batch_id}")
         error = first.error or commit.error
         if error is not None:
-            if "duplicate" in error.description.lower():
+            if error.err_code == ERR_BATCH_DUPLICATE:
                 return None
             if error.err_code in (ERR_BATCH_TOO_LARGE, ERR_BATCH_INCOMPLETE) and size > 1:
                 # Nothing of the batch was stored: send it again event by event, and smaller
@@ -994,7 +1011,7 @@ class Ledger:
                 log.info("the server refused an atomic batch of %d (%s); batches of %d from now on",
                          size, error.description, self._atomic_max)
                 return None
-            if "atomic" in error.description.lower() and "disabled" in error.description.lower():
+            if error.err_code == ERR_ATOMIC_DISABLED:
                 self._atomic = False
                 return None
             raise AppendError(
@@ -1129,7 +1146,7 @@ class Ledger:
                 nats.errors.NoRespondersError,
             ) as exc:
                 if time.monotonic() + delay > deadline:
-                    raise ConnectError(
+                    raise LogUnavailable(
                         f"JetStream at {self.nats_url} did not create a reader for {subject} "
                         f"({type(exc).__name__}): is the stream {self.settings.stream!r} available? "
                         "`ledger doctor` shows its state"
@@ -1217,7 +1234,7 @@ class Ledger:
                     try:
                         msg = await sub.next_msg(timeout=ACK_TIMEOUT_S)
                     except nats.errors.TimeoutError as exc:
-                        raise ConnectError(
+                        raise LogUnavailable(
                             f"no answer from JetStream at {self.nats_url} reading room {room!r}: "
                             "`ledger doctor` shows the stream's state"
                         ) from exc

@@ -8,10 +8,12 @@ Driver errors become :class:`ledger.errors.ConnectError` with a message that say
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from ledger.errors import ConnectError
+from ledger.errors import ConnectError, DatabaseUnavailable
 from ledger.settings import Settings
 
 if TYPE_CHECKING:
@@ -67,7 +69,8 @@ async def database_url(settings: Settings) -> str:
     except Exception as exc:
         raise ConnectError(
             f"cannot start the embedded PostgreSQL under {settings.home}: {exc}; "
-            "set LEDGER_DATABASE_URL to a PostgreSQL of your own, or run `ledger up` to see why"
+            "set LEDGER_DATABASE_URL to a PostgreSQL of your own, or run `ledger up` to see why",
+            server="PostgreSQL",
         ) from exc
     return info.url
 
@@ -85,16 +88,54 @@ def running_url(settings: Settings) -> str | None:
     return info.url if info is not None else None
 
 
+#: SQLSTATE classes and codes after which the same statement can succeed later: connection
+#: exception (08), insufficient resources (53), operator intervention (57: shutdown, cannot connect
+#: now, query cancelled), system error (58), serialization failure and deadlock (40001, 40P01).
+TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
+TRANSIENT_SQLSTATES: Final = frozenset({"40001", "40P01"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a driver error from PostgreSQL (or the way to it) is worth retrying, by its type."""
+    # asyncpg takes 50 ms to import: `import ledger` (the CLI's start) goes without it.
+    import asyncpg
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = str(exc.sqlstate or "")
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
+    if isinstance(exc, asyncpg.ClientConfigurationError | asyncpg.exceptions.UnsupportedClientFeatureError):
+        return False
+    # InterfaceError: the connection is closed or busy; InternalClientError: "cannot switch to
+    # state …; another operation is in progress" when a transaction starts on a connection
+    # PostgreSQL has just dropped; OSError / TimeoutError: the socket.
+    return isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError)
+
+
+@contextlib.contextmanager
+def database_errors(what: str) -> Iterator[None]:
+    """The PostgreSQL boundary: a transient driver error inside becomes :class:`DatabaseUnavailable`
+    (``raise … from`` the driver's); anything else passes unchanged. Only PostgreSQL work goes inside."""
+    try:
+        yield
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise DatabaseUnavailable(f"PostgreSQL is unavailable while {what} ({type(exc).__name__}: {exc}); "
+                                      "retrying can succeed once it is back") from exc
+        raise
+
+
 def unreachable(url: str, settings: Settings, exc: BaseException) -> ConnectError:
     detail = str(exc) or type(exc).__name__
+    cls = DatabaseUnavailable if is_transient(exc) else ConnectError
     if settings.database_url:
-        return ConnectError(
+        return cls(
             f"cannot reach PostgreSQL at {masked(url)} ({detail}): start it, check LEDGER_DATABASE_URL, "
-            "or unset LEDGER_DATABASE_URL to use the embedded PostgreSQL"
+            "or unset LEDGER_DATABASE_URL to use the embedded PostgreSQL", server="PostgreSQL"
         )
-    return ConnectError(
+    return cls(
         f"cannot reach the embedded PostgreSQL at {masked(url)} ({detail}): run `ledger up`, or remove "
-        f"the stale state under {settings.home}"
+        f"the stale state under {settings.home}", server="PostgreSQL"
     )
 
 

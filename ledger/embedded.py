@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ledger.errors import EmbeddedError
+
 __all__ = [
     "EmbeddedError",
     "ServerInfo",
@@ -55,10 +57,6 @@ _PG_SYSTEM_USER = "embedded_postgres"
 _LOCK_TIMEOUT = 120.0
 _NATS_START_TIMEOUT = 30.0
 _PG_START_TIMEOUT = 60.0
-
-
-class EmbeddedError(Exception):
-    """The embedded server could not be started, found or stopped; the message says what to do."""
 
 
 @dataclass(frozen=True)

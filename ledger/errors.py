@@ -3,6 +3,9 @@
     LedgerError
     ├── SettingsError           a variable or flag has a bad value (names it and the expected form)
     ├── ConnectError            NATS or Postgres cannot be reached (names the URL and the way out)
+    │   └── Unavailable         transient: the server is away for now, retrying can succeed
+    │       ├── LogUnavailable        NATS / JetStream
+    │       └── DatabaseUnavailable   PostgreSQL (asyncpg's connection errors, SQLSTATE 08, 53, 57, 58, 40001, 40P01)
     ├── StreamConfigError       the stream exists with settings that cannot be changed in place
     ├── EventError
     │   ├── InvalidRoomName     a room name that cannot be a room (empty, too long)
@@ -10,10 +13,20 @@
     │   └── EventTooLarge       bigger than the stream's maximum message size (says both numbers)
     ├── AppendError             the server refused an append (carries its err_code)
     │   └── ConflictError       a conditional append lost: the room moved past the expected sequence
-    └── UnknownRoom             a room with no events in the log (suggests close names)
+    ├── UnknownRoom             a room with no events in the log (suggests close names)
+    ├── EmbeddedError           the embedded nats-server / PostgreSQL cannot be started, found or stopped
+    ├── CheckpointMoved         a projection's checkpoint row moved under its worker (it reloads)
+    ├── HydrateTimeout          (ledger.hydrate) the state did not reach ``min_seq`` in time
+    ├── RoleUnavailable         (ledger.roles) no role of a claim was free in time
+    ├── HandoffLost             (ledger.agents) a handoff that passed nothing: its source did not hold the floor
+    ├── HandoffFailed           (ledger.handoff) a handoff did not complete; the source keeps the caller
+    ├── WebhookRejected, WebhookUnroutable   (ledger.webhooks)
+    └── CliError                (cli.common) a command cannot do what was asked (one line, exit 1)
 
-Driver errors (nats, asyncpg) are mapped at the boundary with ``raise … from exc`` so callers
-catch one tree and still see the cause.
+Driver errors are mapped at one boundary each, with ``raise … from exc`` so callers catch one
+tree and still see the cause: JetStream's by their ``err_code`` (:mod:`ledger.client`),
+PostgreSQL's by asyncpg's exception classes and SQLSTATE (:func:`ledger.db.database_errors`).
+Whether an error is worth retrying is its type: :class:`Unavailable` is, the rest are not.
 """
 
 from __future__ import annotations
@@ -28,7 +41,27 @@ class SettingsError(LedgerError):
 
 
 class ConnectError(LedgerError):
-    """A server cannot be reached. The message names it and what to do."""
+    """A server cannot be reached. The message names it and what to do; ``server`` says which."""
+
+    default_server = "NATS"
+
+    def __init__(self, message: str, *, server: str | None = None) -> None:
+        super().__init__(message)
+        self.server: str = server or self.default_server
+
+
+class Unavailable(ConnectError):
+    """A server is away for now (down, restarting, overloaded, connection lost): retrying can succeed."""
+
+
+class LogUnavailable(Unavailable):
+    """NATS / JetStream is away for now."""
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL is away for now."""
+
+    default_server = "PostgreSQL"
 
 
 class StreamConfigError(LedgerError):
@@ -83,6 +116,14 @@ class ConflictError(AppendError):
         )
         self.subject_filter = subject_filter
         self.expected = expected
+
+
+class EmbeddedError(LedgerError):
+    """The embedded server could not be started, found or stopped; the message says what to do."""
+
+
+class CheckpointMoved(LedgerError):
+    """The checkpoint row is not where this worker left it (another worker, or a rebuild swap)."""
 
 
 class UnknownRoom(LedgerError):

@@ -67,6 +67,7 @@ from ledger import state as rd
 from ledger import tracing
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
+from ledger.errors import LedgerError
 from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
 from ledger.settings import Settings
 
@@ -99,7 +100,7 @@ _IN_TURN: Final = frozenset({"thinking", "speaking"})
 _links: weakref.WeakKeyDictionary[AgentSession[Any], LedgerLink] = weakref.WeakKeyDictionary()
 
 
-class HandoffFailed(Exception):
+class HandoffFailed(LedgerError):
     """A handoff did not complete: the source keeps the caller (``reason`` says why)."""
 
     def __init__(self, to_agent: str, reason: str) -> None:

@@ -54,9 +54,13 @@ async def _with_connection(settings: Settings, fn: Any, *args: Any) -> Any:
         async with engine.begin() as conn:
             return await conn.run_sync(fn, *args)
     except (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-        if isinstance(exc, sa_exc.DBAPIError) and not exc.connection_invalidated and "connect" not in str(exc):
+        # SQLAlchemy wraps the driver's error (exc.orig, an adapter whose cause is asyncpg's): the
+        # mapping is by that error's class and SQLSTATE, like every other PostgreSQL boundary.
+        orig = getattr(exc, "orig", None)
+        driver = getattr(orig, "__cause__", None) or orig or exc
+        if isinstance(exc, sa_exc.DBAPIError) and not exc.connection_invalidated and not db.is_transient(driver):
             raise
-        raise db.unreachable(url, settings, exc) from exc
+        raise db.unreachable(url, settings, driver) from exc
     finally:
         await engine.dispose()
 

@@ -56,6 +56,7 @@ from ledger import db, metrics
 from ledger import events as ev
 from ledger import state as rd
 from ledger.client import Ledger, Record, needs_payload
+from ledger.errors import CheckpointMoved
 from ledger.errors import ConnectError as LedgerConnectError
 from ledger.feed import DEFAULT_WINDOW, Delivery, StreamFeed
 from ledger.settings import Settings
@@ -107,10 +108,6 @@ def partition_of(room_token: str, partitions: int) -> int:
         return 0
     digest = hashlib.blake2b(room_token.encode("ascii"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % partitions
-
-
-class CheckpointMoved(Exception):
-    """The checkpoint row is not where this worker left it (another worker, or a rebuild swap)."""
 
 
 @dataclass(slots=True)
@@ -303,7 +300,7 @@ class Projector:
                 await self._reset()
                 continue
             except _TRANSIENT as exc:
-                what = "Postgres" if isinstance(exc, db_errors()) or "postgres" in repr(exc).lower() else "NATS"
+                what = exc.server if isinstance(exc, LedgerConnectError) else "NATS"
                 if self._outage is None:
                     log.warning("%s unavailable (%s); retrying with backoff, nothing is lost",
                                 what, type(exc).__name__)
@@ -436,10 +433,11 @@ class Projector:
         # A room evicted from the cache may have its newest state in the batch being written.
         await self._flush()
         stored_as = {pg_rows.pg_text(room): room for room in missing}
-        rows = await self._conn.fetch(
-            f"SELECT room, state::text AS state FROM {self.tables.room_state} WHERE room = ANY($1::text[])",
-            list(stored_as),
-        )
+        with db.database_errors("loading room states"):
+            rows = await self._conn.fetch(
+                f"SELECT room, state::text AS state FROM {self.tables.room_state} WHERE room = ANY($1::text[])",
+                list(stored_as),
+            )
         for row in rows:
             self._cache[stored_as.pop(row["room"], row["room"])] = pg_rows.decode_state(row["state"])
         # A room without a row has no items either (a room's row and items commit together).
@@ -452,6 +450,10 @@ class Projector:
     # --- writing -----------------------------------------------------------------------------
 
     async def _load_checkpoint(self) -> int:
+        with db.database_errors("loading the checkpoint"):
+            return await self._read_checkpoint()
+
+    async def _read_checkpoint(self) -> int:
         row = await self._conn.fetchrow(
             "SELECT seq FROM projection_checkpoints WHERE projection = $1 AND partition = $2",
             self.projection, self.partition,
@@ -524,6 +526,10 @@ class Projector:
         )
 
     async def _commit(self, rows: _Rows, last: int) -> None:
+        with db.database_errors("committing a batch"):
+            await self._write_batch(rows, last)
+
+    async def _write_batch(self, rows: _Rows, last: int) -> None:
         rs, ci = self.tables.room_state, self.tables.conversation
         conn = self._conn
         unpaged: dict[str, int] = {}
@@ -533,7 +539,8 @@ class Projector:
                 self.projection, self.partition,
             )
             if current is not None and int(current) != self.checkpoint:
-                raise CheckpointMoved()
+                raise CheckpointMoved(f"the checkpoint of {self.projection}/{self.partition} is at {current}, "
+                                      f"not {self.checkpoint}: another worker wrote it; reloading")
             if rows.rooms[0]:
                 await conn.execute(
                     f"""
@@ -662,20 +669,10 @@ def _safe_room(token: str) -> str | None:
         return None
 
 
-def db_errors() -> tuple[type[BaseException], ...]:
-    import asyncpg
-
-    # InternalClientError: "cannot switch to state …; another operation is in progress" when a
-    # transaction starts on a connection PostgreSQL has just dropped.
-    return (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-            asyncpg.InternalClientError,
-            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.TooManyConnectionsError)
-
-
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, ConnectionError, nats.errors.Error, LedgerConnectError, *db_errors()
-)
+#: What the projector waits out, retrying with backoff: a server away (typed at its boundary,
+#: :func:`ledger.db.database_errors` for PostgreSQL) and nats-py's own errors (its client
+#: reconnects by itself); a ConnectError at start (either server) is waited out too.
+_TRANSIENT: tuple[type[BaseException], ...] = (LedgerConnectError, nats.errors.Error, TimeoutError)
 
 
 # --- status (ledger doctor) -------------------------------------------------------------------
