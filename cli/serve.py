@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.resources
+import ipaddress
 import logging
 import time
 from collections import deque
@@ -632,12 +633,25 @@ async def start(ledger: Ledger, *, host: str = DEFAULT_HOST, port: int = DEFAULT
                           token=bool(token))
 
 
+def open_to_others(host: str, token: str | None) -> bool:
+    """True when the view listens beyond this machine with no token: anyone reaching it reads every room."""
+    if token:
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
 async def serve(settings: Any, *, host: str, port: int, token: str | None, as_json: bool) -> None:
     """``ledger serve``: run until Ctrl-C."""
-    from cli.common import console, write_json
+    from cli.common import console, err_console, write_json
 
     async with Ledger(settings, name="ledger-serve") as ledger:
         runner, served = await start(ledger, host=host, port=port, token=token)
+        if open_to_others(host, token):
+            err_console.print(f"warning: ledger serve listens on {host} with no token: anyone who can reach it "
+                              "reads every room; set --token (or LEDGER_SERVE_TOKEN)")
         try:
             if as_json:
                 write_json({"event": "serving", "url": served.url, "host": served.host, "port": served.port,

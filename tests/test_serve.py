@@ -278,3 +278,12 @@ async def test_eight_tabs_follow_one_room(ledger: Ledger, room: str, served: str
     finally:
         for page in pages:
             await page.close()
+
+
+def test_a_view_open_to_others_without_a_token_is_flagged() -> None:
+    from cli.serve import open_to_others
+
+    assert not open_to_others("127.0.0.1", None) and not open_to_others("::1", None)
+    assert not open_to_others("localhost", None) and not open_to_others("0.0.0.0", "tok")
+    assert open_to_others("0.0.0.0", None) and open_to_others("::", None) and open_to_others("10.1.2.3", None)
+    assert open_to_others("ledger.internal", None)
