@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
             append_s = time.perf_counter() - started
             head = await ledger.head()
             started = time.perf_counter()
-            async with Projector(settings, batch_size=5000) as projector:
+            async with Projector(settings, batch_size=5000, tune_gc=True) as projector:
                 await projector.catch_up()
             project_s = time.perf_counter() - started
             conn = await db.connect(settings)

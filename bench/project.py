@@ -47,7 +47,7 @@ async def main(args: argparse.Namespace) -> None:
             for run in range(args.runs):
                 await conn.execute("TRUNCATE room_state, conversation_items, conversation_pages, "
                                    "projection_checkpoints, projection_errors")
-                async with Projector(settings, projection=f"bench{run}", batch_size=args.batch_size,
+                async with Projector(settings, projection=f"bench{run}", batch_size=args.batch_size, tune_gc=True,
                                      migrate=False) as projector:
                     started = time.perf_counter()
                     await projector.catch_up(until=total)

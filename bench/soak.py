@@ -131,7 +131,7 @@ async def projector_role(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    projector = Projector(settings, migrate=False)
+    projector = Projector(settings, migrate=False, tune_gc=True)
     try:
         await projector.run(stop)
     finally:

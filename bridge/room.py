@@ -18,7 +18,9 @@ from datetime import datetime
 from typing import Any, Final
 
 from livekit import rtc
+from livekit.rtc.room import EventTypes
 
+from bridge import _sdk
 from bridge.ingest import TYPED_TOPICS, Ingest, ParticipantObservation
 from bridge.payloads import SpoolWriter
 from ledger import events as ev
@@ -30,18 +32,6 @@ log = logging.getLogger("bridge.room")
 _YIELD_EVERY: Final = 50
 
 Observation = Callable[[], None]
-
-
-class _CatchAll(dict[str, Any]):
-    """A stream-handler table that answers every topic (one handler per topic per room)."""
-
-    def __init__(self, fallback: Any) -> None:
-        super().__init__()
-        self.fallback = fallback
-
-    def get(self, key: str, default: Any = None) -> Any:
-        found = super().get(key)
-        return found if found is not None else self.fallback
 
 
 def _observe(participant: rtc.RemoteParticipant) -> ParticipantObservation:
@@ -70,6 +60,10 @@ class RoomBridge:
         self.disconnect_reason = ""
         self._pump: asyncio.Task[None] | None = None
         self._attached = False
+        #: What attach() registered, undone by close(): the room may live on (a worker's job).
+        self._handlers: list[tuple[EventTypes, Callable[..., None]]] = []
+        self._restore_streams: Callable[[], None] | None = None
+        self._known_topics = False
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -79,29 +73,30 @@ class RoomBridge:
             return
         self._attached = True
         room = self.room
-        room.on("participant_connected", self._on_participant_connected)
-        room.on("participant_disconnected", self._on_participant_disconnected)
-        room.on("participant_attributes_changed", self._on_attributes_changed)
-        room.on("participant_metadata_changed", self._on_metadata_changed)
-        room.on("participant_name_changed", self._on_name_changed)
-        room.on("room_metadata_changed", self._on_room_metadata_changed)
-        room.on("track_published", self._on_track_published)
-        room.on("data_received", self._on_data_received)
-        room.on("reconnecting", self._on_reconnecting)
-        room.on("reconnected", self._on_reconnected)
-        room.on("disconnected", self._on_disconnected)
-        if hasattr(room, "_text_stream_handlers") and hasattr(room, "_byte_stream_handlers"):
+        events: tuple[tuple[EventTypes, Callable[..., None]], ...] = (
+            ("participant_connected", self._on_participant_connected),
+            ("participant_disconnected", self._on_participant_disconnected),
+            ("participant_attributes_changed", self._on_attributes_changed),
+            ("participant_metadata_changed", self._on_metadata_changed),
+            ("participant_name_changed", self._on_name_changed),
+            ("room_metadata_changed", self._on_room_metadata_changed),
+            ("track_published", self._on_track_published),
+            ("data_received", self._on_data_received),
+            ("reconnecting", self._on_reconnecting),
+            ("reconnected", self._on_reconnected),
+            ("disconnected", self._on_disconnected),
+        )
+        for event, handler in events:
+            room.on(event, handler)
+            self._handlers.append((event, handler))
+        if _sdk.has_stream_tables(room):
             # every topic, not just the ones we know of: "anything else -> data"
-            text_table = _CatchAll(self._on_text_stream)
-            text_table.update(room._text_stream_handlers)
-            room._text_stream_handlers = text_table
-            byte_table = _CatchAll(self._on_byte_stream)
-            byte_table.update(room._byte_stream_handlers)
-            room._byte_stream_handlers = byte_table
+            self._restore_streams = _sdk.catch_all_streams(room, self._on_text_stream, self._on_byte_stream)
         else:  # pragma: no cover - an SDK without the private tables: known topics only
             for topic in ("lk.transcription", "lk.chat", "ledger"):
                 room.register_text_stream_handler(topic, self._on_text_stream)
             room.register_byte_stream_handler("lk.agent.session", self._on_byte_stream)
+            self._known_topics = True
         self._pump = asyncio.create_task(self._run_queue(), name="bridge-room-pump")
 
     def connected(self) -> None:
@@ -130,6 +125,24 @@ class RoomBridge:
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
+        self.detach()
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`: the room's callbacks and stream handlers are the bridge's no more."""
+        room = self.room
+        for event, handler in self._handlers:
+            with contextlib.suppress(Exception):
+                room.off(event, handler)
+        self._handlers.clear()
+        if self._restore_streams is not None:
+            self._restore_streams()
+            self._restore_streams = None
+        if self._known_topics:
+            for topic in ("lk.transcription", "lk.chat", "ledger"):
+                room.unregister_text_stream_handler(topic)
+            room.unregister_byte_stream_handler("lk.agent.session")
+            self._known_topics = False
+        self._attached = False
 
     # --- the queue -------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from livekit import rtc
 
+from bridge._sdk import only_own_room_events
 from bridge.room import RoomBridge
 from bridge.stats import Counters, read_stats, write_stats
 from bridge.tokens import _credentials, bridge_identity, bridge_token
@@ -190,36 +191,6 @@ async def _connect_slot() -> AsyncIterator[None]:
         yield
     finally:
         _CONNECTING.release()
-
-
-def only_own_room_events(room: rtc.Room) -> None:
-    """Stop handing other rooms' events to this connected room's event loop.
-
-    livekit 1.1 gives every FFI event to every connected ``rtc.Room`` of the process, and each
-    room's listener wakes for it and passes it through its own queue, whichever room it belongs
-    to. The worker runs each room in a thread with its own loop: one data packet woke every
-    room's thread, N² work behind the GIL (p99 of seconds at 50 rooms x 5 packets/s, see
-    bench/capture.py). Other rooms' room events are now dropped in the FFI callback, before any
-    loop wakes; every other event (callbacks, streams, RPC) is delivered as before.
-    """
-    try:
-        from livekit.rtc._ffi_client import FfiClient
-
-        queue = FfiClient.instance.queue
-        if room._ffi_handle is None:
-            return
-        own, handle = room._ffi_queue, room._ffi_handle.handle
-        with queue._lock:
-            for i, (subscriber, loop, keep) in enumerate(queue._subscribers):
-                if subscriber is own:
-                    def only_own(event: Any, keep: Any = keep) -> bool:
-                        if event.WhichOneof("message") == "room_event" and event.room_event.room_handle != handle:
-                            return False
-                        return keep is None or bool(keep(event))
-
-                    queue._subscribers[i] = (subscriber, loop, only_own)
-    except (AttributeError, ImportError, TypeError, ValueError):  # another SDK: every event, as before
-        log.debug("bridge: cannot narrow the room's FFI events on this livekit version")
 
 
 def _record_predecessor_gaps(settings: Settings, room: str, bridge_id: str, ingest: Any) -> None:

@@ -72,7 +72,11 @@ class SpillFile:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._w = open(path, "ab")  # noqa: SIM115 - held open while the file is ours
-            fcntl.flock(self._w.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self._w.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.close_handles()
+                raise
         self._r = open(path, "rb")  # noqa: SIM115
 
     @classmethod
@@ -89,7 +93,8 @@ class SpillFile:
             return None
         spill = cls(path, create=False)
         spill._w = handle
-        spill.unread = sum(1 for _ in open(path, "rb"))  # noqa: SIM115
+        with open(path, "rb") as lines:
+            spill.unread = sum(1 for _ in lines)
         spill.known_count = True
         return spill
 
@@ -179,9 +184,8 @@ class BridgeWriter:
         self.stats_interval = stats_interval
         self.on_ack = on_ack
         self.spool = PayloadSpool(self.home / "bridge" / "payloads", uploader=ledger.upload)
-        self._memory: deque[ev.KnownEvent] = deque()
-        #: id(event) -> its encoding, when the submitter already had it (saves encoding twice)
-        self._encoded: dict[int, bytes] = {}
+        #: Events with their encoding when the submitter already had it (saves encoding twice).
+        self._memory: deque[tuple[ev.KnownEvent, bytes | None]] = deque()
         self._orphans: list[SpillFile] = []
         self._spill: SpillFile | None = None
         self._wake = asyncio.Event()
@@ -226,13 +230,11 @@ class BridgeWriter:
                     or self._closed:
                 self._to_spill(event, encoded)
             else:
-                self._memory.append(event)
-                if encoded is not None:
-                    self._encoded[id(event)] = encoded
+                self._memory.append((event, encoded))
         except Exception as exc:  # a full disk must not kill the room callbacks
             self.counters.last_error = f"spill: {type(exc).__name__}"
             log.error("bridge writer: cannot spill an event (%s); keeping it in memory", type(exc).__name__)
-            self._memory.append(event)
+            self._memory.append((event, encoded))
         self._idle.clear()
         self._wake.set()
 
@@ -308,7 +310,7 @@ class BridgeWriter:
         lines: list[bytes] = []
         for orphan in self._orphans:
             lines.extend(orphan.remaining_lines())
-        lines.extend(ev.encode(e) for e in self._memory)
+        lines.extend(encoded if encoded is not None else ev.encode(e) for e, encoded in self._memory)
         if self._spill is not None:
             lines.extend(self._spill.remaining_lines())
         if lines:
@@ -323,44 +325,44 @@ class BridgeWriter:
             self._spill.remove()
         self._orphans.clear()
         self._memory.clear()
-        self._encoded.clear()
         self._spill = None
         return len(lines)
 
-    def _next_batch(self) -> tuple[list[ev.KnownEvent], Callable[[], None]]:
-        """The oldest events and a function that drops them from their source once acknowledged."""
+    def _next_batch(self) -> tuple[list[ev.KnownEvent], list[bytes | None] | None, Callable[[], None]]:
+        """The oldest events, their encodings where known (None: none known), and a function that
+        drops them from their source once acknowledged."""
         while self._orphans:
             orphan = self._orphans[0]
             events, position, lines = orphan.peek(self.batch_size)
             if events:
-                return events, lambda o=orphan, p=position, n=lines: o.advance(p, n)
+                return events, None, lambda o=orphan, p=position, n=lines: o.advance(p, n)
             orphan.remove()
             self._orphans.pop(0)
         if self._memory:
             count = min(len(self._memory), self.batch_size)
-            events = list(itertools.islice(self._memory, count))
+            queued = list(itertools.islice(self._memory, count))
 
             def drop_memory(n: int = count) -> None:
                 for _ in range(n):
-                    self._encoded.pop(id(self._memory.popleft()), None)
+                    self._memory.popleft()
 
-            return events, drop_memory
+            return [event for event, _ in queued], [encoded for _, encoded in queued], drop_memory
         if self._spill is not None:
             events, position, lines = self._spill.peek(self.batch_size)
             if events:
                 spill = self._spill
-                return events, lambda s=spill, p=position, n=lines: s.advance(p, n)
+                return events, None, lambda s=spill, p=position, n=lines: s.advance(p, n)
             self._spill.advance(position, lines)
             if self._spill.unread == 0 or lines == 0:
                 self._spill.remove()
                 self._spill = None
                 log.info("bridge writer: disk buffer drained")
-        return [], lambda: None
+        return [], None, lambda: None
 
     async def _run(self) -> None:
         delay = self.retry_initial
         while True:
-            events, commit = self._next_batch()
+            events, encodings, commit = self._next_batch()
             if not events:
                 self._idle.set()
                 self._wake.clear()
@@ -371,7 +373,7 @@ class BridgeWriter:
             started = metrics.now()
             try:
                 await self._store_objects(events)
-                positions = await self._append(events, self._payloads(events))
+                positions = await self._append(events, self._payloads(events, encodings))
             except EventError:
                 positions = await self._append_one_by_one(events)
             except asyncio.CancelledError:
@@ -425,14 +427,13 @@ class BridgeWriter:
             if event.payload is not None:
                 self.spool.discard(event.payload.name)
 
-    def _payloads(self, events: list[ev.KnownEvent]) -> list[bytes]:
+    @staticmethod
+    def _payloads(events: list[ev.KnownEvent], encodings: list[bytes | None] | None) -> list[bytes]:
         """The events as ingest encoded them (encoded here when it did not, e.g. from a spill file)."""
-        encoded = self._encoded
-        payloads: list[bytes] = []
-        for event in events:
-            data = encoded.get(id(event))
-            payloads.append(data if data is not None else ev.encode(event))
-        return payloads
+        if encodings is None:
+            return [ev.encode(event) for event in events]
+        return [data if data is not None else ev.encode(event)
+                for event, data in zip(events, encodings, strict=True)]
 
     async def _append(self, events: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
         """Pipelined appends or atomic batches, whichever is expected to be done sooner.

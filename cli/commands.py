@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +33,6 @@ from ledger.settings import Settings
 
 def settings() -> Settings:
     return settings_from()
-
-
-def _optional(module: str, what: str) -> Any:
-    """A module another part of room-ledger provides; a clear error while it is missing."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            raise CliError(f"{what} is not available in this build ({module} is missing)") from exc
-        raise
 
 
 # --- replay -------------------------------------------------------------------------------------
@@ -410,7 +399,7 @@ async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
 
 
 async def migrate(settings: Settings, *, as_json: bool) -> None:
-    migrate_module = _optional("projections.migrate", "ledger migrate")
+    from projections import migrate as migrate_module
     before = await migrate_module.current_revision(settings)
     await migrate_module.upgrade(settings)
     after = await migrate_module.current_revision(settings)
@@ -434,7 +423,7 @@ async def demo(settings: Settings, *, keep: bool, as_json: bool) -> None:
 
 
 async def bridge(settings: Settings, *, room: str | None) -> None:
-    worker = _optional("bridge.worker", "ledger bridge")
+    from bridge import worker
     stop = asyncio.Event()
     _stop_on_signals(stop)
     err_console.print(f"bridge running{' in room ' + repr(room) if room else ' (taking dispatches)'}; Ctrl-C stops it")
@@ -452,7 +441,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_json: bool) -> None:
-    tokens = _optional("bridge.tokens", "ledger dispatch")
+    from bridge import tokens
     name = agent_name or settings.bridge_agent_name
     result = await tokens.create_dispatch(settings, room, agent_name=name)
     data = {"room": room, "agent_name": name, "dispatch_id": getattr(result, "id", "")}
@@ -470,9 +459,9 @@ async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_
 async def project(
     settings: Settings, *, once: bool, as_json: bool, partition: int = 0, partitions: int = 1
 ) -> None:
-    module = _optional("projections.projector", "ledger project")
+    from projections import projector as module
     started = asyncio.get_running_loop().time()
-    projector = module.Projector(settings, partition=partition, partitions=partitions)
+    projector = module.Projector(settings, partition=partition, partitions=partitions, tune_gc=True)
     try:
         if once:
             seq = await projector.catch_up(until=await _last_stored_seq(settings))
@@ -497,18 +486,12 @@ async def _last_stored_seq(settings: Settings) -> int:
     After a purge of the newest room the stream's last sequence points past every stored
     message; catching up to it would wait for a message that will never come.
     """
-    import nats.js.errors
-
     async with Ledger(settings, name="ledger-project") as ledger:
-        try:
-            msg = await ledger.js.get_last_msg(settings.stream, ledger.subjects.all_rooms(), direct=True)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return int(msg.seq or 0)
+        return await ledger.head()
 
 
 async def rebuild(settings: Settings, *, yes: bool, as_json: bool, projection: str = "rooms") -> None:
-    module = _optional("projections.rebuild", "ledger rebuild")
+    from projections import rebuild as module
     known = tuple(module.PROJECTIONS)
     if projection not in known:
         raise CliError(f"no projection {projection!r}: expected one of {', '.join(known)}")

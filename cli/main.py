@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer._click.exceptions import ClickException, UsageError
 from typer.core import TyperGroup
-from typer.exceptions import Abort
 
 from cli import commands
 from cli.common import GlobalOptions, err_console, guard, print_error, run, set_global_options
+
+
+def _click_base(name: str) -> Any:
+    """Click's ``name`` exception class, found from typer's public ``BadParameter``: typer 0.12 uses
+    click itself, newer typers a copy of it inside (a private module), and both have this class.
+    (Any: which module's class it is depends on the installed typer.)"""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+UsageError = _click_base("UsageError")
+ClickException = _click_base("ClickException")
 
 
 class _Group(TyperGroup):
@@ -38,7 +47,7 @@ class _Group(TyperGroup):
         except ClickException as exc:
             print_error(exc.format_message())
             sys.exit(1)
-        except Abort:
+        except typer.Abort:
             err_console.print("aborted")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ from ledger import events as ev
 from ledger.errors import LedgerError
 from ledger.events import derived_event_id
 from ledger.settings import DEFAULT_MAX_PAYLOAD
-from ledger.state import RoomState, apply_safely
+from ledger.state import RoomState, apply_safely, merge_patch
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -228,7 +229,8 @@ class LedgerAgent:
 
     async def patch_session(self, patch: Mapping[str, Any]) -> str:
         """Publish an RFC 7386 merge patch of the room's session document."""
-        self._published_session = _apply_patch(self._published_session, dict(patch))
+        # The agent's own copy (see adopt_session), so patched in place.
+        self._published_session = merge_patch(self._published_session, dict(patch))
         return await self.publish("session.patch", ev.SessionPatch(patch=dict(patch)))
 
     async def sync_userdata(self, userdata: Any) -> str | None:
@@ -241,7 +243,8 @@ class LedgerAgent:
 
     def adopt_session(self, session: Mapping[str, Any]) -> None:
         """Start diffing from a hydrated session (a handoff target), so only changes are published."""
-        self._published_session = dict(session)
+        # A copy of its own: the hydrated state's nested documents are the fold's.
+        self._published_session = copy.deepcopy(dict(session))
 
     async def publish_summary(self, text: str, covers_seq: int) -> str:
         return await self.publish("context.summary", ev.ContextSummary(text=text, covers_seq=covers_seq))
@@ -419,18 +422,6 @@ class LedgerAgent:
         await self.request_floor(task=task)
         await self.wait_for_floor(timeout=timeout)
         return snapshot
-
-
-def _apply_patch(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _apply_patch(result.get(key), value)
-    return result
 
 
 # --- the conversation for LiveKit Agents ------------------------------------------------------

@@ -82,7 +82,7 @@ _gc_threshold: tuple[int, int, int] = (0, 0, 0)
 
 @contextlib.contextmanager
 def _fewer_collections() -> Iterator[None]:
-    """Run the cyclic garbage collector less often while projecting.
+    """Run the cyclic garbage collector less often while projecting (a projector with ``tune_gc``).
 
     A batch allocates tens of thousands of objects that live until it is written (messages,
     events, records); at CPython's default of a collection per 700 allocations they are
@@ -176,6 +176,7 @@ class Projector:
         cache_rooms: int = DEFAULT_CACHE_ROOMS,
         target: str = "live",
         migrate: bool = True,
+        tune_gc: bool = False,
     ) -> None:
         if not 0 <= partition < partitions:
             raise ValueError(f"partition {partition} is not in 0..{partitions - 1}")
@@ -188,6 +189,10 @@ class Projector:
         self.tables = _Tables() if target == "live" else _Tables("room_state_next", "conversation_items_next",
                                                                      "conversation_pages_next")
         self.migrate = migrate
+        #: Collect cyclic garbage less often while folding (see _fewer_collections). The threshold
+        #: is process-wide, so only a process that does nothing but project turns this on
+        #: (`ledger project`, `ledger rebuild`, the benchmarks); a library user's process keeps its own.
+        self.tune_gc = tune_gc
         #: Last sequence committed to Postgres (with the rows), and last sequence folded in
         #: memory: one batch is written while the next is read and folded.
         self.checkpoint = 0
@@ -254,7 +259,7 @@ class Projector:
         """Follow the log, batch by batch, until ``stop_event`` is set. Survives outages."""
         await self._with_retries(stop_event, self.start)
         start = self.checkpoint
-        with _fewer_collections():
+        with _fewer_collections() if self.tune_gc else contextlib.nullcontext():
             while not stop_event.is_set():
                 result = await self._with_retries(stop_event, self._step, 1.0)
                 if progress is not None and result is not None and result.events:
@@ -270,7 +275,7 @@ class Projector:
         start = self.checkpoint
         if progress is not None:
             progress(0, max(target - start, 0))
-        with _fewer_collections():
+        with _fewer_collections() if self.tune_gc else contextlib.nullcontext():
             while not stop.is_set():
                 if self._folded < target:
                     await self._with_retries(stop, self._step, 0.5, target)
@@ -750,7 +755,7 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    projector = Projector(settings, partition=args.partition, partitions=args.partitions,
+    projector = Projector(settings, partition=args.partition, partitions=args.partitions, tune_gc=True,
                           batch_size=args.batch_size, projection=args.projection)
     try:
         if args.once:

@@ -34,7 +34,7 @@ async def rebuild(settings: Settings, *, projection: str = ROOMS, progress: Prog
     try:
         await conn.execute(f"TRUNCATE {', '.join(SWAPPABLE.values())}")
         await conn.execute("DELETE FROM projection_checkpoints WHERE projection = $1", ROOMS_REBUILD)
-        async with Projector(settings, projection=ROOMS_REBUILD, target="next", migrate=False,
+        async with Projector(settings, projection=ROOMS_REBUILD, target="next", migrate=False, tune_gc=True,
                              batch_size=batch_size) as worker:
             await worker.catch_up(progress=progress)
             for _ in range(max_rounds):

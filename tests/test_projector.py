@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -435,3 +436,19 @@ async def test_nul_characters_do_not_stop_the_projector(pg_settings: Settings) -
     assert stored == events  # the log keeps every byte
     assert snapshot.floor.holder == "agent\ufffda"
     assert [item.text for item in snapshot.conversation] == ["hi\ufffdthere"]
+
+
+async def test_the_gc_threshold_is_raised_only_by_a_projector_that_asks(pg_settings: Settings, room: str) -> None:
+    # The threshold is process-wide: a projector inside another program leaves it alone; `ledger
+    # project` (tune_gc=True) raises it while folding and puts it back after.
+    async with Ledger(pg_settings) as ledger:
+        await ledger.append(ev.make_event(room, ev.AgentStatus(agent_id="a", status="idle"),
+                                          sender=ev.Sender("a", "agent")))
+    before = gc.get_threshold()
+    seen: dict[bool, list[tuple[int, int, int]]] = {False: [], True: []}
+    for tune_gc in (False, True):
+        async with Projector(pg_settings, projection=unique("gc"), tune_gc=tune_gc) as projector:
+            await projector.catch_up(progress=lambda done, total, t=tune_gc: seen[t].append(gc.get_threshold()))
+        assert gc.get_threshold() == before
+    assert seen[False] and all(t == before for t in seen[False]), seen[False][:3]
+    assert any(t[0] > before[0] for t in seen[True]), seen[True][:3]
