@@ -27,7 +27,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +44,9 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.object_store import ObjectStore
+from nats.nuid import NUID
 
+from ledger import _wire
 from ledger import events as ev
 from ledger.errors import (
     AppendError,
@@ -171,89 +173,6 @@ class _PubAck(msgspec.Struct):
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
 
 
-class _LazyHeaders(dict[str, str]):
-    """Message headers parsed on first use.
-
-    nats-py parses every header of every message as it arrives (and checks each character);
-    readers of the log need none of a data message's headers, while control messages and
-    direct-get replies need theirs. Deferring the parse serves both at no cost to the first.
-    """
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        # No dict.__init__: the dict is already empty, and the call is a measurable share of
-        # reading the log.
-        self._raw: bytes | None = raw
-
-    def _parse(self) -> None:
-        raw, self._raw = self._raw, None
-        if raw is None:
-            return
-        for line in raw.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                dict.__setitem__(
-                    self, name.strip().decode("ascii", "replace"), value.strip().decode("utf-8", "replace")
-                )
-
-    def __getitem__(self, key: str) -> str:
-        self._parse()
-        return dict.__getitem__(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._parse()
-        return dict.get(self, key, default)
-
-    def __contains__(self, key: object) -> bool:
-        self._parse()
-        return dict.__contains__(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        self._parse()
-        return dict.__iter__(self)
-
-    def __len__(self) -> int:
-        self._parse()
-        return dict.__len__(self)
-
-    def __bool__(self) -> bool:
-        # nats-py tests every message's headers for truth: answer without parsing them.
-        if self._raw is not None:
-            return b":" in self._raw
-        return dict.__len__(self) > 0
-
-    def keys(self) -> Any:
-        self._parse()
-        return dict.keys(self)
-
-    def values(self) -> Any:
-        self._parse()
-        return dict.values(self)
-
-    def items(self) -> Any:
-        self._parse()
-        return dict.items(self)
-
-    def copy(self) -> dict[str, str]:
-        self._parse()
-        return dict(dict.items(self))
-
-    def __eq__(self, other: object) -> bool:
-        self._parse()
-        return dict.__eq__(self, other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        self._parse()
-        return dict.__repr__(self)
-
-
-def _parse_header_lines(raw: bytes) -> dict[str, str]:
-    return _LazyHeaders(raw)
-
-
 def ack_position(reply: str) -> tuple[int, datetime]:
     """Stream sequence and storage time from a JetStream delivery's reply subject.
 
@@ -348,7 +267,7 @@ class ObjectUpload:
         self.chunks = 0
         #: Why the upload stopped early ("" while it goes well).
         self.failed = ""
-        self._nuid = ledger.nc._nuid.next().decode()
+        self._nuid = ledger._nuid.next().decode()
         self._subject = f"$O.{self.bucket}.C.{self._nuid}"
         self._buffer = bytearray()
         self._max_buffered = max_buffered
@@ -540,6 +459,8 @@ class Ledger:
         self._payload_store: ObjectStore | None = None
         #: Chunk subjects of failed uploads, purged again after the next put that succeeds.
         self._unpurged_chunks: set[str] = set()
+        #: Unique names for payload chunks (nats-py's public NUID; one per ledger, so made after any fork).
+        self._nuid = NUID()
         #: Awaited by close(), before the connection goes (e.g. hydration's database pool).
         self._close_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -588,7 +509,7 @@ class Ledger:
             raise LogUnavailable(self._unreachable_message(exc)) from exc
         # nats-py checks every header character one by one (46 a message here, half the cost of
         # a read); JetStream's own and our headers are well-formed ASCII, so parse them plainly.
-        self._nc._parse_header_lines = _parse_header_lines  # type: ignore[method-assign]
+        _wire.lazy_headers(self._nc)
         self._js = self._nc.jetstream(timeout=ACK_TIMEOUT_S)
         self._inbox_prefix = self._nc.new_inbox()
         self._inbox_sub = await self._nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_ack)
@@ -1025,12 +946,7 @@ class Ledger:
         nc = self.nc
         if nc.is_closed:
             raise ConnectError(f"the connection to NATS at {self.nats_url} is closed")
-        send_command = getattr(nc, "_send_command", None)
-        flush_pending = getattr(nc, "_flush_pending", None)
-        if send_command is None or flush_pending is None:  # pragma: no cover - a future nats-py
-            raise AppendError("this nats-py has no raw send; pin nats-py<3")
-        await send_command(b"".join(frames))
-        await flush_pending()
+        await _wire.send_raw(nc, b"".join(frames))
 
     async def _append_pipelined(self, chunk: list[ev.KnownEvent], payloads: list[bytes]) -> list[Position]:
         futures: list[asyncio.Future[_PubAck]] = []

@@ -12,7 +12,7 @@ What this does instead: an ephemeral pull consumer without acks, driven by hand.
 keeps at most ``window`` messages requested or buffered, so memory is bounded and the server
 never waits on the client for anything but the next request. Deliveries to that subscription
 are taken straight from nats-py's protocol parser (``Client._process_msg``, wrapped on this one
-connection; nats-py is pinned below 3 for it) into a :class:`Delivery`; status messages
+connection by :func:`ledger._wire.fast_path`; nats-py is pinned below 3 for it) into a :class:`Delivery`; status messages
 (heartbeats, expired requests) still go the normal way. What the ordered consumer did for
 correctness is done here too:
 
@@ -30,18 +30,16 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 from nats.js import api as js_api
 
+from ledger import _wire
 from ledger.client import stored_time
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
@@ -71,28 +69,6 @@ class Delivery:
     def time(self) -> datetime:
         """Storage time, to the microsecond (as every other read path gives it)."""
         return stored_time(self.time_ns)
-
-
-_FastHandler = Callable[[bytes, bytes, bytes], None]
-_fast_paths: weakref.WeakKeyDictionary[NatsClient, dict[int, _FastHandler]] = weakref.WeakKeyDictionary()
-
-
-def _fast_path(nc: NatsClient) -> dict[int, _FastHandler]:
-    """Subscription id → handler of its header-less-needed deliveries, on this connection."""
-    handlers = _fast_paths.get(nc)
-    if handlers is None:
-        handlers = _fast_paths[nc] = {}
-        general: Callable[..., Awaitable[None]] = nc._process_msg
-
-        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-            handler = handlers.get(sid)
-            if handler is not None and reply[:8] == b"$JS.ACK.":
-                handler(subject, reply, data)
-                return
-            await general(sid, subject, reply, data, headers)
-
-        nc._process_msg = process_msg  # type: ignore[method-assign]
-    return handlers
 
 
 class StreamFeed:
@@ -160,8 +136,9 @@ class StreamFeed:
                 self._on_delivery(subject, reply, data)
 
         self._sub = await nc.subscribe(self._inbox, cb=on_status)
-        _fast_path(nc)[self._sub._id] = on_delivery
-        self._next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{info.name}"
+        _wire.fast_path(nc)[_wire.subscription_id(self._sub)] = on_delivery
+        # The ledger's JetStream context uses the default API prefix.
+        self._next_subject = f"{js_api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{info.name}"
         self._request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (
             self._chunk, int(REQUEST_EXPIRES_S * 1e9), int(self._heartbeat * 1e9)
         )
@@ -172,7 +149,7 @@ class StreamFeed:
         consumer, self._consumer = self._consumer, None
         sub, self._sub = self._sub, None
         if sub is not None:
-            _fast_path(self._ledger.nc).pop(sub._id, None)
+            _wire.fast_path(self._ledger.nc).pop(_wire.subscription_id(sub), None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2.0)
         if consumer is not None:

@@ -8,7 +8,7 @@ import contextlib
 import shutil
 import time
 
-from ledger import embedded
+from ledger import _wire, embedded
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.feed import Delivery, StreamFeed
@@ -108,11 +108,9 @@ async def test_feed_goes_on_after_the_server_restarts() -> None:
 async def test_feed_is_correct_without_its_fast_path(ledger: Ledger, room: str) -> None:
     # If nats-py stopped routing deliveries through the wrapped parser hook, they would reach the
     # subscription callback: slower, but every message still arrives once and in order.
-    from ledger import feed as feed_module
-
     start = await ledger.head()
     positions = await ledger.append_many([status(room, i) for i in range(300)])
     async with StreamFeed(ledger, ledger.subjects.all_rooms(), after=start, window=100) as feed:
-        feed_module._fast_path(ledger.nc).clear()
+        _wire.fast_path(ledger.nc).clear()
         taken = await take_until(feed, positions[-1].seq)
     assert [d.seq for d in taken if d.subject.startswith(f"ledger.{room}.")] == [p.seq for p in positions]
