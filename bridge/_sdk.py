@@ -75,7 +75,7 @@ def only_own_room_events(room: rtc.Room) -> None:
     """
     try:
         # Inside the try: an SDK without this module keeps its public behaviour (every event).
-        from livekit.rtc._ffi_client import FfiClient
+        from livekit.rtc._ffi_client import FfiClient  # noqa: PLC0415 - inside the try: an SDK without this private module keeps its public behaviour
 
         queue = FfiClient.instance.queue
         if room._ffi_handle is None:

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import msgspec
 
+from bridge import session_feed
 from bridge.payloads import PayloadSpool
 from bridge.stats import Counters
 from ledger import events as ev
@@ -716,7 +717,6 @@ class Ingest:
 
     def _agent_session(self, raw: bytes, *, sender: ev.Sender, at: datetime | None) -> bool:
         """Decode an ``AgentSessionMessage``; record what it carries. False when nothing was usable."""
-        from bridge import session_feed
 
         items = session_feed.decode(raw)
         if items is None:

@@ -253,7 +253,7 @@ _PROCESS: BridgeProcess | None = None
 
 async def _job_entry(ctx: Any) -> None:
     """One dispatched room: its own ledger connection and writer, shared process counters."""
-    from livekit.agents import AutoSubscribe
+    from livekit.agents import AutoSubscribe  # noqa: PLC0415 - livekit-agents (about a second to import) only in the dispatched worker mode
 
     process = _PROCESS
     if process is None:  # pragma: no cover - only when the job runs in a separate process
@@ -300,7 +300,7 @@ MAX_ROOMS_PER_WORKER = 200
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, process: BridgeProcess | None = None,
                      http_port: int = 0) -> Counters:
-    from livekit.agents import AgentServer, JobExecutorType, WorkerPermissions
+    from livekit.agents import AgentServer, JobExecutorType, WorkerPermissions  # noqa: PLC0415 - livekit-agents (about a second to import) only in the dispatched worker mode
 
     global _PROCESS
     url, key, secret = _credentials(settings)

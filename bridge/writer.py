@@ -38,6 +38,7 @@ from typing import IO, TYPE_CHECKING, Final
 
 import nats.errors
 
+from bridge.ingest import Ingest
 from bridge.payloads import PayloadSpool
 from bridge.stats import Counters, write_stats
 from ledger import events as ev
@@ -206,7 +207,6 @@ class BridgeWriter:
 
     def ingest(self, room: str) -> Ingest:
         """An :class:`Ingest` for ``room`` feeding this writer (sharing its counters)."""
-        from bridge.ingest import Ingest
 
         settings = self.ledger.settings
         return Ingest(room, self.submit, bridge_id=self.bridge_id, counters=self.counters,

@@ -22,7 +22,7 @@ def _start_without_aiohttp() -> None:
         return
     sys.modules["aiohttp"] = None  # type: ignore[assignment]  # None: "import aiohttp" raises ImportError
     try:
-        import nats.aio.transport  # noqa: F401
+        import nats.aio.transport  # noqa: F401, PLC0415 - imported here on purpose, with aiohttp hidden (see above)
     finally:
         del sys.modules["aiohttp"]
 

@@ -98,7 +98,7 @@ def replay_request(
 
 
 async def replay(request: ReplayRequest) -> None:
-    from cli import replay as core
+    from cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     window = core.Window(since=request.since, until=request.until, types=request.types, senders=request.senders)
     window.check()
@@ -109,7 +109,7 @@ async def replay(request: ReplayRequest) -> None:
             if request.as_json:
                 write_json(core.state_to_builtins(state, last_items=50))
             else:
-                from cli.views import render_state
+                from cli.views import render_state  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
                 render_state(console, state, title=f"room {room!r} at {request.at.describe()} (#{state.seq})")
             return
@@ -118,7 +118,7 @@ async def replay(request: ReplayRequest) -> None:
             if request.as_json:
                 write_json(timeline.to_builtins())
             else:
-                from cli.views import render_floor
+                from cli.views import render_floor  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
                 render_floor(console, timeline)
             return
@@ -127,12 +127,12 @@ async def replay(request: ReplayRequest) -> None:
             if request.as_json:
                 write_json([row.to_builtins() for row in rows])
             else:
-                from cli.views import render_handoffs
+                from cli.views import render_handoffs  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
                 render_handoffs(console, rows, room)
             return
         if request.html is not None:
-            from cli.html import write_page
+            from cli.html import write_page  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             summary = await write_page(ledger, room, request.html, request.until)
             if request.as_json:
@@ -150,8 +150,8 @@ async def replay(request: ReplayRequest) -> None:
 
 
 async def _timeline(ledger: Ledger, room: str, window: Any, *, follow: bool) -> None:
-    from cli import replay as core
-    from cli.timeline import TimelinePrinter
+    from cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from cli.timeline import TimelinePrinter  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     printer = TimelinePrinter(console)
     first = last = 0
@@ -175,8 +175,8 @@ async def _timeline(ledger: Ledger, room: str, window: Any, *, follow: bool) -> 
 async def _state_now(ledger: Ledger, room: str) -> Any:
     """The projected state now: hydration (projection rows + the log after them) when available,
     else the log folded with the reducers."""
-    from cli.replay import fold_room
-    from ledger import db
+    from cli.replay import fold_room  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from ledger import db  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     if db.running_url(ledger.settings) is not None:
         await ledger.require_room(room)
@@ -186,12 +186,12 @@ async def _state_now(ledger: Ledger, room: str) -> Any:
 
 
 async def state(settings: Settings, room: str, *, as_json: bool) -> None:
-    from cli.replay import state_to_builtins
+    from cli.replay import state_to_builtins  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     async with Ledger(settings, name="ledger-state") as ledger:
         snapshot = await _state_now(ledger, room)
     if as_json:
-        from cli.roomview import participant_views
+        from cli.roomview import participant_views  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         data = state_to_builtins(snapshot)
         # A participant's lock is whether the floor is its now (as every view shows it); what its
@@ -203,13 +203,13 @@ async def state(settings: Settings, room: str, *, as_json: bool) -> None:
                              note=view.note)
         write_json(data)
         return
-    from cli.views import render_state
+    from cli.views import render_state  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     render_state(console, snapshot, title=f"room {room!r} now (#{snapshot.seq})")
 
 
 async def rooms(settings: Settings, *, as_json: bool) -> None:
-    from cli.ops import room_rows
+    from cli.ops import room_rows  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     async with Ledger(settings, name="ledger-rooms") as ledger:
         rows = await room_rows(ledger)
@@ -252,14 +252,14 @@ def _missed_cell(row: Any) -> Text:
 
 
 async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> None:
-    from cli.ops import projection_rows, room_event_count
+    from cli.ops import projection_rows, room_event_count  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     async with Ledger(settings, name="ledger-purge") as ledger:
         events = await room_event_count(ledger, room)
         rows = await projection_rows(settings, room, delete=False)
         if not events and not any((rows or {}).values()):
             names = await ledger.rooms()
-            import difflib
+            import difflib  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             raise UnknownRoom(room, difflib.get_close_matches(room, names, n=3, cutoff=0.5))
         what = f"{events:,} events of room {room!r} from stream {settings.stream}"
@@ -360,7 +360,7 @@ async def _record_at(ledger: Ledger, room: str, seq: int) -> Record:
 
 
 async def doctor(settings: Settings, *, as_json: bool, monitor_url: str | None) -> None:
-    from cli.doctor import diagnose, render_report
+    from cli.doctor import diagnose, render_report  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     report = await diagnose(settings, monitor_url=monitor_url)
     if as_json:
@@ -372,7 +372,7 @@ async def doctor(settings: Settings, *, as_json: bool, monitor_url: str | None) 
 
 
 async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
-    from cli.up import up as run_up
+    from cli.up import up as run_up  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     def ready(info: dict[str, Any]) -> None:
         if as_json:
@@ -399,7 +399,7 @@ async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
 
 
 async def migrate(settings: Settings, *, as_json: bool) -> None:
-    from projections import migrate as migrate_module
+    from projections import migrate as migrate_module  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     before = await migrate_module.current_revision(settings)
     await migrate_module.upgrade(settings)
     after = await migrate_module.current_revision(settings)
@@ -415,7 +415,7 @@ async def migrate(settings: Settings, *, as_json: bool) -> None:
 
 
 async def demo(settings: Settings, *, keep: bool, as_json: bool) -> None:
-    from cli.demo import run_demo
+    from cli.demo import run_demo  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     summary = await run_demo(settings, keep=keep, console=None if as_json else console)
     if as_json:
@@ -423,7 +423,7 @@ async def demo(settings: Settings, *, keep: bool, as_json: bool) -> None:
 
 
 async def bridge(settings: Settings, *, room: str | None) -> None:
-    from bridge import worker
+    from bridge import worker  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     stop = asyncio.Event()
     _stop_on_signals(stop)
     err_console.print(f"bridge running{' in room ' + repr(room) if room else ' (taking dispatches)'}; Ctrl-C stops it")
@@ -433,7 +433,7 @@ async def bridge(settings: Settings, *, room: str | None) -> None:
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
-    import signal
+    import signal  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -441,11 +441,11 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_json: bool) -> None:
-    from bridge import tokens
+    from bridge import tokens  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     name = agent_name or settings.bridge_agent_name
     result = await tokens.create_dispatch(settings, room, agent_name=name)
     data = {"room": room, "agent_name": name, "dispatch_id": getattr(result, "id", "")}
-    from cli.dispatches import record
+    from cli.dispatches import record  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     # In the log too, so `ledger dispatches` can say who joined for it and how long it took.
     if warning := await record(settings, room, result, by="ledger dispatch"):
@@ -459,7 +459,7 @@ async def dispatch(settings: Settings, room: str, *, agent_name: str | None, as_
 async def project(
     settings: Settings, *, once: bool, as_json: bool, partition: int = 0, partitions: int = 1
 ) -> None:
-    from projections import projector as module
+    from projections import projector as module  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     started = asyncio.get_running_loop().time()
     projector = module.Projector(settings, partition=partition, partitions=partitions, tune_gc=True)
     try:
@@ -491,7 +491,7 @@ async def _last_stored_seq(settings: Settings) -> int:
 
 
 async def rebuild(settings: Settings, *, yes: bool, as_json: bool, projection: str = "rooms") -> None:
-    from projections import rebuild as module
+    from projections import rebuild as module  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     known = tuple(module.PROJECTIONS)
     if projection not in known:
         raise CliError(f"no projection {projection!r}: expected one of {', '.join(known)}")
@@ -503,7 +503,7 @@ async def rebuild(settings: Settings, *, yes: bool, as_json: bool, projection: s
     if as_json:
         seq = await module.rebuild(settings, projection=projection)
     else:
-        from rich.progress import (
+        from rich.progress import (  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
             BarColumn,
             MofNCompleteColumn,
             Progress,

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -223,7 +224,6 @@ def format_duration(seconds: float) -> str:
 
 def write_json(data: Any) -> None:
     """One JSON document on stdout (``--json``)."""
-    import msgspec
 
     sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
     sys.stdout.flush()

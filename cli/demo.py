@@ -295,7 +295,7 @@ class OtherProcess:
 
 
 async def project(settings: Settings) -> tuple[int, float]:
-    from projections.projector import Projector
+    from projections.projector import Projector  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     started = time.perf_counter()
     async with Projector(settings) as projector:
@@ -324,7 +324,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
     say(f"  servers ready in {format_duration(timings['servers_s'])}: NATS {nats_url}, PostgreSQL {pg_url}"
         + (f" (started {' and '.join(started)} here)" if started else ""))
     summary: dict[str, Any] = {"room": room}
-    from bridge.writer import BridgeWriter
+    from bridge.writer import BridgeWriter  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     writer: Any = None
     bridge_ids: list[str] = []
@@ -339,7 +339,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             await writer.start()
             script: Any
             if settings.livekit_url:
-                from cli.demo_live import live_room
+                from cli.demo_live import live_room  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
                 script = await live.enter_async_context(live_room(settings, ledger, writer, room))
                 say(f"  LiveKit {settings.livekit_url}: the bridge is in the room; callers and agents join it"
@@ -379,7 +379,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             warm = time.perf_counter()
             snapshot = await ledger.hydrate(room)
             timings["hydrate_warm_ms"] = round((time.perf_counter() - warm) * 1000, 1)
-            from ledger import hydrate as hydration
+            from ledger import hydrate as hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             await hydration.close(ledger)
 
@@ -393,7 +393,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             await writer.close()
             writer = None
 
-            from cli import replay as core
+            from cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             rows = await core.handoffs(ledger, room)
             events = await _count(ledger, room)
@@ -434,17 +434,17 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
 
 
 async def _count(ledger: Ledger, room: str) -> int:
-    from cli.ops import room_event_count
+    from cli.ops import room_event_count  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     return await room_event_count(ledger, room)
 
 
 async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: list[str]) -> dict[str, Any]:
-    from cli.ops import projection_rows
+    from cli.ops import projection_rows  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     removed = await ledger.purge_room(room)
     for bridge_id in bridge_ids:
-        from bridge.stats import stats_path
+        from bridge.stats import stats_path  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         with contextlib.suppress(OSError):
             stats_path(settings.home, bridge_id).unlink()
@@ -454,9 +454,9 @@ async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: li
 
 async def _show(console: Console, ledger: Ledger, room: str, snapshot: Any, late: dict[str, Any],
                 handoff_rows: list[Any]) -> None:
-    from cli import replay as core
-    from cli.timeline import TimelinePrinter
-    from cli.views import render_floor, render_handoffs
+    from cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from cli.timeline import TimelinePrinter  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from cli.views import render_floor, render_handoffs  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     console.rule(f"ledger replay {room}")
     printer = TimelinePrinter(console)

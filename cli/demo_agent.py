@@ -25,12 +25,12 @@ def _emit(data: dict[str, Any]) -> None:
 
 async def take_over(room: str, agent_id: str) -> dict[str, Any]:
     started = time.perf_counter()
-    import livekit.agents  # noqa: F401 - pre-warm, as an agent worker does before it gets a job
+    import livekit.agents  # noqa: F401, PLC0415 - loaded when this command runs: `ledger` starts without it;- pre-warm, as an agent worker does before it gets a job
 
-    from ledger import events as ev
-    from ledger import hydrate as hydration
-    from ledger.client import Ledger
-    from ledger.settings import Settings
+    from ledger import events as ev  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from ledger import hydrate as hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from ledger.client import Ledger  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from ledger.settings import Settings  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     warmed = time.perf_counter()
     async with Ledger(Settings.from_env(), name=f"demo-{agent_id}") as ledger:

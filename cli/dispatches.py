@@ -18,9 +18,9 @@ async def server_dispatches(settings: Settings, room: str) -> tuple[list[Any] | 
     """The server's list for the room, or None and why it could not be read."""
     if not settings.livekit_url or not settings.livekit_api_key or not settings.livekit_api_secret:
         return None, "LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET unset: the log's view only"
-    from livekit import api
+    from livekit import api  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
-    from bridge.tokens import livekit_api
+    from bridge.tokens import livekit_api  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     lkapi = livekit_api(settings)
     try:

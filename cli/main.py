@@ -72,7 +72,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         try:
             typer.echo(f"ledger {version('room-ledger')}")
@@ -131,7 +131,7 @@ def _serve_metrics(address: str | None, settings: Any, role: str) -> None:
     on this machine finds it through LEDGER_HOME."""
     if not address:
         return
-    from ledger import metrics
+    from ledger import metrics  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     host, port = guard(lambda: metrics.serve(address, home=settings.home, role=role))
     err_console.print(f"metrics: http://{host}:{port}/metrics")
@@ -500,7 +500,7 @@ def export_(
 
       ledger export --livekit --bare --out ctx.jsonl --json
     """
-    from cli import export as export_cli
+    from cli import export as export_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     settings = guard(commands.settings)
     chosen = guard(lambda: export_cli.selection(room, prefix, since, until))
@@ -531,7 +531,7 @@ def serve(
 
       LEDGER_SERVE_TOKEN=s3cret ledger serve --host 0.0.0.0
     """
-    from cli.serve import serve as serve_view
+    from cli.serve import serve as serve_view  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     settings = guard(commands.settings)
     _serve_metrics(metrics_port, settings, "serve")
@@ -561,7 +561,7 @@ def webhooks(
 
       ledger replay support-42 --type 'server.*'
     """
-    from cli import webhooks as webhooks_cli
+    from cli import webhooks as webhooks_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     settings = guard(commands.settings)
     run(lambda: webhooks_cli.webhooks(settings, host=host, port=port, as_json=as_json), interrupt_ok=True)
@@ -578,7 +578,7 @@ def dispatches(room: RoomArg, as_json: JsonOpt = False) -> None:
 
       ledger dispatches support-42 --json | jq '.dispatches[] | {agent_name, after_s}'
     """
-    from cli import dispatches as dispatches_cli
+    from cli import dispatches as dispatches_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     settings = guard(commands.settings)
     run(lambda: dispatches_cli.dispatches(settings, room, as_json=as_json))

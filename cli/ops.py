@@ -11,8 +11,10 @@ from typing import Any
 import nats.js.errors
 
 from ledger import db
+from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.state import RoomState, apply_safely
 
 #: How many rooms ``ledger rooms`` looks into at once.
 ROOM_CONCURRENCY = 16
@@ -52,8 +54,6 @@ class RoomRow:
 
 
 async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
-    from ledger.state import RoomState, apply_safely
-
     row = RoomRow(room=room, events=events)
     stream = ledger.settings.stream
     subject = ledger.subjects.room(room)
@@ -76,7 +76,6 @@ async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
 
 async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> None:
     """What the server's webhooks say the bridge did not see: the whole room, or participants."""
-    from ledger import events as ev
 
     started = False
     joined: dict[str, None] = {}
@@ -121,7 +120,7 @@ async def room_event_count(ledger: Ledger, room: str) -> int:
 async def projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
     """Rows of the room in every projection (deleted when ``delete``); None without a running PostgreSQL."""
     # The projector brings SQLAlchemy along: loaded only by the commands that touch projections.
-    from projections import projector
+    from projections import projector  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     if db.running_url(settings) is None:
         return None

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import format_duration
+from cli.roomview import participant_views
 from cli.timeline import clean
 from ledger.timeline import FloorTimeline, HandoffRow
 
@@ -64,7 +65,6 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     people = Table(box=box.SIMPLE_HEAD, title="participants", title_justify="left", expand=False)
     for column in ("identity", "kind", "present", "agent state", "status", "task", "lock", "also sent"):
         people.add_column(column)
-    from cli.roomview import participant_views  # what the HTML report and `ledger serve` show too
 
     for p in participant_views(state):
         people.add_row(

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import msgspec
 
 from ledger import events as ev
+from ledger import tracing
 from ledger.errors import LedgerError
 from ledger.events import derived_event_id
+from ledger.roles import claim_role, release_role
 from ledger.settings import DEFAULT_MAX_PAYLOAD
 from ledger.state import RoomState, apply_safely, merge_patch
 
@@ -267,13 +269,11 @@ class LedgerAgent:
         Two agents claiming ``{"customer", "support"}`` at the same instant get different roles,
         decided by log order. Needs :meth:`start` first.
         """
-        from ledger.roles import claim_role
 
         return await claim_role(self, roles, timeout=timeout)
 
     async def release_role(self, role: str | None = None, *, timeout: float = 10.0) -> None:
         """Give up the role (or a waiting claim); returns once the log shows it."""
-        from ledger.roles import release_role
 
         await release_role(self, role, timeout=timeout)
 
@@ -377,7 +377,6 @@ class LedgerAgent:
         Raises :class:`HandoffLost` (before dispatching) when this agent did not hold the floor at
         the handoff's place in the log, e.g. another handoff of the same caller came first.
         """
-        from ledger import tracing
 
         # The handoff carries its trace context: the target's resume continues this trace.
         with tracing.span("ledger.handoff", {"ledger.from": self.agent_id, "ledger.to": to_agent}) as trace:
@@ -395,7 +394,7 @@ class LedgerAgent:
         return seq
 
     async def _dispatch(self, agent_name: str, seq: int, livekit_api: Any) -> None:
-        from livekit import api
+        from livekit import api  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
 
         metadata = msgspec.json.encode({"room": self.room_name, "ledger_seq": seq}).decode()
         owned = livekit_api is None
@@ -403,8 +402,6 @@ class LedgerAgent:
             settings = self._need_ledger().settings
             livekit_api = api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret)
         try:
-            from ledger import tracing
-
             with tracing.span("ledger.dispatch", {"ledger.agent_name": agent_name, "ledger.seq": seq}):
                 dispatch = await livekit_api.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
@@ -437,7 +434,7 @@ def chat_ctx(snapshot: Snapshot) -> ChatContext:
     assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
     """
     # livekit-agents is an optional, heavy dependency: loaded by the agents that use it only.
-    from livekit.agents import llm
+    from livekit.agents import llm  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
 
     items: list[Any] = []
     summary = snapshot.state.summary

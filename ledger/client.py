@@ -46,7 +46,7 @@ from nats.js import api as js_api
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
 
-from ledger import _wire
+from ledger import _wire, embedded
 from ledger import events as ev
 from ledger.errors import (
     AppendError,
@@ -59,8 +59,9 @@ from ledger.errors import (
     StreamConfigError,
     UnknownRoom,
 )
+from ledger.hydrate import hydrate
 from ledger.settings import DIRECT_BATCH, Settings
-from ledger.subjects import Subjects, category_of, room_token
+from ledger.subjects import Subjects, category_of, room_from_token, room_token
 
 if TYPE_CHECKING:
     from ledger.hydrate import Snapshot
@@ -570,7 +571,6 @@ class Ledger:
     async def _resolve_urls(self) -> tuple[str, ...]:
         if self.settings.nats_urls:
             return self.settings.nats_urls
-        from ledger import embedded
 
         info = await asyncio.to_thread(
             embedded.ensure_nats, self.settings.home, sync_always=self.settings.nats_sync_always
@@ -862,13 +862,13 @@ class Ledger:
         positions: list[Position] = []
         async with self._append_lock:
             if not (use_atomic and len(items) > 1):
-                for chunk, payloads in chunks:
-                    positions.extend(await self._append_pipelined(chunk, payloads))
+                for chunk, chunk_payloads in chunks:
+                    positions.extend(await self._append_pipelined(chunk, chunk_payloads))
                 return positions
             batch: _FramedBatch | None = self._frame_atomic(*chunks[0])
             following: _FramedBatch | None = None
             try:
-                for index, (chunk, payloads) in enumerate(chunks):
+                for index, (chunk, chunk_payloads) in enumerate(chunks):
                     assert batch is not None
                     await self._send_frames(batch.frames)
                     # Frame the next batch while the server stores this one: the client's work
@@ -876,7 +876,7 @@ class Ledger:
                     following = self._frame_atomic(*chunks[index + 1]) if index + 1 < len(chunks) else None
                     batch_positions = await self._finish_atomic(batch, len(chunk))
                     if batch_positions is None:
-                        batch_positions = await self._append_pipelined(chunk, payloads)
+                        batch_positions = await self._append_pipelined(chunk, chunk_payloads)
                     positions.extend(batch_positions)
                     batch, following = following, None
             finally:
@@ -1380,7 +1380,6 @@ class Ledger:
         """The room's state current to the log head: see :func:`ledger.hydrate.hydrate`."""
         # Hydration brings the fold and prometheus_client along: loaded on first use, so that
         # `import ledger.client` stays light for the CLI's first line.
-        from ledger.hydrate import hydrate
 
         return await hydrate(
             self, room, min_seq=min_seq, full_conversation=full_conversation, timeout=timeout
@@ -1390,7 +1389,6 @@ class Ledger:
 
     async def room_summaries(self) -> list[RoomSummary]:
         """Every room in the log with its event count."""
-        from ledger.subjects import room_from_token
 
         info = await self.js.stream_info(self.settings.stream, subjects_filter=self.subjects.all_rooms())
         counts: dict[str, int] = {}

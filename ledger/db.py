@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
+from ledger import embedded
 from ledger.errors import ConnectError, DatabaseUnavailable
 from ledger.settings import Settings
 
@@ -62,7 +63,6 @@ async def database_url(settings: Settings) -> str:
     """The database URL: the configured one, or the embedded PostgreSQL (started if needed)."""
     if settings.database_url:
         return settings.database_url
-    from ledger import embedded
 
     try:
         info = await asyncio.to_thread(embedded.ensure_postgres, settings.home)
@@ -79,7 +79,6 @@ def running_url(settings: Settings) -> str | None:
     """The database URL if one is configured or the embedded one is already running (starts nothing)."""
     if settings.database_url:
         return settings.database_url
-    from ledger import embedded
 
     try:
         info = embedded.status(settings.home).get("postgres")
@@ -98,7 +97,7 @@ TRANSIENT_SQLSTATES: Final = frozenset({"40001", "40P01"})
 def is_transient(exc: BaseException) -> bool:
     """Whether a driver error from PostgreSQL (or the way to it) is worth retrying, by its type."""
     # asyncpg takes 50 ms to import: `import ledger` (the CLI's start) goes without it.
-    import asyncpg
+    import asyncpg  # noqa: PLC0415 - asyncpg/SQLAlchemy take 50+ ms to import: `import ledger` (the CLI's start) goes without
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = str(exc.sqlstate or "")
         return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
@@ -142,7 +141,7 @@ def unreachable(url: str, settings: Settings, exc: BaseException) -> ConnectErro
 async def connect(settings: Settings, *, url: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
                   server_settings: dict[str, str] | None = None) -> asyncpg.Connection[Any]:
     """One raw asyncpg connection (fast paths: the projector, COPY)."""
-    import asyncpg
+    import asyncpg  # noqa: PLC0415 - asyncpg/SQLAlchemy take 50+ ms to import: `import ledger` (the CLI's start) goes without
 
     resolved = url or await database_url(settings)
     try:
@@ -161,7 +160,7 @@ async def create_pool(settings: Settings, *, url: str | None = None, min_size: i
     connection goes back to the pool (a round trip per use); only for pools whose users leave no
     session state behind (no SET, LISTEN, advisory locks or open cursors; an open transaction is
     still rolled back)."""
-    import asyncpg
+    import asyncpg  # noqa: PLC0415 - asyncpg/SQLAlchemy take 50+ ms to import: `import ledger` (the CLI's start) goes without
 
     resolved = url or await database_url(settings)
     try:
@@ -180,7 +179,7 @@ async def _keep_session(connection: Any) -> None:
 
 async def create_engine(settings: Settings, *, url: str | None = None, **kwargs: Any) -> AsyncEngine:
     """An SQLAlchemy async engine on asyncpg (no connection is made yet)."""
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415 - asyncpg/SQLAlchemy take 50+ ms to import: `import ledger` (the CLI's start) goes without
 
     resolved = url or await database_url(settings)
     options: dict[str, Any] = {"pool_pre_ping": True, "connect_args": {"timeout": CONNECT_TIMEOUT_S}}

@@ -19,6 +19,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -83,7 +84,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         pass  # exists, owned by someone else (postgres runs as another user when we are root)
     try:
-        import psutil
+        import psutil  # noqa: PLC0415 - optional (not a dependency): without it a zombie counts as alive
 
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except ImportError:
@@ -100,7 +101,7 @@ def _cmdline(pid: int) -> list[str]:
         if proc.exists():
             return [part for part in proc.read_bytes().decode(errors="replace").split("\0") if part]
     try:
-        import psutil
+        import psutil  # noqa: PLC0415 - optional (not a dependency), only where /proc is missing
 
         return [str(part) for part in psutil.Process(pid).cmdline()]
     except Exception:
@@ -519,7 +520,6 @@ class _RunAs:
 def _run_as() -> _RunAs:
     if os.name == "nt" or os.geteuid() != 0:
         return _RunAs()
-    import pwd
 
     try:
         entry = pwd.getpwnam(_PG_SYSTEM_USER)

@@ -46,6 +46,7 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 
 from ledger.errors import EventError, MalformedEvent
+from ledger.subjects import room_token
 
 SenderKind: TypeAlias = Literal["agent", "standard", "sip", "egress", "ingress", "unknown"]
 AgentStatusValue: TypeAlias = Literal["processing", "idle", "resolved"]
@@ -873,7 +874,6 @@ def status_lock(event: AgentStatusEvent) -> bool | None:
 def payload_object_name(room: str, event_id: str) -> str:
     """The object holding an event's payload: ``<room token>/<event id>``. Deterministic, so a
     retried or doubly-bridged payload is stored once, and a room's objects share a prefix."""
-    from ledger.subjects import room_token
 
     return f"{room_token(room)}/{event_id}"
 

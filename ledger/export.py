@@ -353,7 +353,7 @@ async def export_room(ledger: Ledger, room: str, events: int | None = None) -> l
 def _side(snapshot: Snapshot, agent: str, owners: dict[str, str]) -> ChatContext:
     """One agent's side of an agent-to-agent conversation: its speech ``assistant``, the others' ``user``,
     its own tool calls and outputs (``owners``: item id -> whose session published it)."""
-    from livekit.agents import llm
+    from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded only to shape a conversation
 
     items: list[Any] = []
     for item in snapshot.conversation:

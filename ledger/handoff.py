@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Sequence
@@ -61,6 +62,7 @@ import msgspec
 from livekit import api
 from livekit.agents import AgentSession, RunContext, ToolError, function_tool
 from livekit.agents.llm import ChatContext, FunctionTool
+from livekit.agents.voice.room_io.types import TextInputOptions
 
 from ledger import events as ev
 from ledger import state as rd
@@ -586,8 +588,6 @@ class LedgerLink:
         self._holding = False
         callback = self._saved_cb
         if callback is None:
-            from livekit.agents.voice.room_io.types import TextInputOptions
-
             callback = TextInputOptions().text_input_cb
         session.room_io.register_text_input(callback)
         held, self._held_input = self._held_input, []
@@ -678,8 +678,6 @@ def _describe(exc: BaseException, to_agent: str, timeout: float) -> str:
 
 
 def _env(name: str) -> str | None:
-    import os
-
     return os.environ.get(name) or None
 
 

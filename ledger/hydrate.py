@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from ledger import agents, db, metrics
+from ledger import agents, db
 from ledger import state as rd
 from ledger.errors import LedgerError
 from ledger.settings import DIRECT_BATCH
@@ -214,7 +214,7 @@ async def _mark_failed(ledger: Ledger, exc: BaseException) -> None:
     handle = _dbs.get(ledger)
     if handle is None:
         return
-    import asyncpg
+    import asyncpg  # noqa: PLC0415 - asyncpg takes 50 ms to import: loaded with the first database read
 
     if isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)):
         # Correct but slow until fixed: every hydration folds the whole room from the log.
@@ -243,7 +243,7 @@ async def _load_row(ledger: Ledger, room: str, full: bool) -> tuple[rd.RoomState
     pool = await _pool(ledger)
     if pool is None:
         return None
-    import asyncpg
+    import asyncpg  # noqa: PLC0415 - asyncpg takes 50 ms to import: loaded with the first database read
 
     try:
         key = db.pg_text(room)
@@ -327,6 +327,9 @@ async def hydrate(
         if conversation and conversation[0].seq <= covers:
             conversation = conversation[bisect.bisect_right(conversation, covers, key=_item_seq):]
     elapsed = time.perf_counter() - started
+    # prometheus_client takes 30 ms to import: `import ledger` (the CLI's start) goes without it.
+    from ledger import metrics  # noqa: PLC0415 - loaded with the first hydration
+
     metrics.hydrated(source, elapsed, caught_up)
     return Snapshot(
         room=room, seq=state.seq, state=state, conversation=conversation, full_conversation=full_conversation,

@@ -24,6 +24,7 @@ the server's tokens are valid for 5 minutes) and appends the event to the room's
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import Callable
@@ -147,7 +148,7 @@ class WebhookRecorder:
     """Verifies LiveKit webhooks and appends them to the log."""
 
     def __init__(self, ledger: Ledger, api_key: str, api_secret: str) -> None:
-        from livekit import api
+        from livekit import api  # noqa: PLC0415 - livekit-api and aiohttp load only where webhooks are received
 
         self.ledger = ledger
         self.stats = WebhookStats()
@@ -198,9 +199,8 @@ class WebhookRecorder:
 
 def sign(body: bytes, api_key: str, api_secret: str, *, ttl_s: float = 300.0) -> str:
     """An Authorization value for ``body`` as livekit-server makes it (for tests and tools)."""
-    import datetime as dt
 
-    from livekit import api
+    from livekit import api  # noqa: PLC0415 - livekit-api and aiohttp load only where webhooks are received
 
     digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
     token = api.AccessToken(api_key, api_secret).with_ttl(dt.timedelta(seconds=ttl_s)).with_sha256(digest)
@@ -214,7 +214,7 @@ def webhook_app(
 
     ``on_recorded`` is called after each stored webhook (the CLI prints a line).
     """
-    from aiohttp import web
+    from aiohttp import web  # noqa: PLC0415 - livekit-api and aiohttp load only where webhooks are received
 
     async def receive(request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:

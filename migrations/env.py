@@ -20,6 +20,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ledger.db import sqlalchemy_url
 from projections.tables import metadata
 
 config = context.config
@@ -33,8 +34,6 @@ MIGRATION_LOCK_KEY = 0x6C6564676572
 
 
 def _url() -> str:
-    from ledger.db import sqlalchemy_url
-
     url = config.get_main_option("sqlalchemy.url") or os.environ.get("LEDGER_DATABASE_URL")
     if not url:
         raise SystemExit("set LEDGER_DATABASE_URL (or sqlalchemy.url), or run `ledger migrate`")

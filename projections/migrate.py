@@ -15,16 +15,17 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
 
+import migrations
 from ledger import db
 from ledger.errors import ConnectError
 from ledger.settings import Settings
 
 
 def script_location() -> Path:
-    import migrations
-
     return Path(migrations.__file__).resolve().parent
 
 
@@ -45,9 +46,6 @@ def head_revision() -> str | None:
 
 
 async def _with_connection(settings: Settings, fn: Any, *args: Any) -> Any:
-    from sqlalchemy import exc as sa_exc
-    from sqlalchemy.pool import NullPool
-
     url = await db.database_url(settings)
     engine = await db.create_engine(settings, url=url, poolclass=NullPool, pool_pre_ping=False)
     try:

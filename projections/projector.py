@@ -41,6 +41,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -221,7 +222,7 @@ class Projector:
 
     async def start(self) -> None:
         if self.migrate:
-            from projections.migrate import upgrade
+            from projections.migrate import upgrade  # noqa: PLC0415 - alembic loads only when the projector migrates
 
             await upgrade(self.settings)
         if self._ledger is None:
@@ -747,8 +748,6 @@ async def status(settings: Settings, *, head: int | None = None, errors_limit: i
 
 
 async def _main(args: argparse.Namespace) -> None:
-    import signal
-
     settings = Settings.from_env()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
