@@ -34,9 +34,10 @@ a later event with the same item id updates the content in place.
 - Echoes: an agent session repeats in its feed what it heard or said — a typed ``lk.chat``
   message becomes the session's user item, and an agent's first reply can reach the log as a
   transcript before its feed is known. A feed message item whose role and text equal a chat or
-  transcript item kept before it, and not yet matched, is that item's echo: it is skipped (and so
-  are later updates of its item id), so a message is in the conversation once. Only the last
-  ``MAX_ECHOES`` unmatched items are remembered.
+  transcript item kept before it, and not yet matched, is that item's echo: it replaces that item
+  in place (the feed's content and the session's own timestamps, at the first item's id and
+  position; later updates of the feed item go there too), so a message is in the conversation
+  once. Only the last ``MAX_ECHOES`` unmatched items are remembered.
 
 Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
@@ -230,6 +231,7 @@ class Echo(msgspec.Struct, kw_only=True, gc=False):
     #: A digest of the stripped text: small, and safe in PostgreSQL's JSON (no NUL).
     digest: str
     item_id: str
+    speaker: str | None = None
 
 
 def _text_digest(text: str) -> str:
@@ -263,8 +265,8 @@ class RoomState(msgspec.Struct, kw_only=True):
     roles: Roles = msgspec.field(default_factory=Roles)
     #: Chat and transcript items a feed has not repeated yet (oldest first, at most MAX_ECHOES).
     echoes: list[Echo] = msgspec.field(default_factory=list)
-    #: Feed item id -> the chat/transcript item it repeated (its later updates are skipped too).
-    echoed: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Feed item id -> the chat/transcript item it repeated (its later updates go there too).
+    echoed: dict[str, Echo] = msgspec.field(default_factory=dict)
 
     @property
     def seq(self) -> int:
@@ -581,9 +583,9 @@ def _ignore(state: RoomState, event: object, seq: int, time: datetime) -> None:
 def _remember_echo(state: RoomState, item: ConversationItem) -> None:
     """Remember a chat/transcript item a feed may repeat (by item id: the projector, which keeps
     no items in memory, cannot tell a new item from an update, so neither may this)."""
-    if not item.text or not item.role or item.item_id in state.echoed.values():
+    if not item.text or not item.role or any(e.item_id == item.item_id for e in state.echoed.values()):
         return
-    echo = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id)
+    echo = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id, speaker=item.speaker)
     for i, old in enumerate(state.echoes):
         if old.item_id == item.item_id:
             state.echoes[i] = echo
@@ -625,24 +627,25 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
             state.user_feed = owner
         elif state.user_feed != owner:
             return
-    if body.item_id in state.echoed:
-        return
-    if body.item_type == "message" and body.text:
+    # An echo takes the place of the item it repeats: the feed's content (the session's own
+    # timestamps, item type) at that item's id and position, so the message is there once.
+    echo = state.echoed.get(body.item_id)
+    if echo is None and body.item_type == "message" and body.text:
         digest = _text_digest(body.text)
         echo = next((e for e in state.echoes if e.role == role and e.digest == digest), None)
         if echo is not None:
             state.echoes.remove(echo)
-            state.echoed[body.item_id] = echo.item_id
+            state.echoed[body.item_id] = echo
             if len(state.echoed) > 4 * MAX_ECHOES:
                 del state.echoed[next(iter(state.echoed))]
-            return
-    speaker = body.speaker
+    item_id = echo.item_id if echo is not None else body.item_id
+    speaker = body.speaker or (echo.speaker if echo is not None else None)
     if speaker is None and body.item_type == "message" and role == "assistant":
         speaker = owner or None
     _put_item(
         state,
         ConversationItem(
-            item_id=body.item_id,
+            item_id=item_id,
             type=body.item_type,
             role=role,
             speaker=speaker,

@@ -294,9 +294,9 @@ def test_a_feed_repeating_a_chat_message_or_a_first_transcript_is_one_item() -> 
         ev.ParticipantJoined(identity="a", kind="agent"),
         (ev.ChatMessage(message_id="m1", text="I was charged twice"), "user"),
         (ev.Transcript(speaker="a", text="Let me check that.", segment_id="s1"), "a"),  # a's feed not known yet
-        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice"), "a"),  # the echo of m1
-        (ev.ConversationItem(item_id="i2", role="assistant", text="Let me check that."), "a"),  # of s1
-        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice"), "a"),  # an update of i1
+        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice", created_at=100.0), "a"),  # m1's echo
+        (ev.ConversationItem(item_id="i2", role="assistant", text="Let me check that.", created_at=101.0), "a"),
+        (ev.ConversationItem(item_id="i1", role="user", text="I was charged twice", created_at=100.0), "a"),  # again
         (ev.ChatMessage(message_id="m2", text="thanks"), "user"),
         (ev.ConversationItem(item_id="i3", role="user", text="thanks!"), "a"),  # not the same words
         (ev.ConversationItem(item_id="i4", role="assistant", text="I was charged twice"), "a"),  # other role
@@ -309,9 +309,15 @@ def test_a_feed_repeating_a_chat_message_or_a_first_transcript_is_one_item() -> 
         ("i3", "user", "thanks!"),
         ("i4", "assistant", "I was charged twice"),
     ]
+    # an echo takes its item's place with the feed's content: the session's own timestamps
+    m1, s1 = state.conversation[0], state.conversation[1]
+    assert (m1.source, m1.created_at, m1.speaker, m1.seq) == ("conversation.item", 100.0, "user", 3)
+    assert (s1.source, s1.created_at, s1.speaker, s1.seq) == ("conversation.item", 101.0, "a", 4)
     # resuming from the stored state folds the rest the same way
     first, rest = log[:5], log[5:]
     resumed = decode_state(encode_state(fold(first)))
     for record in rest:
         apply(resumed, record)
-    assert [i.item_id for i in resumed.conversation if i.seq > 5] == ["chat:m2", "i3", "i4"]
+    # (a resumed state holds no earlier items: an echo's update is put again under its item's id,
+    # which the projector writes over that item's row)
+    assert [i.item_id for i in resumed.conversation] == ["tr:s1", "chat:m1", "chat:m2", "i3", "i4"]
