@@ -37,7 +37,7 @@ a later event with the same item id updates the content in place.
   transcript item kept before it, and not yet matched, is that item's echo: it replaces that item
   in place (the feed's content and the session's own timestamps, at the first item's id and
   position; later updates of the feed item go there too), so a message is in the conversation
-  once. Only the last ``MAX_ECHOES`` unmatched items are remembered.
+  once. Only the last ``MAX_ECHOES`` chat and transcript items are remembered.
 
 Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
@@ -232,6 +232,8 @@ class Echo(msgspec.Struct, kw_only=True, gc=False):
     digest: str
     item_id: str
     speaker: str | None = None
+    #: A feed item repeated it already: it is not matched again.
+    matched: bool = False
 
 
 def _text_digest(text: str) -> str:
@@ -263,8 +265,8 @@ class RoomState(msgspec.Struct, kw_only=True):
     positions: dict[str, int] = msgspec.field(default_factory=dict)
     #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`ledger.roles`).
     roles: Roles = msgspec.field(default_factory=Roles)
-    #: Chat and transcript items a feed has not repeated yet (oldest first, at most MAX_ECHOES).
-    echoes: list[Echo] = msgspec.field(default_factory=list)
+    #: Item id -> the last MAX_ECHOES chat and transcript items (oldest first), matched or not.
+    echoes: dict[str, Echo] = msgspec.field(default_factory=dict)
     #: Feed item id -> the chat/transcript item it repeated (its later updates go there too).
     echoed: dict[str, Echo] = msgspec.field(default_factory=dict)
 
@@ -583,15 +585,13 @@ def _ignore(state: RoomState, event: object, seq: int, time: datetime) -> None:
 def _remember_echo(state: RoomState, item: ConversationItem) -> None:
     """Remember a chat/transcript item a feed may repeat (by item id: the projector, which keeps
     no items in memory, cannot tell a new item from an update, so neither may this)."""
-    if not item.text or not item.role or any(e.item_id == item.item_id for e in state.echoed.values()):
+    old = state.echoes.get(item.item_id)
+    if not item.text or not item.role or (old is not None and old.matched):
         return
-    echo = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id, speaker=item.speaker)
-    for i, old in enumerate(state.echoes):
-        if old.item_id == item.item_id:
-            state.echoes[i] = echo
-            return
-    state.echoes.append(echo)
-    del state.echoes[:-MAX_ECHOES]
+    state.echoes[item.item_id] = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id,
+                                      speaker=item.speaker)
+    if old is None and len(state.echoes) > MAX_ECHOES:
+        del state.echoes[next(iter(state.echoes))]
 
 
 def _put_item(state: RoomState, item: ConversationItem, *, may_echo: bool = False) -> None:
@@ -632,9 +632,10 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
     echo = state.echoed.get(body.item_id)
     if echo is None and body.item_type == "message" and body.text:
         digest = _text_digest(body.text)
-        echo = next((e for e in state.echoes if e.role == role and e.digest == digest), None)
+        echo = next((e for e in state.echoes.values()
+                     if not e.matched and e.role == role and e.digest == digest), None)
         if echo is not None:
-            state.echoes.remove(echo)
+            echo.matched = True
             state.echoed[body.item_id] = echo
             if len(state.echoed) > 4 * MAX_ECHOES:
                 del state.echoed[next(iter(state.echoed))]
