@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -48,6 +48,14 @@ if TYPE_CHECKING:
     from ledger.hydrate import Snapshot
 
 log = logging.getLogger("ledger.agents")
+
+
+class _Stamped(Protocol):
+    @property
+    def created_at(self) -> float: ...
+
+
+ChatItemT = TypeVar("ChatItemT", bound=_Stamped)
 
 #: The data topic of the ledger protocol.
 LEDGER_TOPIC: Final = "ledger"
@@ -437,17 +445,6 @@ def chat_ctx(snapshot: Snapshot) -> ChatContext:
     from livekit.agents import llm  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
 
     items: list[Any] = []
-    summary = snapshot.state.summary
-    if summary is not None and not snapshot.full_conversation:
-        items.append(
-            llm.ChatMessage(
-                id=f"summary_{summary.seq}",
-                role="assistant",
-                content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
-                created_at=summary.time.timestamp(),
-                extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
-            )
-        )
     for item in snapshot.conversation:
         created_at = item.created_at if item.created_at is not None else item.time.timestamp()
         if item.type == "message":
@@ -489,4 +486,27 @@ def chat_ctx(snapshot: Snapshot) -> ChatContext:
                     created_at=created_at,
                 )
             )
+    items = in_time_order(items)
+    summary = snapshot.state.summary
+    if summary is not None and not snapshot.full_conversation:
+        # Just before the first item it did not cover, as LiveKit's own summarization stamps it.
+        created_at = items[0].created_at - 1e-6 if items else summary.time.timestamp()
+        items.insert(0, llm.ChatMessage(
+            id=f"summary_{summary.seq}",
+            role="assistant",
+            content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
+            created_at=created_at,
+            extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
+        ))
     return llm.ChatContext(items)
+
+
+def in_time_order(items: list[ChatItemT]) -> list[ChatItemT]:
+    """Chat items sorted by ``created_at`` (stable: equal times keep log order).
+
+    A ``ChatContext`` is kept in that order by LiveKit Agents (``insert``, ``merge`` and
+    ``find_insertion_index`` assume it). The log's order is the order packets reached the bridge,
+    and different participants' packets race through the SFU: an agent's feed item can reach the
+    log after a chat message the caller typed once it had seen that reply.
+    """
+    return sorted(items, key=lambda item: item.created_at)

@@ -40,6 +40,7 @@ import nats.js.errors
 
 from ledger import events as ev
 from ledger import state as rd
+from ledger.agents import in_time_order
 from ledger.errors import LedgerError
 from ledger.hydrate import Snapshot
 from ledger.settings import DIRECT_BATCH
@@ -386,7 +387,7 @@ def _side(snapshot: Snapshot, agent: str, owners: dict[str, str]) -> ChatContext
                 id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
                 created_at=created_at,
             ))
-    return llm.ChatContext(items)
+    return llm.ChatContext(in_time_order(items))
 
 
 def _merge(turns: list[dict[str, Any]], handoffs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -142,6 +142,34 @@ async def test_chat_ctx_round_trips_through_livekit(pg_settings: Settings, pg_le
 
 
 @pytest.mark.parametrize("projected", [False, True], ids=["log", "projection"])
+async def test_chat_ctx_is_in_the_sessions_time_order(pg_settings: Settings, pg_ledger: Ledger,
+                                                      projected: bool) -> None:
+    """An agent's feed item can reach the log after a chat message the caller typed once it saw the
+    reply (the two race through the SFU). The log keeps arrival order; the ChatContext is ordered
+    by the sessions' own ``created_at``, as LiveKit Agents keeps it (``insert`` and ``merge``)."""
+    room = unique("order")
+    caller = ev.Sender(identity="caller", kind="standard")
+    await pg_ledger.append_many([
+        ev.make_event(room, ev.ConversationItem(item_id="item_u1", role="user", text="hi", created_at=1.0),
+                      sender=agent("a")),
+        ev.make_event(room, ev.ChatMessage(message_id="m2", text="my bill", identity="caller"), sender=caller),
+        # the reply the caller saw before typing "my bill", reaching the log late
+        ev.make_event(room, ev.ConversationItem(item_id="item_a1", role="assistant", text="hello", created_at=2.0),
+                      sender=agent("a")),
+        # the session's echo of the typed message: its time replaces the bridge's
+        ev.make_event(room, ev.ConversationItem(item_id="item_u2", role="user", text="my bill", created_at=3.0),
+                      sender=agent("a")),
+    ])
+    if projected:
+        await project(pg_settings)
+    snapshot = await pg_ledger.hydrate(room)
+    assert [i.text for i in snapshot.conversation] == ["hi", "my bill", "hello"]  # the log's order
+    ctx = snapshot.chat_ctx()
+    assert [(i.created_at, i.text_content) for i in ctx.items] == [  # type: ignore[union-attr]
+        (1.0, "hi"), (2.0, "hello"), (3.0, "my bill")]
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["log", "projection"])
 async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg_ledger: Ledger,
                                                        projected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pages of two items: items 0-1 and 2-3 are pages, so the page of items 2-3 straddles the
@@ -162,6 +190,8 @@ async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg
     ctx = snapshot.chat_ctx()
     assert ctx.items[0].extra["is_summary"] is True  # type: ignore[union-attr]
     assert "caller lost a card" in ctx.items[0].text_content  # type: ignore[union-attr,operator]
+    # stamped just before the first item it did not cover, as LiveKit's summarization does
+    assert ctx.items[0].created_at < ctx.items[1].created_at == snapshot.conversation[0].time.timestamp()
     full = await pg_ledger.hydrate(room, full_conversation=True)
     assert [i.item_id for i in full.conversation] == [f"item_{i}" for i in range(5)]
 
