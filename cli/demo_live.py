@@ -26,6 +26,7 @@ from cli.common import CliError
 from ledger.agents import protocol_event_id
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
+from ledger.watch import RoomWatch
 
 #: Reliable data packets carry at most this much; larger ledger events go as a text stream.
 PACKET_LIMIT = 15 * 1024
@@ -38,42 +39,6 @@ Match = Callable[[Record], bool]
 def _field(record: Record, name: str) -> Any:
     """A field of a record's body (None for events without one, or without that field)."""
     return getattr(getattr(record.event, "body", None), name, None)
-
-
-class _Log:
-    """The room's log as the bridge writes it, followed in the background."""
-
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.records: list[Record] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(ledger, room))
-
-    async def _follow(self, ledger: Ledger, room: str) -> None:
-        async for record in ledger.follow(room):
-            self.records.append(record)
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def has(self, match: Match, after: int, what: str) -> int:
-        """Wait until a record after index ``after`` matches; returns its index."""
-
-        def found() -> int | None:
-            return next((i for i in range(after, len(self.records)) if match(self.records[i])), None)
-
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: found() is not None), STEP_TIMEOUT_S)
-            except TimeoutError:
-                raise CliError(f"the bridge did not record {what} within {STEP_TIMEOUT_S:.0f}s: "
-                               "is it in the room? (`ledger doctor`, and livekit-server's log)") from None
-        index = found()
-        assert index is not None
-        return index
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 class _LiveIngest:
@@ -92,7 +57,7 @@ class _LiveIngest:
 class LiveScript:
     """``cli.demo.Script``'s steps, played by real participants; ``beat`` runs them in order."""
 
-    def __init__(self, settings: Settings, writer: BridgeWriter, room: str, log: _Log) -> None:
+    def __init__(self, settings: Settings, writer: BridgeWriter, room: str, log: RoomWatch) -> None:
         self.settings = settings
         self.writer = writer
         self.room = room
@@ -119,7 +84,9 @@ class LiveScript:
                 .to_jwt())
 
     async def _recorded(self, match: Match, what: str) -> None:
-        self._seen = await self.log.has(match, self._seen, what) + 1
+        # WatchTimeout is a LedgerError: the CLI prints it (what the log has, what to check) and exits 1.
+        self._seen = await self.log.next_index(match, after=self._seen, timeout=STEP_TIMEOUT_S,
+                                               what=f"the bridge to record {what}") + 1
 
     # ---- the offline Script's vocabulary ---------------------------------------------------
 
@@ -225,7 +192,7 @@ async def live_room(settings: Settings, ledger: Ledger, writer: BridgeWriter, ro
             raise CliError(f"the bridge could not join {settings.livekit_url}: {task.exception()}")
         raise CliError(f"the bridge could not join a room on {settings.livekit_url} within "
                        f"{STEP_TIMEOUT_S:.0f}s: is livekit-server running there?")
-    log = _Log(ledger, room)
+    log = ledger.watch(room)
     script = LiveScript(settings, writer, room, log)
     try:
         yield script

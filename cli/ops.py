@@ -63,13 +63,14 @@ async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
     with contextlib.suppress(nats.js.errors.NotFoundError):
         last = await ledger.js.get_last_msg(stream, subject, direct=True)
         row.last_seq, row.last_activity = last.seq, last.time
-    # Presence and gaps come from two small categories of the room, folded by the reducers.
+    # Presence and gaps come from two small categories of the room, folded by the reducers. Read
+    # by direct gets: a consumer per room and category would meet the server's consumer limit in
+    # a deployment of thousands of rooms (ephemeral consumers outlive their reader by seconds).
     state = RoomState(room=room)
-    async for record in ledger.read(room, types=["participant.*"]):
+    for record in await ledger.read_recent(room, after=0, types=["participant.*"]):
         apply_safely(state, record)
     row.participants = sorted(p.identity for p in state.participants.values() if p.present)
-    async for _ in ledger.read(room, types=["bridge.gap"]):
-        row.gaps += 1
+    row.gaps = len(await ledger.read_recent(room, after=0, types=["bridge.gap"]))
     await _server_view(ledger, room, row, state)
     return row
 
@@ -79,7 +80,7 @@ async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> N
 
     started = False
     joined: dict[str, None] = {}
-    async for record in ledger.read(room, types=["server.*"]):
+    for record in await ledger.read_recent(room, after=0, types=["server.*"]):
         row.server_events += 1
         event = record.event
         if isinstance(event, ev.ServerRoomStartedEvent):
@@ -91,10 +92,7 @@ async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> N
                 joined[event.body.identity] = None
     if not row.server_events:
         return
-    bridged = False
-    async for _ in ledger.read(room, types=["bridge.joined"]):
-        bridged = True
-        break
+    bridged = bool(await ledger.read_recent(room, after=0, types=["bridge.joined"]))
     row.uncovered = started and not bridged
     row.missed = [identity for identity in joined if identity not in state.participants]
 

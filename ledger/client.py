@@ -62,6 +62,7 @@ from ledger.errors import (
 from ledger.hydrate import hydrate
 from ledger.settings import DIRECT_BATCH, Settings
 from ledger.subjects import Subjects, category_of, room_from_token, room_token
+from ledger.watch import RoomWatch
 
 if TYPE_CHECKING:
     from ledger.hydrate import Snapshot
@@ -1129,14 +1130,18 @@ class Ledger:
         status = (reply.headers or {}).get("Status", "")
         return status == "404"
 
-    async def read_recent(self, room: str, *, after: int, batch: int = DIRECT_BATCH) -> list[Record]:
-        """The room's events after ``after``, up to its newest, without creating a consumer.
+    async def read_recent(self, room: str, *, after: int, batch: int = DIRECT_BATCH,
+                          types: Sequence[str] | None = None) -> list[Record]:
+        """The room's events after ``after`` (of ``types`` only, when given), up to its newest,
+        without creating a consumer.
 
-        For the short tails hydration folds on top of a projection row: JetStream's batched
-        direct get answers from the stream's subject index, where a consumer would first have to
-        be created (and counted over the stream) for a handful of events.
+        For the short tails hydration folds on top of a projection row, and for the few events of
+        one category a room listing needs: JetStream's batched direct get answers from the
+        stream's subject index, where a consumer would first have to be created (and counted over
+        the stream, against its consumer limit) for a handful of events.
         """
-        subject = self.subjects.room(room)
+        subject = self._filter_for(room, types)
+        wanted = _type_matcher(types)
         records: list[Record] = []
         next_seq = after + 1
         while True:
@@ -1175,6 +1180,8 @@ class Ledger:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             if not pending:
+                if wanted is not None:
+                    records = [r for r in records if wanted(r.type)]
                 return [await self.resolve(r) if needs_payload(r.event) else r for r in records]
 
     async def follow(
@@ -1183,6 +1190,13 @@ class Ledger:
         """History after ``after``, then live events: no gap, no duplicate, across reconnects."""
         async for record in self.read(room, after=after, types=types, follow=True):
             yield record
+
+    def watch(self, room: str, *, after: int = 0) -> RoomWatch:
+        """Follow the room in the background and wait on conditions over its log: see :mod:`ledger.watch`.
+
+        ``async with ledger.watch(room) as log: await log.until(lambda rs: ..., what="the join")``
+        """
+        return RoomWatch(self, room, after=after)
 
     async def read_all(self, *, after: int = 0, follow: bool = False) -> AsyncIterator[Record]:
         """Every room's events in stream order (for projectors and tools)."""

@@ -17,7 +17,7 @@ from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
 from ledger.state import fold
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 
 pytestmark = pytest.mark.livekit
 

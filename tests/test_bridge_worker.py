@@ -27,7 +27,7 @@ from bridge.tokens import bridge_token, create_dispatch, livekit_api, room_confi
 from bridge.worker import run_bridge
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 from tests.livekit import Events, sees
 from tests.test_cli_helpers import env_for
 

@@ -72,6 +72,24 @@ def test_rooms(settings: Settings, room: str) -> None:
     assert room in out and "billing, triage, user-1" in out
 
 
+def test_rooms_creates_no_consumers(settings: Settings, room: str) -> None:
+    """A listing of thousands of rooms must not create a reader per room and category: ephemeral
+    consumers outlive their reader by seconds and count against the server's limit."""
+    seed(settings, room)
+
+    async def consumers() -> int:
+        nc = await nats.connect(list(settings.nats_urls or ()))
+        try:
+            return (await nc.jetstream().stream_info(settings.stream)).state.consumer_count
+        finally:
+            await nc.close()
+
+    before = asyncio.run(consumers())
+    assert room in {r["room"] for r in json_of(ok(settings, ["rooms", "--json"]))}
+    # Earlier tests' readers may expire meanwhile (fewer), never more: this listing made none.
+    assert asyncio.run(consumers()) <= before
+
+
 def test_purge_asks_then_removes(settings: Settings, room: str) -> None:
     seqs = seed(settings, room)
     declined = invoke(settings, ["purge", room], input="n\n")

@@ -15,7 +15,7 @@ import pytest
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 from tests.livekit import sees
 from tests.test_bridge_worker import lk_settings, registered, restore_environ, worker_bridge
 from tests.test_cli_helpers import invoke, json_of, ok

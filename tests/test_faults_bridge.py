@@ -1,7 +1,7 @@
 """Fault suite (issue 7, section 2): a bridge SIGKILLed and restarted while a second bridge covers the room.
 
 Two real ``ledger bridge --room NAME`` processes (each with its own ``LEDGER_HOME``) record one
-room of the loopback SFU into the session's NATS. Real ``rtc.Room`` participants keep talking:
+room of livekit-server into the session's NATS. Real ``rtc.Room`` participants keep talking:
 two agents send numbered seed-000 status packets (each with its own ``id``, so the event id is
 deterministic and the second bridge's copy is dropped as a duplicate), a caller sends numbered
 ``lk.chat`` text streams (event id from the stream id).
@@ -29,21 +29,21 @@ a clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 
-from ledger.client import Ledger, Record
+from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.watch import RoomWatch as Log
 
 pytestmark = [pytest.mark.livekit, pytest.mark.fault]
 
@@ -56,45 +56,13 @@ WINDOW = 12
 PHASES = ((0, 25), (25, 40), (40, 60))
 
 
-class Log:
-    """A room's log as it grows, with waits on conditions (never sleeps)."""
+def items(log: Log) -> int:
+    """The agents' packets and the caller's messages recorded so far."""
+    return log.count("agent.status", "chat.message")
 
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.records: list[Record] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(ledger, room))
 
-    async def _follow(self, ledger: Ledger, room: str) -> None:
-        async for record in ledger.follow(room):
-            self.records.append(record)
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def until(self, predicate: Callable[[list[Record]], bool], what: str, timeout: float = 20.0) -> None:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: predicate(self.records))
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except TimeoutError:
-            types = [r.type for r in self.records]
-            raise AssertionError(f"timed out waiting for {what}; log has {len(types)} events, "
-                                 f"{self.count()} items, last {types[-5:]}") from None
-
-    def of(self, *types: str) -> list[Record]:
-        return [r for r in self.records if r.type in types]
-
-    def count(self) -> int:
-        return len(self.of("agent.status", "chat.message"))
-
-    def joined(self) -> list[str]:
-        return [r.event.body.bridge_id for r in self.of("bridge.joined")]  # type: ignore[union-attr]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+def joined(log: Log) -> list[str]:
+    return [r.event.body.bridge_id for r in log.of("bridge.joined")]  # type: ignore[union-attr]
 
 
 class Bridge:
@@ -185,7 +153,7 @@ class Talk:
             await self.caller.local_participant.send_text(text, topic="lk.chat")
             self.sent[CALLER].append(text)
             ahead = self.total() - WINDOW
-            await self.log.until(lambda rs, n=ahead: self.log.count() >= n, f"the log to reach {ahead} items")
+            await self.log.until(lambda rs, n=ahead: items(self.log) >= n, what=f"the log to reach {ahead} items")
 
     def logged(self) -> dict[str, list[str]]:
         got: dict[str, list[str]] = {name: [] for name in self.sent}
@@ -211,17 +179,17 @@ async def test_bridge_sigkilled_and_restarted_while_another_covers_loses_and_dou
     b = Bridge("b", bridges_root, env, room)
     try:
         await asyncio.gather(a.start(), b.start())
-        await log.until(lambda rs: len(log.joined()) == 2, "both bridges to join", 30)
-        first_two = set(log.joined())
+        await log.until(lambda rs: len(joined(log)) == 2, 30, what="both bridges to join")
+        first_two = set(joined(log))
         agents = [await livekit_connect(name, room, kind="agent") for name in AGENTS]
         caller = await livekit_connect(CALLER, room)
         await log.until(lambda rs: len({r.event.body.identity for r in log.of("participant.joined")})  # type: ignore[union-attr]
-                        >= 3, "the participants to be seen")
+                        >= 3, what="the participants to be seen")
         talk = Talk(agents, caller, log)
 
         # 1. both record; A is SIGKILLed mid-stream, B records on alone
         phase = asyncio.create_task(talk.rounds(*PHASES[0]))
-        await log.until(lambda rs: log.count() >= 20 or phase.done(), "the room to be under way")
+        await log.until(lambda rs: items(log) >= 20 or phase.done(), what="the room to be under way")
         assert not phase.done(), "phase 1 ended before the kill: not mid-stream"
         await a.kill()
         await phase
@@ -229,22 +197,22 @@ async def test_bridge_sigkilled_and_restarted_while_another_covers_loses_and_dou
         # 2. A restarts while the room keeps talking
         phase = asyncio.create_task(talk.rounds(*PHASES[1]))
         await a.start()
-        await log.until(lambda rs: len(log.joined()) == 3, "the restarted bridge to join", 30)
+        await log.until(lambda rs: len(joined(log)) == 3, 30, what="the restarted bridge to join")
         await phase
-        (restarted,) = set(log.joined()) - first_two
+        (restarted,) = set(joined(log)) - first_two
 
         # 3. both record; B is SIGKILLed mid-stream, the restarted A records the rest alone
         phase = asyncio.create_task(talk.rounds(*PHASES[2]))
         mid = 3 * (PHASES[2][0] + 8)
-        await log.until(lambda rs: log.count() >= mid or phase.done(), "phase 3 to be under way")
+        await log.until(lambda rs: items(log) >= mid or phase.done(), what="phase 3 to be under way")
         assert not phase.done(), "phase 3 ended before the kill: not mid-stream"
         await b.kill()
         await phase
-        await log.until(lambda rs: log.count() >= talk.total(), f"all {talk.total()} items", 20)
+        await log.until(lambda rs: items(log) >= talk.total(), 20, what=f"all {talk.total()} items")
 
         assert await a.interrupt() == 0, a.stderr()
         await log.until(lambda rs: any(r.type == "bridge.left" and r.event.body.bridge_id == restarted  # type: ignore[union-attr]
-                                       for r in rs), "the restarted bridge's bridge.left")
+                                       for r in rs), what="the restarted bridge's bridge.left")
     finally:
         await asyncio.gather(a.cleanup(), b.cleanup())
         await log.close()
@@ -257,8 +225,8 @@ async def test_bridge_sigkilled_and_restarted_while_another_covers_loses_and_dou
     ids = [r.event.id for r in records]
     assert len(ids) == len(set(ids)), "an event id is stored twice"
     # the three bridge processes are on record; the restarted one's arrival and clean departure
-    joined = log.joined()
-    assert len(joined) == len(set(joined)) == 3 and restarted in joined
+    bridges = joined(log)
+    assert len(bridges) == len(set(bridges)) == 3 and restarted in bridges
     assert [r.event.body.bridge_id for r in log.of("bridge.left")] == [restarted]  # type: ignore[union-attr]
     # A's blind spot between its kill and its restart is on record, as a gap the restarted A wrote
     # from the killed process's last sign of life (B's kill has no successor in its LEDGER_HOME).

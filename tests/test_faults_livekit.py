@@ -33,7 +33,7 @@ from bridge.writer import BridgeWriter
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 from tests.livekit import impair
 
 pytestmark = [pytest.mark.livekit, pytest.mark.fault]

@@ -24,7 +24,7 @@ from ledger.handoff import FAILED_PREFIX
 from ledger.settings import Settings
 from ledger.state import fold
 from ledger.timeline import handoffs as replay_handoffs
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 from tests.handoff_example import ExampleWorkers, Replies
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 

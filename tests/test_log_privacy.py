@@ -41,7 +41,7 @@ import pytest
 from bridge.worker import run_bridge
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 
 pytestmark = pytest.mark.livekit
 

@@ -31,7 +31,7 @@ from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
 from ledger.timeline import ndjson_line
-from tests.followed_log import FollowedLog
+from ledger.watch import RoomWatch
 from tests.test_bridge_livekit import running_bridge
 
 pytestmark = pytest.mark.livekit
@@ -122,7 +122,7 @@ class Rig:
     room: str
     ledger: Ledger
     sender: rtc.Room
-    log: FollowedLog
+    log: RoomWatch
     received: int = 0
 
     def mine(self) -> list[Record]:
@@ -133,7 +133,7 @@ class Rig:
 @contextlib.asynccontextmanager
 async def rig(lk_settings: Settings, room: str, livekit_connect: Any) -> AsyncIterator[Rig]:
     async with Ledger(lk_settings) as ledger, running_bridge(lk_settings, room):
-        log = FollowedLog(ledger, room)
+        log = RoomWatch(ledger, room)
         try:
             sender = await livekit_connect(SENDER, room)
             await log.until(lambda rs: any(r.type == "participant.joined" and r.event.sender.identity == SENDER
@@ -245,7 +245,7 @@ async def test_nats_restarted_while_a_large_stream_is_stored(lk_settings: Settin
     try:
         async with Ledger(own) as watcher, running_bridge(own, room) as (writer, _):
             writer.retry_max = 0.5
-            log = FollowedLog(watcher, room)
+            log = RoomWatch(watcher, room)
             sender = await livekit_connect(SENDER, room)
             await log.until(lambda rs: any(x.event.sender.identity == SENDER for x in rs), timeout=30)
             chunks_stream = f"OBJ_{own.payload_bucket}"

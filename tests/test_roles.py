@@ -24,8 +24,8 @@ from ledger.client import Ledger, Record
 from ledger.hydrate import close
 from ledger.roles import Roles, apply_event
 from ledger.settings import Settings
+from ledger.watch import RoomWatch
 from projections.projector import Projector
-from tests.followed_log import FollowedLog
 from tests.test_bridge_worker import lk_settings, restore_environ, worker_bridge
 from tests.test_cli_helpers import env_for, json_of, ok
 
@@ -184,7 +184,7 @@ async def test_two_agents_dispatched_at_once_take_distinct_roles_room_after_room
                                                                                    tmp_path):
         for n in range(rooms):
             room = f"race-{uuid.uuid4().hex[:8]}-{n}"
-            log = FollowedLog(ledger, room)
+            log = RoomWatch(ledger, room)
             try:
                 await create_dispatch(lk_settings, room)  # the bridge first: claims travel through the room
                 await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), timeout=30)
@@ -238,7 +238,7 @@ async def test_a_role_is_freed_when_its_holder_leaves(lk_settings: Settings, led
     """Three agents, two roles, on the real server: the third waits; the customer leaves; it becomes customer."""
     from ledger.agents import LedgerAgent
 
-    log = FollowedLog(ledger, room)
+    log = RoomWatch(ledger, room)
     async with worker_bridge(lk_settings, livekit_server):
         await create_dispatch(lk_settings, room)
         await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), timeout=30)

@@ -20,7 +20,7 @@ import pytest
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
-from tests.followed_log import FollowedLog as Log
+from ledger.watch import RoomWatch as Log
 from tests.handoff_example import ExampleWorkers, Replies
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 from tests.test_tracing import Receiver, receiver  # noqa: F401

@@ -25,8 +25,8 @@ from livekit import api, rtc
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.watch import RoomWatch
 from ledger.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
-from tests.followed_log import FollowedLog
 from tests.livekit import netns
 from tests.livekit.server import API_KEY, API_SECRET, LocalLiveKit, free_port, have_binary
 from tests.test_cli_helpers import env_for, invoke, json_of, ok
@@ -73,7 +73,7 @@ async def receiver(ledger: Ledger) -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
-def server_events(log: FollowedLog) -> list[Any]:
+def server_events(log: RoomWatch) -> list[Any]:
     return [r for r in log.records if r.type.startswith("server.")]
 
 
@@ -89,7 +89,7 @@ async def test_a_real_server_reports_every_room_once(ledger: Ledger, receiver: R
     workdir = Path(tempfile.mkdtemp(prefix="livekit-webhooks-"))
     server = LocalLiveKit(workdir, webhook_urls=[receiver.url])
     await asyncio.to_thread(server.start)
-    log = FollowedLog(ledger, room)
+    log = RoomWatch(ledger, room)
     lk_room = rtc.Room()
     try:
         await lk_room.connect(server.url, server.token("caller", room, name="Caller"))
