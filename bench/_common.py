@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +67,35 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 def print_json(**parts: Any) -> None:
     print(json.dumps(parts, sort_keys=False))
+
+
+def run_with_livekit(script: str, work: Coroutine[Any, Any, int]) -> int:
+    """Run a LiveKit bench's ``work``: inside the tests' private network namespace (re-running
+    ``script`` there), unless ``LIVEKIT_URL`` names a server to use instead.
+
+    libwebrtc gathers no candidate on loopback, so a local livekit-server needs the namespace's
+    non-loopback address. SIGTERM (bench/run's timeout) cancels ``work``, so its servers and
+    subprocesses are stopped.
+    """
+    from tests.livekit import netns
+
+    name = Path(script).stem
+    if not os.environ.get("LIVEKIT_URL") and not netns.inside():
+        work.close()
+        try:
+            argv = netns.command([sys.executable, str(Path(script).resolve()), *sys.argv[1:]])
+        except RuntimeError as exc:
+            print(f"bench/{name}: needs a private network namespace for livekit-server ({exc}); "
+                  f"or set LIVEKIT_URL/LIVEKIT_API_KEY/LIVEKIT_API_SECRET", file=sys.stderr)
+            return 1
+        inner = subprocess.Popen(argv, env={**os.environ, netns.INSIDE_ENV: "1"})
+        # unshare and sh exec the inner run: it is this pid, and cleans up on SIGTERM
+        signal.signal(signal.SIGTERM, lambda *_: inner.terminate())
+        return inner.wait()
+
+    async def cancelled_on_sigterm() -> int:
+        task = asyncio.ensure_future(work)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return int(await task)
+
+    return asyncio.run(cancelled_on_sigterm())

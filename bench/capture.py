@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import percentile, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
+
 TARGET_P99_OVER_BASELINE_MS = 15.0
 TARGET_ROOMS = 200
 CAPACITY_P99_MS = 50.0
@@ -55,10 +56,7 @@ TOPIC = "agent-state"
 
 
 def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+    return percentile(values, p) if values else None
 
 
 def rounded(value: float | None, digits: int = 2) -> float | None:
@@ -522,13 +520,6 @@ async def controller(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _cancel_on_sigterm(work: Any) -> int:
-    """SIGTERM (bench/run's timeout) cancels the run, so its servers and subprocesses are stopped."""
-    task = asyncio.ensure_future(work)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return int(await task)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rooms", type=int, default=100, help="rooms of the bridge-vs-baseline comparison")
@@ -552,21 +543,7 @@ def main() -> int:
         args.rooms, args.seconds, args.steps = 10, 5.0, "5,10"
     args.steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
 
-    from tests.livekit import netns
-
-    if not os.environ.get("LIVEKIT_URL") and not netns.inside():
-        # libwebrtc needs a non-loopback address to gather on: run inside the tests' namespace.
-        try:
-            argv = netns.command([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]])
-        except RuntimeError as exc:
-            print(f"bench/capture: needs a private network namespace for livekit-server ({exc}); "
-                  f"or set LIVEKIT_URL/LIVEKIT_API_KEY/LIVEKIT_API_SECRET", file=sys.stderr)
-            return 1
-        inner = subprocess.Popen(argv, env={**os.environ, netns.INSIDE_ENV: "1"})
-        # unshare and sh exec the inner run: it is this pid, and cleans up on SIGTERM
-        signal.signal(signal.SIGTERM, lambda *_: inner.terminate())
-        return inner.wait()
-    return asyncio.run(_cancel_on_sigterm(controller(args)))
+    return run_with_livekit(__file__, controller(args))
 
 
 if __name__ == "__main__":

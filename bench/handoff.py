@@ -51,6 +51,8 @@ EXAMPLE = ROOT / "examples" / "handoff"
 INPROC = ROOT / "bench" / "_handoff_inproc.py"
 sys.path.insert(0, str(ROOT))
 
+from bench._common import run_with_livekit  # noqa: E402 - needs ROOT on sys.path
+
 TARGET_WARM_P50_OVER_MS = 150.0
 TARGET_WARM_P99_OVER_MS = 300.0
 TARGET_COLD_P50_MS = 1500.0
@@ -357,13 +359,6 @@ def report(dead: dict[str, list[float]], replayed: dict[str, list[float]], args:
     return 0
 
 
-async def _cancel_on_sigterm(work: Any) -> int:
-    """SIGTERM (bench/run's timeout) cancels the run, so its servers and subprocesses are stopped."""
-    task = asyncio.ensure_future(work)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return int(await task)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--handoffs", type=int, default=20, help="handoffs measured per mode (>= 20 for the issue)")
@@ -374,20 +369,7 @@ def main() -> int:
     if args.quick:
         args.handoffs = 5
 
-    from tests.livekit import netns
-
-    if not os.environ.get("LIVEKIT_URL") and not netns.inside():
-        # libwebrtc needs a non-loopback address to gather on: run inside the tests' namespace.
-        try:
-            argv = netns.command([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]])
-        except RuntimeError as exc:
-            print(f"bench/handoff: needs a private network namespace for livekit-server ({exc}); "
-                  f"or set LIVEKIT_URL/LIVEKIT_API_KEY/LIVEKIT_API_SECRET", file=sys.stderr)
-            return 1
-        inner = subprocess.Popen(argv, env={**os.environ, netns.INSIDE_ENV: "1"})
-        signal.signal(signal.SIGTERM, lambda *_: inner.terminate())
-        return inner.wait()
-    return asyncio.run(_cancel_on_sigterm(controller(args)))
+    return run_with_livekit(__file__, controller(args))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _t(when: datetime | None) -> str:
     return f"{when.astimezone(UTC):%H:%M:%S.%f}"[:12] if when else "–"
 
 
-def _floor_svg(timeline: FloorTimeline) -> str:
+def floor_svg(timeline: FloorTimeline) -> str:
     agents = timeline.agents()
     if not agents or timeline.start is None or timeline.end is None:
         return '<p class="muted">No floor activity: nobody claimed the floor.</p>'
@@ -174,7 +174,7 @@ generated {generated:%Y-%m-%d %H:%M:%S} UTC by <code>ledger replay --html</code>
 {f' · <span class="gap">{len(index.gaps)} bridge gap(s): events may be missing</span>' if index.gaps else ''}</p>
 
 <section id="floor"><h2>Floor timeline</h2>
-{_floor_svg(timeline)}
+{floor_svg(timeline)}
 {_table(["from", "start", "end", "held", "holder", "task", "ended by"], tenures, id_="tenures",
         empty="Nobody held the floor.")}
 </section>

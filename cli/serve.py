@@ -40,10 +40,13 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from cli.common import CliError, parse_point
+from cli.common import CliError, console, err_console, parse_point, write_json
+from cli.html import floor_svg  # the report's floor lanes, escaped there
+from cli.ops import room_rows
 from cli.roomview import PageData, RoomCollector, collect, item_text, participant_views
 from cli.timeline import event_time, summary
 from ledger import events as ev
+from ledger import metrics
 from ledger.client import Ledger, Record
 from ledger.errors import LedgerError, UnknownRoom
 from ledger.timeline import ndjson_line
@@ -96,7 +99,6 @@ def record_json(record: Record) -> dict[str, Any]:
 
 def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
     """What the room page shows: the same derivation as ``ledger replay --html`` (cli/roomview.py)."""
-    from cli.html import _floor_svg  # the report's floor lanes, escaped there
 
     state = page.state
     timeline = page.floor
@@ -117,7 +119,7 @@ def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
             "holder": floor.holder, "task": floor.task, "since_seq": floor.since_seq,
             "queue": [{"agent_id": c.agent_id, "task": c.task, "seq": c.seq} for c in floor.queue],
         },
-        "floor_svg": _floor_svg(timeline),
+        "floor_svg": floor_svg(timeline),
         "tenures": [
             {"holder": t.holder, "task": t.task, "start_seq": t.start_seq, "start": t.start_time.isoformat(),
              "end_seq": t.end_seq, "end": t.end_time.isoformat() if t.end_time else None,
@@ -260,7 +262,6 @@ class Hubs:
     async def room_rows(self) -> list[Any]:
         """:func:`cli.ops.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
         (every open rooms page asks every two seconds; each read looks into every room)."""
-        from cli.ops import room_rows
 
         now = time.monotonic()
         if self._rows is None or now - self._rows[0] > ROOMS_EVERY_S:
@@ -520,7 +521,6 @@ async def _live(request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    from ledger import metrics
 
     hubs = request.app[HUBS].hubs
     metrics.SERVE_ROOMS.set(len(hubs))
@@ -645,7 +645,6 @@ def open_to_others(host: str, token: str | None) -> bool:
 
 async def serve(settings: Any, *, host: str, port: int, token: str | None, as_json: bool) -> None:
     """``ledger serve``: run until Ctrl-C."""
-    from cli.common import console, err_console, write_json
 
     async with Ledger(settings, name="ledger-serve") as ledger:
         runner, served = await start(ledger, host=host, port=port, token=token)

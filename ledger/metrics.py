@@ -35,13 +35,24 @@ import logging
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ledger import tracing
@@ -383,7 +394,6 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 def summarize(text: str) -> dict[str, Any]:
     """The figures ``ledger doctor`` shows, from one exposition (the same numbers Grafana graphs)."""
-    from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
     by_label: dict[str, dict[str, float]] = {}
@@ -446,8 +456,6 @@ def _ms(seconds: float | None) -> float | None:
 
 def read_endpoint(url: str, timeout: float = 2.0) -> dict[str, Any]:
     """Scrape one endpoint: ``{"url", "reachable", "error"?, "figures"?}`` (blocking; run it in a thread)."""
-    import urllib.error
-    import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -460,7 +468,6 @@ def read_endpoint(url: str, timeout: float = 2.0) -> dict[str, Any]:
 
 def exposition() -> tuple[bytes, str]:
     """The metrics in Prometheus' text format, with its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

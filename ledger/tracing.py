@@ -16,6 +16,10 @@ tracer provider (a LiveKit Agents worker set up for observability) keeps it; spa
 (a handoff: the source puts it into the handoff event, the target continues the trace with it).
 """
 
+# OpenTelemetry is imported only once traces are asked for ("Unset, nothing is imported"), and
+# each exporter only when its protocol is chosen: every import here is inside the function using it.
+# ruff: noqa: PLC0415
+
 from __future__ import annotations
 
 import contextlib
