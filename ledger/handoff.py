@@ -67,6 +67,7 @@ from livekit.agents.voice.room_io.types import TextInputOptions
 from ledger import events as ev
 from ledger import state as rd
 from ledger import tracing
+from ledger._agents_sdk import text_input_callback
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
 from ledger.errors import LedgerError
@@ -566,7 +567,7 @@ class LedgerLink:
             return
         with contextlib.suppress(RuntimeError):
             room_io = session.room_io
-            self._saved_cb = getattr(room_io, "_text_input_cb", None)
+            self._saved_cb = text_input_callback(room_io)
             room_io.register_text_input(self._held)
             self._holding = True
         # A voice session stops listening too (the target hears the caller); untested here: the

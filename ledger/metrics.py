@@ -241,7 +241,7 @@ def track_projector(projector: Any) -> None:
 async def _follow_head(ref: weakref.ref[Any]) -> None:
     while True:
         projector = ref()
-        ledger = getattr(projector, "_ledger", None) if projector is not None else None
+        ledger = projector.ledger if projector is not None else None
         if projector is None or ledger is None:
             return
         with contextlib.suppress(Exception):

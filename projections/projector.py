@@ -211,6 +211,11 @@ class Projector:
         self._outage: str | None = None
         self.events_done = 0
 
+    @property
+    def ledger(self) -> Ledger | None:
+        """The projector's connection to the log (None before :meth:`start` and after :meth:`close`)."""
+        return self._ledger
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Projector:

@@ -1,5 +1,5 @@
-"""The LiveKit SDK internals bridge/_sdk.py relies on, one test each: an SDK upgrade that moves one
-fails here. And the bridge's room attachment undone on close (its callbacks and stream tables)."""
+"""The LiveKit SDK internals bridge/_sdk.py and ledger/_agents_sdk.py rely on, one test each: an
+SDK upgrade that moves one fails here. And the bridge's room attachment undone on close (its callbacks and stream tables)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,19 @@ async def test_only_own_room_events_drops_other_rooms_events(livekit_connect: An
     own.room_event.room_handle = lk_room._ffi_handle.handle
     assert not keep(other)
     assert keep(own)
+
+
+async def test_room_io_keeps_its_text_input_callback_where_the_handoff_reads_it() -> None:
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.room_io import RoomIO
+
+    from ledger._agents_sdk import text_input_callback
+
+    room_io = RoomIO(AgentSession(), rtc.Room())
+    assert text_input_callback(room_io) is None
+
+    def typed(session: Any, event: Any) -> None:
+        pass
+
+    room_io.register_text_input(typed)
+    assert text_input_callback(room_io) is typed
