@@ -24,6 +24,7 @@ from ledger.errors import (
 )
 from ledger.hydrate import HydrateTimeout, Snapshot
 from ledger.settings import Settings
+from ledger.watch import RoomWatch, WatchTimeout
 
 __all__ = [
     "AppendError",
@@ -38,9 +39,11 @@ __all__ = [
     "Position",
     "Record",
     "RoomSummary",
+    "RoomWatch",
     "Settings",
     "SettingsError",
     "Snapshot",
     "StreamConfigError",
     "UnknownRoom",
+    "WatchTimeout",
 ]
