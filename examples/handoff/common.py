@@ -165,9 +165,13 @@ def serve(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[None]]) 
     logging.basicConfig(level=os.environ.get("HANDOFF_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ledger").setLevel(os.environ.get("HANDOFF_LEDGER_LOG_LEVEL", "INFO"))
+    # HANDOFF_EXECUTOR=thread (the default here): jobs run in this process, so the worker *is* the
+    # agent's process, warm once registered. =process: LiveKit's default for production, each job
+    # in a child process, one kept idle and warm.
+    in_processes = os.environ.get("HANDOFF_EXECUTOR", "thread") == "process"
     server = AgentServer(
-        # Jobs run in this process: the worker *is* the agent's process, warm once registered.
-        job_executor_type=JobExecutorType.THREAD, num_idle_processes=0, port=0,
+        job_executor_type=JobExecutorType.PROCESS if in_processes else JobExecutorType.THREAD,
+        num_idle_processes=1 if in_processes else 0, port=0,
         # Load counts jobs, not the host's CPU: a busy host would refuse dispatches otherwise,
         # and LiveKit does not offer a refused job again.
         load_fnc=lambda server: min(len(server.active_jobs) / 50, 1.0), load_threshold=1.0,
