@@ -90,7 +90,7 @@ async def publisher_main() -> None:
     """Commands on stdin, one JSON line each; one JSON line answers each on stdout."""
     from livekit import rtc
 
-    from bridge.worker import only_own_room_events
+    from bridge._sdk import only_own_room_events
     from tests.livekit import sees
     from tests.livekit.server import mint_token
 

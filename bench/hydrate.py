@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import bench_settings, median, percentile, print_json, print_table
 from ledger import db
+from ledger import events as ev
 from ledger.client import Ledger
 from ledger.hydrate import close
 from ledger.state import fold
@@ -39,7 +40,7 @@ async def main(args: argparse.Namespace) -> None:
         async with Ledger(settings) as ledger:
             started = time.perf_counter()
             target_events = list(room_events(target, args.room_events))
-            chunk: list = []
+            chunk: list[ev.KnownEvent] = []
             stream = interleaved(others, per_room)
             # Spread the target room's events through the stream.
             every = max(1, (args.events - args.room_events) // max(1, len(target_events)))

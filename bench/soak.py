@@ -282,7 +282,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
     after = [s for s in samples if s["t"] >= warmup]
 
     def growth(key: str) -> float:
-        values = [s[key] for s in after if s[key]]
+        values: list[float] = [s[key] for s in after if s[key]]
         if len(values) < 2:
             return float("nan")
         return (values[-1] - values[0]) / values[0] * 100

@@ -39,10 +39,10 @@ class WaitTimeout(AssertionError):
     """A condition did not hold before its deadline."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
     """Re-check ``condition`` until it returns something truthy; raise :class:`WaitTimeout` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last: T = condition()
+    last: T | None = condition()
     while not last:
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -22,8 +22,9 @@ import pytest
 from ledger.agents import HandoffLost, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.watch import RoomWatch as Log
 from tests.test_bridge_ingest import produce_session_bytes
-from tests.test_bridge_livekit import Log, lk_settings, running_bridge  # noqa: F401
+from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 
 pytestmark = pytest.mark.livekit
 REPO = str(Path(__file__).resolve().parent.parent)

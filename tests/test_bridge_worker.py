@@ -94,13 +94,16 @@ async def take_turns(log: Log, agents: list[rtc.Room], turns: int) -> list[dict[
             payload = seed(me, status, lock, f"turn-{turn}")
             sent.append(json.loads(payload))
             await agent.local_participant.publish_data(payload, reliable=True, topic="agent-state")
-            await log.until(lambda rs, n=len(sent): sum(r.type == "agent.status" for r in rs) >= n)
+            # python/mypy#15459: a lambda with a default argument ("n=") is not inferred
+            await log.until(lambda rs, n=len(sent):  # type: ignore[misc]
+                            sum(r.type == "agent.status" for r in rs) >= n)
     return sent
 
 
 def body(record: Record) -> dict[str, Any]:
-    b = record.event.body
-    return {"agent_id": b.agent_id, "status": b.status, "action_lock": b.action_lock, "task": b.task}  # type: ignore[union-attr]
+    event: Any = record.event  # an agent.status record
+    b = event.body
+    return {"agent_id": b.agent_id, "status": b.status, "action_lock": b.action_lock, "task": b.task}
 
 
 async def read_all(ledger: Ledger, room: str) -> list[Record]:
@@ -129,7 +132,7 @@ async def test_dispatched_worker_bridge_records_seed_000(lk_settings: Settings, 
         assert len(bridges) == 1
         bridge = bridges[0]
         assert bridge.permission.hidden and not bridge.permission.can_publish_data
-        assert bridge.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        assert bridge.kind == api.ParticipantInfo.Kind.AGENT  # = rtc's PARTICIPANT_KIND_AGENT
         assert bridge.attributes["lk.agent_name"] == name
         assert listed_dispatches == [dispatch.id]
         for agent in agents:
@@ -248,7 +251,7 @@ async def test_the_server_holds_the_bridge_to_its_token(
         grants = bridge.permission
         assert grants.hidden and grants.can_subscribe
         assert not grants.can_publish and not grants.can_publish_data
-        assert bridge.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        assert bridge.kind == api.ParticipantInfo.Kind.AGENT  # = rtc's PARTICIPANT_KIND_AGENT
         assert "caller" in {p.identity for p in listed} and bridge.identity not in caller.remote_participants
 
         # what the token forbids, the server refuses: a packet from the bridge's identity never arrives

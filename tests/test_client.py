@@ -11,7 +11,7 @@ import pytest
 
 from ledger import embedded
 from ledger import events as ev
-from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Record
+from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Position, Record
 from ledger.errors import (
     ConflictError,
     ConnectError,
@@ -245,7 +245,7 @@ async def test_follow_survives_a_nats_restart(tmp_path: Path, room: str) -> None
         embedded.stop_nats(home)
 
 
-async def _retry_append(client: Ledger, event: ev.KnownEvent) -> object:
+async def _retry_append(client: Ledger, event: ev.KnownEvent) -> Position:
     # The client reconnects by itself; an append during the reconnect may time out and is
     # safe to retry because the event id makes it idempotent.
     for _ in range(50):

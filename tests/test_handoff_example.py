@@ -26,7 +26,7 @@ from ledger.state import fold
 from ledger.timeline import handoffs as replay_handoffs
 from ledger.watch import RoomWatch as Log
 from tests.handoff_example import ExampleWorkers, Replies
-from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
+from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
 pytestmark = pytest.mark.livekit
 
@@ -41,12 +41,11 @@ async def workers(lk_settings: Settings, livekit_server: Any, tmp_path: Path) ->
 
 
 def left(log: Log, identity: str) -> bool:
-    return any(r.type == "participant.left" and r.event.body.identity == identity  # type: ignore[union-attr]
-               for r in log.records)
+    return any(r.type == "participant.left" and body_of(r).identity == identity for r in log.records)
 
 
 def handoffs(log: Log) -> list[ev.Handoff]:
-    return [r.event.body for r in log.of("handoff")]  # type: ignore[misc]
+    return [body_of(r) for r in log.of("handoff")]
 
 
 async def say(user: Any, text: str) -> None:
@@ -68,7 +67,7 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
         greeting = await replies.next()
         assert greeting.agent == workers.triage, greeting
         # triage has attached (published its userdata, claimed the floor) before the caller types
-        await log.until(lambda rs: any(r.type == "floor.request" and r.event.body.agent_id == workers.triage  # type: ignore[union-attr]
+        await log.until(lambda rs: any(r.type == "floor.request" and body_of(r).agent_id == workers.triage
                                        for r in rs))
         await say(user, "Hi, I'm Ana, my account is 7")
         found = await replies.next()
@@ -115,9 +114,10 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     records: list[Record] = [r async for r in ledger.read(room)]
     items = [r for r in records if r.type == "conversation.item"]
     assert {r.event.sender.identity for r in items} == {greeting.identity, hello.identity}
-    assert {r.event.body.item_type for r in items} >= {"message", "function_call", "function_call_output"}  # type: ignore[union-attr]
+    assert {body_of(r).item_type for r in items} >= {"message", "function_call", "function_call_output"}
     (handoff,) = [r for r in records if r.type == "handoff"]
-    assert (handoff.event.body.from_agent, handoff.event.body.to_agent) == (workers.triage, workers.billing)  # type: ignore[union-attr]
+    assert isinstance(handoff.event, ev.HandoffEvent)
+    assert (handoff.event.body.from_agent, handoff.event.body.to_agent) == (workers.triage, workers.billing)
     state = fold(records)
     tenures = [(t.holder, t.end_reason) for t in state.floor.history]
     assert tenures[:2] == [(workers.triage, "handoff"), (workers.billing, None)]
@@ -127,8 +127,8 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     # (by position, not sender: a participant's packets that reach the bridge before the server has
     # announced it are recorded with no sender identity; see the report on issue 14)
     patches = [r for r in records if r.type == "session.patch" and r.seq < handoff.seq]
-    bill = next(r.seq for r in records if r.type == "chat.message" and "bill" in r.event.body.text)  # type: ignore[union-attr]
-    first_patch, turn_patch = (p.event.body.patch for p in patches[:2])  # type: ignore[union-attr]
+    bill = next(r.seq for r in records if r.type == "chat.message" and "bill" in body_of(r).text)
+    first_patch, turn_patch = (body_of(p).patch for p in patches[:2])
     assert len(first_patch) == 118 and first_patch["caller"] == ""  # steps, facility: None, not yet a value
     assert patches[1].seq < bill and turn_patch["caller"] == "Ana" and len(turn_patch) == 120
     assert len(patches) == 2
@@ -155,8 +155,8 @@ async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings,
         await workers.dispatch(room, workers.triage)
         greeting = await replies.next()
         # billing is in the room before any handoff, standing by, silent
-        await log.until(lambda rs: any(r.type == "agent.status" and r.event.body.agent_id == workers.billing  # type: ignore[union-attr]
-                                       and r.event.body.task == "standby" for r in rs))
+        await log.until(lambda rs: any(r.type == "agent.status" and body_of(r).agent_id == workers.billing
+                                       and body_of(r).task == "standby" for r in rs))
         await say(user, "Hi, I'm Ana, my account is 7")
         found = await replies.next()
         await say(user, "I have a question about my bill")
@@ -211,14 +211,14 @@ async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, l
     other = "billing-2" if standby == "billing-1" else "billing-1"
     assert "standing by" not in workers.output(other)  # the dispatched job took over cold
     records = [r async for r in ledger.read(room)]
-    assert [r.event.body.to_agent for r in records if r.type == "handoff"] == [workers.billing]  # type: ignore[union-attr]
+    assert [body_of(r).to_agent for r in records if r.type == "handoff"] == [workers.billing]
     assert fold(records).floor.holder == workers.billing
 
 
 async def log_until_standby(ledger: Ledger, room: str, agent: str, timeout: float = 30.0) -> None:
     async def wait() -> None:
         async for record in ledger.follow(room, types=["agent.status"]):
-            body = record.event.body
+            body = body_of(record)
             if isinstance(body, ev.AgentStatus) and body.agent_id == agent and body.task == "standby":
                 return
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,7 @@ async def test_min_seq_waits_for_the_write_and_follow_continues(pg_ledger: Ledge
     # follow(after=snapshot.seq): the next event, no gap, no duplicate.
     nxt = await pg_ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
     follower = pg_ledger.follow(room, after=snapshot.seq)
+    assert isinstance(follower, AsyncGenerator)  # typed as an AsyncIterator; closed below
     record = await asyncio.wait_for(anext(follower), 5)
     await follower.aclose()
     assert record.seq == nxt.seq and first.seq < snapshot.seq

@@ -7,16 +7,21 @@ if an SDK or server upgrade changes one of them, it fails here first.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import pytest
 from livekit import rtc
 
 from tests.livekit import Events, sees
 
+if TYPE_CHECKING:
+    from tests.livekit.plugin import Connect, LiveKitServer
+
 pytestmark = pytest.mark.livekit
 
 
-async def test_connect_and_reliable_data(livekit_connect, livekit_server, room):
+async def test_connect_and_reliable_data(livekit_connect: Connect, livekit_server: LiveKitServer,
+                                         room: str) -> None:
     """Smoke test: catches protocol drift when the livekit SDK is upgraded."""
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
@@ -37,7 +42,8 @@ async def test_connect_and_reliable_data(livekit_connect, livekit_server, room):
     assert {p.identity for p in await livekit_server.list_participants(room)} == {"alice", "bob"}
 
 
-async def test_lossy_data_and_destinations(livekit_connect, livekit_server, room):
+async def test_lossy_data_and_destinations(livekit_connect: Connect, livekit_server: LiveKitServer,
+                                           room: str) -> None:
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
     carol = await livekit_connect("carol", room)
@@ -63,22 +69,23 @@ async def test_lossy_data_and_destinations(livekit_connect, livekit_server, room
     assert packet.data == b"for all"
 
 
-async def test_rpc_between_participants(livekit_connect, room):
+async def test_rpc_between_participants(livekit_connect: Connect, room: str) -> None:
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
 
-    @alice.local_participant.register_rpc_method("echo")
     async def echo(data: rtc.RpcInvocationData) -> str:
         return f"{data.caller_identity}:{data.payload}"
+
+    alice.local_participant.register_rpc_method("echo", echo)
 
     assert await bob.local_participant.perform_rpc(
         destination_identity="alice", method="echo", payload="ping") == "bob:ping"
 
 
-async def test_text_stream_on_lk_transcription_with_attributes(livekit_connect, room):
+async def test_text_stream_on_lk_transcription_with_attributes(livekit_connect: Connect, room: str) -> None:
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
-    received: asyncio.Queue[tuple[str, str, dict[str, str]]] = asyncio.Queue()
+    received: asyncio.Queue[tuple[str, str, dict[str, str] | None]] = asyncio.Queue()
 
     async def read(reader: rtc.TextStreamReader, identity: str) -> None:
         received.put_nowait((identity, await reader.read_all(), reader.info.attributes))
@@ -100,7 +107,7 @@ async def test_text_stream_on_lk_transcription_with_attributes(livekit_connect, 
     assert got_attributes == attributes
 
 
-async def test_byte_stream(livekit_connect, room):
+async def test_byte_stream(livekit_connect: Connect, room: str) -> None:
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
     received: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
@@ -125,7 +132,7 @@ async def test_byte_stream(livekit_connect, room):
     assert await asyncio.wait_for(received.get(), 10) == ("alice", "blob.bin", payload)
 
 
-async def test_attributes_metadata_and_name(livekit_connect, room):
+async def test_attributes_metadata_and_name(livekit_connect: Connect, room: str) -> None:
     alice = await livekit_connect("alice", room, attributes={"role": "caller"})
     bob = await livekit_connect("bob", room)
     await sees(bob, "alice")
@@ -151,7 +158,7 @@ async def test_attributes_metadata_and_name(livekit_connect, room):
     assert (participant.identity, new) == ("alice", "Alice")
 
 
-async def test_room_metadata(livekit_connect, livekit_server, room):
+async def test_room_metadata(livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     alice = await livekit_connect("alice", room)
     events = Events(alice, "room_metadata_changed")
     await livekit_server.set_room_metadata(room, "v1")
@@ -161,7 +168,7 @@ async def test_room_metadata(livekit_connect, livekit_server, room):
     assert late.metadata == "v1"
 
 
-async def test_join_and_leave(livekit_connect, livekit_server, room):
+async def test_join_and_leave(livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     alice = await livekit_connect("alice", room)
     events = Events(alice, "participant_connected", "participant_disconnected")
     bob = await livekit_connect("bob", room, name="Bob", metadata="m", kind="agent")
@@ -176,7 +183,8 @@ async def test_join_and_leave(livekit_connect, livekit_server, room):
     assert [p.identity for p in await livekit_server.list_participants(room)] == ["alice"]
 
 
-async def test_hidden_participant_sees_everything_and_is_seen_by_no_one(livekit_connect, livekit_server, room):
+async def test_hidden_participant_sees_everything_and_is_seen_by_no_one(
+        livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     alice = await livekit_connect("alice", room)
     alice_events = Events(alice, "participant_connected", "data_received")
     spy = await livekit_connect("spy", room, hidden=True)
@@ -199,7 +207,7 @@ async def test_hidden_participant_sees_everything_and_is_seen_by_no_one(livekit_
     assert packet.participant is None  # unknown to alice, as with LiveKit
 
 
-async def test_data_permissions(livekit_connect, livekit_server, room):
+async def test_data_permissions(livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     """The server drops, silently, data from a participant without ``canPublishData``."""
     mute = await livekit_connect("mute", room, can_publish_data=False)
     deaf = await livekit_connect("deaf", room, can_subscribe=False)
@@ -214,7 +222,7 @@ async def test_data_permissions(livekit_connect, livekit_server, room):
     assert "mute" in bob.remote_participants  # in the room, only its data is refused
 
 
-async def test_kick(livekit_connect, livekit_server, room):
+async def test_kick(livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
     alice_events, bob_events = Events(alice, "disconnected"), Events(bob, "participant_disconnected")
@@ -227,7 +235,8 @@ async def test_kick(livekit_connect, livekit_server, room):
     assert left.identity == "alice"
 
 
-async def test_signal_lost_and_resumed(livekit_connect, livekit_server, room):
+async def test_signal_lost_and_resumed(livekit_connect: Connect, livekit_server: LiveKitServer,
+                                       room: str) -> None:
     """A cut signal connection: the SDK resumes the same session, and data flows again both ways."""
     alice = await livekit_connect("alice", room)
     bob = await livekit_connect("bob", room)
@@ -249,7 +258,7 @@ async def test_signal_lost_and_resumed(livekit_connect, livekit_server, room):
     assert packet.data == b"welcome"
 
 
-async def test_rooms_are_isolated(livekit_connect, livekit_server, room):
+async def test_rooms_are_isolated(livekit_connect: Connect, livekit_server: LiveKitServer, room: str) -> None:
     alice = await livekit_connect("alice", f"{room}-a")
     carol = await livekit_connect("carol", f"{room}-a")
     bob = await livekit_connect("bob", f"{room}-b")
@@ -267,7 +276,7 @@ async def test_rooms_are_isolated(livekit_connect, livekit_server, room):
     assert {p.identity for p in await livekit_server.list_participants(f"{room}-b")} == {"bob", "dave"}
 
 
-async def test_bad_token_is_refused(livekit_server, room):
+async def test_bad_token_is_refused(livekit_server: LiveKitServer, room: str) -> None:
     from tests.livekit import mint_token
 
     forged = mint_token(livekit_server.api_key, "not-the-secret-not-the-secret-xx", "mallory", room)

@@ -264,6 +264,7 @@ def test_a_spooled_stream_is_in_the_bucket_when_it_ends(settings: Settings, room
             assert await writer.flush(60)
             await writer.close()
             (record,) = [r async for r in ledger.read(room)]
+            assert not isinstance(record.event, ev.OpaqueEvent)
             assert record.event.payload == ev.PayloadRef(name=ref.name, size=ref.size, sha256=ref.sha256)
             assert await ledger.read_payload(ref) == blob
             assert await ledger.purge_room_payloads(room) == 1

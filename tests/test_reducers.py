@@ -238,7 +238,7 @@ def test_apply_function_and_method_agree() -> None:
 def test_floor_history_in_the_state_is_bounded() -> None:
     """The room row is read on every hydration: its floor history keeps the latest tenures only."""
     now = datetime.now(UTC)
-    records = []
+    records: list[Record] = []
     for i in range(FLOOR_HISTORY_KEPT + 50):
         agent = f"agent-{i % 3}"
         for body in (ev.FloorRequest(agent_id=agent), ev.FloorRelease(agent_id=agent)):

@@ -33,24 +33,24 @@ def _handoff_room(room: str) -> list[ev.KnownEvent]:
 
 
 def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room: str, tmp_path: Path) -> None:
-    from cli.roomview import collect, participant_views
+    from cli.roomview import ParticipantView, collect, participant_views
     from ledger.client import Ledger
 
     seqs = seed(settings, room, _handoff_room(room))
 
-    async def views() -> dict[str, object]:
+    async def views() -> dict[str, ParticipantView]:
         async with Ledger(settings) as ledger:
             page = await collect(ledger, room)
         return {v.identity: v for v in participant_views(page.state)}
 
-    by_id = run_async(views())
+    by_id: dict[str, ParticipantView] = run_async(views())
     triage, billing, scribe = by_id["triage"], by_id["billing"], by_id["scribe"]
     # The log says triage last sent processing + lock; the floor went to billing at the handoff.
-    assert triage.status_sent == "processing" and triage.lock == ""  # type: ignore[attr-defined]
-    assert triage.note == f"floor passed on: handed the caller off at #{seqs[4]}"  # type: ignore[attr-defined]
-    assert triage.status == "processing (no lock)"  # type: ignore[attr-defined]
-    assert billing.lock == "holds" and billing.note == ""  # type: ignore[attr-defined]
-    assert scribe.lock == "queued" and scribe.status == "processing"  # type: ignore[attr-defined]
+    assert triage.status_sent == "processing" and triage.lock == ""
+    assert triage.note == f"floor passed on: handed the caller off at #{seqs[4]}"
+    assert triage.status == "processing (no lock)"
+    assert billing.lock == "holds" and billing.note == ""
+    assert scribe.lock == "queued" and scribe.status == "processing"
 
     # The HTML report: one lock icon, billing's; triage's row says why it has none.
     page = tmp_path / "room.html"
@@ -76,7 +76,7 @@ def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room
 
 
 def test_an_agent_that_left_holds_nothing(settings: Settings, room: str) -> None:
-    from cli.roomview import collect, participant_views
+    from cli.roomview import ParticipantView, collect, participant_views
     from ledger.client import Ledger
 
     e = ev.make_event
@@ -86,10 +86,10 @@ def test_an_agent_that_left_holds_nothing(settings: Settings, room: str) -> None
         e(room, ev.ParticipantLeft(identity="triage"), sender=TRIAGE, at=at(2)),
     ])
 
-    async def views() -> list[object]:
+    async def views() -> list[ParticipantView]:
         async with Ledger(settings) as ledger:
             return list(participant_views((await collect(ledger, room)).state))
 
     (triage,) = run_async(views())
-    assert triage.present is False and triage.lock == ""  # type: ignore[attr-defined]
-    assert triage.note == f"floor passed on: left the room at #{seqs[2]}"  # type: ignore[attr-defined]
+    assert triage.present is False and triage.lock == ""
+    assert triage.note == f"floor passed on: left the room at #{seqs[2]}"

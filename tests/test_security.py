@@ -257,6 +257,7 @@ def test_bridge_token_is_hidden_and_cannot_publish() -> None:
     token = bridge_token(settings, room, identity)
     claims = api.TokenVerifier(key, secret).verify(token)
     video = claims.video
+    assert video is not None
     assert claims.identity == identity
     assert video.room_join is True and video.room == room
     assert video.hidden is True, "the bridge must not show up as a participant"

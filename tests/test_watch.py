@@ -13,7 +13,7 @@ from ledger.errors import LedgerError, LogUnavailable
 from ledger.watch import WatchTimeout
 
 
-def status(agent_id: str, task: str) -> ev.Event:
+def status(agent_id: str, task: str) -> ev.KnownEvent:
     return ev.make_event(ROOM, ev.AgentStatus(agent_id=agent_id, status="processing", task=task))
 
 

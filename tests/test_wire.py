@@ -18,6 +18,7 @@ from ledger.settings import Settings
 
 
 async def _connect(settings: Settings) -> NatsClient:
+    assert settings.nats_urls is not None  # the session's NATS (tests/conftest.py)
     nc: NatsClient = await nats.connect(list(settings.nats_urls))
     return nc
 

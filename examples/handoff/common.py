@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Never
 
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
@@ -98,7 +98,7 @@ Step = Say | Call
 Script = Callable[[llm.ChatContext], Step]
 
 
-class ScriptedLLM(llm.LLM):
+class ScriptedLLM(llm.LLM[Never]):
     """A ``livekit.agents.llm.LLM`` that answers from a script: no network, same streaming path."""
 
     def __init__(self, agent: str, script: Script) -> None:
