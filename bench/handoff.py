@@ -173,25 +173,14 @@ async def start_worker(env: Env, server: Any, argv: list[str], agent_name: str, 
         raise RuntimeError(f"{agent_name} exited with {proc.returncode}; see {env.scratch / agent_name}.log")
 
 
-async def standing_by(ledger: Any, room: str, agent: str, timeout: float = 30.0) -> None:
-    """Until ``agent`` has announced itself as a warm standby in the room's log."""
-    from ledger import events as ev
-
-    async def wait() -> None:
-        async for record in ledger.follow(room, types=["agent.status"]):
-            body = record.event.body
-            if isinstance(body, ev.AgentStatus) and body.agent_id == agent and body.task == "standby":
-                return
-
-    await asyncio.wait_for(wait(), timeout)
-
-
 async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer: Any,
                    standby: str | None = None) -> tuple[float, str]:
     """One call in a fresh room, handed off once; returns (dead air ms, room)."""
     from livekit import api, rtc
 
     from bridge.worker import bridge_one_room
+    from ledger.handoff import standing_by
+    from ledger.state import fold
 
     room_name = f"handoff-{env.tag}-{uuid.uuid4().hex[:8]}"
     stop = asyncio.Event()
@@ -210,7 +199,8 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
         await caller.until(lambda h: True)  # the greeting
         if standby is not None:
             # the standby joins when the call starts; a real call lasts longer than this wait
-            await standing_by(writer.ledger, room_name, standby)
+            async with writer.ledger.watch(room_name) as log:
+                await log.until(lambda rs: standing_by(fold(rs), standby), 30, what=f"{standby}'s standby")
         await caller.say("Hi, I'm Ana, my account is 7")
         await caller.until(lambda h: h.text.startswith("Thanks Ana"))
         await caller.say("I have a question about my bill")

@@ -482,8 +482,7 @@ class LedgerLink:
             raise HandoffFailed(to_agent, await self._why_not(outcome, timeout)) from None
 
     def _standing_by(self, agent_name: str) -> bool:
-        announced = self.agent.state.participants.get(agent_name)
-        return announced is not None and announced.status == "idle" and announced.task == STANDBY_TASK
+        return standing_by(self.agent.state, agent_name)
 
     async def _why_not(self, outcome: HandoffOutcome, timeout: float) -> str:
         """Why the target never took the floor, as far as LiveKit knows."""
@@ -601,6 +600,13 @@ class LedgerLink:
                     task.add_done_callback(self._replays.discard)
 
 
+def standing_by(state: rd.RoomState, agent_name: str) -> bool:
+    """Whether ``agent_name`` is a warm standby of the room (:meth:`LedgerLink.standby` announced
+    it and it has not taken over): ``standing_by(fold(records), "billing")``."""
+    announced = state.participants.get(agent_name)
+    return announced is not None and announced.status == "idle" and announced.task == STANDBY_TASK
+
+
 def once_per_message(items: list[rd.ConversationItem]) -> list[rd.ConversationItem]:
     """The conversation with each message once, as the sessions' own feed recorded it.
 
@@ -683,4 +689,5 @@ def _env(name: str) -> str | None:
 
 
 __all__ = ["FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
-           "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "once_per_message", "transfer_tool"]
+           "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "once_per_message", "standing_by",
+           "transfer_tool"]

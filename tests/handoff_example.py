@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from livekit import api, rtc
 
 from ledger.settings import Settings
@@ -163,3 +165,13 @@ class ExampleWorkers:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.fixture
+async def workers(lk_settings: Settings, livekit_server: Any, tmp_path: Path) -> AsyncIterator[ExampleWorkers]:
+    """The example's workers for one test (import it by name with ``lk_settings``), stopped after it."""
+    w = ExampleWorkers(lk_settings, livekit_server, tmp_path)
+    try:
+        yield w
+    finally:
+        await w.stop()

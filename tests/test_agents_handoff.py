@@ -64,7 +64,7 @@ class CallData:
     api_client: Any = None
 
 
-async def test_seed_001_cross_process_handoff(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+async def test_seed_001_cross_process_handoff(lk_settings: Settings, ledger: Ledger, room: str,
                                               livekit_connect: Any, livekit_server: Any) -> None:
     target = f"agent-b-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": REPO, "TARGET_AGENT": target, "LIVEKIT_URL": livekit_server.url,
@@ -122,7 +122,7 @@ async def test_seed_001_cross_process_handoff(lk_settings: Settings, ledger: Led
         await asyncio.wait_for(worker.wait(), 30)
 
 
-async def test_racing_handoffs_log_order_decides(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+async def test_racing_handoffs_log_order_decides(lk_settings: Settings, ledger: Ledger, room: str,
                                                  livekit_connect: Any) -> None:
     """Two processes hand the same caller off at once (one agent id, two connections): the first
     handoff in the log passes the floor; the other passes nothing and dispatches nobody; the

@@ -20,21 +20,20 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from livekit import rtc
 
-from bridge.room import RoomBridge
 from bridge.tokens import create_dispatch
-from bridge.worker import bridge_one_room, run_bridge
-from bridge.writer import BridgeWriter
+from bridge.worker import run_bridge
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.settings import Settings
 from ledger.watch import RoomWatch as Log
 from tests.livekit import impair
+from tests.test_bridge_livekit import running_bridge
 
 pytestmark = [pytest.mark.livekit, pytest.mark.fault]
 
@@ -55,30 +54,6 @@ def lk_settings(settings: Settings, livekit_server: Any, restore_environ: None) 
     return settings.replace(livekit_url=livekit_server.url, livekit_api_key=livekit_server.api_key,
                             livekit_api_secret=livekit_server.api_secret,
                             bridge_agent_name=f"ledger-bridge-{uuid.uuid4().hex[:8]}")
-
-
-@contextlib.asynccontextmanager
-async def direct_bridge(settings: Settings, room: str) -> AsyncIterator[list[RoomBridge]]:
-    """An in-process direct-mode bridge in ``room``; yields the connections it has made so far."""
-    async with Ledger(settings) as ledger:
-        writer = BridgeWriter(ledger, stats_interval=0)
-        await writer.start()
-        stop = asyncio.Event()
-        connected = asyncio.Event()
-        bridges: list[RoomBridge] = []
-
-        def on_connected(bridge: RoomBridge) -> None:
-            bridges.append(bridge)
-            connected.set()
-
-        task = asyncio.create_task(bridge_one_room(settings, room, writer, stop, on_connected=on_connected))
-        await asyncio.wait_for(connected.wait(), 20)
-        try:
-            yield bridges
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 20)
-            await writer.close()
 
 
 @contextlib.contextmanager
@@ -121,7 +96,7 @@ async def test_server_killed_briefly_bridge_reconnects_and_records_the_gap(
         lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any, livekit_server: Any) -> None:
     log = Log(ledger, room)
     agent = await livekit_connect("agent-k", room, kind="agent")
-    async with direct_bridge(lk_settings, room) as bridges:
+    async with running_bridge(lk_settings, room) as (_, bridges):
         await log.until(lambda rs: any(r.type == "participant.joined" and r.event.body.identity == "agent-k"  # type: ignore[union-attr]
                                        for r in rs))
         await agent.local_participant.publish_data(b"before the crash", topic="t")
@@ -257,7 +232,7 @@ async def test_loss_and_delay_on_the_servers_udp_port_every_reliable_packet_logg
     per_agent = 200
     log = Log(ledger, room)
     agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "xyz"]
-    async with direct_bridge(lk_settings, room):
+    async with running_bridge(lk_settings, room):
         await log.until(lambda rs: {r.event.body.identity for r in log.of("participant.joined")}  # type: ignore[union-attr]
                         >= {"agent-x", "agent-y", "agent-z"})
 

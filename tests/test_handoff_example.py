@@ -12,32 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ledger import events as ev
 from ledger.client import Ledger, Record
-from ledger.handoff import FAILED_PREFIX
+from ledger.handoff import FAILED_PREFIX, standing_by
 from ledger.settings import Settings
 from ledger.state import fold
 from ledger.timeline import handoffs as replay_handoffs
 from ledger.watch import RoomWatch as Log
-from tests.handoff_example import ExampleWorkers, Replies
+from tests.handoff_example import ExampleWorkers, Replies, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
 pytestmark = pytest.mark.livekit
-
-
-@pytest.fixture
-async def workers(lk_settings: Settings, livekit_server: Any, tmp_path: Path) -> AsyncIterator[ExampleWorkers]:  # noqa: F811
-    w = ExampleWorkers(lk_settings, livekit_server, tmp_path)
-    try:
-        yield w
-    finally:
-        await w.stop()
 
 
 def left(log: Log, identity: str) -> bool:
@@ -52,11 +41,15 @@ async def say(user: Any, text: str) -> None:
     await user.local_participant.send_text(text, topic="lk.chat")
 
 
-async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
-                                                  livekit_connect: Any, workers: ExampleWorkers) -> None:
+# thread: the example's default, jobs in the worker's process; process: LiveKit's production
+# default, each job in a child process (the handoff's ledger connections made there).
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger: Ledger, room: str,
+                                                  livekit_connect: Any, workers: ExampleWorkers,
+                                                  executor: str) -> None:
     log = Log(ledger, room)
-    await workers.start("triage")
-    await workers.start("billing")
+    await workers.start("triage", HANDOFF_EXECUTOR=executor)
+    await workers.start("billing", HANDOFF_EXECUTOR=executor)
     # the bridge joins just before the caller: a room with only a hidden participant in it is closed
     # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
@@ -141,7 +134,7 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     await log.close()
 
 
-async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,
                                                           livekit_connect: Any, livekit_server: Any,
                                                           workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
@@ -187,7 +180,7 @@ async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings,
     await log.close()
 
 
-async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,
                                                         livekit_connect: Any, workers: ExampleWorkers) -> None:
     """The standby announced itself, then its process died: the source waits STANDBY_GRACE_S for it
     to take the floor, then dispatches billing (another worker takes the job) and the call goes on."""
@@ -198,7 +191,8 @@ async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, l
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)
         await replies.next()
-        await log_until_standby(ledger, room, workers.billing)
+        async with ledger.watch(room) as log:
+            await log.until(lambda rs: standing_by(fold(rs), workers.billing), 30, what="billing's standby")
         standby = "billing-1"
         workers.procs[standby].kill()
         await workers.procs[standby].wait()
@@ -215,17 +209,7 @@ async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, l
     assert fold(records).floor.holder == workers.billing
 
 
-async def log_until_standby(ledger: Ledger, room: str, agent: str, timeout: float = 30.0) -> None:
-    async def wait() -> None:
-        async for record in ledger.follow(room, types=["agent.status"]):
-            body = body_of(record)
-            if isinstance(body, ev.AgentStatus) and body.agent_id == agent and body.task == "standby":
-                return
-
-    await asyncio.wait_for(wait(), timeout)
-
-
-async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,  # noqa: F811
+async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,
                                                          livekit_connect: Any, workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
     await workers.start("triage", HANDOFF_TIMEOUT_S="3")
@@ -253,7 +237,7 @@ async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, 
 
 
 async def test_target_crashing_after_hydrating_is_a_recorded_failure(
-        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,  # noqa: F811
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,
         workers: ExampleWorkers) -> None:
     log = Log(ledger, room)
     await workers.start("triage", HANDOFF_TIMEOUT_S="6")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,25 +19,16 @@ from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
 from ledger.watch import RoomWatch as Log
-from tests.handoff_example import ExampleWorkers, Replies
+from tests.handoff_example import ExampleWorkers, Replies, workers  # noqa: F401
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 from tests.test_tracing import Receiver, receiver  # noqa: F401
 
 pytestmark = pytest.mark.livekit
 
 
-@pytest.fixture
-async def workers(lk_settings: Settings, livekit_server: Any, tmp_path: Path) -> AsyncIterator[ExampleWorkers]:  # noqa: F811
-    w = ExampleWorkers(lk_settings, livekit_server, tmp_path)
-    try:
-        yield w
-    finally:
-        await w.stop()
-
-
 async def test_one_trace_from_the_handoff_to_the_targets_first_reply(
-        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,  # noqa: F811
-        workers: ExampleWorkers, receiver: Receiver) -> None:  # noqa: F811
+        lk_settings: Settings, ledger: Ledger, room: str, livekit_connect: Any,
+        workers: ExampleWorkers, receiver: Receiver) -> None:
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     log = Log(ledger, room)
     await workers.start("triage", OTEL_SERVICE_NAME="triage", **otel)
