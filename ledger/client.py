@@ -416,8 +416,27 @@ class ObjectUpload:
                 mtime=datetime.now(UTC).isoformat(), options=js_api.ObjectMetaOptions(max_chunk_size=_PUT_CHUNK),
             )
             meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(self.name.encode()).decode()}"
-            await ledger.js.publish(meta_subject, msgspec.json.encode(info.as_dict()),
-                                    headers={js_api.Header.ROLLUP: "sub"})
+            headers: dict[str, str] = {js_api.Header.ROLLUP: "sub"}
+            if existing is None:
+                # First writer wins: two uploads of one name (two bridges in a room) both found no
+                # object when they started. The second meta would replace the first and leave its
+                # chunks stored under no object until max age; expecting no meta yet makes the
+                # second upload see the first and drop its own chunks instead.
+                headers[EXPECTED_LAST_SUBJECT_SEQ] = "0"
+            try:
+                await ledger.js.publish(meta_subject, msgspec.json.encode(info.as_dict()), headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                winner = await self._existing_info()
+                if winner is not None and winner.size == self.size and _object_sha256(winner) == sha256 \
+                        and not winner.deleted:
+                    self._purge_later()
+                    return winner
+                # Another upload of the name with other bytes (or since deleted): this one replaces it.
+                existing = winner
+                await ledger.js.publish(meta_subject, msgspec.json.encode(info.as_dict()),
+                                        headers={js_api.Header.ROLLUP: "sub"})
         except BaseException as exc:
             self._stop(f"{type(exc).__name__}: {exc}")
             raise

@@ -292,3 +292,41 @@ def test_payload_of_a_missing_sequence_or_room_is_one_line(settings: Settings, r
     assert result.exit_code == 1 and "carries no payload" in result.stderr
     text = ok(settings, ["doctor"]).stdout
     assert "payload bucket" in text
+
+
+def test_two_uploads_of_one_name_leave_one_object_and_no_stray_chunks(settings: Settings, room: str) -> None:
+    """Two bridges in a room spool the same large stream at the same moment: both find no object
+    when they start, both upload; the first meta wins and the second upload drops its chunks
+    (before, the second meta replaced the first and left its chunks under no object)."""
+    from ledger.client import ObjectUpload
+
+    blob = os.urandom(3 * MiB + 7)
+    digest = hashlib.sha256(blob).hexdigest()
+
+    async def go() -> None:
+        async with Ledger(settings) as ledger:
+            await ledger.payload_store()
+            bucket = settings.payload_bucket
+
+            async def chunk_subjects() -> set[str]:
+                info = await ledger.js.stream_info(f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.>")
+                return set(info.state.subjects or {})
+
+            before = await chunk_subjects()
+            name = f"{room}/same-stream"
+            uploads = [ObjectUpload(ledger, name), ObjectUpload(ledger, name)]
+            for upload in uploads:
+                await upload.write(blob)
+            assert len(await chunk_subjects() - before) == 2  # both uploads' chunks are stored
+            first, second = await asyncio.gather(*(u.finish(digest) for u in uploads))
+            assert first.nuid == second.nuid  # both report the one object stored
+            assert await ledger.read_payload(ev.PayloadRef(name=name, size=len(blob), sha256=digest)) == blob
+
+            async def only_the_objects_chunks_left() -> None:
+                # the server's state, polled: the losing upload purges its chunks in the background
+                while await chunk_subjects() - before != {f"$O.{bucket}.C.{first.nuid}"}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(only_the_objects_chunks_left(), 10)
+
+    asyncio.run(go())
