@@ -13,6 +13,10 @@ The ledger leaves nats-py's public API in three places, each for speed, each mea
   straight from the protocol parser to the feed, skipping a ``Msg``, an ``asyncio.Queue`` and a
   task switch each (~40% of the projector's time).
 
+One more, for tidiness rather than speed: :func:`consumer_name` reads the name of an ordered
+consumer's current server-side consumer (``PushSubscription._consumer``; nats-py renames it each
+time it recreates the consumer), so a finished read deletes it instead of leaving it to expire.
+
 tests/test_wire.py checks each of these internals (its name, signature and effect), so a nats-py
 upgrade that changes one fails there, and only there.
 """
@@ -26,7 +30,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 
-__all__ = ["FastHandler", "LazyHeaders", "fast_path", "lazy_headers", "send_raw", "subscription_id"]
+__all__ = ["FastHandler", "LazyHeaders", "consumer_name", "fast_path", "lazy_headers", "send_raw", "subscription_id"]
 
 
 # --- raw frames -------------------------------------------------------------------------------
@@ -160,3 +164,9 @@ def subscription_id(sub: Subscription) -> int:
     """The id nats-py gives a subscription on the wire (what ``fast_path`` is keyed by)."""
     sid: int = sub._id
     return sid
+
+
+def consumer_name(sub: Any) -> str | None:
+    """The server-side name of a JetStream push subscription's consumer (None if not known yet)."""
+    name = getattr(sub, "_consumer", None)
+    return name if isinstance(name, str) and name else None

@@ -27,7 +27,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,6 +107,8 @@ _READ_BUFFER: Final = 10_000
 READER_CREATE_TIMEOUT_S: Final = 30.0
 #: How long an append waits for its acknowledgement before giving up.
 ACK_TIMEOUT_S: Final = 10.0
+#: How long a finished read waits for its consumer to be deleted (the server expires it anyway).
+READER_DELETE_TIMEOUT_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1021,7 +1023,7 @@ class Ledger:
             return 0
         return int(msg.seq or 0)
 
-    async def _deliveries(self, subject: str, config: js_api.ConsumerConfig) -> AsyncIterator[list[Msg]]:
+    async def _deliveries(self, subject: str, config: js_api.ConsumerConfig) -> AsyncGenerator[list[Msg], None]:
         """Messages of an ordered consumer, handed over in the chunks they arrived in.
 
         nats-py's per-message async iterator costs more than the messages themselves, so the
@@ -1056,6 +1058,17 @@ class Ledger:
             room_for_more.set()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            await self._delete_reader(sub)
+
+    async def _delete_reader(self, sub: Any) -> None:
+        """Delete a finished reader's consumer. Left alone, an ordered consumer outlives its reader
+        by the server's inactive threshold (5 s), and many short reads in that time (log-only
+        hydrations of large rooms, say) count against the stream's consumer limit."""
+        name = _wire.consumer_name(sub)
+        if name is None or self._nc is None or self._nc.is_closed:
+            return
+        with contextlib.suppress(Exception):  # best effort: the server expires it anyway
+            await asyncio.wait_for(self.js.delete_consumer(self.settings.stream, name), READER_DELETE_TIMEOUT_S)
 
     async def _subscribe_with_retries(
         self, subject: str, config: js_api.ConsumerConfig, on_message: Callable[[Msg], Awaitable[None]]
@@ -1100,7 +1113,7 @@ class Ledger:
         types: Sequence[str] | None = None,
         since_time: datetime | None = None,
         follow: bool = False,
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """The room's events in order: after sequence ``after`` (or from ``since_time``).
 
         Without ``follow`` the read ends at the room's last event as of the call (or ``until``);
@@ -1127,15 +1140,17 @@ class Ledger:
                 mem_storage=True,
             )
         stop = last if until is None else min(last, until) if last else until
-        async for chunk in self._deliveries(subject, config):
-            for msg in chunk:
-                record = _record(msg)
-                if until is not None and record.seq > until:
-                    return
-                if wanted is None or wanted(record.type):
-                    yield await self.resolve(record) if needs_payload(record.event) else record
-                if stop and record.seq >= stop:
-                    return
+        # Closed on the way out (not when collected), so the reader's consumer is gone when the read ends.
+        async with contextlib.aclosing(self._deliveries(subject, config)) as deliveries:
+            async for chunk in deliveries:
+                for msg in chunk:
+                    record = _record(msg)
+                    if until is not None and record.seq > until:
+                        return
+                    if wanted is None or wanted(record.type):
+                        yield await self.resolve(record) if needs_payload(record.event) else record
+                    if stop and record.seq >= stop:
+                        return
 
     async def _nothing_since(self, subject: str, since_time: datetime) -> bool:
         """True when no message on ``subject`` was stored at or after ``since_time``."""
@@ -1205,10 +1220,11 @@ class Ledger:
 
     async def follow(
         self, room: str, *, after: int = 0, types: Sequence[str] | None = None
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """History after ``after``, then live events: no gap, no duplicate, across reconnects."""
-        async for record in self.read(room, after=after, types=types, follow=True):
-            yield record
+        async with contextlib.aclosing(self.read(room, after=after, types=types, follow=True)) as records:
+            async for record in records:
+                yield record
 
     def watch(self, room: str, *, after: int = 0) -> RoomWatch:
         """Follow the room in the background and wait on conditions over its log: see :mod:`ledger.watch`.
@@ -1217,7 +1233,7 @@ class Ledger:
         """
         return RoomWatch(self, room, after=after)
 
-    async def read_all(self, *, after: int = 0, follow: bool = False) -> AsyncIterator[Record]:
+    async def read_all(self, *, after: int = 0, follow: bool = False) -> AsyncGenerator[Record, None]:
         """Every room's events in stream order (for projectors and tools)."""
         last = 0 if follow else await self.head()
         if not follow and last <= after:
@@ -1225,12 +1241,13 @@ class Ledger:
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1, mem_storage=True
         )
-        async for chunk in self._deliveries(self.subjects.all_rooms(), config):
-            for msg in chunk:
-                record = _record(msg)
-                yield await self.resolve(record) if needs_payload(record.event) else record
-                if last and record.seq >= last:
-                    return
+        async with contextlib.aclosing(self._deliveries(self.subjects.all_rooms(), config)) as deliveries:
+            async for chunk in deliveries:
+                for msg in chunk:
+                    record = _record(msg)
+                    yield await self.resolve(record) if needs_payload(record.event) else record
+                    if last and record.seq >= last:
+                        return
 
     # --- payloads in the Object Store ----------------------------------------------------------
 

@@ -4,6 +4,7 @@ a nats-py upgrade that changes one fails here, and only here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 import nats
@@ -106,3 +107,39 @@ async def test_fast_path_takes_jetstream_deliveries_of_its_subscriptions(ledger:
         _wire.fast_path(nc).pop(_wire.subscription_id(sub), None)
         await sub.unsubscribe()
         await ledger.js.delete_consumer(stream, info.name)
+
+
+async def test_consumer_name_is_the_ordered_consumers_current_one(ledger: Ledger, room: str) -> None:
+    await ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
+    arrived = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        arrived.set()
+
+    sub = await ledger.js.subscribe(ledger.subjects.room(room), stream=ledger.settings.stream,
+                                    ordered_consumer=True, cb=on_msg)
+    try:
+        await asyncio.wait_for(arrived.wait(), 5)
+        name = _wire.consumer_name(sub)
+        assert name is not None
+        assert (await ledger.js.consumer_info(ledger.settings.stream, name)).name == name
+    finally:
+        await sub.unsubscribe()
+    await ledger.js.delete_consumer(ledger.settings.stream, name)
+
+
+async def test_a_finished_read_leaves_no_consumer(ledger: Ledger, room: str) -> None:
+    """Ordered consumers outlive their reader by seconds unless deleted: many short reads (log-only
+    hydrations of large rooms) would count against the stream's consumer limit meanwhile."""
+    await ledger.append_many(ev.make_event(room, ev.FloorRelease(agent_id=f"a{i}")) for i in range(3))
+
+    async def consumers() -> set[str]:
+        return {c.name for c in await ledger.js.consumers_info(ledger.settings.stream)}
+
+    before = await consumers()
+    assert len([r async for r in ledger.read(room)]) == 3
+    async with contextlib.aclosing(ledger.follow(room)) as follower:
+        async for _ in follower:
+            break  # a follow its reader stops
+    # Other tests' readers may expire meanwhile (fewer), never more: these two left none.
+    assert await consumers() <= before
