@@ -64,8 +64,8 @@ async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
         last = await ledger.js.get_last_msg(stream, subject, direct=True)
         row.last_seq, row.last_activity = last.seq, last.time
     # Presence and gaps come from two small categories of the room, folded by the reducers. Read
-    # by direct gets: a consumer per room and category would meet the server's consumer limit in
-    # a deployment of thousands of rooms (ephemeral consumers outlive their reader by seconds).
+    # by direct gets: a consumer per room and category is a create and a delete on the server's
+    # meta layer each, for a handful of events, in a listing of thousands of rooms.
     state = RoomState(room=room)
     for record in await ledger.read_recent(room, after=0, types=["participant.*"]):
         apply_safely(state, record)

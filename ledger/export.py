@@ -281,8 +281,9 @@ async def _snapshot(ledger: Ledger, room: str, events: int | None) -> tuple[Snap
     """The room folded to its head, and its records when it was small enough to read whole.
 
     A small room is read by direct gets and folded here with the reducers hydration uses: a
-    log-only ``hydrate`` makes a consumer per room, and thousands of rooms a minute reach the
-    server's consumer limit before the idle ones expire (err_code 10026, seen at ~10,000 rooms).
+    log-only ``hydrate`` creates (and then deletes) a consumer per room, a round trip through the
+    server's meta layer for a handful of events. (Before finished reads deleted their consumers,
+    thousands of rooms a minute reached the server's consumer limit, err_code 10026.)
     """
     if events is None or events > SMALL_ROOM_EVENTS:
         return await ledger.hydrate(room, full_conversation=True), None
