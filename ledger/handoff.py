@@ -92,6 +92,8 @@ FAILED_PREFIX: Final = "handoff failed: "
 STANDBY_KEY: Final = "standby"
 #: The ``agent.status`` task a standby announces itself with.
 STANDBY_TASK: Final = "standby"
+#: The longest the source's reply to the transfer may play before the handoff goes ahead anyway.
+LAST_WORDS_WAIT_S: Final = 10.0
 #: How long a source waits for a standby to take the floor before dispatching the target after all.
 STANDBY_GRACE_S: Final = 3.0
 #: How long the source waits for its tool's call and output to reach the log before handing off.
@@ -445,6 +447,7 @@ class LedgerLink:
                             "session does not publish lk.agent.session); handing off without it",
                             self.agent_id, TOOL_OUTPUT_WAIT_S)
         log.debug("%s: handing off to %r: the tool's output is in the log", self.agent_id, to_agent)
+        await self._last_words(timeout)
         patch_id = await self.sync_userdata()
         try:
             if patch_id is not None and agent.last_streamed:
@@ -480,6 +483,20 @@ class LedgerLink:
             await agent.wait_for_floor(to_agent, timeout)
         except TimeoutError:
             raise HandoffFailed(to_agent, await self._why_not(outcome, timeout)) from None
+
+    async def _last_words(self, timeout: float) -> None:
+        """Let the source finish its reply to the transfer (generated after the tool returned, in the
+        same speech) before the handoff is in the log: a warm standby takes over within tens of ms,
+        and would greet the caller over "one moment, I'm transferring you" from an LLM slower than that."""
+        session = self.session
+        speech = session.current_speech if session is not None else None
+        if speech is None or speech.done():
+            return
+        try:
+            await asyncio.wait_for(speech.wait_for_playout(), min(timeout, LAST_WORDS_WAIT_S))
+        except TimeoutError:
+            log.warning("%s: still speaking after %gs; handing off anyway", self.agent_id,
+                        min(timeout, LAST_WORDS_WAIT_S))
 
     def _standing_by(self, agent_name: str) -> bool:
         return standing_by(self.agent.state, agent_name)

@@ -134,11 +134,15 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     await log.close()
 
 
+# slow-llm: triage's model takes 1.5 s to start each answer, so its "One moment, I'm transferring
+# you" comes long after the transfer tool returned; the standby (which takes over in tens of ms)
+# must still speak only after it, not over it.
+@pytest.mark.parametrize("triage_llm_delay", ["0", "1.5"], ids=["instant-llm", "slow-llm"])
 async def test_warm_standby_takes_over_without_a_dispatch(lk_settings: Settings, ledger: Ledger, room: str,
                                                           livekit_connect: Any, livekit_server: Any,
-                                                          workers: ExampleWorkers) -> None:
+                                                          workers: ExampleWorkers, triage_llm_delay: str) -> None:
     log = Log(ledger, room)
-    await workers.start("triage", HANDOFF_WARM="1")
+    await workers.start("triage", HANDOFF_WARM="1", HANDOFF_LLM_DELAY_S=triage_llm_delay)
     await workers.start("billing")
     # the bridge joins just before the caller: a room with only a hidden participant in it is closed
     # by the server after its empty_timeout, and starting workers can take that long

@@ -108,6 +108,8 @@ class ScriptedLLM(llm.LLM[Never]):
         self.requests = 0
         trace = os.environ.get("HANDOFF_TRACE")
         self.trace = Path(trace) / f"{agent}.jsonl" if trace else None
+        #: Seconds before each answer starts: a real LLM's time to first token.
+        self.delay_s = float(os.environ.get("HANDOFF_LLM_DELAY_S", "0") or 0)
 
     @property
     def model(self) -> str:
@@ -131,6 +133,8 @@ class ScriptedLLM(llm.LLM[Never]):
 class _ScriptedStream(llm.LLMStream):
     async def _run(self) -> None:
         assert isinstance(self._llm, ScriptedLLM)
+        if self._llm.delay_s:
+            await asyncio.sleep(self._llm.delay_s)  # the model "thinking"
         step = self._llm.script(self._chat_ctx)
         chunk_id = f"scripted_{uuid.uuid4().hex[:8]}"
         if isinstance(step, Say):
