@@ -134,6 +134,53 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     await log.close()
 
 
+async def test_billing_hands_the_caller_back_to_triage(lk_settings: Settings, ledger: Ledger, room: str,
+                                                      livekit_connect: Any, workers: ExampleWorkers) -> None:
+    """A round trip across three processes' jobs (seed 004's bidirectional pattern): triage -> billing,
+    which changes the userdata, -> triage again, dispatched anew, resuming with all of it."""
+    log = Log(ledger, room)
+    await workers.start("triage")
+    await workers.start("billing")
+    async with running_bridge(lk_settings, room):
+        user = await livekit_connect("caller", room)
+        replies = Replies(user)
+        await workers.dispatch(room, workers.triage)
+        greeting = await replies.next()
+        await log.until(lambda rs: any(r.type == "floor.request" and body_of(r).agent_id == workers.triage
+                                       for r in rs))
+        await say(user, "Hi, I'm Ana, my account is 7")
+        await replies.next()
+        await log.until(lambda rs: len(log.of("session.patch")) >= 2)
+        await say(user, "I have a question about my bill")
+        await replies.next()  # "One moment, I'm transferring you now."
+        hello = await replies.next(timeout=40)
+        assert hello.agent == workers.billing, hello
+        await say(user, "Please refund the double charge")
+        refunded = await replies.next()
+        assert (refunded.identity, refunded.text) == (hello.identity, "Done: I refunded the duplicate charge.")
+        await say(user, "Thanks, back to triage please")
+        sending = await replies.next()
+        assert (sending.identity, sending.text) == (hello.identity, "I'm sending you back to triage now.")
+        welcome = await replies.next(timeout=40)
+        await log.until(lambda rs: left(log, hello.identity), timeout=30)  # billing left the call
+    # a new triage job (a new participant), with the userdata billing changed
+    assert welcome.agent == workers.triage and welcome.identity not in (greeting.identity, hello.identity)
+    assert welcome.text == "Welcome back Ana, triage here. So far: identified, verified, refunded."
+    assert [(h.from_agent, h.to_agent) for h in handoffs(log)] == [(workers.triage, workers.billing),
+                                                                  (workers.billing, workers.triage)]
+    assert [t.holder for t in fold(log.records).floor.history] == [workers.triage, workers.billing, workers.triage]
+    # the resumed triage's LLM's first request: both agents' turns and tool calls, in time order
+    first = [t for t in workers.trace("triage") if t["request"] == 1][-1]["items"]
+    messages = [(i["role"], i["content"][0]) for i in first if i["type"] == "message" and i["role"] != "system"]
+    assert ("user", "Please refund the double charge") in messages and ("assistant", refunded.text) in messages
+    assert ("assistant", hello.text) in messages and ("assistant", greeting.text) in messages
+    calls = [i["name"] for i in first if i["type"] == "function_call"]
+    assert calls == ["look_up_account", "transfer_to", "refund_duplicate", "transfer_to"]
+    stamped = [i["created_at"] for i in first if i["type"] != "message" or i["role"] != "system"]
+    assert stamped == sorted(stamped)
+    await log.close()
+
+
 # slow-llm: triage's model takes 1.5 s to start each answer, so its "One moment, I'm transferring
 # you" comes long after the transfer tool returned; the standby (which takes over in tens of ms)
 # must still speak only after it, not over it.

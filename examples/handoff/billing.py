@@ -5,7 +5,9 @@
 
 ``LedgerLink.resume`` reads the dispatch, hydrates the room to the handoff's sequence and returns
 the conversation (function calls and outputs kept), the userdata as ``CallData`` and the reason.
-The agent then speaks first, with all of it in its LLM's first request.
+The agent then speaks first, with all of it in its LLM's first request. It can refund the
+duplicate charge (a change to the userdata) and send the caller back to triage with the same
+``transfer_to`` tool triage used: triage is dispatched again and resumes with everything.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BILLING,
+    HANDOFF_TIMEOUT_S,
     TEXT_ONLY,
+    TRIAGE,
+    Call,
     CallBase,
     CallData,
     Say,
@@ -30,22 +36,38 @@ from common import (
     serve,
     text_of,
 )
-from livekit.agents import Agent, AgentSession, JobContext, llm
+from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
 from ledger.agents import userdata_document
-from ledger.handoff import LedgerLink
+from ledger.handoff import LedgerLink, transfer_tool
 
 
 def script(chat_ctx: llm.ChatContext) -> Step:
     item = last_item(chat_ctx)
     told_triage = [i for i in chat_ctx.items if _resumed(i) and i.type == "message" and i.role == "user"]
+    if item is not None and item.type == "function_call_output" and not _resumed(item, chat_ctx):
+        if item.name == "refund_duplicate":
+            return Say("Done: I refunded the duplicate charge.")
+        if item.name == "transfer_to":
+            return Say("Sorry, I can't transfer you right now." if item.is_error
+                       else "I'm sending you back to triage now.")
     if item is not None and item.type == "message" and item.role == "user" and not _resumed(item):
+        text = text_of(item).lower()
+        if "refund" in text:
+            return Call("refund_duplicate", {})
+        if "back to triage" in text:
+            # a round trip across processes: triage is dispatched again and resumes the call
+            return Call("transfer_to", {"agent_name": TRIAGE, "reason": "billing is done"})
         return Say(f"Billing here: about {text_of(item)!r}, I'm on it.")
     return Say(f"Hi Ana, billing here. I have your account and the {len(told_triage)} things you told triage.")
 
 
-def _resumed(item: llm.ChatItem) -> bool:
-    """Whether ``item`` came with the handoff (hydrated from the log) rather than to this agent."""
+def _resumed(item: llm.ChatItem, chat_ctx: llm.ChatContext | None = None) -> bool:
+    """Whether ``item`` came with the handoff (hydrated from the log) rather than to this agent.
+    Hydrated items carry the log sequence in ``extra``; a function's output (which has no ``extra``)
+    goes by its call's."""
+    if item.type == "function_call_output" and chat_ctx is not None:
+        return any(i.type == "function_call" and i.call_id == item.call_id and _resumed(i) for i in chat_ctx.items)
     extra = getattr(item, "extra", None) or {}
     return "ledger_seq" in extra
 
@@ -59,7 +81,14 @@ def instructions(userdata: CallBase, reason: str | None) -> str:
 
 class Billing(Agent):
     def __init__(self, userdata: CallBase, reason: str | None) -> None:
-        super().__init__(instructions=instructions(userdata, reason))
+        super().__init__(instructions=instructions(userdata, reason),
+                         tools=[transfer_tool(agents=[TRIAGE], timeout=HANDOFF_TIMEOUT_S)])
+
+    @function_tool
+    async def refund_duplicate(self, context: RunContext[Any]) -> str:
+        """Refund a charge made twice."""
+        context.userdata.steps = [*(context.userdata.steps or []), "refunded"]  # published at the turn's end
+        return "refunded the duplicate charge"
 
 
 async def entrypoint(ctx: JobContext) -> None:

@@ -5,7 +5,8 @@
 
 Its LLM is scripted (see ``common.py``): "my account is 7" looks the account up (filling the
 120 userdata fields), a message about a bill calls ``transfer_to("billing", ...)``, "transfer me
-to NAME" transfers to NAME.
+to NAME" transfers to NAME. Dispatched by a handoff (billing sending the caller back), it resumes
+the call with the conversation and userdata so far and welcomes the caller back.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def script(chat_ctx: llm.ChatContext) -> Step:
     return Say("Triage here. How can I help?")
 
 
+def welcome_back(userdata: CallBase) -> Step:
+    return Say(f"Welcome back {userdata.caller}, triage here. So far: {', '.join(userdata.steps or [])}.")
+
+
 class Triage(Agent):
     def __init__(self) -> None:
         super().__init__(instructions="You are the triage agent of a call centre. Identify the caller; transfer "
@@ -82,12 +87,26 @@ class Triage(Agent):
 
 async def entrypoint(ctx: JobContext) -> None:
     link = await LedgerLink.open(ctx)
-    userdata: CallBase = CallData()
-    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, script), userdata=userdata)
+    agent = Triage()
+    # A new call, or the caller handed back (by billing): then resume with everything so far.
+    resumed = await link.resume(CallData)
+    userdata: CallBase = resumed.userdata if resumed else CallData()
+    welcomed = resumed is None
+    if resumed is not None:
+        await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
+
+    def answer(chat_ctx: llm.ChatContext) -> Step:
+        nonlocal welcomed
+        if not welcomed:  # the first words of a resumed call
+            welcomed = True
+            return welcome_back(userdata)
+        return script(chat_ctx)
+
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, answer), userdata=userdata)
     await ctx.connect()  # before the session starts: its first words need the room
-    await session.start(Triage(), room=ctx.room, room_options=TEXT_ONLY)
+    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
     await link.attach(session, task="triage")
-    if WARM:
+    if WARM and resumed is None:
         await link.warm_up(BILLING)  # billing's worker joins now and follows the log: no dispatch at the handoff
 
 
