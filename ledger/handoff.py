@@ -213,8 +213,9 @@ class LedgerLink:
                           traceparent=traceparent) as trace:
             snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
         self._reply_trace = (trace.get("traceparent"), started) if trace else None
+        once = dataclasses.replace(snapshot, conversation=once_per_message(snapshot.conversation))
         resumed: Resumed[T] = Resumed(
-            chat_ctx=dataclasses.replace(snapshot, conversation=once_per_message(snapshot.conversation)).chat_ctx(), userdata=snapshot.session_as(userdata_type),
+            chat_ctx=once.chat_ctx(), userdata=snapshot.session_as(userdata_type),
             reason=handoff.reason if handoff else None, from_agent=handoff.from_agent if handoff else "",
             seq=request.ledger_seq, snapshot=snapshot)
         self._resumed = resumed
