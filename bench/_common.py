@@ -65,8 +65,19 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def print_json(**parts: Any) -> None:
-    print(json.dumps(parts, sort_keys=False))
+def print_json(*, figures: Any, baselines: Any, ratios: Any, targets: Any, met: bool | dict[str, bool],
+               **extra: Any) -> None:
+    """The bench's last line: ``{"figures", "baselines", "ratios", "targets", "met": true|false, ...}``.
+
+    ``met`` is one verdict (every target met); given per target, the detail goes on as
+    ``met_by_target`` (which ``bench/run`` shows row by row)."""
+    line: dict[str, Any] = {"figures": figures, "baselines": baselines, "ratios": ratios, "targets": targets}
+    if isinstance(met, dict):
+        line["met"] = bool(met) and all(bool(v) for v in met.values())
+        line["met_by_target"] = {k: bool(v) for k, v in met.items()}
+    else:
+        line["met"] = bool(met)
+    print(json.dumps({**line, **extra}, sort_keys=False))
 
 
 def run_with_livekit(script: str, work: Coroutine[Any, Any, int]) -> int:

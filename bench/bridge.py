@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from livekit import rtc
 
+from bench._common import print_json
 from bridge.room import RoomBridge
 from bridge.worker import settle_heap
 from bridge.writer import BridgeWriter
@@ -284,8 +285,7 @@ async def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value, runs in rows:
         print(f"  {name:<{width}}  {value:<28}  runs: {runs}")
-    print(json.dumps({"figures": figures, "baselines": baselines, "ratios": ratios, "targets": targets,
-                      "met": met}))
+    print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import percentile, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
+from bench._common import percentile, print_json, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
 
 TARGET_P99_OVER_BASELINE_MS = 15.0
 TARGET_ROOMS = 200
@@ -515,8 +515,7 @@ async def controller(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print(json.dumps({"figures": figures, "baselines": baselines, "ratios": ratios, "targets": targets,
-                      "met": met}))
+    print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met)
     return 0
 
 

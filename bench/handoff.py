@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -51,7 +50,7 @@ EXAMPLE = ROOT / "examples" / "handoff"
 INPROC = ROOT / "bench" / "_handoff_inproc.py"
 sys.path.insert(0, str(ROOT))
 
-from bench._common import run_with_livekit  # noqa: E402 - needs ROOT on sys.path
+from bench._common import print_json, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
 
 TARGET_WARM_P50_OVER_MS = 150.0
 TARGET_WARM_P99_OVER_MS = 300.0
@@ -343,9 +342,9 @@ def report(dead: dict[str, list[float]], replayed: dict[str, list[float]], args:
     print(f"targets: warm p50 <= in-process + {TARGET_WARM_P50_OVER_MS:g} ms ({'met' if met['warm_p50_minus_inproc_ms'] else 'missed'}), "
           f"warm p99 <= in-process + {TARGET_WARM_P99_OVER_MS:g} ms ({'met' if met['warm_p99_minus_inproc_ms'] else 'missed'}), "
           f"cold p50 <= {TARGET_COLD_P50_MS:g} ms ({'met' if met['cold_p50_ms'] else 'missed'})")
-    print(json.dumps({"figures": figures, "baselines": baselines, "ratios": ratios, "targets": targets,
-                      "met": met, "samples_ms": {m: [round(x, 1) for x in v] for m, v in dead.items()},
-                      "median_ms": {m: rnd(statistics.median(v)) if v else None for m, v in dead.items()}}))
+    print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met,
+               samples_ms={m: [round(x, 1) for x in v] for m, v in dead.items()},
+               median_ms={m: rnd(statistics.median(v)) if v else None for m, v in dead.items()})
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import statistics
@@ -28,6 +27,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import print_json
 from ledger import embedded
 from ledger import events as ev
 from ledger.client import ATOMIC_BATCH_SIZE, Ledger
@@ -166,20 +166,20 @@ async def main() -> None:
         f"runs ours={[round(x) for x in ours]} publish_async={[round(x) for x in raw]} "
         f"raw atomic={[round(x) for x in atomic]}"
     )
-    result = {
-        "figures": {"append_many_events_per_s": round(median_ours)},
-        "baselines": {
+    print_json(
+        figures={"append_many_events_per_s": round(median_ours)},
+        baselines={
             "publish_async_events_per_s": round(median_raw),
             "raw_atomic_batches_events_per_s": round(median_atomic),
         },
-        "ratios": {
+        ratios={
             "append_many_vs_publish_async": round(ratio, 2),
             "append_many_vs_raw_atomic_batches": round(median_ours / median_atomic, 2),
         },
-        "targets": {"append_many_events_per_s": TARGET_EVENTS_PER_S, "append_many_vs_publish_async": TARGET_RATIO},
-        "met": bool(median_ours >= TARGET_EVENTS_PER_S and ratio >= TARGET_RATIO),
-    }
-    print(json.dumps(result))
+        targets={"append_many_events_per_s": TARGET_EVENTS_PER_S, "append_many_vs_publish_async": TARGET_RATIO},
+        met={"append_many_events_per_s": median_ours >= TARGET_EVENTS_PER_S,
+             "append_many_vs_publish_async": ratio >= TARGET_RATIO},
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import random
 import shutil
@@ -37,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import print_json  # noqa: E402
 from ledger import embedded  # noqa: E402
 from ledger import events as ev  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
@@ -272,8 +272,7 @@ def main() -> None:
         print(f"targets: NDJSON >= {TARGET_RATIO}x raw: {'met' if met['ndjson_vs_raw'] else 'NOT met'}; "
               f"first line <= {TARGET_FIRST_LINE_MS:.0f} ms: in process {'met' if met['first_line_ms'] else 'NOT met'}, "
               f"CLI subprocess {'met' if met['cli_first_line_ms'] else 'NOT met'}")
-        print(json.dumps({"figures": figures, "baselines": baselines, "ratios": ratios, "targets": targets,
-                          "met": met}))
+        print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met)
     finally:
         async def cleanup() -> None:
             async with Ledger(settings) as ledger:

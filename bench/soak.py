@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import print_json  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 
@@ -301,18 +302,18 @@ async def orchestrate(args: argparse.Namespace) -> int:
         "projector_rss_growth_pct": projector_growth < RSS_GROWTH_TARGET_PCT,
         "nothing_lost": lossless,
     }
-    print(json.dumps({
-        "figures": {"minutes": args.minutes, "rate": args.rate, "events": stored,
-                    "bridge_rss_growth_pct": round(bridge_growth, 2),
-                    "projector_rss_growth_pct": round(projector_growth, 2), "max_projector_lag": max_lag,
-                    "hydrate_p50_ms": round(p50, 3), "hydrate_p99_ms": round(p99, 3), "nothing_lost": lossless,
-                    "samples": samples},
-        "baselines": {},
-        "ratios": {},
-        "targets": {"bridge_rss_growth_pct": f"< {RSS_GROWTH_TARGET_PCT:g}",
-                    "projector_rss_growth_pct": f"< {RSS_GROWTH_TARGET_PCT:g}", "nothing_lost": "true"},
-        "met": met,
-    }))
+    print_json(
+        figures={"minutes": args.minutes, "rate": args.rate, "events": stored,
+                 "bridge_rss_growth_pct": round(bridge_growth, 2),
+                 "projector_rss_growth_pct": round(projector_growth, 2), "max_projector_lag": max_lag,
+                 "hydrate_p50_ms": round(p50, 3), "hydrate_p99_ms": round(p99, 3), "nothing_lost": lossless,
+                 "samples": samples},
+        baselines={},
+        ratios={},
+        targets={"bridge_rss_growth_pct": f"< {RSS_GROWTH_TARGET_PCT:g}",
+                 "projector_rss_growth_pct": f"< {RSS_GROWTH_TARGET_PCT:g}", "nothing_lost": "true"},
+        met=met,
+    )
     return 0 if all(met.values()) else 1
 
 
