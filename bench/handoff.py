@@ -156,8 +156,9 @@ class Env:
 
 def spawn(env: Env, argv: list[str], agent_name: str, **extra: str) -> subprocess.Popen[bytes]:
     with (env.scratch / f"{agent_name}.log").open("ab") as log:
+        # a group of its own: stopped with every process it starts (tests/processes.py)
         return subprocess.Popen([sys.executable, *argv], env=env.env(**extra), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+                                cwd=ROOT, start_new_session=True)
 
 
 async def start_worker(env: Env, server: Any, argv: list[str], agent_name: str, **extra: str) -> None:
@@ -291,14 +292,13 @@ async def controller(args: argparse.Namespace) -> int:
         return report(dead, replayed, args)
     finally:
         if env is not None:
+            from tests.processes import stop_popen
+
             for proc in env.procs:
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGTERM)  # all at once, then each waited for
             for proc in env.procs:
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_popen(proc)
         if server is not None:
             server.stop()
         if nats_started:

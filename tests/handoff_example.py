@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import pytest
 from livekit import api, rtc
 
 from ledger.settings import Settings
+from tests import processes
 from tests.livekit.server import http_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ class ExampleWorkers:
         mark = self.livekit.log_mark()
         key = key or which
         with (self.workdir / f"{key}.log").open("ab") as log:
-            self.procs[key] = await asyncio.create_subprocess_exec(
+            self.procs[key] = await processes.start(
                 sys.executable, str(EXAMPLE / f"{which}.py"), env=self.env(**extra), stdout=log,
                 stderr=subprocess.STDOUT, cwd=REPO)
         which = key
@@ -156,15 +156,8 @@ class ExampleWorkers:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     async def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        """Each worker and every process it started (a job process pool, with HANDOFF_EXECUTOR=process)."""
+        await asyncio.gather(*(processes.stop(proc) for proc in self.procs.values()))
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from ledger.roles import Roles, apply_event
 from ledger.settings import Settings
 from ledger.watch import RoomWatch
 from projections.projector import Projector
+from tests import processes
 from tests.test_bridge_worker import lk_settings, restore_environ, worker_bridge
 from tests.test_cli_helpers import env_for, json_of, ok
 
@@ -132,22 +133,15 @@ async def role_workers(settings: Settings, livekit_server: Any, agent_name: str,
             mark = livekit_server.log_mark()
             output = logs / f"role-worker-{len(procs)}.log"
             with output.open("wb") as sink:
-                proc = await asyncio.create_subprocess_exec(
+                proc = await processes.start(
                     sys.executable, "-m", "tests.role_worker", agent_name, env=env, cwd=REPO,
                     stdout=sink, stderr=asyncio.subprocess.STDOUT)
             procs.append(proc)
             await livekit_server.worker_registered(agent_name, 60, after=mark)
         yield procs
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        # each worker with its job processes (the workers run jobs in processes, as in the seed)
+        await asyncio.gather(*(processes.stop(proc) for proc in procs))
 
 
 def _roles_reported(records: list[Record]) -> dict[str, dict[str, str]]:
