@@ -23,7 +23,7 @@ from ledger.settings import Settings
 from ledger.state import fold
 from ledger.timeline import handoffs as replay_handoffs
 from ledger.watch import RoomWatch as Log
-from tests.handoff_example import ExampleWorkers, Replies, workers  # noqa: F401
+from tests.handoff_example import ExampleWorkers, Replies, Reply, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
 pytestmark = pytest.mark.livekit
@@ -41,6 +41,17 @@ async def say(user: Any, text: str) -> None:
     await user.local_participant.send_text(text, topic="lk.chat")
 
 
+async def triage_answers(workers: ExampleWorkers, room: str, replies: Replies, log: Log) -> Reply:
+    """Dispatch triage into the call; its greeting, once it has attached (published its userdata,
+    claimed the floor), so what the caller types next is triage's to answer."""
+    await workers.dispatch(room, workers.triage)
+    greeting = await replies.next()
+    assert greeting.agent == workers.triage, greeting
+    await log.until(lambda rs: any(r.type == "floor.request" and body_of(r).agent_id == workers.triage
+                                   for r in rs), what="triage's floor request")
+    return greeting
+
+
 # thread: the example's default, jobs in the worker's process; process: LiveKit's production
 # default, each job in a child process (the handoff's ledger connections made there).
 @pytest.mark.parametrize("executor", ["thread", "process"])
@@ -55,13 +66,7 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     async with running_bridge(lk_settings, room):
         user = await livekit_connect("caller", room)
         replies = Replies(user)
-        await workers.dispatch(room, workers.triage)
-
-        greeting = await replies.next()
-        assert greeting.agent == workers.triage, greeting
-        # triage has attached (published its userdata, claimed the floor) before the caller types
-        await log.until(lambda rs: any(r.type == "floor.request" and body_of(r).agent_id == workers.triage
-                                       for r in rs))
+        greeting = await triage_answers(workers, room, replies, log)
         await say(user, "Hi, I'm Ana, my account is 7")
         found = await replies.next()
         assert found.text == "Thanks Ana, I found your account." and found.identity == greeting.identity
@@ -144,10 +149,7 @@ async def test_billing_hands_the_caller_back_to_triage(lk_settings: Settings, le
     async with running_bridge(lk_settings, room):
         user = await livekit_connect("caller", room)
         replies = Replies(user)
-        await workers.dispatch(room, workers.triage)
-        greeting = await replies.next()
-        await log.until(lambda rs: any(r.type == "floor.request" and body_of(r).agent_id == workers.triage
-                                       for r in rs))
+        greeting = await triage_answers(workers, room, replies, log)
         await say(user, "Hi, I'm Ana, my account is 7")
         await replies.next()
         await log.until(lambda rs: len(log.of("session.patch")) >= 2)
