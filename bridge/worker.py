@@ -296,6 +296,8 @@ async def _job_entry(ctx: Any) -> None:
 
 #: The most rooms one bridge process takes before LiveKit sends dispatches to another.
 MAX_ROOMS_PER_WORKER = 200
+#: livekit-agents' event-loop monitor threshold (ms; 0: off), read when each job starts.
+LOOP_MONITOR_ENV = "LIVEKIT_AGENTS_LOOP_BLOCK_WARN_MS"
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, process: BridgeProcess | None = None,
@@ -308,6 +310,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
     _PROCESS = process
     # Rooms rejoined directly stop with the worker, however the worker ends.
     process.loop, process.stop = asyncio.get_running_loop(), asyncio.Event()
+    # AgentServer.run() writes LIVEKIT_* into os.environ; all of these are put back afterwards.
+    saved_env = {name: os.environ.get(name)
+                 for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", LOOP_MONITOR_ENV)}
+    # livekit-agents watches every job's event loop for blocking code (a voice pipeline's audio
+    # jitter): a heartbeat and a watchdog thread waking every 20 ms per job. A bridge job has no
+    # audio, and at 50 rooms those wake-ups were 38% of the bridge's CPU (bench/capture.py: 46% ->
+    # 28% of a core at 50 rooms x 5/s, p99 10.6 -> 5.7 ms). Off unless the operator set it.
+    os.environ.setdefault(LOOP_MONITOR_ENV, "0")
     server = AgentServer(
         ws_url=url, api_key=key, api_secret=secret, job_executor_type=JobExecutorType.THREAD,
         permissions=WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=False,
@@ -333,8 +343,6 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
 
     server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name, on_request=_accept_job)
     settle_heap()  # again, now that the agents framework is loaded
-    # AgentServer.run() writes LIVEKIT_* into os.environ; put them back afterwards.
-    saved_env = {name: os.environ.get(name) for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
     # LiveKit offers a job only to workers registered when its dispatch arrives: say when that is.
     server.on("worker_registered", lambda worker_id, _info: log.info(
         "bridge: worker %s registered as %r; rooms can dispatch it now", worker_id, settings.bridge_agent_name))

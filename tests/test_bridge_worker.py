@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -122,6 +123,9 @@ async def test_dispatched_worker_bridge_records_seed_000(lk_settings: Settings, 
         await log.until(lambda rs: sum(r.type == "participant.joined" for r in rs) >= 3)
 
         sent = await take_turns(log, agents, turns=3)
+        # the job runs without livekit-agents' event-loop monitor (a watchdog thread per job,
+        # waking every 20 ms: most of a many-room bridge's CPU, for audio it does not have)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("livekit-loop-monitor-job")]
 
         # the bridge is in the room, hidden: listed by the server API only
         async with livekit_api(lk_settings) as lk:
