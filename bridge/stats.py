@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ledger.embedded import pid_alive
+
 
 @dataclass
 class Counters:
@@ -81,16 +83,6 @@ def write_stats(home: Path, bridge_id: str, counters: Counters, *, extra: dict[s
         tmp.replace(path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_stats(home: Path) -> list[dict[str, Any]]:
     """Every bridge's last counters under ``home``, newest first, each with ``alive``."""
     found: list[dict[str, Any]] = []
@@ -104,7 +96,7 @@ def read_stats(home: Path) -> list[dict[str, Any]]:
             continue
         if not isinstance(data, dict):
             continue
-        data["alive"] = _alive(int(data.get("pid", 0) or 0)) if data.get("pid") else False
+        data["alive"] = pid_alive(int(data.get("pid", 0) or 0)) if data.get("pid") else False
         data["path"] = str(path)
         found.append(data)
     found.sort(key=lambda d: float(d.get("updated_at", 0)), reverse=True)

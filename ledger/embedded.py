@@ -73,7 +73,7 @@ class ServerInfo:
 # Small process and file helpers
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if ``pid`` is a running process (a zombie counts as dead)."""
     if pid <= 0:
         return False
@@ -224,11 +224,11 @@ def _terminate(pid: int, sig: signal.Signals, timeout: float) -> None:
     """Send ``sig``, wait up to ``timeout`` for the exit, then SIGKILL and wait for that."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    if _wait_for(lambda: not _pid_alive(pid), timeout):
+    if _wait_for(lambda: not pid_alive(pid), timeout):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    if not _wait_for(lambda: not _pid_alive(pid), 10.0):
+    if not _wait_for(lambda: not pid_alive(pid), 10.0):
         raise EmbeddedError(f"process {pid} survived SIGKILL for 10s; check it with `ps -p {pid}`")
 
 
@@ -352,7 +352,7 @@ def _nats_js_ready(port: int, timeout: float = 2.0) -> bool:
 
 def _nats_is_ours(state: dict[str, Any], config: Path) -> bool:
     pid = int(state["pid"])
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     # The pid may have been recycled by an unrelated process since the state file was written.
     argv = _cmdline(pid)
@@ -398,7 +398,7 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
         if old is not None:
             # Stale: make sure a half-dead leftover (e.g. hung, not answering) does not hold the store.
             pid = int(old["pid"])
-            if _pid_alive(pid) and str(config) in _cmdline(pid):
+            if pid_alive(pid) and str(config) in _cmdline(pid):
                 _terminate(pid, signal.SIGTERM, 5.0)
         chosen = _choose_port(port, old)
         config.write_text(_nats_config(store, chosen, sync_always))
@@ -406,7 +406,7 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
         pid = _spawn_detached([str(binary), "-c", str(config)], log, store)
 
         def ready() -> bool:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 raise EmbeddedError(
                     f"nats-server exited during start-up (port {chosen}, config {config}).\n{_tail(log)}"
                 )
@@ -470,7 +470,7 @@ def kill_nats(home: Path) -> None:
         raise EmbeddedError(f"no embedded nats-server is running for {home}")
     pid = int(state["pid"])
     os.kill(pid, signal.SIGKILL)
-    if not _wait_for(lambda: not _pid_alive(pid), 10.0):
+    if not _wait_for(lambda: not pid_alive(pid), 10.0):
         raise EmbeddedError(f"nats-server {pid} survived SIGKILL for 10s")
 
 
@@ -586,7 +586,7 @@ def _postmaster_pid(data: Path) -> int | None:
 
 
 def _is_our_postmaster(pid: int, data: Path) -> bool:
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     argv = _cmdline(pid)
     return bool(argv) and Path(argv[0]).name == "postgres" and str(data) in argv

@@ -56,6 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ledger import tracing
+from ledger.embedded import pid_alive
 from ledger.errors import SettingsError
 
 log = logging.getLogger("ledger.metrics")
@@ -341,16 +342,6 @@ def _note_endpoint(home: Path, host: str, port: int, role: str) -> None:
         atexit.register(lambda: path.unlink(missing_ok=True))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def endpoints(home: Path, environ: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Metrics endpoints to read: those noted under ``home`` by running processes, then ``LEDGER_METRICS_URLS``."""
     found: list[dict[str, Any]] = []
@@ -362,7 +353,7 @@ def endpoints(home: Path, environ: dict[str, str] | None = None) -> list[dict[st
                 pid = int(data["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if not _alive(pid):
+            if not pid_alive(pid):
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
