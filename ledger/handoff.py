@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -213,9 +212,8 @@ class LedgerLink:
                           traceparent=traceparent) as trace:
             snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
         self._reply_trace = (trace.get("traceparent"), started) if trace else None
-        once = dataclasses.replace(snapshot, conversation=once_per_message(snapshot.conversation))
         resumed: Resumed[T] = Resumed(
-            chat_ctx=once.chat_ctx(), userdata=snapshot.session_as(userdata_type),
+            chat_ctx=snapshot.chat_ctx(), userdata=snapshot.session_as(userdata_type),
             reason=handoff.reason if handoff else None, from_agent=handoff.from_agent if handoff else "",
             seq=request.ledger_seq, snapshot=snapshot)
         self._resumed = resumed
@@ -325,7 +323,7 @@ class LedgerLink:
             undo()
         state = self.agent.state
         snapshot = Snapshot(room=self.room.name, seq=self._handed_seq, state=state,
-                            conversation=once_per_message(list(state.conversation)), full_conversation=True,
+                            conversation=list(state.conversation), full_conversation=True,
                             source="followed")
         resumed: Resumed[T] = Resumed(chat_ctx=snapshot.chat_ctx(), userdata=snapshot.session_as(userdata_type),
                                       reason=handoff.reason, from_agent=handoff.from_agent, seq=self._handed_seq,
@@ -625,32 +623,6 @@ def standing_by(state: rd.RoomState, agent_name: str) -> bool:
     return announced is not None and announced.status == "idle" and announced.task == STANDBY_TASK
 
 
-def once_per_message(items: list[rd.ConversationItem]) -> list[rd.ConversationItem]:
-    """The conversation with each message once, as the sessions' own feed recorded it.
-
-    A message typed on ``lk.chat`` is in the log twice: as the chat stream and as the user item of
-    the session's ``lk.agent.session`` feed (a moment later, with the session's item id and
-    timestamp). So is an agent's first reply, whose ``lk.transcription`` stream can reach the log
-    before the session's feed has said anything (until then the fold cannot know that the agent
-    has a feed). Where the feed has the message, its copy is kept and the other dropped.
-    """
-    fed: dict[tuple[str | None, str], int] = {}
-    for item in items:
-        if item.type == "message" and item.source == "conversation.item":
-            key = (item.role, item.text)
-            fed[key] = fed.get(key, 0) + 1
-    if not fed:
-        return items
-    kept: list[rd.ConversationItem] = []
-    for item in items:
-        key = (item.role, item.text)
-        if item.source in ("chat.message", "transcript") and fed.get(key, 0) > 0:
-            fed[key] -= 1
-            continue
-        kept.append(item)
-    return kept
-
-
 def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = 15.0,
                   failure_message: str | None = None, name: str = "transfer_to",
                   description: str | None = None) -> FunctionTool[..., Awaitable[str]]:
@@ -707,5 +679,5 @@ def _env(name: str) -> str | None:
 
 
 __all__ = ["FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
-           "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "once_per_message", "standing_by",
+           "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "standing_by",
            "transfer_tool"]

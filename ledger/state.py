@@ -37,7 +37,10 @@ a later event with the same item id updates the content in place.
   transcript item kept before it, and not yet matched, is that item's echo: it replaces that item
   in place (the feed's content and the session's own timestamps, at the first item's id and
   position; later updates of the feed item go there too), so a message is in the conversation
-  once. Only the last ``MAX_ECHOES`` chat and transcript items are remembered.
+  once. The two can also cross (the caller's chat and the agent's feed are different senders'
+  packets): a chat or transcript item repeating a feed message kept before it, and not yet
+  matched, is dropped, the feed's item standing for it. Only the last ``MAX_ECHOES`` chat and
+  transcript items, and feed messages, are remembered.
 
 Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
@@ -222,6 +225,9 @@ class RoomIndex(msgspec.Struct, kw_only=True):
 
 #: How many kept chat/transcript items wait to be matched by a feed item repeating them.
 MAX_ECHOES: Final = 64
+#: How late a chat or transcript copy of a user's feed message may reach the log and still be
+#: taken for its copy (packets of two senders crossing in the SFU: milliseconds, not seconds).
+FED_WINDOW_S: Final = 10.0
 
 
 class Echo(msgspec.Struct, kw_only=True, gc=False):
@@ -234,6 +240,8 @@ class Echo(msgspec.Struct, kw_only=True, gc=False):
     speaker: str | None = None
     #: A feed item repeated it already: it is not matched again.
     matched: bool = False
+    #: When it was recorded (feed messages only: a later copy is matched within FED_WINDOW_S).
+    at: datetime | None = None
 
 
 def _text_digest(text: str) -> str:
@@ -269,6 +277,9 @@ class RoomState(msgspec.Struct, kw_only=True):
     echoes: dict[str, Echo] = msgspec.field(default_factory=dict)
     #: Feed item id -> the chat/transcript item it repeated (its later updates go there too).
     echoed: dict[str, Echo] = msgspec.field(default_factory=dict)
+    #: Feed item id -> the last MAX_ECHOES feed messages that repeated no earlier item: a chat or
+    #: transcript item reaching the log after the feed's copy of it matches one of these.
+    fed: dict[str, Echo] = msgspec.field(default_factory=dict)
 
     @property
     def seq(self) -> int:
@@ -594,8 +605,34 @@ def _remember_echo(state: RoomState, item: ConversationItem) -> None:
         del state.echoes[next(iter(state.echoes))]
 
 
+def _remember_fed(state: RoomState, item: ConversationItem) -> None:
+    """Remember a user's feed message that repeated no earlier item: its chat copy may come later."""
+    if item.role != "user" or not item.text or item.item_id in state.fed:
+        return
+    state.fed[item.item_id] = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id,
+                                   at=item.time)
+    if len(state.fed) > MAX_ECHOES:
+        del state.fed[next(iter(state.fed))]
+
+
+def _repeats_feed(state: RoomState, item: ConversationItem) -> bool:
+    """Whether a chat/transcript item is the late copy of a user's feed message kept just before."""
+    if item.role != "user" or not item.text or not state.fed:
+        return False
+    digest = _text_digest(item.text)
+    fed = next((e for e in state.fed.values()
+                if not e.matched and e.digest == digest and e.at is not None
+                and 0 <= (item.time - e.at).total_seconds() <= FED_WINDOW_S), None)
+    if fed is None:
+        return False
+    fed.matched = True
+    return True
+
+
 def _put_item(state: RoomState, item: ConversationItem, *, may_echo: bool = False) -> None:
     if may_echo:
+        if item.item_id not in state.echoes and _repeats_feed(state, item):
+            return  # the feed's copy, with the session's own timestamps, stands for it
         _remember_echo(state, item)
     position = state.item_position(item.item_id)
     if position is None:
@@ -643,28 +680,28 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
     speaker = body.speaker or (echo.speaker if echo is not None else None)
     if speaker is None and body.item_type == "message" and role == "assistant":
         speaker = owner or None
-    _put_item(
-        state,
-        ConversationItem(
-            item_id=item_id,
-            type=body.item_type,
-            role=role,
-            speaker=speaker,
-            text=body.text,
-            seq=seq,
-            time=event.at or time,
-            source="conversation.item",
-            interrupted=body.interrupted,
-            created_at=body.created_at,
-            name=body.name,
-            call_id=body.call_id,
-            arguments=body.arguments,
-            output=body.output,
-            is_error=body.is_error,
-            old_agent_id=body.old_agent_id,
-            new_agent_id=body.new_agent_id,
-        ),
+    item = ConversationItem(
+        item_id=item_id,
+        type=body.item_type,
+        role=role,
+        speaker=speaker,
+        text=body.text,
+        seq=seq,
+        time=event.at or time,
+        source="conversation.item",
+        interrupted=body.interrupted,
+        created_at=body.created_at,
+        name=body.name,
+        call_id=body.call_id,
+        arguments=body.arguments,
+        output=body.output,
+        is_error=body.is_error,
+        old_agent_id=body.old_agent_id,
+        new_agent_id=body.new_agent_id,
     )
+    _put_item(state, item)
+    if echo is None and body.item_type == "message":
+        _remember_fed(state, item)
 
 
 def _on_transcript(state: RoomState, event: ev.TranscriptEvent, seq: int, time: datetime) -> None:

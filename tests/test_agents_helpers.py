@@ -94,25 +94,3 @@ def test_transfer_tool_is_a_function_tool_the_llm_sees() -> None:
     agent = Agent(instructions="x", tools=[tool])
     assert [t.info.name for t in agent.tools] == ["transfer_to"]  # type: ignore[union-attr]
 
-
-def test_each_message_once_the_feed_copy_kept() -> None:
-    from datetime import UTC, datetime
-
-    from ledger.handoff import once_per_message
-    from ledger.state import ConversationItem
-
-    now = datetime.now(UTC)
-
-    def item(item_id: str, role: str, text: str, source: str, seq: int) -> ConversationItem:
-        return ConversationItem(item_id=item_id, role=role, text=text, source=source, seq=seq, time=now)
-
-    items = [
-        item("tr:1", "assistant", "Hi", "transcript", 1),          # reached the log before the feed
-        item("item_a", "assistant", "Hi", "conversation.item", 2),
-        item("chat:1", "user", "my bill", "chat.message", 3),       # the lk.chat stream
-        item("item_b", "user", "my bill", "conversation.item", 4),  # the session's own item
-        item("chat:2", "user", "my bill", "chat.message", 5),       # said again: no feed copy yet
-    ]
-    assert [i.item_id for i in once_per_message(items)] == ["item_a", "item_b", "chat:2"]
-    no_feed = [item("chat:1", "user", "hello", "chat.message", 1)]
-    assert once_per_message(no_feed) == no_feed

@@ -321,3 +321,43 @@ def test_a_feed_repeating_a_chat_message_or_a_first_transcript_is_one_item() -> 
     # (a resumed state holds no earlier items: an echo's update is put again under its item's id,
     # which the projector writes over that item's row)
     assert [i.item_id for i in resumed.conversation] == ["tr:s1", "chat:m1", "chat:m2", "i3", "i4"]
+
+
+def test_a_chat_message_reaching_the_log_after_its_feed_copy_is_one_item() -> None:
+    """The caller's chat and the agent's feed are two senders' packets, which can cross in the SFU:
+    the chat copy arriving second is dropped, the feed's item (the session's timestamps) standing."""
+    log = records(
+        ev.ParticipantJoined(identity="user", kind="standard"),
+        ev.ParticipantJoined(identity="a", kind="agent"),
+        (ev.ConversationItem(item_id="i1", role="user", text="my bill", created_at=100.0), "a"),
+        (ev.ChatMessage(message_id="m1", text="my bill"), "user"),  # its copy, second
+        (ev.ChatMessage(message_id="m2", text="my bill"), "user"),  # said again: kept
+        (ev.ConversationItem(item_id="i2", role="user", text="my bill", created_at=102.0), "a"),  # m2's echo
+        (ev.ConversationItem(item_id="i3", role="assistant", text="hello", created_at=103.0), "a"),
+        (ev.ChatMessage(message_id="m3", text="hello"), "user"),  # the caller's words, not the agent's
+    )
+    state = fold(log)
+    assert [(i.item_id, i.role, i.text, i.created_at) for i in state.conversation] == [
+        ("i1", "user", "my bill", 100.0),
+        ("chat:m2", "user", "my bill", 102.0),
+        ("i3", "assistant", "hello", 103.0),
+        ("chat:m3", "user", "hello", None),
+    ]
+    # resuming from the stored state at any point (as the projector does) decides the same way:
+    # the items it puts are the fold's, and never the dropped copy
+    kept = {i.item_id for i in state.conversation}
+    for cut in range(len(log)):
+        resumed = decode_state(encode_state(fold(log[:cut])))
+        for record in log[cut:]:
+            apply(resumed, record)
+        assert {i.item_id for i in resumed.conversation} <= kept, cut
+
+
+def test_a_chat_message_long_after_an_identical_feed_message_is_its_own() -> None:
+    """A voice message has no chat copy: the same words typed later are a message of their own."""
+    later = T0 + timedelta(seconds=60)
+    feed = ev.make_event("r", ev.ConversationItem(item_id="i1", role="user", text="yes"), sender=ev.Sender(identity="a"))
+    chat = ev.make_event("r", ev.ChatMessage(message_id="m1", text="yes"), sender=ev.Sender(identity="user"))
+    state = fold([Record(seq=1, subject="", time=T0, event=msgspec.structs.replace(feed, at=T0)),
+                  Record(seq=2, subject="", time=later, event=msgspec.structs.replace(chat, at=later))])
+    assert [i.item_id for i in state.conversation] == ["i1", "chat:m1"]
