@@ -147,8 +147,7 @@ def render(data: PageData, *, generated_at: datetime | None = None) -> str:
     ]
     changes = [
         [f"#{c.seq}", _t(c.time), _e(c.sender),
-         _e(", ".join(f"{k}" for k, v in c.patch.items() if v is not None)),
-         _e(", ".join(k for k, v in c.patch.items() if v is None))]
+         _e(", ".join(c.changed)), _e(", ".join(c.removed))]
         for c in data.session_changes
     ]
     gaps = [

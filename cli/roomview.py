@@ -23,6 +23,7 @@ from cli.common import Point
 from cli.replay import Window, records
 from ledger import events as ev
 from ledger.client import Ledger, Record
+from ledger.state import pointer_keys
 from ledger.timeline import FloorTimeline, FloorTracker, HandoffRow, HandoffTracker, trim_conversation
 
 #: Conversation items and session changes kept for a view (the latest ones).
@@ -46,6 +47,18 @@ class SessionChange:
     time: datetime
     sender: str
     patch: dict[str, Any]
+    #: JSON Pointer -> value set exactly (null included), after the patch.
+    set_values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> list[str]:
+        """The fields given a value (a null set exactly is a value), as dotted paths."""
+        return [k for k, v in self.patch.items() if v is not None] + [
+            ".".join(pointer_keys(p)) for p in self.set_values]
+
+    @property
+    def removed(self) -> list[str]:
+        return [k for k, v in self.patch.items() if v is None]
 
 
 @dataclass
@@ -88,7 +101,8 @@ class RoomCollector:
         event = record.event
         if isinstance(event, ev.SessionPatchEvent):
             self.changes_total += 1
-            self.changes.append(SessionChange(record.seq, record.time, event.sender.identity, event.body.patch))
+            self.changes.append(SessionChange(record.seq, record.time, event.sender.identity, event.body.patch,
+                                              event.body.set_values))
             if len(self.changes) > MAX_SESSION_CHANGES * 2:
                 del self.changes[: len(self.changes) - MAX_SESSION_CHANGES]
         self.dropped_items += trim_conversation(self.floor.state, MAX_ITEMS)

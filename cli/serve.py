@@ -137,7 +137,8 @@ def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
         "session": msgspec.to_builtins(state.session),
         "session_version": state.session_version,
         "session_changes": [
-            {"seq": c.seq, "time": c.time.isoformat(), "sender": c.sender, "patch": msgspec.to_builtins(c.patch)}
+            {"seq": c.seq, "time": c.time.isoformat(), "sender": c.sender, "patch": msgspec.to_builtins(c.patch),
+             "set": msgspec.to_builtins(c.set_values)}
             for c in page.session_changes[-VIEW_ITEMS:]
         ],
         "session_changes_total": page.session_changes_total,

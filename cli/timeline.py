@@ -20,6 +20,7 @@ from rich.text import Text
 from cli.common import format_duration
 from ledger import events as ev
 from ledger.client import Record
+from ledger.state import pointer_keys
 
 #: Style of each event category (the first segment of its type).
 CATEGORY_STYLES: Final[dict[str, str]] = {
@@ -69,9 +70,11 @@ def _compact(value: Any, limit: int = 60) -> str:
     return _clip(text, limit)
 
 
-def _patch_summary(patch: dict[str, Any]) -> str:
+def _patch_summary(patch: dict[str, Any], exact: dict[str, Any] | None = None) -> str:
     removed = [k for k, v in patch.items() if v is None]
     changed = [(k, v) for k, v in patch.items() if v is not None]
+    # Exact values by JSON Pointer ("/a/b"), shown by their path: "a.b=null".
+    changed += [(".".join(pointer_keys(p)), v) for p, v in (exact or {}).items()]
     parts: list[str] = []
     shown = changed[:4]
     if shown:
@@ -139,7 +142,7 @@ def _summary(event: ev.Event) -> str:
             reason = f": {b.reason}" if b.reason else ""
             return f"{b.from_agent} hands the caller to {b.to_agent}{reason}"
         case ev.SessionPatchEvent(body=b):
-            return _patch_summary(b.patch)
+            return _patch_summary(b.patch, b.set_values)
         case ev.ContextSummaryEvent(body=b):
             return f"summary up to #{b.covers_seq}: {_clip(b.text, 160)}"
         case ev.DataEvent(body=b):

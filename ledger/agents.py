@@ -38,7 +38,7 @@ from ledger.errors import LedgerError
 from ledger.events import derived_event_id
 from ledger.roles import claim_role, release_role
 from ledger.settings import DEFAULT_MAX_PAYLOAD
-from ledger.state import RoomState, apply_safely, merge_patch
+from ledger.state import RoomState, apply_safely, apply_session_patch, json_pointer
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -94,7 +94,8 @@ def encode_protocol(type_name: str, body: ev.Body | Mapping[str, Any], *, payloa
 def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The RFC 7386 merge patch turning ``old`` into ``new`` (``{}`` when equal).
 
-    A key missing from ``new`` (or ``None`` in it) becomes ``null``: merge patches cannot store null.
+    A key missing from ``new`` (or ``None`` in it) becomes ``null``, which a merge patch reads as
+    "delete": :func:`session_diff` is the change that keeps nulls.
     """
     patch: dict[str, Any] = {}
     for key in old:
@@ -111,6 +112,57 @@ def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
         elif key not in old or before != value:
             patch[key] = value
     return patch
+
+
+def _merge_safe(value: Any) -> bool:
+    """Whether a merge patch can carry ``value`` as it is (no null where a merge patch deletes)."""
+    if value is None:
+        return False
+    if isinstance(value, Mapping):
+        return all(_merge_safe(v) for v in value.values())
+    return True  # lists and scalars replace wholesale: nulls inside a list are kept
+
+
+def session_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                 path: tuple[str, ...] = ()) -> ev.SessionPatch:
+    """The ``session.patch`` turning ``old`` into ``new`` exactly (empty when equal).
+
+    Keys gone from ``new`` are deleted by the merge patch; a value that is or holds ``null``
+    (where a merge patch would delete) is set exactly at its JSON Pointer, so ``None`` survives.
+    """
+    patch: dict[str, Any] = {}
+    exact: dict[str, Any] = {}
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        before = old.get(key, _ABSENT)
+        if before is not _ABSENT and _same_json(before, value):
+            continue
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = session_diff(before, value, (*path, key))
+            if sub.patch:
+                patch[key] = sub.patch
+            exact.update(sub.set_values)
+        elif _merge_safe(value):
+            patch[key] = value
+        else:
+            exact[json_pointer((*path, key))] = value
+    return ev.SessionPatch(patch=patch, set_values=exact)
+
+
+_ABSENT: Final = object()
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON: ``1 == True`` in Python, not in JSON (nor after a round trip)."""
+    if type(a) is not type(b) and (isinstance(a, bool) or isinstance(b, bool)):
+        return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def userdata_document(userdata: Any) -> dict[str, Any]:
@@ -237,19 +289,26 @@ class LedgerAgent:
     async def release_floor(self, reason: str | None = None) -> str:
         return await self.publish("floor.release", ev.FloorRelease(agent_id=self.agent_id, reason=reason))
 
-    async def patch_session(self, patch: Mapping[str, Any]) -> str:
-        """Publish an RFC 7386 merge patch of the room's session document."""
+    async def patch_session(self, patch: Mapping[str, Any] | None = None, *,
+                            set_values: Mapping[str, Any] | None = None) -> str:
+        """Publish a change of the room's session document.
+
+        ``patch``: an RFC 7386 merge patch (its ``null`` deletes a key). ``set_values``: JSON
+        Pointer -> value, stored exactly after the patch (``{"/promo_code": None}`` makes the
+        field null; a merge patch cannot).
+        """
+        body = ev.SessionPatch(patch=dict(patch or {}), set_values=dict(set_values or {}))
         # The agent's own copy (see adopt_session), so patched in place.
-        self._published_session = merge_patch(self._published_session, dict(patch))
-        return await self.publish("session.patch", ev.SessionPatch(patch=dict(patch)))
+        self._published_session = apply_session_patch(self._published_session, body)
+        return await self.publish("session.patch", body)
 
     async def sync_userdata(self, userdata: Any) -> str | None:
         """Publish what changed in ``userdata`` since the last publish (None when nothing did)."""
         document = userdata_document(userdata)
-        patch = merge_patch_diff(self._published_session, document)
-        if not patch:
+        change = session_diff(self._published_session, document)
+        if not change.patch and not change.set_values:
             return None
-        return await self.patch_session(patch)
+        return await self.patch_session(change.patch, set_values=change.set_values)
 
     def adopt_session(self, session: Mapping[str, Any]) -> None:
         """Start diffing from a hydrated session (a handoff target), so only changes are published."""

@@ -231,9 +231,17 @@ class Handoff(Body, frozen=True):
 
 
 class SessionPatch(Body, frozen=True):
-    """An RFC 7386 JSON merge patch of the room's shared session document."""
+    """A change of the room's shared session document: a merge patch, then exact values.
 
-    patch: dict[str, Any]
+    ``patch`` is an RFC 7386 JSON merge patch, whose ``null`` deletes a key: it cannot say
+    "this field is now null". ``set`` (on the wire; ``set_values`` here) maps RFC 6901 JSON
+    Pointers to values stored exactly as given, ``null`` and nested nulls included; it is applied
+    after ``patch``, pointer by pointer in order, creating missing objects on the way. An event
+    written before ``set`` existed has only ``patch`` and folds as it always did.
+    """
+
+    patch: dict[str, Any] = {}
+    set_values: dict[str, Any] = msgspec.field(default_factory=dict, name="set")
 
 
 class ContextSummary(Body, frozen=True):

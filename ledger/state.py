@@ -46,7 +46,8 @@ Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
 holder leaving, and goes to the earliest waiting claim that lists it.
 
-Session: RFC 7386 merge patches applied in log order; ``session_version`` is the sequence of
+Session: ``session.patch`` events applied in log order (an RFC 7386 merge patch, then values set
+exactly at JSON Pointers, so a field can be null); ``session_version`` is the sequence of
 the last patch. Summary: the latest ``context.summary`` in log order.
 
 Unknown event types are counted (``skipped_unknown``) and skipped. A record at or below the
@@ -55,6 +56,7 @@ state's last sequence is ignored, so applying the same records twice changes not
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -78,8 +80,12 @@ __all__ = [
     "Summary",
     "apply",
     "apply_safely",
+    "apply_session_patch",
     "fold",
+    "json_pointer",
     "merge_patch",
+    "pointer_keys",
+    "set_at",
 ]
 
 
@@ -329,6 +335,46 @@ def apply_safely(state: RoomState, record: RecordLike) -> Exception | None:
     return None
 
 
+def json_pointer(keys: Iterable[str]) -> str:
+    """The RFC 6901 JSON Pointer of a path of object keys (``["a", "b/c"]`` -> ``"/a/b~1c"``)."""
+    return "".join("/" + key.replace("~", "~0").replace("/", "~1") for key in keys)
+
+
+def pointer_keys(pointer: str) -> list[str]:
+    """The object keys of an RFC 6901 JSON Pointer (``""`` is the whole document: no keys)."""
+    if pointer == "":
+        return []
+    if not pointer.startswith("/"):
+        raise ValueError(f"{pointer!r} is not a JSON Pointer: it must be empty or start with '/'")
+    return [part.replace("~1", "/").replace("~0", "~") for part in pointer[1:].split("/")]
+
+
+def set_at(document: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
+    """Store ``value`` exactly at ``pointer`` (objects missing on the way are created, as a merge
+    patch creates them); returns the document. The whole document is replaced only by an object."""
+    keys = pointer_keys(pointer)
+    if not keys:
+        return copy.deepcopy(value) if isinstance(value, dict) else document
+    node = document
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+    return document
+
+
+def apply_session_patch(document: dict[str, Any], body: ev.SessionPatch) -> dict[str, Any]:
+    """``document`` changed by one ``session.patch``: its merge patch, then its exact values."""
+    result = merge_patch(document, body.patch) if body.patch else document
+    if not isinstance(result, dict):
+        result = {}
+    for pointer, value in body.set_values.items():
+        result = set_at(result, pointer, value)
+    return result
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch; returns the patched value (dicts are changed in place)."""
     if not isinstance(patch, dict):
@@ -563,7 +609,7 @@ def _on_handoff(state: RoomState, event: ev.HandoffEvent, seq: int, time: dateti
 
 
 def _on_session_patch(state: RoomState, event: ev.SessionPatchEvent, seq: int, time: datetime) -> None:
-    state.session = merge_patch(state.session, event.body.patch)
+    state.session = apply_session_patch(state.session, event.body)
     state.session_version = seq
 
 
