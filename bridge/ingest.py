@@ -735,7 +735,10 @@ class Ingest:
             if isinstance(body, ev.ConversationItem):
                 event_id = ev.derived_event_id(self.room, "conversation.item", body.item_id) \
                     if body.item_id else None
-                if body.speaker is None:
+                # The feed's publisher owns its items (tool calls, its own speech), but a user
+                # message in it was said by the user, whom the feed does not name: the fold
+                # finds them (ledger.state._user_speaker).
+                if body.speaker is None and not (body.item_type == "message" and body.role == "user"):
                     body = msgspec.structs.replace(body, speaker=sender.identity)
             else:
                 event_id = ev.derived_event_id(self.room, "session.event", sender.identity, item.key)

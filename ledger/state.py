@@ -662,7 +662,11 @@ def _remember_fed(state: RoomState, item: ConversationItem) -> None:
 
 
 def _repeats_feed(state: RoomState, item: ConversationItem) -> bool:
-    """Whether a chat/transcript item is the late copy of a user's feed message kept just before."""
+    """Whether a chat/transcript item is the late copy of a user's feed message kept just before.
+
+    The copy names who spoke (the feed cannot): the kept message takes its speaker when the fold
+    still holds it (the projector has written it already otherwise, with the speaker the feed's
+    arrival could tell, see :func:`_user_speaker`)."""
     if item.role != "user" or not item.text or not state.fed:
         return False
     digest = _text_digest(item.text)
@@ -672,7 +676,28 @@ def _repeats_feed(state: RoomState, item: ConversationItem) -> bool:
     if fed is None:
         return False
     fed.matched = True
+    position = state.item_position(fed.item_id)
+    if item.speaker and position is not None and state.conversation[position].speaker != item.speaker:
+        kept = state.conversation[position]
+        state.conversation[position] = msgspec.structs.replace(kept, speaker=item.speaker)
     return True
+
+
+#: Participant kinds that are people, who speak the user's side of a conversation.
+_HUMAN_KINDS: Final = frozenset({"standard", "sip"})
+
+
+def _user_speaker(state: RoomState, claimed: str | None, owner: str) -> str | None:
+    """Who said a user message an agent session's feed carries (the feed names no one).
+
+    The feed's publisher is the agent, never the user: a speaker equal to it (what bridges before
+    this rule wrote) or to any agent is not believed. Then the one person present in the room is
+    the speaker; with several, or none, it is unknown until a chat or transcript copy names them.
+    """
+    if claimed and claimed != owner and not _is_agent(state, claimed):
+        return claimed
+    people = [p.identity for p in state.participants.values() if p.present and p.kind in _HUMAN_KINDS]
+    return people[0] if len(people) == 1 else None
 
 
 def _put_item(state: RoomState, item: ConversationItem, *, may_echo: bool = False) -> None:
@@ -723,7 +748,11 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
             if len(state.echoed) > 4 * MAX_ECHOES:
                 del state.echoed[next(iter(state.echoed))]
     item_id = echo.item_id if echo is not None else body.item_id
-    speaker = body.speaker or (echo.speaker if echo is not None else None)
+    if body.item_type == "message" and role == "user":
+        # The chat or transcript copy knows who spoke; the feed does not (its sender is the agent).
+        speaker = echo.speaker if echo is not None and echo.speaker else _user_speaker(state, body.speaker, owner)
+    else:
+        speaker = body.speaker or (echo.speaker if echo is not None else None)
     if speaker is None and body.item_type == "message" and role == "assistant":
         speaker = owner or None
     item = ConversationItem(

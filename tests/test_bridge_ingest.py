@@ -279,7 +279,7 @@ def test_agent_session_feed_from_livekit_agents_encoder() -> None:
     assert types == ["conversation.item", "agent.state", "conversation.item", "conversation.item", "data"]
     item = out[0].body
     assert isinstance(item, ev.ConversationItem)
-    assert (item.item_id, item.role, item.text, item.speaker) == (item_id, "user", "my order is late", "agent")
+    assert (item.item_id, item.role, item.text, item.speaker) == (item_id, "user", "my order is late", None)  # the feed names no user
     assert item.created_at is not None and out[0].at is not None
     assert out[0].id == ev.derived_event_id("r1", "conversation.item", item_id)
     assert out[1].body == ev.AgentState(identity="agent", state="thinking", old_state="listening")

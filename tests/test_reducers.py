@@ -121,10 +121,10 @@ def test_conversation_feed_is_canonical_and_one_user_feed() -> None:
     )
     state = fold(log)
     assert [(i.item_id, i.role, i.speaker, i.text) for i in state.conversation] == [
-        ("a1", "user", None, "hello"),
+        ("a1", "user", "user", "hello"),  # the one person in the room: the feed names no one
         ("a2", "assistant", "a", "hi there"),
         ("b2", "assistant", "b", "I'm b"),
-        ("b3", "user", None, "bye"),
+        ("b3", "user", "user", "bye"),
         ("f1", None, None, ""),
         ("f2", None, None, ""),
     ]
@@ -361,3 +361,83 @@ def test_a_chat_message_long_after_an_identical_feed_message_is_its_own() -> Non
     state = fold([Record(seq=1, subject="", time=T0, event=msgspec.structs.replace(feed, at=T0)),
                   Record(seq=2, subject="", time=later, event=msgspec.structs.replace(chat, at=later))])
     assert [i.item_id for i in state.conversation] == ["i1", "chat:m1"]
+
+
+# --- who said it: every turn keeps its speaker (issue "Handoff and conversation correctness") ---
+
+
+def _copies(n: int, text: str, speaker: str, owner: str, how: str, old_bridge: bool) -> list[tuple[ev.Body, str]]:
+    """The packets one message reaches the log as: what its speaker (or the agent transcribing it)
+    sent, and the owner session's feed item. ``old_bridge``: the feed's user item names the agent,
+    as bridges before the speaker rule wrote it."""
+    if speaker == owner:  # the agent's own reply: its transcript, and its feed item
+        return [(ev.Transcript(speaker=owner, text=text, segment_id=f"s{n}"), owner),
+                (ev.ConversationItem(item_id=f"i{n}", role="assistant", text=text, created_at=100.0 + n), owner)]
+    feed = ev.ConversationItem(item_id=f"i{n}", role="user", text=text, created_at=100.0 + n,
+                               speaker=owner if old_bridge else None)
+    if how == "typed":
+        return [(ev.ChatMessage(message_id=f"m{n}", text=text), speaker), (feed, owner)]
+    # spoken: the agent publishes the user's transcript on the user's behalf
+    return [(ev.Transcript(speaker=speaker, text=text, segment_id=f"u{n}", track_id="TR_caller"), owner), (feed, owner)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["caller", "agent"]), st.sampled_from(["typed", "spoken"]), st.booleans()),
+                min_size=1, max_size=6),
+       st.randoms(use_true_random=False))
+def test_every_turn_keeps_its_speaker_under_any_interleaving(turns: list[tuple[str, str, bool]],
+                                                            rng: object) -> None:
+    """Copies of each message (chat or transcript, and the session feed's item) reach the log in any
+    order relative to each other; each message is in the conversation once, credited to who said it."""
+    import random
+
+    assert isinstance(rng, random.Random)
+    packets: list[list[tuple[ev.Body, str]]] = []
+    expected: dict[str, str] = {}
+    for n, (who, how, old_bridge) in enumerate(turns):
+        text = f"message number {n}"
+        speaker = "caller" if who == "caller" else "agent-a"
+        expected[text] = speaker
+        packets.append(_copies(n, text, speaker, "agent-a", how, old_bridge))
+    # Each message's two copies may cross, and cross the next message's copies, but a message is
+    # not said before the one before it was (the session answers in turn).
+    order: list[tuple[ev.Body, str]] = []
+    for pair in packets:
+        if rng.random() < 0.5:
+            pair = list(reversed(pair))
+        order.extend(pair)
+    for i in range(len(order) - 1):
+        if rng.random() < 0.3:
+            order[i], order[i + 1] = order[i + 1], order[i]
+    log = [ev.ParticipantJoined(identity="caller", kind="standard"), ev.ParticipantJoined(identity="agent-a", kind="agent")]
+    out = [rec(1, log[0]), rec(2, log[1])]
+    for seq, (body, sender) in enumerate(order, start=3):
+        kind: ev.SenderKind = "standard" if sender == "caller" else "agent"
+        event = ev.make_event(ROOM, body, id=f"e{seq}", sender=ev.Sender(identity=sender, kind=kind), observed_at=T0)
+        out.append(Record(seq=seq, subject="", time=T0 + timedelta(milliseconds=100 * seq), event=event))
+    state = fold(out)
+    said = [(i.text, i.speaker) for i in state.conversation if i.type == "message"]
+    assert sorted(t for t, _ in said) == sorted(expected), said
+    for text, speaker in said:
+        assert speaker == expected[text], (text, speaker, said)
+
+
+def test_a_handoff_phase_credits_the_caller_not_the_new_feed_owner() -> None:
+    """Reception's feed, then support's after reception left: the caller's words stay the caller's,
+    in the conversation and after a projector resumes from stored state."""
+    log = records(
+        ev.ParticipantJoined(identity="caller", kind="standard"),
+        ev.ParticipantJoined(identity="reception", kind="agent"),
+        (ev.ConversationItem(item_id="i1", role="user", text="hi", created_at=1.0, speaker="reception"), "reception"),
+        (ev.ChatMessage(message_id="m1", text="hi"), "caller"),
+        ev.ParticipantJoined(identity="support", kind="agent"),
+        ev.ParticipantLeft(identity="reception"),
+        (ev.ChatMessage(message_id="m2", text="it broke"), "caller"),
+        (ev.ConversationItem(item_id="i2", role="user", text="it broke", created_at=2.0), "support"),
+    )
+    state = fold(log)
+    assert [(i.text, i.speaker) for i in state.conversation] == [("hi", "caller"), ("it broke", "caller")]
+    resumed = decode_state(encode_state(fold(log[:3])))
+    for record in log[3:]:
+        apply(resumed, record)
+    assert all(i.speaker == "caller" for i in resumed.conversation)
