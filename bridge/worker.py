@@ -301,7 +301,7 @@ LOOP_MONITOR_ENV = "LIVEKIT_AGENTS_LOOP_BLOCK_WARN_MS"
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, *, process: BridgeProcess | None = None,
-                     http_port: int = 0) -> Counters:
+                     http_port: int = 0, on_registered: Callable[[str], None] | None = None) -> Counters:
     from livekit.agents import AgentServer, JobExecutorType, WorkerPermissions  # noqa: PLC0415 - livekit-agents (about a second to import) only in the dispatched worker mode
 
     global _PROCESS
@@ -344,8 +344,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event, *, process: Bridge
     server.rtc_session(_job_entry, agent_name=settings.bridge_agent_name, on_request=_accept_job)
     settle_heap()  # again, now that the agents framework is loaded
     # LiveKit offers a job only to workers registered when its dispatch arrives: say when that is.
-    server.on("worker_registered", lambda worker_id, _info: log.info(
-        "bridge: worker %s registered as %r; rooms can dispatch it now", worker_id, settings.bridge_agent_name))
+    def registered(worker_id: str, _info: Any) -> None:
+        log.info("bridge: worker %s registered as %r; rooms can dispatch it now", worker_id,
+                 settings.bridge_agent_name)
+        if on_registered is not None:
+            on_registered(str(worker_id))
+
+    server.on("worker_registered", registered)
     run = asyncio.create_task(server.run(devmode=False), name="bridge-agent-server")
     log.info("bridge: worker registering as %r", settings.bridge_agent_name)
 
@@ -388,10 +393,13 @@ def _done_event(task: asyncio.Task[Any]) -> asyncio.Event:
 
 
 async def run_bridge(settings: Settings, *, room: str | None, stop: asyncio.Event,
-                     flush_deadline: float = 5.0, http_port: int = 0) -> Counters:
+                     flush_deadline: float = 5.0, http_port: int = 0,
+                     on_registered: Callable[[str], None] | None = None) -> Counters:
     """Run the bridge until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT).
 
     ``room``: bridge that one room directly; None: register as a worker and take dispatches.
+    ``on_registered(worker_id)``: called each time LiveKit has registered the worker (again after
+    a reconnection): from then on, a dispatch reaches it.
     Returns the counters; they are also written to ``<LEDGER_HOME>/bridge/stats-<id>.json``.
     """
     process = BridgeProcess(settings, flush_deadline=flush_deadline)
@@ -411,4 +419,4 @@ async def run_bridge(settings: Settings, *, room: str | None, stop: asyncio.Even
             stats_stop.set()
             await stats
             process.write_stats(mode="direct", room=room, stopped=True)
-    return await run_worker(settings, stop, process=process, http_port=http_port)
+    return await run_worker(settings, stop, process=process, http_port=http_port, on_registered=on_registered)

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -422,14 +423,27 @@ async def demo(settings: Settings, *, keep: bool, as_json: bool) -> None:
         write_json(summary)
 
 
-async def bridge(settings: Settings, *, room: str | None) -> None:
+async def bridge(settings: Settings, *, room: str | None, as_json: bool = False) -> None:
     from bridge import worker  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     stop = asyncio.Event()
     _stop_on_signals(stop)
     err_console.print(f"bridge running{' in room ' + repr(room) if room else ' (taking dispatches)'}; Ctrl-C stops it")
-    counters = await worker.run_bridge(settings, room=room, stop=stop)
+    agent_name = settings.bridge_agent_name
+
+    def registered(worker_id: str) -> None:
+        # The line people and scripts wait for before dispatching (no logging setup needed).
+        err_console.print(f"bridge: registered as {agent_name!r} (worker {worker_id}); rooms can dispatch it now",
+                          markup=False, highlight=False)
+        if as_json:
+            write_json({"event": "registered", "agent_name": agent_name, "worker_id": worker_id,
+                             "at": datetime.now(UTC).isoformat()})
+
+    counters = await worker.run_bridge(settings, room=room, stop=stop, on_registered=registered)
     err_console.print(f"bridge stopped: {counters.written:,} events written, {counters.duplicates:,} duplicates, "
                       f"{counters.gaps} gap(s)")
+    if as_json:
+        write_json({"event": "stopped", "written": counters.written, "duplicates": counters.duplicates,
+                         "gaps": counters.gaps})
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

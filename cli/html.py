@@ -130,8 +130,9 @@ def render(data: PageData, *, generated_at: datetime | None = None) -> str:
         dead = h.dead_air_s
         dead_cell = "unknown" if dead is None else (
             f'<span class="{"dead-bad" if dead >= 2 else ""}">{format_duration(dead)}</span>')
-        handoff_rows.append([f"#{h.seq}", _t(h.time), _e(h.from_agent), _e(h.to_agent), _e(h.reason),
-                             _t(h.last_speech), _t(h.first_speech), dead_cell])
+        handoff_rows.append([f"#{h.seq}", _t(h.time), _e(h.from_agent), _e(h.to_agent), _e(h.outcome),
+                             _e(h.reason if h.outcome != "failed" else h.error), _t(h.last_speech),
+                             _t(h.first_speech), dead_cell])
     people = [
         [_e(p.identity), _e(p.kind),
          '<span class="pill yes">present</span>' if p.present else '<span class="pill">left</span>',
@@ -179,7 +180,7 @@ generated {generated:%Y-%m-%d %H:%M:%S} UTC by <code>ledger replay --html</code>
 </section>
 
 <section id="handoffs"><h2>Handoffs</h2>
-{_table(["#", "time", "from", "to", "reason", "last speech", "first speech", "dead air"], handoff_rows,
+{_table(["#", "time", "from", "to", "outcome", "reason", "last speech ended", "first speech", "dead air"], handoff_rows,
         id_="handoffs", empty="No handoffs.")}
 </section>
 

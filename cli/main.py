@@ -373,18 +373,25 @@ def bridge(
                                  show_default=False)
     ] = None,
     metrics_port: MetricsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the bridge: record LiveKit rooms into the ledger until Ctrl-C (needs LIVEKIT_URL and keys).
+
+    It prints [bold]bridge: registered as 'NAME'[/] on stderr once LiveKit has registered it:
+    dispatch rooms to it from then on (LiveKit offers a job only to workers registered at that
+    moment). With --json, each such moment is also one JSON line on stdout.
 
     [bold]Examples[/]
 
       ledger bridge
 
+      ledger bridge --json | grep -m1 registered     # wait until rooms can dispatch it
+
       ledger bridge --room support-42
     """
     settings = guard(commands.settings)
     _serve_metrics(metrics_port, settings, "bridge")
-    run(lambda: commands.bridge(settings, room=room), interrupt_ok=True)
+    run(lambda: commands.bridge(settings, room=room, as_json=as_json), interrupt_ok=True)
 
 
 @app.command()

@@ -181,24 +181,32 @@ def render_handoffs(console: Console, rows: list[HandoffRow], room: str) -> None
         console.print(f"No handoffs in room {room!r}.")
         return
     table = Table(box=box.SIMPLE_HEAD, title=Text(f"handoffs in room {room!r}"), title_justify="left")
-    for col in ("#", "time", "from", "to", "reason", "last speech", "first speech", "dead air"):
-        table.add_column(col, no_wrap=col != "reason", overflow="ellipsis")
+    for col in ("#", "time", "from", "to", "outcome", "reason", "last speech ended", "first speech", "dead air",
+                "caller waited"):
+        table.add_column(col, no_wrap=col not in ("reason",), overflow="ellipsis")
     for row in rows:
-        dead = row.dead_air_s
-        if dead is None:
-            dead_text = Text("unknown", style="bright_black")
-        else:
-            style = "green" if dead < 0.5 else "yellow" if dead < 2 else "bold red"
-            dead_text = Text(format_duration(dead), style=style)
+        outcome = Text(row.outcome, style={"ok": "green", "failed": "bold red"}.get(row.outcome, "bright_black"))
+        reason = row.reason if row.outcome != "failed" else f"{row.reason or ''} — failed: {row.error}"
         table.add_row(
             str(row.seq),
             _t(row.time),
             _s(row.from_agent),
             _s(row.to_agent),
-            _s(row.reason),
+            outcome,
+            _s(reason),
             _t(row.last_speech) + (f" #{row.last_speech_seq}" if row.last_speech_seq else ""),
             _t(row.first_speech) + (f" #{row.first_speech_seq}" if row.first_speech_seq else ""),
-            dead_text,
+            _silence(row.dead_air_s),
+            _silence(row.waited_s),
         )
     console.print(table)
-    console.print(Text("dead air: from the previous agent's last speech to the next agent's first", style="bright_black"))
+    console.print(Text("dead air: from the end of the source's last speech to the start of the target's first; "
+                       "caller waited: until anyone spoke (the target, a progress line or a failure notice)",
+                       style="bright_black"))
+
+
+def _silence(seconds: float | None) -> Text:
+    if seconds is None:
+        return Text("unknown", style="bright_black")
+    style = "green" if seconds < 0.5 else "yellow" if seconds < 2 else "bold red"
+    return Text(format_duration(seconds), style=style)

@@ -230,6 +230,10 @@ class Handoff(Body, frozen=True):
     min_seq: int | None = None
 
 
+#: The reason of the ``handoff`` that records a failed one (the caller handed back to the source).
+FAILED_HANDOFF_PREFIX: Final = "handoff failed: "
+
+
 class SessionPatch(Body, frozen=True):
     """A change of the room's shared session document: a merge patch, then exact values.
 

@@ -86,7 +86,7 @@ log = logging.getLogger("ledger.handoff")
 T = TypeVar("T")
 
 #: The reason of the ``handoff`` that records a failed one (the caller handed back to the source).
-FAILED_PREFIX: Final = "handoff failed: "
+FAILED_PREFIX: Final = ev.FAILED_HANDOFF_PREFIX
 #: Dispatch metadata of a warm standby: ``{"standby": true, "room": ...}``.
 STANDBY_KEY: Final = "standby"
 #: The ``agent.status`` task a standby announces itself with.
@@ -95,6 +95,16 @@ STANDBY_TASK: Final = "standby"
 LAST_WORDS_WAIT_S: Final = 10.0
 #: How long a source waits for a standby to take the floor before dispatching the target after all.
 STANDBY_GRACE_S: Final = 3.0
+#: How long the target has to take the floor before a transfer fails and the source keeps the caller.
+#: A cold dispatch takes over in 0.5-1.5 s here (bench/handoff.py; a job in a new process, the
+#: slowest, up to about 3 s): 10 s is several times the worst seen, and short enough for a caller.
+DEFAULT_TRANSFER_TIMEOUT_S: Final = 10.0
+#: Seconds of waiting, once the handoff is in the log, before the caller hears a progress line.
+DEFAULT_PROGRESS_AFTER_S: Final = 4.0
+DEFAULT_PROGRESS_MESSAGE: Final = "I'm still connecting you to {agent}. Thank you for waiting."
+DEFAULT_FAILURE_MESSAGE: Final = "Sorry, I could not reach {agent} just now. I'm still here with you."
+#: The longest a failure notice may play before the caller's held messages are answered anyway.
+NOTICE_WAIT_S: Final = 20.0
 #: How long the source waits for its tool's call and output to reach the log before handing off.
 TOOL_OUTPUT_WAIT_S: Final = 5.0
 #: Agent states that end a turn (the session waits for the user again).
@@ -174,6 +184,7 @@ class LedgerLink:
         self._saved_cb: Any = None
         self._muted = False
         self._replays: set[asyncio.Future[Any]] = set()
+        self._progress = _Progress(None, "")
         self._closed = False
 
     # --- setting up -------------------------------------------------------------------------------
@@ -397,13 +408,19 @@ class LedgerLink:
         return self._transfer_task is not None and not self._transfer_task.done()
 
     def start_transfer(self, to_agent: str, reason: str | None, *, call_id: str | None = None,
-                       timeout: float = 15.0, failure_message: str | None = None) -> asyncio.Task[None]:
-        """Hand the caller to ``to_agent`` in the background (what ``transfer_to`` calls)."""
+                       timeout: float = DEFAULT_TRANSFER_TIMEOUT_S, failure_message: str | None = None,
+                       progress_after: float | None = DEFAULT_PROGRESS_AFTER_S,
+                       progress_message: str | None = None) -> asyncio.Task[None]:
+        """Hand the caller to ``to_agent`` in the background (what ``transfer_to`` calls).
+
+        ``progress_after``: seconds of waiting (from the handoff reaching the log) before the
+        caller hears ``progress_message`` once (None: never)."""
         if self.transferring:
             raise HandoffFailed(to_agent, "another transfer is in progress")
         outcome = HandoffOutcome(to_agent=to_agent, reason=reason)
         self.transfers.append(outcome)
         self._hold_input()
+        self._progress = _Progress(progress_after, progress_message or DEFAULT_PROGRESS_MESSAGE)
         self._transfer_task = asyncio.create_task(
             self._transfer(outcome, call_id, timeout, failure_message), name=f"ledger-handoff-{to_agent}")
         self._transfer_task.add_done_callback(_log_crash)
@@ -424,8 +441,11 @@ class LedgerLink:
             outcome.error = why
             outcome.elapsed_s = time.perf_counter() - started
             log.warning("%s: handoff to %r failed: %s", self.agent_id, to_agent, why)
+            await self._progress.stop(interrupt=False)  # the notice follows it, not over it
             await self._recover(outcome, failure_message)
             return
+        # The target has the floor and speaks: the source says nothing more.
+        await self._progress.stop(interrupt=True)
         outcome.ok = True
         outcome.elapsed_s = time.perf_counter() - started
         log.info("%s: handed off to %r in %.2fs", self.agent_id, to_agent, outcome.elapsed_s)
@@ -461,6 +481,8 @@ class LedgerLink:
             raise HandoffFailed(to_agent, f"the room's log did not record the handoff within {timeout:g}s (is a "
                                           "ledger bridge in the room?)") from None
         log.debug("%s: handoff to %r at sequence %d", self.agent_id, to_agent, seq)
+        # The caller's silence starts about now (the source's last words have played).
+        self._progress.start(self.session, to_agent)
         if not handoff_took_effect(agent.state, seq, self.agent_id):
             holder = agent.floor_holder
             raise HandoffFailed(to_agent, f"{self.agent_id!r} did not hold the floor at the handoff (log order: "
@@ -552,12 +574,17 @@ class LedgerLink:
             await agent.request_floor(task=f"{FAILED_PREFIX}{outcome.to_agent}")
         except Exception:
             log.warning("%s: recording the failed handoff failed", self.agent_id, exc_info=True)
-        self._release_input(replay=True)
         session = self.session
         if session is not None:
-            text = (failure_message or "Sorry, I could not reach {agent} just now. I'm still here with you.")
-            with contextlib.suppress(Exception):
-                session.say(text.format(agent=outcome.to_agent, reason=outcome.error))
+            text = failure_message or DEFAULT_FAILURE_MESSAGE
+            # Said first and played out, then what the caller typed meanwhile is answered: a reply
+            # to a held message interrupts whatever is playing, the notice included.
+            try:
+                notice = session.say(text.format(agent=outcome.to_agent, reason=outcome.error))
+                await asyncio.wait_for(notice.wait_for_playout(), NOTICE_WAIT_S)
+            except Exception:
+                log.warning("%s: saying the failure notice failed", self.agent_id, exc_info=True)
+        self._release_input(replay=True)
 
     async def _leave(self, reason: str) -> None:
         session = self.session
@@ -616,6 +643,37 @@ class LedgerLink:
                     task.add_done_callback(self._replays.discard)
 
 
+class _Progress:
+    """The progress line a waiting caller hears once, ``after`` seconds into a transfer's wait."""
+
+    def __init__(self, after: float | None, message: str) -> None:
+        self.after = after
+        self.message = message
+        self.said: Any = None  # the SpeechHandle, once said
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, session: AgentSession[Any] | None, to_agent: str) -> None:
+        if self.after is None or session is None or self._task is not None:
+            return
+        self._task = asyncio.create_task(self._say(session, self.after, self.message.format(agent=to_agent)),
+                                         name="ledger-handoff-progress")
+
+    async def _say(self, session: AgentSession[Any], after: float, text: str) -> None:
+        # A deadline, not a wait for a condition: the caller is to hear something after this long.
+        await asyncio.sleep(after)
+        self.said = session.say(text)
+
+    async def stop(self, *, interrupt: bool) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if interrupt and self.said is not None and not self.said.done():
+            with contextlib.suppress(Exception):
+                self.said.interrupt()
+
+
 def standing_by(state: rd.RoomState, agent_name: str) -> bool:
     """Whether ``agent_name`` is a warm standby of the room (:meth:`LedgerLink.standby` announced
     it and it has not taken over): ``standing_by(fold(records), "billing")``."""
@@ -623,14 +681,17 @@ def standing_by(state: rd.RoomState, agent_name: str) -> bool:
     return announced is not None and announced.status == "idle" and announced.task == STANDBY_TASK
 
 
-def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = 15.0,
+def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = DEFAULT_TRANSFER_TIMEOUT_S,
                   failure_message: str | None = None, name: str = "transfer_to",
-                  description: str | None = None) -> FunctionTool[..., Awaitable[str]]:
+                  description: str | None = None, progress_after: float | None = DEFAULT_PROGRESS_AFTER_S,
+                  progress_message: str | None = None) -> FunctionTool[..., Awaitable[str]]:
     """A function tool ``transfer_to(agent_name, reason)`` that hands the caller to an agent in another worker.
 
     ``agents``: the agent names it may hand to (listed to the LLM; others are refused).
     ``timeout``: how long the target has to take the floor before the handoff fails and the
-    caller stays. ``failure_message``: what the source says then (``{agent}``, ``{reason}``).
+    caller stays. ``failure_message``: what the source says then (``{agent}``, ``{reason}``),
+    before it answers anything the caller said meanwhile. ``progress_after``: seconds of waiting
+    before the caller hears ``progress_message`` (``{agent}``) once; None for never.
     The session must be attached (:meth:`LedgerLink.attach`).
     """
     allowed = list(agents) if agents is not None else None
@@ -647,7 +708,8 @@ def transfer_tool(*, agents: Sequence[str] | None = None, timeout: float = 15.0,
             raise ToolError(f"unknown agent {agent_name!r}; choose one of {', '.join(allowed)}")
         try:
             link.start_transfer(agent_name, reason or None, call_id=context.function_call.call_id,
-                                timeout=timeout, failure_message=failure_message)
+                                timeout=timeout, failure_message=failure_message,
+                                progress_after=progress_after, progress_message=progress_message)
         except HandoffFailed as exc:
             raise ToolError(str(exc)) from exc
         return f"Transferring the caller to {agent_name}. Tell them briefly; the other agent takes over."
@@ -678,6 +740,6 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-__all__ = ["FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
+__all__ = ["DEFAULT_PROGRESS_AFTER_S", "DEFAULT_TRANSFER_TIMEOUT_S", "FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
            "LedgerLink", "Resumed", "handoff_took_effect", "link_of", "standing_by",
            "transfer_tool"]

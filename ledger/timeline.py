@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
@@ -198,8 +198,23 @@ async def floor_timeline(ledger: Ledger, room: str) -> FloorTimeline:
 # --- handoffs -----------------------------------------------------------------------------------
 
 
+#: How a handoff ended: the target spoke or took the floor ("ok"), the source recorded it as failed
+#: and kept the caller ("failed"), or the log does not say yet ("pending").
+HandoffOutcomeName = Literal["ok", "failed", "pending"]
+
+
 @dataclass
 class HandoffRow:
+    """One handoff and what the caller lived through.
+
+    Times are the speakers' own where the log has them: a speech *starts* when its transcript
+    stream opened (the transcript's ``at``) or its agent entered ``speaking``, and *ends* when the
+    bridge had its final segment (the transcript's ``observed_at``) or the agent left ``speaking``
+    (with audio, when its last frame played). Dead air is measured from the end of the source's
+    last speech begun before the handoff to the start of the target's first speech; ``waited_s`` is
+    the silence the caller sat through, until anyone spoke (a progress line, a failure notice).
+    """
+
     seq: int
     time: datetime
     from_agent: str
@@ -210,14 +225,29 @@ class HandoffRow:
     last_speech_seq: int | None = None
     first_speech: datetime | None = None
     first_speech_seq: int | None = None
+    outcome: HandoffOutcomeName = "pending"
+    #: The first speech by anyone after the source's last words (the target's, or the source's own
+    #: progress line or failure notice).
+    heard_again: datetime | None = None
+    heard_again_seq: int | None = None
+    #: Why it failed (the recorded failure's reason).
+    error: str | None = None
     #: Each speaker's first speech since the handoff, while the target's identity is not yet known.
     heard: dict[str, tuple[datetime, int]] = field(default_factory=dict, repr=False)
 
     @property
     def dead_air_s(self) -> float | None:
+        """Silence between the source's last words and the target's first (None: not both known)."""
         if self.last_speech is None or self.first_speech is None:
             return None
         return max(0.0, (self.first_speech - self.last_speech).total_seconds())
+
+    @property
+    def waited_s(self) -> float | None:
+        """Silence the caller sat through after the source's last words, whoever broke it."""
+        if self.last_speech is None or self.heard_again is None:
+            return None
+        return max(0.0, (self.heard_again - self.last_speech).total_seconds())
 
     def to_builtins(self) -> dict[str, Any]:
         return {
@@ -227,44 +257,69 @@ class HandoffRow:
             "to": self.to_agent,
             "reason": self.reason,
             "via": self.via,
+            "outcome": self.outcome,
+            "error": self.error,
             "last_speech": self.last_speech,
             "last_speech_seq": self.last_speech_seq,
             "first_speech": self.first_speech,
             "first_speech_seq": self.first_speech_seq,
             "dead_air_s": None if self.dead_air_s is None else round(self.dead_air_s, 3),
+            "heard_again": self.heard_again,
+            "waited_s": None if self.waited_s is None else round(self.waited_s, 3),
         }
 
 
-def _speaker_of(event: ev.Event) -> str | None:
-    """Who is speaking in this event, if it is speech (a final transcript or an assistant message)."""
-    match event:
-        case ev.TranscriptEvent(body=b) if b.final and b.text.strip():
-            return b.speaker
-        case ev.ConversationItemEvent(body=b) if b.item_type == "message" and b.role == "assistant":
-            return b.speaker or event.sender.identity or None
-    return None
+@dataclass(frozen=True)
+class _Speech:
+    speaker: str
+    start: datetime | None
+    end: datetime | None
+    #: From an assistant message only (its time is when the reply was generated, not spoken): used
+    #: for a speaker the log has no transcript or agent state of (logs of older bridges).
+    fallback: bool = False
 
 
-def _speech_time(record: Record) -> datetime:
+def _speech_of(record: Record) -> _Speech | None:
+    """What this record says of someone's speech: its start, its end, or both."""
     event = record.event
-    if isinstance(event, ev.ConversationItemEvent) and event.body.created_at:
-        return datetime.fromtimestamp(event.body.created_at, UTC)
-    return event.at or record.time
+    match event:
+        case ev.TranscriptEvent(body=b) if b.final and b.text.strip() and b.speaker:
+            return _Speech(b.speaker, event.at or event.observed_at, event.observed_at)
+        case ev.AgentStateEvent(body=b) if b.identity:
+            if b.state == "speaking":
+                return _Speech(b.identity, event.at or record.time, None)
+            if b.old_state == "speaking":
+                return _Speech(b.identity, None, event.at or record.time)
+        case ev.ConversationItemEvent(body=b) if b.item_type == "message" and b.role == "assistant":
+            speaker = b.speaker or event.sender.identity
+            if speaker:
+                when = datetime.fromtimestamp(b.created_at, UTC) if b.created_at else event.at or record.time
+                return _Speech(speaker, when, when, fallback=True)
+    return None
 
 
 class HandoffTracker:
     """Each handoff with its dead air: from the previous agent's last speech to the next one's first.
 
     Agent ids in a handoff are matched to speakers directly and through the identity that
-    published the agent's ``agent.status`` (agent id -> participant identity). Memory: one entry
-    per speaker and per handoff, whatever the room's length.
+    published the agent's ``agent.status`` (agent id -> participant identity). A handoff the
+    source records as failed (the caller handed back, reason ``handoff failed: …``) marks the
+    attempt's row ``failed`` rather than adding a row. Memory: one entry per speaker and per
+    handoff, whatever the room's length.
     """
 
     def __init__(self) -> None:
         self.rows: list[HandoffRow] = []
-        self._last_speech: dict[str, tuple[datetime, int]] = {}
+        #: speaker -> (end of its latest speech, its sequence)
+        self._last_end: dict[str, tuple[datetime, int]] = {}
+        #: speakers with real speech markers (transcripts, agent states)
+        self._marked: set[str] = set()
+        #: speaker -> when it last entered "speaking"
+        self._began: dict[str, datetime] = {}
         self._identity_of: dict[str, str] = {}
         self._pending: list[HandoffRow] = []
+        #: rows still waiting for anyone to speak (waited_s)
+        self._silent: list[HandoffRow] = []
 
     def _names(self, agent: str) -> set[str]:
         return {agent, self._identity_of.get(agent, agent)}
@@ -278,25 +333,15 @@ class HandoffTracker:
             # A dispatched agent's LiveKit agent name (what handoffs name it by). Its first words can
             # reach the log before its join does (the server announces a participant late).
             self._learn(name, event.body.identity)
-        speaker = _speaker_of(event)
-        if speaker is not None:
-            when = _speech_time(record)
-            self._last_speech[speaker] = (when, record.seq)
-            for row in list(self._pending):
-                if speaker in self._names(row.to_agent):
-                    row.first_speech, row.first_speech_seq = when, record.seq
-                    self._pending.remove(row)
-                elif speaker in self._names(row.from_agent) and (row.last_speech is None or when >= row.last_speech):
-                    # The source's words after the handoff (its "transferring you") are the last the caller
-                    # heard from it: dead air starts there.
-                    row.last_speech, row.last_speech_seq = when, record.seq
-                else:
-                    row.heard.setdefault(speaker, (when, record.seq))
+        speech = _speech_of(record)
+        if speech is not None:
+            self._speech(speech, record.seq)
             return
-        found: HandoffRow | None = None
         if isinstance(event, ev.HandoffEvent):
             b = event.body
-            found = HandoffRow(record.seq, record.time, b.from_agent, b.to_agent, b.reason, "handoff")
+            if b.reason and b.reason.startswith(ev.FAILED_HANDOFF_PREFIX) and self._failed(b):
+                return
+            self._open(HandoffRow(record.seq, record.time, b.from_agent, b.to_agent, b.reason, "handoff"))
         elif (
             isinstance(event, ev.ConversationItemEvent)
             and event.body.item_type == "agent_handoff"
@@ -304,22 +349,81 @@ class HandoffTracker:
             and event.body.old_agent_id  # none: a session starting with its first agent, not a handoff
         ):
             b2 = event.body
-            found = HandoffRow(record.seq, record.time, b2.old_agent_id or "?", b2.new_agent_id or "?", None,
-                               "conversation.item")
-        if found is None:
-            return
-        row = found
-        spoken = [self._last_speech[n] for n in self._names(row.from_agent) if n in self._last_speech]
-        if spoken:
-            row.last_speech, row.last_speech_seq = max(spoken)
+            self._open(HandoffRow(record.seq, record.time, b2.old_agent_id or "?", b2.new_agent_id or "?", None,
+                                  "conversation.item"))
+
+    def _open(self, row: HandoffRow) -> None:
+        ends = [self._last_end[n] for n in self._names(row.from_agent) if n in self._last_end]
+        if ends:
+            row.last_speech, row.last_speech_seq = max(ends)
         self.rows.append(row)
         self._pending.append(row)
+        self._silent.append(row)
+
+    def _failed(self, back: ev.Handoff) -> bool:
+        """The source recorded an attempt as failed: that attempt's row says so."""
+        for row in reversed(self.rows):
+            if row.to_agent == back.from_agent and row.from_agent == back.to_agent and row.outcome == "pending":
+                row.outcome = "failed"
+                row.error = (back.reason or "")[len(ev.FAILED_HANDOFF_PREFIX):]
+                if row in self._pending:
+                    self._pending.remove(row)
+                return True
+        return False
+
+    def _speech(self, speech: _Speech, seq: int) -> None:
+        speaker = speech.speaker
+        if speech.fallback and speaker in self._marked:
+            return  # its transcripts and states say when it spoke
+        if not speech.fallback:
+            self._marked.add(speaker)
+        if speech.end is None:
+            assert speech.start is not None
+            self._began[speaker] = speech.start
+            self._started(speaker, speech.start, seq)
+            return
+        # An end: of a turn the speaker began when it entered "speaking" (a state change), or of a
+        # transcript, which knows its start (and is the first the log hears of that speech).
+        began = speech.start if speech.start is not None else self._began.get(speaker)
+        before = self._last_end.get(speaker)
+        if before is None or speech.end >= before[0]:
+            self._last_end[speaker] = (speech.end, seq)
+        for row in self._pending:
+            # Words the source began before the handoff (its "transferring you", recorded when they
+            # end) are its last: dead air starts at their end. What it says after (a progress line,
+            # a failure notice) is not.
+            if (speaker in self._names(row.from_agent) and (began is None or began <= row.time)
+                    and (row.last_speech is None or speech.end >= row.last_speech)):
+                row.last_speech, row.last_speech_seq = speech.end, seq
+        if speech.start is not None:
+            self._started(speaker, speech.start, seq)
+
+    def _started(self, speaker: str, start: datetime, seq: int) -> None:
+        """``speaker`` began speaking at ``start``: a target's first words, or the caller's silence broken."""
+        for row in list(self._pending):
+            if start <= row.time and speaker in self._names(row.from_agent):
+                continue  # the source's last words, begun before the handoff
+            if speaker in self._names(row.to_agent):
+                row.first_speech, row.first_speech_seq = start, seq
+                row.outcome = "ok"
+                self._pending.remove(row)
+            else:
+                row.heard.setdefault(speaker, (start, seq))
+        for row in list(self._silent):
+            if start <= row.time and speaker in self._names(row.from_agent):
+                continue
+            if row.last_speech is not None and start > row.last_speech:
+                row.heard_again, row.heard_again_seq = start, seq
+                self._silent.remove(row)
+            elif row.outcome != "pending" and row.last_speech is None:
+                self._silent.remove(row)
 
     def _learn(self, agent: str, identity: str) -> None:
         self._identity_of.setdefault(agent, identity)
         for row in list(self._pending):
             if row.to_agent == agent and identity in row.heard:
                 row.first_speech, row.first_speech_seq = row.heard[identity]
+                row.outcome = "ok"
                 self._pending.remove(row)
 
     def finish(self, since_seq: int | None = None, since_time: datetime | None = None) -> list[HandoffRow]:

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class Reply:
     identity: str
     agent: str
     text: str
+    #: On the caller's clock: when the reply's stream opened, and when it had all of it.
+    started: float = field(default=0.0, compare=False)
+    ended: float = field(default=0.0, compare=False)
 
 
 class Replies:
@@ -50,14 +54,15 @@ class Replies:
         room.register_text_stream_handler("lk.transcription", self._on_stream)
 
     def _on_stream(self, reader: rtc.TextStreamReader, identity: str) -> None:
-        task = asyncio.create_task(self._read(reader, identity))
+        task = asyncio.create_task(self._read(reader, identity, time.time()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _read(self, reader: rtc.TextStreamReader, identity: str) -> None:
+    async def _read(self, reader: rtc.TextStreamReader, identity: str, started: float) -> None:
         text = await reader.read_all()
+        ended = time.time()
         if text.strip():
-            reply = Reply(identity, await self._agent_name(identity), text)
+            reply = Reply(identity, await self._agent_name(identity), text, started, ended)
             self.all.append(reply)
             self._queue.put_nowait(reply)
 

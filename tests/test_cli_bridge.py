@@ -47,3 +47,37 @@ async def test_bridge_command_records_a_room_until_ctrl_c(settings: Settings, le
             proc.kill()
             await proc.wait()
         await log.close()
+
+
+async def test_bridge_says_when_rooms_can_dispatch_it(settings: Settings, ledger: Ledger, room: str,
+                                                      livekit_server: Any) -> None:
+    """One line on stderr a person can wait for, and the same moment as a JSON event with --json."""
+    agent_name = f"bridge-{room}"
+    env = {**os.environ, **env_for(settings), "LIVEKIT_URL": livekit_server.url,
+           "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret,
+           "LEDGER_BRIDGE_AGENT_NAME": agent_name}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "bridge", "--json", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    log = ledger.watch(room)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        event = json.loads(line)
+        assert event["event"] == "registered" and event["agent_name"] == agent_name and event["worker_id"]
+        # registered means registered: a dispatch made right now reaches it
+        async with livekit_server.api() as lk:
+            from livekit import api
+
+            await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=agent_name, room=room))
+        await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), 30, what="the bridge joining")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert f"bridge: registered as '{agent_name}'" in err.decode()
+        assert json.loads(out.decode().splitlines()[-1])["event"] == "stopped"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await log.close()

@@ -60,8 +60,9 @@ def scripted_events(room: str) -> list[ev.KnownEvent]:
         e(room, ev.ParticipantJoined(identity="triage", kind="agent"), sender=TRIAGE, at=at(0.1)),
         e(room, ev.ParticipantJoined(identity="billing", kind="agent"), sender=BILLING, at=at(0.2)),
         e(room, ev.FloorRequest(agent_id="triage", task="greet"), sender=TRIAGE, at=at(0.5)),
+        # (a transcript's at: its stream opened; observed_at: its final segment reached the bridge)
         e(room, ev.Transcript(speaker="triage", text="Hello, how can I help?", segment_id="s1"),
-          sender=TRIAGE, at=at(1)),
+          sender=TRIAGE, at=at(0.8), observed_at=at(1)),
         e(room, ev.AgentStatus(agent_id="billing", status="processing", action_lock=True, task="refund"),
           sender=BILLING, at=at(2)),
         e(room, ev.SessionPatch(patch={"caller_name": "Ann", "account": {"id": 3}}), sender=TRIAGE, at=at(2.5)),
@@ -70,7 +71,7 @@ def scripted_events(room: str) -> list[ev.KnownEvent]:
         e(room, ev.Handoff(from_agent="triage", to_agent="billing", reason="billing question"),
           sender=TRIAGE, at=at(4)),
         e(room, ev.Transcript(speaker="billing", text="Billing here, I see the double charge.", segment_id="s3"),
-          sender=BILLING, at=at(5.5)),
+          sender=BILLING, at=at(5.5), observed_at=at(6)),
         e(room, ev.BridgeGap(bridge_id="b1", started_at=at(6), ended_at=at(9), reason="reconnect"), at=at(9)),
         e(room, ev.FloorRelease(agent_id="billing", reason="done"), sender=BILLING, at=at(10)),
     ]

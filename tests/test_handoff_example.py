@@ -119,7 +119,9 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     state = fold(records)
     tenures = [(t.holder, t.end_reason) for t in state.floor.history]
     assert tenures[:2] == [(workers.triage, "handoff"), (workers.billing, None)]
-    assert len(state.session) == 120
+    # 120 fields, and the runtime object's slot: None while it holds none (a value, null), left out
+    # when it holds a client (not JSON)
+    assert len(state.session) == 121 and state.session["api_client"] is None
     # userdata went out per turn, with no hand call: the defaults when triage attached, then one
     # merge patch at the end of the turn whose tool filled the account in (before the next message)
     # (by position, not sender: a participant's packets that reach the bridge before the server has
@@ -127,15 +129,20 @@ async def test_triage_hands_the_caller_to_billing(lk_settings: Settings, ledger:
     patches = [r for r in records if r.type == "session.patch" and r.seq < handoff.seq]
     bill = next(r.seq for r in records if r.type == "chat.message" and "bill" in body_of(r).text)
     first_patch, turn_patch = (body_of(p).patch for p in patches[:2])
-    assert len(first_patch) == 118 and first_patch["caller"] == ""  # steps, facility: None, not yet a value
-    assert patches[1].seq < bill and turn_patch["caller"] == "Ana" and len(turn_patch) == 120
+    assert len(first_patch) == 118 and first_patch["caller"] == ""
+    # steps, facility: None, stored as null (a merge patch's null would delete them)
+    assert body_of(patches[0]).set_values == {"/steps": None, "/facility": None, "/api_client": None}
+    assert patches[1].seq < bill and turn_patch["caller"] == "Ana" and len(turn_patch) == 121
+    assert turn_patch["api_client"] is None  # it holds a client now, which is not JSON: out of the record
     assert len(patches) == 2
 
-    # `ledger replay --handoffs` sees the same handoff and its dead air
+    # `ledger replay --handoffs` sees the same handoff, and the dead air the caller saw: from the
+    # end of triage's last reply to the start of billing's first, on the caller's clock
     rows = await replay_handoffs(ledger, room)
     (row,) = rows
-    assert (row.from_agent, row.to_agent) == (workers.triage, workers.billing)
-    assert row.dead_air_s is not None and 0 < row.dead_air_s < 30
+    assert (row.from_agent, row.to_agent, row.outcome) == (workers.triage, workers.billing, "ok")
+    seen = hello.started - transferring.ended
+    assert row.dead_air_s is not None and abs(row.dead_air_s - seen) < 0.1, (row.to_builtins(), seen)
     await log.close()
 
 
@@ -262,10 +269,14 @@ async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, l
     assert fold(records).floor.holder == workers.billing
 
 
+@pytest.mark.parametrize("typed_meanwhile", [False, True])
 async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, ledger: Ledger, room: str,
-                                                         livekit_connect: Any, workers: ExampleWorkers) -> None:
+                                                         livekit_connect: Any, workers: ExampleWorkers,
+                                                         typed_meanwhile: bool) -> None:
+    """The caller hears a progress line while waiting, then the failure notice, and only then the
+    answer to what they typed meanwhile; the notice is in triage's own history."""
     log = Log(ledger, room)
-    await workers.start("triage", HANDOFF_TIMEOUT_S="3")
+    await workers.start("triage", HANDOFF_TIMEOUT_S="4", HANDOFF_PROGRESS_S="1.5")
     # the bridge joins just before the caller: a room with only a hidden participant in it is closed
     # by the server after its empty_timeout, and starting workers can take that long
     async with running_bridge(lk_settings, room):
@@ -274,10 +285,16 @@ async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, 
         await workers.dispatch(room, workers.triage)
         triage = (await replies.next()).identity
         await say(user, "transfer me to nobody-here")
-        assert (await replies.next()).text == "One moment, I'm transferring you now."
+        moment = await replies.next()
+        assert moment.text == "One moment, I'm transferring you now."
+        if typed_meanwhile:
+            await say(user, "are you still there?")
+        progress = await replies.next(timeout=20)
+        assert progress.identity == triage and progress.text.startswith("I'm still connecting you to nobody-here")
         sorry = await replies.next(timeout=20)
         assert sorry.identity == triage and "could not reach nobody-here" in sorry.text
-        await say(user, "are you still there?")
+        if not typed_meanwhile:
+            await say(user, "are you still there?")
         still = await replies.next()
         assert still.identity == triage and "are you still there?" in still.text
         await log.until(lambda rs: len(log.of("handoff")) == 2)
@@ -286,6 +303,16 @@ async def test_no_worker_for_the_target_keeps_the_caller(lk_settings: Settings, 
     assert (back.from_agent, back.to_agent) == ("nobody-here", workers.triage)
     assert back.reason is not None and back.reason.startswith(FAILED_PREFIX + "no worker registered as 'nobody-here'")
     assert fold(log.records).floor.holder == workers.triage
+    # the notice is in triage's own history: the request answering the held message holds it
+    answering = next(r["items"] for r in workers.trace("triage")
+                     if any(i["type"] == "message" and "are you still there?" in i["content"][0] for i in r["items"]))
+    said = [i["content"][0] for i in answering if i["type"] == "message" and i["role"] == "assistant"]
+    assert any("could not reach nobody-here" in text for text in said), said
+    # `ledger replay --handoffs`: one row, failed, and what the caller waited until the progress line
+    (row,) = await replay_handoffs(ledger, room)
+    assert row.outcome == "failed" and row.error is not None and row.error.startswith("no worker registered")
+    waited = progress.started - moment.ended
+    assert row.waited_s is not None and abs(row.waited_s - waited) < 0.1, (row.to_builtins(), waited)
     await log.close()
 
 
@@ -304,6 +331,8 @@ async def test_target_crashing_after_hydrating_is_a_recorded_failure(
         triage = (await replies.next()).identity
         await say(user, "I have a question about my bill")
         assert (await replies.next()).text == "One moment, I'm transferring you now."
+        progress = await replies.next(timeout=30)  # 4 s into the wait (the default)
+        assert progress.identity == triage and progress.text.startswith("I'm still connecting you")
         sorry = await replies.next(timeout=30)
         assert sorry.identity == triage and "could not reach" in sorry.text
         await log.until(lambda rs: len(log.of("handoff")) == 2)

@@ -418,8 +418,8 @@ def test_every_turn_keeps_its_speaker_under_any_interleaving(turns: list[tuple[s
     state = fold(out)
     said = [(i.text, i.speaker) for i in state.conversation if i.type == "message"]
     assert sorted(t for t, _ in said) == sorted(expected), said
-    for text, speaker in said:
-        assert speaker == expected[text], (text, speaker, said)
+    for text, credited in said:
+        assert credited == expected[text], (text, credited, said)
 
 
 def test_a_handoff_phase_credits_the_caller_not_the_new_feed_owner() -> None:

@@ -112,8 +112,9 @@ function render(view) {
     t.end_seq ? `#${t.end_seq} ${hms(t.end)}` : "holding", t.end_reason || ""), "Nobody held the floor.", 5);
   if (changed("handoffs", view.handoffs)) rows("handoff-rows", view.handoffs, (h) => {
     const dead = el("td", duration(h.dead_air_s), h.dead_air_s >= 2 ? "dead-bad" : "");
-    return tr(`#${h.seq} ${hms(h.time)}`, h.from, h.to, h.reason || "", dead);
-  }, "No handoffs.", 5);
+    return tr(`#${h.seq} ${hms(h.time)}`, h.from, h.to, h.outcome || "",
+      (h.outcome === "failed" ? h.error : h.reason) || "", dead, duration(h.waited_s));
+  }, "No handoffs.", 7);
   if (changed("participants", view.participants)) rows("participant-rows", view.participants, (p) => {
     const lock = p.lock === "holds" ? el("td", "🔒 holds the floor") : p.lock === "queued" ?
       el("td", "queued") : el("td", p.note, "muted");

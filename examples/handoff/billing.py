@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BILLING,
+    HANDOFF_PROGRESS_S,
     HANDOFF_TIMEOUT_S,
     TEXT_ONLY,
     TRIAGE,
@@ -82,7 +83,8 @@ def instructions(userdata: CallBase, reason: str | None) -> str:
 class Billing(Agent):
     def __init__(self, userdata: CallBase, reason: str | None) -> None:
         super().__init__(instructions=instructions(userdata, reason),
-                         tools=[transfer_tool(agents=[TRIAGE], timeout=HANDOFF_TIMEOUT_S)])
+                         tools=[transfer_tool(agents=[TRIAGE], timeout=HANDOFF_TIMEOUT_S,
+                                                progress_after=HANDOFF_PROGRESS_S)])
 
     @function_tool
     async def refund_duplicate(self, context: RunContext[Any]) -> str:

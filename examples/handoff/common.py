@@ -40,7 +40,9 @@ TEXT_ONLY = room_io.RoomOptions(audio_input=False, audio_output=False, text_inpu
 TRIAGE = os.environ.get("HANDOFF_TRIAGE_AGENT", "triage")
 BILLING = os.environ.get("HANDOFF_BILLING_AGENT", "billing")
 #: Seconds the target has to take the floor before a handoff fails and triage keeps the caller.
-HANDOFF_TIMEOUT_S = float(os.environ.get("HANDOFF_TIMEOUT_S", "15"))
+HANDOFF_TIMEOUT_S = float(os.environ.get("HANDOFF_TIMEOUT_S", "10"))
+#: Seconds of waiting before the caller hears "I'm still connecting you" (the product's default: 4).
+HANDOFF_PROGRESS_S = float(os.environ.get("HANDOFF_PROGRESS_S", "4"))
 
 
 # --- the shared session state: ~120 fields, as in seed 001 ---------------------------------------

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BILLING,
+    HANDOFF_PROGRESS_S,
     HANDOFF_TIMEOUT_S,
     TEXT_ONLY,
     TRIAGE,
@@ -73,7 +74,7 @@ class Triage(Agent):
     def __init__(self) -> None:
         super().__init__(instructions="You are the triage agent of a call centre. Identify the caller; transfer "
                                       "billing questions to billing.",
-                         tools=[transfer_tool(timeout=HANDOFF_TIMEOUT_S)])
+                         tools=[transfer_tool(timeout=HANDOFF_TIMEOUT_S, progress_after=HANDOFF_PROGRESS_S)])
 
     @function_tool
     async def look_up_account(self, context: RunContext[Any], account_id: str) -> str:
