@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -27,6 +28,9 @@ from ledger import events as ev
 from ledger.events import utcnow
 
 log = logging.getLogger("bridge.room")
+
+#: The topic a SIP caller's DTMF digits are recorded under (as data: {"code", "digit"}).
+DTMF_TOPIC: Final = "lk.sip.dtmf"
 
 #: Observations handled between two returns to the event loop when a backlog has queued up.
 _YIELD_EVERY: Final = 50
@@ -82,6 +86,7 @@ class RoomBridge:
             ("room_metadata_changed", self._on_room_metadata_changed),
             ("track_published", self._on_track_published),
             ("data_received", self._on_data_received),
+            ("sip_dtmf_received", self._on_sip_dtmf),
             ("reconnecting", self._on_reconnecting),
             ("reconnected", self._on_reconnected),
             ("disconnected", self._on_disconnected),
@@ -220,6 +225,16 @@ class RoomBridge:
         kind = int(packet.participant.kind) if packet.participant is not None else None
         at = utcnow()
         self._put(lambda: self.ingest.data_packet(data, topic=topic, sender_identity=identity,
+                                                  sender_kind=kind, at=at))
+
+    def _on_sip_dtmf(self, dtmf: rtc.SipDTMF) -> None:
+        # A phone caller's keypad digit: no data packet carries it, so it is recorded as one (topic
+        # lk.sip.dtmf, {"code", "digit"}) from the SIP participant.
+        identity = dtmf.participant.identity if dtmf.participant is not None else ""
+        kind = int(dtmf.participant.kind) if dtmf.participant is not None else None
+        payload = json.dumps({"code": dtmf.code, "digit": dtmf.digit}).encode()
+        at = utcnow()
+        self._put(lambda: self.ingest.data_packet(payload, topic=DTMF_TOPIC, sender_identity=identity,
                                                   sender_kind=kind, at=at))
 
     def _on_reconnecting(self) -> None:

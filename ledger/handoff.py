@@ -72,6 +72,7 @@ from ledger.client import Ledger
 from ledger.errors import LedgerError
 from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
 from ledger.settings import Settings
+from ledger.turns import TurnGate, TurnPolicy
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -185,6 +186,8 @@ class LedgerLink:
         self._muted = False
         self._replays: set[asyncio.Future[Any]] = set()
         self._progress = _Progress(None, "")
+        #: Floor-gated replies, when attached with ``floor=``.
+        self.turn_gate: TurnGate | None = None
         self._closed = False
 
     # --- setting up -------------------------------------------------------------------------------
@@ -239,12 +242,17 @@ class LedgerLink:
             break
         return None, None
 
-    async def attach(self, session: AgentSession[Any], *, task: str | None = None, floor_timeout: float = 10.0) -> None:
+    async def attach(self, session: AgentSession[Any], *, task: str | None = None, floor_timeout: float = 10.0,
+                     floor: TurnPolicy | None = None) -> None:
         """Follow the room's log for ``session``; publish its userdata; take the floor.
 
         Call after ``session.start`` (the room is connected then). On a handoff's target this is
         the take-over the source waits for. The session's userdata is published now (a source)
-        and then once per turn, as one merge patch of what changed.
+        and then once per turn, as one change of what changed.
+
+        ``floor``: in a room of several agents, who answers each user turn (:mod:`ledger.turns`:
+        ``RoundRobin()``, ``Addressed()``, ``Router(choose)``); the others keep listening and
+        answer nothing. The floor is claimed without waiting for it then (agents queue).
         """
         self.session = session
         _links[session] = self
@@ -256,9 +264,41 @@ class LedgerLink:
         if resumed is not None:
             self.agent.adopt_session(resumed.snapshot.session)
         await self._publish_userdata(session)
+        if resumed is not None:
+            await self._catch_up(session, resumed)
+        if floor is not None:
+            self.turn_gate = TurnGate(session, self.agent, floor)
+            self.turn_gate.install()
         # A handoff's target does not wait to hear its claim back: the handoff freed the floor
         # and the claim is in the log before anything it says (the source waits for it).
-        await self._take_floor(task, floor_timeout, wait=resumed is None)
+        await self._take_floor(task, floor_timeout, wait=resumed is None and floor is None)
+
+    async def _catch_up(self, session: AgentSession[Any], resumed: Resumed[Any]) -> None:
+        """What the caller said after the snapshot the target resumed from, before it listened.
+
+        By voice, the source keeps hearing the caller until the target takes over (its turns
+        held, :class:`ledger.turns.TurnGate`), and its session's feed puts them in the log; the
+        target hears the caller only from its own ``session.start``. Turns in between are in the
+        followed log now: they join the agent's history, so its first reply answers them, once.
+        """
+        known = {item.id for item in resumed.chat_ctx.items}
+        since = [item for item in self.agent.state.conversation
+                 if item.seq > resumed.seq and item.type == "message" and item.role == "user"
+                 and item.item_id not in known and item.text]
+        agent = session.current_agent
+        current = {item.id for item in agent.chat_ctx.items}
+        # The same words heard by this session too (it started listening while the source held)
+        # are one turn: its own copy stands.
+        recent = _recent_user_texts(agent.chat_ctx)
+        missed = [item for item in since if item.item_id not in current and item.text.strip() not in recent]
+        if not missed:
+            return
+        ctx = agent.chat_ctx.copy()
+        for item in missed:
+            ctx.add_message(role="user", content=item.text, id=item.item_id,
+                            created_at=item.created_at if item.created_at is not None else item.time.timestamp())
+        await agent.update_chat_ctx(ctx)
+        log.info("%s: %d turn(s) the caller said during the handoff joined the history", self.agent_id, len(missed))
 
     async def _publish_userdata(self, session: AgentSession[Any]) -> None:
         session.on("agent_state_changed", self._on_agent_state)
@@ -342,6 +382,16 @@ class LedgerLink:
         self._resumed = resumed
         session.userdata = resumed.userdata
         self.agent.adopt_session(dict(state.session))
+        # What the caller said while this standby waited (it heard it, holding) and the handoff's
+        # snapshot lacks: its first reply answers it.
+        if self.turn_gate is not None and self.turn_gate.held:
+            recent = _recent_user_texts(resumed.chat_ctx)
+            # Turns after the last one the log has (earlier ones the source had, and answered).
+            since = max((item.created_at for item in resumed.chat_ctx.items
+                         if item.type == "message" and item.role == "user"), default=0.0)
+            for message in self.turn_gate.held:
+                if message.created_at >= since and (message.text_content or "").strip() not in recent:
+                    resumed.chat_ctx.items.append(message)
         self._release_input(replay=False)  # what the caller typed meanwhile was the source's to answer
         # No longer a standby (before the claim: a status without the lock withdraws claims).
         await self.agent.status("processing", task=task or "taken over")
@@ -612,20 +662,31 @@ class LedgerLink:
             self._saved_cb = text_input_callback(room_io)
             room_io.register_text_input(self._held)
             self._holding = True
-        # A voice session stops listening too (the target hears the caller); untested here: the
-        # tests run text-only sessions.
-        self._muted = session.input.audio is not None and session.input.audio_enabled
-        if self._muted:
-            session.input.set_audio_enabled(False)
+        # By voice the session keeps hearing the caller (the caller can still interrupt the last
+        # words), but answers nothing: each turn is kept in the history and the log, where the
+        # target finds it (_catch_up), or answered here if the transfer fails.
+        if session.input.audio is not None:
+            gate = self.turn_gate
+            if gate is None:
+                gate = self.turn_gate = TurnGate(session, self.agent, None)
+                gate.install()
+            gate.holding = True
+            self._muted = True
 
     async def _held(self, session: AgentSession[Any], event: TextInputEvent) -> None:
         self._held_input.append(event)
 
     def _release_input(self, *, replay: bool) -> None:
         session = self.session
-        if session is not None and self._muted:
+        if session is not None and self._muted and self.turn_gate is not None:
             self._muted = False
-            session.input.set_audio_enabled(True)
+            gate = self.turn_gate
+            gate.holding = False
+            heard, gate.held = gate.held, []
+            if replay and heard:
+                # The held turns are in the history already: one reply answers them.
+                with contextlib.suppress(Exception):
+                    session.generate_reply()
         if session is None or not self._holding:
             return
         self._holding = False
@@ -672,6 +733,11 @@ class _Progress:
         if interrupt and self.said is not None and not self.said.done():
             with contextlib.suppress(Exception):
                 self.said.interrupt()
+
+
+def _recent_user_texts(chat_ctx: ChatContext, last: int = 8) -> set[str]:
+    users = [item for item in chat_ctx.items if item.type == "message" and item.role == "user"]
+    return {(item.text_content or "").strip() for item in users[-last:]}
 
 
 def standing_by(state: rd.RoomState, agent_name: str) -> bool:

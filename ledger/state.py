@@ -234,6 +234,12 @@ MAX_ECHOES: Final = 64
 #: How late a chat or transcript copy of a user's feed message may reach the log and still be
 #: taken for its copy (packets of two senders crossing in the SFU: milliseconds, not seconds).
 FED_WINDOW_S: Final = 10.0
+#: ... and its own timestamp may be a little earlier than the feed item's: a transcript is stamped
+#: when its stream opens, on the transcribing agent's clock, the feed item when the session added it.
+FED_EARLIER_S: Final = 2.0
+#: Two final transcripts of one track with the same words, begun this close, are one utterance
+#: transcribed twice (by two agents): their transcripts start within tens of ms of each other.
+SAME_SPEECH_S: Final = 1.5
 
 
 class Echo(msgspec.Struct, kw_only=True, gc=False):
@@ -286,6 +292,9 @@ class RoomState(msgspec.Struct, kw_only=True):
     #: Feed item id -> the last MAX_ECHOES feed messages that repeated no earlier item: a chat or
     #: transcript item reaching the log after the feed's copy of it matches one of these.
     fed: dict[str, Echo] = msgspec.field(default_factory=dict)
+    #: track -> the last final transcript kept of it: several agents transcribing one caller
+    #: publish on the caller's behalf, so their copies carry the same sender (see _on_transcript).
+    last_heard: dict[str, Echo] = msgspec.field(default_factory=dict)
 
     @property
     def seq(self) -> int:
@@ -651,12 +660,12 @@ def _remember_echo(state: RoomState, item: ConversationItem) -> None:
         del state.echoes[next(iter(state.echoes))]
 
 
-def _remember_fed(state: RoomState, item: ConversationItem) -> None:
+def _remember_fed(state: RoomState, item: ConversationItem, arrived: datetime) -> None:
     """Remember a user's feed message that repeated no earlier item: its chat copy may come later."""
     if item.role != "user" or not item.text or item.item_id in state.fed:
         return
     state.fed[item.item_id] = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id,
-                                   at=item.time)
+                                   at=arrived)
     if len(state.fed) > MAX_ECHOES:
         del state.fed[next(iter(state.fed))]
 
@@ -664,22 +673,17 @@ def _remember_fed(state: RoomState, item: ConversationItem) -> None:
 def _repeats_feed(state: RoomState, item: ConversationItem) -> bool:
     """Whether a chat/transcript item is the late copy of a user's feed message kept just before.
 
-    The copy names who spoke (the feed cannot): the kept message takes its speaker when the fold
-    still holds it (the projector has written it already otherwise, with the speaker the feed's
-    arrival could tell, see :func:`_user_speaker`)."""
+    The kept message keeps the speaker its arrival could tell (:func:`_user_speaker`): changing it
+    now would make the projector, which has written it already, and a whole fold disagree."""
     if item.role != "user" or not item.text or not state.fed:
         return False
     digest = _text_digest(item.text)
     fed = next((e for e in state.fed.values()
                 if not e.matched and e.digest == digest and e.at is not None
-                and 0 <= (item.time - e.at).total_seconds() <= FED_WINDOW_S), None)
+                and -FED_EARLIER_S <= (item.time - e.at).total_seconds() <= FED_WINDOW_S), None)
     if fed is None:
         return False
     fed.matched = True
-    position = state.item_position(fed.item_id)
-    if item.speaker and position is not None and state.conversation[position].speaker != item.speaker:
-        kept = state.conversation[position]
-        state.conversation[position] = msgspec.structs.replace(kept, speaker=item.speaker)
     return True
 
 
@@ -774,9 +778,12 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
         old_agent_id=body.old_agent_id,
         new_agent_id=body.new_agent_id,
     )
+    # Remembered with this record's own time: _put_item gives an update its first appearance's
+    # time, which the projector (holding no written items) cannot know; both must agree.
+    arrived = item.time
     _put_item(state, item)
     if echo is None and body.item_type == "message":
-        _remember_fed(state, item)
+        _remember_fed(state, item, arrived)
 
 
 def _on_transcript(state: RoomState, event: ev.TranscriptEvent, seq: int, time: datetime) -> None:
@@ -794,6 +801,17 @@ def _on_transcript(state: RoomState, event: ev.TranscriptEvent, seq: int, time: 
         return
     role = "assistant" if _is_agent(state, body.speaker) else "user"
     item_id = f"tr:{body.segment_id}" if body.segment_id else f"tr:{event.id}"
+    when = event.at or time
+    digest = _text_digest(body.text)
+    heard = state.last_heard.get(track)
+    if (heard is not None and heard.item_id != item_id and heard.digest == digest and heard.at is not None
+            and abs((when - heard.at).total_seconds()) <= SAME_SPEECH_S):
+        # Another agent's transcription of the same speech: agents publish a caller's transcript
+        # on the caller's behalf, so the server gives every copy the caller's identity and the
+        # transcriber rule above cannot tell them apart; the same words of the same track
+        # within SAME_SPEECH_S are one utterance.
+        return
+    state.last_heard[track] = Echo(role=role, digest=digest, item_id=item_id, at=when)
     _put_item(
         state,
         ConversationItem(

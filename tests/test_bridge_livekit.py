@@ -141,7 +141,11 @@ async def test_transcripts_chat_streams_and_session_feed(lk_settings: Settings, 
         assert isinstance(custom.event, ev.DataEvent)
         assert custom.event.body.topic == "custom-topic" and custom.event.body.size == 20_000
         items = [body_of(r) for r in log.of("conversation.item")]
-        assert items[0].item_id == item_id and items[0].speaker == "helper"
+        # a user message in the agent's feed: the feed names no one (not the agent that sent it), and
+        # the fold credits the one person in the room
+        assert items[0].item_id == item_id and items[0].role == "user" and items[0].speaker is None
+        said = next(i for i in fold(log.records).conversation if i.text == "my order is late")
+        assert said.speaker == "caller"
         states = [body_of(r).state for r in log.of("agent.state")]
         assert "thinking" in states
     await log.close()

@@ -62,7 +62,7 @@ def scripted_events(room: str) -> list[ev.KnownEvent]:
         e(room, ev.FloorRequest(agent_id="triage", task="greet"), sender=TRIAGE, at=at(0.5)),
         # (a transcript's at: its stream opened; observed_at: its final segment reached the bridge)
         e(room, ev.Transcript(speaker="triage", text="Hello, how can I help?", segment_id="s1"),
-          sender=TRIAGE, at=at(0.8), observed_at=at(1)),
+          sender=TRIAGE, at=at(1), observed_at=at(1)),
         e(room, ev.AgentStatus(agent_id="billing", status="processing", action_lock=True, task="refund"),
           sender=BILLING, at=at(2)),
         e(room, ev.SessionPatch(patch={"caller_name": "Ann", "account": {"id": 3}}), sender=TRIAGE, at=at(2.5)),

@@ -441,3 +441,22 @@ def test_a_handoff_phase_credits_the_caller_not_the_new_feed_owner() -> None:
     for record in log[3:]:
         apply(resumed, record)
     assert all(i.speaker == "caller" for i in resumed.conversation)
+
+
+def test_three_agents_transcribing_one_caller_make_one_item() -> None:
+    """Agents publish the caller's transcript on the caller's behalf: the server gives all three
+    copies the caller's identity. The same words of one track begun together are one utterance;
+    the same words said again later are another."""
+    def heard(seq: int, at_s: float, segment: str, text: str) -> Record:
+        event = ev.make_event(ROOM, ev.Transcript(speaker="caller", text=text, segment_id=segment, track_id="TR_c"),
+                              id=f"e{seq}", sender=ev.Sender(identity="caller", kind="standard"),
+                              at=T0 + timedelta(seconds=at_s), observed_at=T0)
+        return Record(seq=seq, subject="", time=T0 + timedelta(seconds=at_s + 0.2), event=event)
+
+    log = [rec(1, ev.ParticipantJoined(identity="caller", kind="standard")),
+           heard(2, 10.00, "SG_a1", "what is the status"), heard(3, 10.04, "SG_b1", "what is the status"),
+           heard(4, 10.09, "SG_c1", "what is the status"), heard(5, 16.0, "SG_a2", "what is the status"),
+           heard(6, 16.02, "SG_b2", "thank you")]
+    state = fold(log)
+    assert [(i.item_id, i.text) for i in state.conversation] == [
+        ("tr:SG_a1", "what is the status"), ("tr:SG_a2", "what is the status"), ("tr:SG_b2", "thank you")]

@@ -105,3 +105,20 @@ async def test_room_io_keeps_its_text_input_callback_where_the_handoff_reads_it(
 
     room_io.register_text_input(typed)
     assert text_input_callback(room_io) is typed
+
+
+def test_agent_session_keeps_a_user_turn_where_floor_gating_puts_it() -> None:
+    """ledger.turns keeps a turn it does not answer as LiveKit's skip_reply path does."""
+    from livekit.agents import Agent, AgentSession
+    from livekit.agents.llm import ChatMessage
+
+    from ledger._agents_sdk import keep_user_turn
+
+    session: AgentSession[None] = AgentSession()
+    agent = Agent(instructions="x")
+    added: list[Any] = []
+    session.on("conversation_item_added", lambda event: added.append(event.item))
+    message = ChatMessage(role="user", content=["billing, what is my balance"])
+    keep_user_turn(session, agent, message)
+    assert agent.chat_ctx.items[-1].id == message.id
+    assert [item.id for item in added] == [message.id]

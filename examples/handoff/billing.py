@@ -25,7 +25,7 @@ from common import (
     BILLING,
     HANDOFF_PROGRESS_S,
     HANDOFF_TIMEOUT_S,
-    TEXT_ONLY,
+    ROOM_OPTIONS,
     TRIAGE,
     Call,
     CallBase,
@@ -35,12 +35,16 @@ from common import (
     Step,
     last_item,
     serve,
+    session_io,
     text_of,
 )
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
 from ledger.agents import userdata_document
 from ledger.handoff import LedgerLink, transfer_tool
+
+#: Billing's voice by voice mode (the offline TTS), so the caller hears two agents apart.
+BILLING_VOICE = "en-gb+f3"
 
 
 def script(chat_ctx: llm.ChatContext) -> Step:
@@ -109,9 +113,10 @@ async def entrypoint(ctx: JobContext) -> None:
     if resumed is not None:
         # Function calls of tools this agent does not declare are kept (they are history).
         await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)
-    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata,
+                                                   **session_io(BILLING_VOICE))
     await connecting  # before the session starts: its first words need the room
-    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
+    await session.start(agent, room=ctx.room, room_options=ROOM_OPTIONS)
     await link.attach(session, task="billing")
     session.generate_reply()
 
@@ -120,8 +125,9 @@ async def warm_standby(ctx: JobContext, link: LedgerLink) -> None:
     """Dispatched ahead (``link.warm_up("billing")`` in triage): session up and silent, log followed."""
     userdata: CallBase = CallData()
     agent = Billing(userdata, None)
-    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata)
-    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(BILLING, script), userdata=userdata,
+                                                   **session_io(BILLING_VOICE))
+    await session.start(agent, room=ctx.room, room_options=ROOM_OPTIONS)
     resumed = await link.standby(session, CallData, task="billing")
     await agent.update_instructions(instructions(resumed.userdata, resumed.reason))
     await agent.update_chat_ctx(resumed.chat_ctx, exclude_invalid_function_calls=False)

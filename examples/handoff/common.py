@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, make_dataclass
@@ -36,6 +37,52 @@ log = logging.getLogger("handoff-example")
 
 #: Text only: the caller types on lk.chat, agents answer on lk.transcription; no audio either way.
 TEXT_ONLY = room_io.RoomOptions(audio_input=False, audio_output=False, text_input=True, text_output=True)
+#: By voice (HANDOFF_VOICE=1): the caller speaks, the agents hear (VAD + STT) and speak (TTS).
+VOICE = os.environ.get("HANDOFF_VOICE") == "1"
+VOICE_IO = room_io.RoomOptions(audio_input=True, audio_output=True, text_input=True, text_output=True)
+#: What the caller says by voice (the offline recogniser's grammar: dictionary words only).
+VOICE_PHRASES = (
+    "hello", "my account is seven", "i have a question about my bill", "are you there",
+    "why was i charged twice", "please refund it", "back to triage please", "transfer me to nobody",
+)
+ROOM_OPTIONS = VOICE_IO if VOICE else TEXT_ONLY
+_NUMBERS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])}
+
+
+def spoken_numbers(text: str) -> str:
+    """"my account is seven" -> "my account is 7" (a recogniser writes numbers as words)."""
+    return " ".join(_NUMBERS.get(word, word) for word in text.split())
+
+
+_voice_stack: dict[str, Any] = {}
+
+
+def voice_stack() -> None:
+    """Load the voice pipeline's models before the worker registers (the prewarm): a job never
+    waits for an import or a model. Also the ledger's own imports a job's first LedgerLink needs."""
+    import nats.js.api  # noqa: F401, PLC0415 - loaded now, not on a job's event loop
+
+    import ledger.embedded  # noqa: F401, PLC0415 - loaded now, not on a job's event loop
+
+    if not VOICE or _voice_stack:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from examples.voice.offline import load_vad, offline_stt  # noqa: PLC0415 - voice mode only
+
+    vad = load_vad()
+    _voice_stack.update(vad=vad, stt=offline_stt(VOICE_PHRASES, vad=vad))
+
+
+def session_io(voice: Any = None) -> dict[str, Any]:
+    """The ``AgentSession`` keyword arguments of the mode: none by text; VAD, STT, TTS by voice
+    (the offline stack here; a real provider's plugins go in the same three places)."""
+    if not VOICE:
+        return {}
+    voice_stack()
+    from examples.voice.offline import EspeakTTS  # noqa: PLC0415 - voice mode only
+
+    return {"vad": _voice_stack["vad"], "stt": _voice_stack["stt"],
+            "tts": EspeakTTS(voice) if voice is not None else EspeakTTS()}
 
 TRIAGE = os.environ.get("HANDOFF_TRIAGE_AGENT", "triage")
 BILLING = os.environ.get("HANDOFF_BILLING_AGENT", "billing")
@@ -168,6 +215,7 @@ def text_of(item: Any) -> str:
 
 def serve(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[None]]) -> None:
     """Register an AgentServer under ``agent_name`` (LIVEKIT_URL/_API_KEY/_API_SECRET) until SIGTERM."""
+    voice_stack()
     logging.basicConfig(level=os.environ.get("HANDOFF_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ledger").setLevel(os.environ.get("HANDOFF_LEDGER_LOG_LEVEL", "INFO"))

@@ -23,7 +23,7 @@ from common import (
     BILLING,
     HANDOFF_PROGRESS_S,
     HANDOFF_TIMEOUT_S,
-    TEXT_ONLY,
+    ROOM_OPTIONS,
     TRIAGE,
     Call,
     CallBase,
@@ -34,6 +34,8 @@ from common import (
     fill_account,
     last_item,
     serve,
+    session_io,
+    spoken_numbers,
     text_of,
 )
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
@@ -54,7 +56,7 @@ def script(chat_ctx: llm.ChatContext) -> Step:
         if item.name == "transfer_to":
             return Say("Sorry, I can't transfer you right now." if item.is_error
                        else "One moment, I'm transferring you now.")
-    text = text_of(item).lower() if item.type == "message" and item.role == "user" else ""
+    text = spoken_numbers(text_of(item).lower()) if item.type == "message" and item.role == "user" else ""
     if match := re.search(r"transfer me to ([\w-]+)", text):
         return Call("transfer_to", {"agent_name": match.group(1), "reason": "the caller asked"})
     if "bill" in text or "charge" in text:
@@ -103,9 +105,10 @@ async def entrypoint(ctx: JobContext) -> None:
             return welcome_back(userdata)
         return script(chat_ctx)
 
-    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, answer), userdata=userdata)
+    session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, answer), userdata=userdata,
+                                                   **session_io())
     await ctx.connect()  # before the session starts: its first words need the room
-    await session.start(agent, room=ctx.room, room_options=TEXT_ONLY)
+    await session.start(agent, room=ctx.room, room_options=ROOM_OPTIONS)
     await link.attach(session, task="triage")
     if WARM and resumed is None:
         await link.warm_up(BILLING)  # billing's worker joins now and follows the log: no dispatch at the handoff
