@@ -32,6 +32,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from livekit.agents import StopResponse
@@ -110,9 +111,26 @@ class Router:
         return self.choose(text, state)
 
 
-def answerer(policy: TurnPolicy, text: str, state: RoomState) -> str | None:
-    """The agent that answers a turn of ``text`` in ``state`` (None: nobody holds the floor)."""
-    return policy.route(text, state) or state.floor.holder
+def answerer(policy: TurnPolicy, text: str, state: RoomState, said_at: datetime | None = None) -> str | None:
+    """The agent that answers a turn of ``text`` in ``state`` (None: nobody holds the floor).
+
+    ``said_at``: when the caller began the turn. The floor's holder *then* answers: agents end
+    the same turn up to seconds apart (each its own VAD and endpointing), and the floor may have
+    passed on meanwhile (round-robin passes it as the answer starts), but every agent agrees on
+    who held it when the caller began to speak.
+    """
+    return policy.route(text, state) or holder_at(state, said_at)
+
+
+def holder_at(state: RoomState, when: datetime | None) -> str | None:
+    """Who held the floor at ``when`` (now when None), from the floor's history in the log."""
+    floor = state.floor
+    if when is None:
+        return floor.holder
+    for tenure in reversed(floor.history):
+        if tenure.start_time <= when:
+            return tenure.holder if tenure.end_time is None or when < tenure.end_time else None
+    return None if floor.history else floor.holder
 
 
 def _words(text: str) -> list[str]:
@@ -157,7 +175,7 @@ class TurnGate:
         own = agent.on_user_turn_completed
 
         async def on_user_turn_completed(turn_ctx: ChatContext, new_message: ChatMessage) -> None:
-            if not self._mine(new_message.text_content or "", agent, new_message):
+            if not self._mine(new_message.text_content or "", agent, new_message, _said_at(new_message)):
                 raise StopResponse()
             await own(turn_ctx, new_message)
 
@@ -181,14 +199,14 @@ class TurnGate:
         def on_typed(session: AgentSession[Any], event: TextInputEvent) -> Any:
             from livekit.agents.llm import ChatMessage  # noqa: PLC0415 - livekit-agents is loaded by now
 
-            if self._mine(event.text, agent, ChatMessage(role="user", content=[event.text])):
+            if self._mine(event.text, agent, ChatMessage(role="user", content=[event.text]), None):
                 return typed_cb(session, event)
             return None
 
         room_io.register_text_input(on_typed)
         self._undo.append(lambda: room_io.register_text_input(typed_cb))
 
-    def _mine(self, text: str, agent: Agent, message: ChatMessage) -> bool:
+    def _mine(self, text: str, agent: Agent, message: ChatMessage, said_at: datetime | None) -> bool:
         state = self.ledger_agent.state
         me = self.ledger_agent.agent_id
         if self.holding:
@@ -199,10 +217,10 @@ class TurnGate:
             return False
         if self.policy is None:
             return True
-        who = answerer(self.policy, text, state)
+        who = answerer(self.policy, text, state, said_at)
         mine = who == me
         self.turns.append((text, mine))
-        log.debug("%s: %r is %s's to answer (floor: %s, log at #%d)", me, text, "mine" if mine else who,
+        log.debug("%s: %r is %s's to answer (floor now: %s, log at #%d)", me, text, "mine" if mine else who,
                   state.floor.holder, state.seq)
         if not mine:
             keep_user_turn(self.session, agent, message)
@@ -227,6 +245,12 @@ class TurnGate:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+def _said_at(message: ChatMessage) -> datetime | None:
+    """When the caller began the turn (LiveKit's VAD), if the message says."""
+    started = (message.metrics or {}).get("started_speaking_at")
+    return datetime.fromtimestamp(started, UTC) if isinstance(started, int | float) else None
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -43,3 +43,17 @@ def test_router_decides_and_falls_back_to_the_holder() -> None:
     assert answerer(policy, "I want a refund", state) == "b"
     assert answerer(policy, "hello", state) == "a"
     assert answerer(RoundRobin(), "hello", RoomState()) is None  # nobody claimed the floor
+
+
+def test_the_holder_when_the_caller_began_answers_though_the_floor_moved_since() -> None:
+    """Agents end one turn up to seconds apart; the floor may have passed on meanwhile."""
+    records = [Record(seq=i, subject="", time=T0 + timedelta(seconds=10 * i),
+                      event=ev.make_event("r", body, id=f"e{i}", sender=ev.Sender(identity=f"id-{body.agent_id}")))
+               for i, body in enumerate([ev.FloorRequest(agent_id="a"), ev.FloorRequest(agent_id="b"),
+                                         ev.FloorRelease(agent_id="a"), ev.FloorRequest(agent_id="a")], start=1)]
+    state = fold(records)  # a from 10 s, b from 30 s
+    assert state.floor.holder == "b"
+    assert answerer(RoundRobin(), "hi", state, T0 + timedelta(seconds=25)) == "a"
+    assert answerer(RoundRobin(), "hi", state, T0 + timedelta(seconds=31)) == "b"
+    assert answerer(RoundRobin(), "hi", state, T0 + timedelta(seconds=5)) is None  # before any claim
+    assert answerer(RoundRobin(), "hi", state) == "b"
