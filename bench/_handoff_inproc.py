@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "hando
 
 import billing as billing_example
 import triage as triage_example
-from common import TEXT_ONLY, CallBase, CallData, Say, ScriptedLLM, fill_account, serve
+from common import ROOM_OPTIONS, VOICE, CallBase, CallData, Say, ScriptedLLM, fill_account, serve, session_io
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool
 
 
@@ -35,8 +35,10 @@ def billing_script() -> Any:
 
 class Billing(Agent):
     def __init__(self, userdata: CallBase, reason: str, chat_ctx: Any) -> None:
+        # By voice, billing's own voice (as the cross-process billing speaks), from the same TTS.
+        voice = {"tts": session_io(billing_example.BILLING_VOICE)["tts"]} if VOICE else {}
         super().__init__(instructions=billing_example.instructions(userdata, reason), chat_ctx=chat_ctx,
-                         llm=ScriptedLLM("inproc-billing", billing_script()))
+                         llm=ScriptedLLM("inproc-billing", billing_script()), **voice)
 
     async def on_enter(self) -> None:
         self.session.generate_reply()
@@ -64,9 +66,9 @@ class Triage(Agent):
 
 
 async def entrypoint(ctx: JobContext) -> None:
-    session: AgentSession[CallBase] = AgentSession(userdata=CallData())
+    session: AgentSession[CallBase] = AgentSession(userdata=CallData(), **session_io())
     await ctx.connect()
-    await session.start(Triage(), room=ctx.room, room_options=TEXT_ONLY)
+    await session.start(Triage(), room=ctx.room, room_options=ROOM_OPTIONS)
 
 
 if __name__ == "__main__":

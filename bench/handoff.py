@@ -21,7 +21,15 @@ is read for each and its dead air reported beside the measured one. Without ``LI
 script re-runs itself in the tests' private network namespace and starts its own livekit-server
 (``tests/livekit``); NATS is embedded in a scratch home. Prints a table, then one JSON line.
 
-    .venv/bin/python bench/handoff.py [--handoffs 20] [--quick]
+    .venv/bin/python bench/handoff.py [--handoffs 20] [--quick] [--voice]
+
+``--voice``: the same calls by voice (the workers with ``HANDOFF_VOICE=1``: silero VAD,
+pocketsphinx, espeak-ng; ``examples/voice/offline.py``). The caller speaks into a microphone
+track and **dead air is what it hears**: from the last voiced 10 ms frame (an energy threshold)
+of triage's "One moment, I'm transferring you now." to the first voiced frame of billing's
+greeting. Beside it, what ``ledger replay --handoffs`` computes for the same handoff: from the
+source's playout ending to the target's starting (agent states), which counts the TTS's own
+trailing and leading silence as speech.
 
 Targets (issue 14): warm p50 <= in-process p50 + 150 ms, warm p99 <= in-process p99 + 300 ms,
 cold p50 <= 1.5 s.
@@ -120,6 +128,10 @@ class Caller:
     async def say(self, text: str) -> None:
         await self.room.local_participant.send_text(text, topic="lk.chat")
 
+    def stream_opened(self, prefix: str) -> float:
+        """When the caller began receiving the reply starting ``prefix`` (its perf_counter time)."""
+        return next(h.started for h in self.heard if h.text.startswith(prefix))
+
     def dead_air_ms(self) -> float:
         first_b = next(i for i, h in enumerate(self.heard) if h.text.startswith(BILLING_PREFIX))
         if first_b == 0:
@@ -139,6 +151,7 @@ class Env:
     settings: Any
     scratch: Path
     tag: str
+    voice: bool = False
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -146,7 +159,8 @@ class Env:
                 "LEDGER_NATS_URL": ",".join(self.settings.nats_urls), "LEDGER_HOME": str(self.settings.home),
                 "LEDGER_STREAM": self.settings.stream, "LEDGER_SUBJECT_PREFIX": self.settings.subject_prefix,
                 "PYTHONPATH": str(ROOT), "HANDOFF_LOG_LEVEL": "WARNING",
-                "HANDOFF_LEDGER_LOG_LEVEL": os.environ.get("HANDOFF_LEDGER_LOG_LEVEL", "INFO"), **extra}
+                "HANDOFF_LEDGER_LOG_LEVEL": os.environ.get("HANDOFF_LEDGER_LOG_LEVEL", "INFO"),
+                **({"HANDOFF_VOICE": "1"} if self.voice else {}), **extra}
 
     def token(self, identity: str, room: str) -> str:
         from tests.livekit.server import mint_token
@@ -194,6 +208,11 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
     await room.connect(env.url, env.token("caller", room_name))
     caller = Caller(room)
     caller.start()
+    voice: Any = None
+    if env.voice:
+        from examples.voice.offline import VoiceCaller
+
+        voice = await VoiceCaller.create(room)
     try:
         await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name))
         await caller.until(lambda h: True)  # the greeting
@@ -201,17 +220,56 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
             # the standby joins when the call starts; a real call lasts longer than this wait
             async with writer.ledger.watch(room_name) as log:
                 await log.until(lambda rs: standing_by(fold(rs), standby), 30, what=f"{standby}'s standby")
-        await caller.say("Hi, I'm Ana, my account is 7")
+        if voice is not None:
+            await _quiet(voice, room)
+            await voice.say("my account is seven")
+        else:
+            await caller.say("Hi, I'm Ana, my account is 7")
         await caller.until(lambda h: h.text.startswith("Thanks Ana"))
-        await caller.say("I have a question about my bill")
+        if voice is not None:
+            await _quiet(voice, room)
+            await voice.say("i have a question about my bill")
+        else:
+            await caller.say("I have a question about my bill")
         await caller.until(lambda h: h.text.startswith(BILLING_PREFIX), timeout=60)
+        if voice is not None:
+            # (its transcript stream ends with the speech: its audio has been heard by now)
+            return _voiced_dead_air_ms(voice, room, caller), room_name
         return caller.dead_air_ms(), room_name
     finally:
+        if voice is not None:
+            await voice.aclose()
         await room.disconnect()
         stop.set()
         if bridge_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(bridge_task, 20)
+
+
+async def _quiet(voice: Any, room: Any) -> None:
+    """Wait until no agent has been audible for 0.6 s (the caller speaks after the agent's turn)."""
+    while True:
+        last = max((t for p in room.remote_participants for t in voice.voiced_times(p)[-1:]), default=0.0)
+        if time.time() - last >= 0.6:
+            return
+        await asyncio.sleep(0.1)
+
+
+def _voiced_dead_air_ms(voice: Any, room: Any, caller: Caller) -> float:
+    """Silence the caller heard: from the last voiced frame before billing's greeting to its first.
+
+    Billing's greeting starts at the first voiced run beginning after its transcript stream opened
+    (a synchronised transcript opens with the speech; 0.25 s of slack for the stream arriving first
+    or late); the voiced frame before that run, from anyone, is the end of triage's last words.
+    """
+    opened = time.time() - (time.perf_counter() - caller.stream_opened(BILLING_PREFIX))
+    frames = sorted(t for p in room.remote_participants for t in voice.voiced_times(p))
+    for i, t in enumerate(frames):
+        if t >= opened - 0.25 and (i == 0 or t - frames[i - 1] > 0.1):
+            if i == 0:
+                raise RuntimeError("billing's greeting is the first thing the caller heard")
+            return float(max(0.0, (t - frames[i - 1]) * 1000))
+    raise RuntimeError("billing's greeting was never audible")
 
 
 async def replay_dead_air_ms(env: Env, room: str) -> float | None:
@@ -253,7 +311,7 @@ async def controller(args: argparse.Namespace) -> int:
         settings = Settings(nats_urls=tuple(nats_url.split(",")), home=scratch / "home", stream=f"BENCH_{tag}",
                             subject_prefix=f"bench{tag}", livekit_url=url, livekit_api_key=key,
                             livekit_api_secret=secret)
-        env = Env(url, key, secret, settings, scratch, tag)
+        env = Env(url, key, secret, settings, scratch, tag, voice=args.voice)
         names = {"cold": f"triage-{tag}", "warm": f"triage-warm-{tag}", "inproc": f"inproc-{tag}"}
         billing = f"billing-{tag}"
         common = {"HANDOFF_BILLING_AGENT": billing}
@@ -334,7 +392,8 @@ def report(dead: dict[str, list[float]], replayed: dict[str, list[float]], args:
         "cold_p50_ms": figures["cold_p50_ms"] is not None and figures["cold_p50_ms"] <= TARGET_COLD_P50_MS,
     }
     print()
-    print(f"{'dead air (ms)':<28}{'p50':>10}{'p99':>10}{'replay p50':>12}   n={len(dead['cold'])}")
+    heading = "dead air heard (ms)" if args.voice else "dead air (ms)"
+    print(f"{heading:<28}{'p50':>10}{'p99':>10}{'replay p50':>12}   n={len(dead['cold'])}")
     for label, mode in (("in-process (LiveKit)", "inproc"), ("cold (dispatch)", "cold"), ("warm standby", "warm")):
         rp = pct(replayed.get(mode, []), 50)
         print(f"{label:<28}{pct(dead[mode], 50) or 0:>10.0f}{pct(dead[mode], 99) or 0:>10.0f}"
@@ -342,6 +401,11 @@ def report(dead: dict[str, list[float]], replayed: dict[str, list[float]], args:
     print(f"targets: warm p50 <= in-process + {TARGET_WARM_P50_OVER_MS:g} ms ({'met' if met['warm_p50_minus_inproc_ms'] else 'missed'}), "
           f"warm p99 <= in-process + {TARGET_WARM_P99_OVER_MS:g} ms ({'met' if met['warm_p99_minus_inproc_ms'] else 'missed'}), "
           f"cold p50 <= {TARGET_COLD_P50_MS:g} ms ({'met' if met['cold_p50_ms'] else 'missed'})")
+    if args.voice:
+        print("by voice: dead air from the last voiced 10 ms frame the caller heard to the next; replay: from the "
+              "source's playout end to the target's playout start (agent states), the TTS's own silence counted "
+              "as speech")
+    figures["mode"] = "voice" if args.voice else "text"
     print_json(figures=figures, baselines=baselines, ratios=ratios, targets=targets, met=met,
                samples_ms={m: [round(x, 1) for x in v] for m, v in dead.items()},
                median_ms={m: rnd(statistics.median(v)) if v else None for m, v in dead.items()})
@@ -354,6 +418,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="calls per mode run first and not counted")
     parser.add_argument("--quick", action="store_true", help="5 handoffs per mode")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (worker logs)")
+    parser.add_argument("--voice", action="store_true",
+                        help="by voice: dead air measured in the audio the caller hears (the offline voice stack)")
     args = parser.parse_args()
     if args.quick:
         args.handoffs = 5

@@ -129,4 +129,8 @@ def decode(raw: bytes) -> list[FeedItem | Other] | None:
                                        created_at=_ts(o.created_at) or created)
             items.append(FeedItem(body, at, f"item:{body.item_id}"))
         return items
-    return [Other(which, MessageToDict(getattr(event, which), preserving_proto_field_name=True), at)]
+    # Fields at their default printed too: an enum's first value (US_SPEAKING, AS_INITIALIZING) is its
+    # default, which a plain MessageToDict leaves out, so {"old_state": "US_LISTENING"} meant
+    # "now speaking" without saying so.
+    return [Other(which, MessageToDict(getattr(event, which), preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), at)]

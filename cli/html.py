@@ -17,7 +17,7 @@ from cli.common import Point, format_duration
 from cli.roomview import PageData, collect, participant_views
 from cli.roomview import item_text as _item_text
 from ledger.client import Ledger
-from ledger.timeline import FloorTimeline
+from ledger.timeline import FloorTimeline, SpeechSpan
 
 _COLORS: Final = ["#e6a700", "#3b82f6", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316"]
 
@@ -79,6 +79,45 @@ def floor_svg(timeline: FloorTimeline) -> str:
     return "".join(parts)
 
 
+def speech_svg(spans: list[SpeechSpan]) -> str:
+    """Who spoke when: one lane per speaker, a bar per span of speech."""
+    if not spans:
+        return '<p class="muted">Nobody spoke (no agent speech, no caller speech in the log).</p>'
+    speakers = list(dict.fromkeys(s.speaker for s in spans))
+    start = min(s.start for s in spans)
+    end = max(s.end for s in spans)
+    total = max((end - start).total_seconds(), 1e-3)
+    label_w, lane_h, width = 160, 24, 1000
+    plot_w = width - label_w - 20
+    height = lane_h * len(speakers) + 40
+
+    def x(when: datetime) -> float:
+        return label_w + plot_w * max(0.0, min(1.0, (when - start).total_seconds() / total))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="who spoke when" class="speech-svg">']
+    for i, speaker in enumerate(speakers):
+        y = 10 + i * lane_h
+        color = _COLORS[i % len(_COLORS)]
+        parts.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" class="lane-label">{_e(speaker)}</text>')
+        for span in spans:
+            if span.speaker != speaker:
+                continue
+            x0, x1 = x(span.start), x(span.end)
+            said = f": {_e(span.text)}" if span.text else ""
+            parts.append(f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 1.5):.1f}" height="16" rx="2" '
+                         f'fill="{color}" class="speech" data-speaker="{_e(speaker)}"><title>{_e(speaker)} '
+                         f'{_t(span.start)} → {_t(span.end)}{said}</title></rect>')
+    axis_y = 10 + len(speakers) * lane_h + 14
+    for k in range(6):
+        tx = label_w + plot_w * k / 5
+        stamp = datetime.fromtimestamp(start.timestamp() + total * k / 5, UTC)
+        anchor = "start" if k == 0 else "end" if k == 5 else "middle"
+        parts.append(f'<text x="{tx:.1f}" y="{axis_y}" text-anchor="{anchor}" class="tick">{_t(stamp)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _table(headers: list[str], rows: list[list[str]], *, id_: str, empty: str) -> str:
     if not rows:
         return f'<p class="muted" id="{id_}-empty">{_e(empty)}</p>'
@@ -96,7 +135,7 @@ var(--line); padding-bottom: 4px; }
 .muted { color: var(--muted); } table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { font-weight: 600; } td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-.floor-svg { width: 100%; height: auto; } .lane-label { font-size: 13px; fill: currentColor; }
+.floor-svg, .speech-svg { width: 100%; height: auto; } .lane-label { font-size: 13px; fill: currentColor; }
 .tick { font-size: 11px; fill: #6b7280; } .lane-line { stroke: var(--line); stroke-width: 1; }
 .pill { display: inline-block; padding: 0 6px; border-radius: 9px; font-size: 12px; background: #e5e7eb;
         color: #111; } .pill.yes { background: #bbf7d0; } .pill.hold { background: #fde68a; }
@@ -177,6 +216,10 @@ generated {generated:%Y-%m-%d %H:%M:%S} UTC by <code>ledger replay --html</code>
 {floor_svg(timeline)}
 {_table(["from", "start", "end", "held", "holder", "task", "ended by"], tenures, id_="tenures",
         empty="Nobody held the floor.")}
+</section>
+
+<section id="speech"><h2>Who spoke when</h2>
+{speech_svg(data.speech)}
 </section>
 
 <section id="handoffs"><h2>Handoffs</h2>

@@ -24,7 +24,15 @@ from cli.replay import Window, records
 from ledger import events as ev
 from ledger.client import Ledger, Record
 from ledger.state import pointer_keys
-from ledger.timeline import FloorTimeline, FloorTracker, HandoffRow, HandoffTracker, trim_conversation
+from ledger.timeline import (
+    FloorTimeline,
+    FloorTracker,
+    HandoffRow,
+    HandoffTracker,
+    SpeechSpan,
+    SpeechTracker,
+    trim_conversation,
+)
 
 #: Conversation items and session changes kept for a view (the latest ones).
 MAX_ITEMS: Final = 2000
@@ -70,6 +78,8 @@ class PageData:
     session_changes: list[SessionChange] = field(default_factory=list)
     session_changes_total: int = 0
     conversation_total: int = 0
+    #: Who spoke when (agents' playout, the caller's speech).
+    speech: list[SpeechSpan] = field(default_factory=list)
 
 
 class RoomCollector:
@@ -83,6 +93,7 @@ class RoomCollector:
         self.room = room
         self.floor = FloorTracker(room)
         self.handoffs = HandoffTracker()
+        self.speech = SpeechTracker()
         self.changes: list[SessionChange] = []
         self.changes_total = 0
         self.dropped_items = 0
@@ -98,6 +109,7 @@ class RoomCollector:
     def feed(self, record: Record) -> None:
         self.floor.feed(record)
         self.handoffs.feed(record)
+        self.speech.feed(record)
         event = record.event
         if isinstance(event, ev.SessionPatchEvent):
             self.changes_total += 1
@@ -114,7 +126,8 @@ class RoomCollector:
         state = self.floor.state
         return PageData(self.room, timeline, list(self.handoffs.finish()), state,
                         self.changes[-MAX_SESSION_CHANGES:], self.changes_total,
-                        self.dropped_items + len(state.conversation))
+                        self.dropped_items + len(state.conversation),
+                        self.speech.finish(timeline.end))
 
 
 async def collect(ledger: Ledger, room: str, until: Point | None = None) -> PageData:

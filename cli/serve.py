@@ -41,7 +41,7 @@ import msgspec
 from aiohttp import web
 
 from cli.common import CliError, console, err_console, parse_point, write_json
-from cli.html import floor_svg  # the report's floor lanes, escaped there
+from cli.html import floor_svg, speech_svg  # the report's lanes, escaped there
 from cli.ops import room_rows
 from cli.roomview import PageData, RoomCollector, collect, item_text, participant_views
 from cli.timeline import event_time, summary
@@ -120,6 +120,9 @@ def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
             "queue": [{"agent_id": c.agent_id, "task": c.task, "seq": c.seq} for c in floor.queue],
         },
         "floor_svg": floor_svg(timeline),
+        "speech_svg": speech_svg(page.speech),
+        "speech": [{"speaker": s.speaker, "start": s.start.isoformat(), "end": s.end.isoformat(), "text": s.text}
+                   for s in page.speech[-VIEW_ITEMS:]],
         "tenures": [
             {"holder": t.holder, "task": t.task, "start_seq": t.start_seq, "start": t.start_time.isoformat(),
              "end_seq": t.end_seq, "end": t.end_time.isoformat() if t.end_time else None,

@@ -77,7 +77,7 @@ from ledger.turns import TurnGate, TurnPolicy
 if TYPE_CHECKING:
     from livekit import rtc
     from livekit.agents import JobContext
-    from livekit.agents.voice.events import AgentStateChangedEvent
+    from livekit.agents.voice.events import AgentStateChangedEvent, UserStateChangedEvent
     from livekit.agents.voice.room_io.types import TextInputEvent
 
     from ledger.client import Record
@@ -106,6 +106,10 @@ DEFAULT_PROGRESS_MESSAGE: Final = "I'm still connecting you to {agent}. Thank yo
 DEFAULT_FAILURE_MESSAGE: Final = "Sorry, I could not reach {agent} just now. I'm still here with you."
 #: The longest a failure notice may play before the caller's held messages are answered anyway.
 NOTICE_WAIT_S: Final = 20.0
+#: The longest a voice source waits, before leaving, for the caller to finish a turn and for it to be kept.
+CALLER_QUIET_S: Final = 6.0
+#: How long a handoff's target treats its own hearing of words it caught up on as the same turn.
+CATCH_UP_ECHO_S: Final = 5.0
 #: How long the source waits for its tool's call and output to reach the log before handing off.
 TOOL_OUTPUT_WAIT_S: Final = 5.0
 #: Agent states that end a turn (the session waits for the user again).
@@ -186,6 +190,11 @@ class LedgerLink:
         self._muted = False
         self._replays: set[asyncio.Future[Any]] = set()
         self._progress = _Progress(None, "")
+        #: A handoff's source, by participant identity (a target defers to its hearing until it left).
+        self._source_identity = ""
+        #: time.time() of the caller's last start of speech, and of this link's last transfer.
+        self._user_spoke_at = 0.0
+        self._transfer_started_at = 0.0
         #: Floor-gated replies, when attached with ``floor=``.
         self.turn_gate: TurnGate | None = None
         self._closed = False
@@ -219,7 +228,7 @@ class LedgerLink:
         request = handoff_from_metadata(self._metadata)
         if request is None:
             return None
-        handoff, traceparent = await self._handoff_at(request)
+        handoff, traceparent, self._source_identity = await self._handoff_at(request)
         # The source's trace goes on here: this hydration, then the first reply (_on_agent_state).
         started = time.time()
         with tracing.span("ledger.handoff.resume", {"ledger.agent": self.agent_id, "ledger.seq": request.ledger_seq},
@@ -233,14 +242,16 @@ class LedgerLink:
         self._resumed = resumed
         return resumed
 
-    async def _handoff_at(self, request: HandoffRequest) -> tuple[ev.Handoff | None, str | None]:
-        """The handoff at the request's sequence, and the trace context its source sent with it."""
+    async def _handoff_at(self, request: HandoffRequest) -> tuple[ev.Handoff | None, str | None, str]:
+        """The handoff at the request's sequence, the trace context its source sent with it, and the
+        source's participant identity."""
         for record in await self.ledger.read_recent(request.room, after=request.ledger_seq - 1, batch=1):
             if record.seq == request.ledger_seq and isinstance(record.event, ev.HandoffEvent):
                 traceparent = ev.extra_fields(record.event).get("traceparent")
-                return record.event.body, traceparent if isinstance(traceparent, str) else None
+                return (record.event.body, traceparent if isinstance(traceparent, str) else None,
+                        record.event.sender.identity)
             break
-        return None, None
+        return None, None, ""
 
     async def attach(self, session: AgentSession[Any], *, task: str | None = None, floor_timeout: float = 10.0,
                      floor: TurnPolicy | None = None) -> None:
@@ -264,11 +275,13 @@ class LedgerLink:
         if resumed is not None:
             self.agent.adopt_session(resumed.snapshot.session)
         await self._publish_userdata(session)
-        if resumed is not None:
-            await self._catch_up(session, resumed)
         if floor is not None:
             self.turn_gate = TurnGate(session, self.agent, floor)
             self.turn_gate.install()
+        if resumed is not None:
+            await self._catch_up(session, resumed)
+            if session.input.audio is not None and self._source_identity:
+                self._defer_to_source(session, resumed)
         # A handoff's target does not wait to hear its claim back: the handoff freed the floor
         # and the claim is in the log before anything it says (the source waits for it).
         await self._take_floor(task, floor_timeout, wait=resumed is None and floor is None)
@@ -298,10 +311,69 @@ class LedgerLink:
             ctx.add_message(role="user", content=item.text, id=item.item_id,
                             created_at=item.created_at if item.created_at is not None else item.time.timestamp())
         await agent.update_chat_ctx(ctx)
+        if session.input.audio is not None:
+            # This session may be hearing the same words itself, a moment later: one turn, not two.
+            gate = self.turn_gate
+            if gate is None:
+                gate = self.turn_gate = TurnGate(session, self.agent, None)
+                gate.install()
+            deadline = time.monotonic() + CATCH_UP_ECHO_S
+            gate.already_heard.update({item.text.strip().lower(): deadline for item in missed})
         log.info("%s: %d turn(s) the caller said during the handoff joined the history", self.agent_id, len(missed))
+
+    def _defer_to_source(self, session: AgentSession[Any], resumed: Resumed[Any]) -> None:
+        """By voice, until the source has left: its hearing of the caller counts, not this session's.
+
+        The source keeps hearing the caller until it leaves (and waits for the caller to finish
+        first). This session would start hearing mid-way, and the end of a turn heard alone is
+        a wrong turn (and a wrong transcript in the log). So its audio input is off, and each
+        turn the source kept (its feed, in the log) joins this session's history and is
+        answered, once. When the source has left, this session hears the caller itself.
+        """
+        gate = self.turn_gate
+        if gate is None:
+            gate = self.turn_gate = TurnGate(session, self.agent, None)
+            gate.install()
+        gate.deferring = True
+        muted = session.input.audio_enabled
+        if muted:
+            session.input.set_audio_enabled(False)
+        source = self._source_identity
+        seen = {item.item_id for item in self.agent.state.conversation}
+
+        def watch(record: Record) -> None:
+            event = record.event
+            if isinstance(event, ev.ParticipantLeftEvent) and event.body.identity == source:
+                gate.deferring = False
+                if muted:
+                    session.input.set_audio_enabled(True)
+                undo()
+                log.debug("%s: the source left; hearing the caller ourselves", self.agent_id)
+            elif (isinstance(event, ev.ConversationItemEvent) and event.sender.identity == source
+                  and event.body.item_type == "message" and event.body.role == "user" and event.body.text
+                  and record.seq > resumed.seq and event.body.item_id not in seen):
+                seen.add(event.body.item_id)
+                task = asyncio.ensure_future(self._answer_held(session, event.body))
+                self._replays.add(task)
+                task.add_done_callback(self._replays.discard)
+
+        undo = self.agent.on_record(watch)
+
+    async def _answer_held(self, session: AgentSession[Any], said: ev.ConversationItem) -> None:
+        """A turn the source heard during the switch: into this agent's history, then answered."""
+        agent = session.current_agent
+        if said.text.strip() in _recent_user_texts(agent.chat_ctx):
+            return  # caught up already
+        ctx = agent.chat_ctx.copy()
+        ctx.add_message(role="user", content=said.text, id=said.item_id,
+                        created_at=said.created_at if said.created_at is not None else time.time())
+        await agent.update_chat_ctx(ctx)
+        log.info("%s: answering what the caller said during the handoff", self.agent_id)
+        session.generate_reply()
 
     async def _publish_userdata(self, session: AgentSession[Any]) -> None:
         session.on("agent_state_changed", self._on_agent_state)
+        session.on("user_state_changed", self._on_user_state)
         self._sync_task = asyncio.create_task(self._sync_loop(), name=f"ledger-userdata-{self.agent_id}")
         await self.sync_userdata()
 
@@ -406,6 +478,7 @@ class LedgerLink:
         self._closed = True
         if self.session is not None:
             self.session.off("agent_state_changed", self._on_agent_state)
+            self.session.off("user_state_changed", self._on_user_state)
         for task in (self._sync_task, self._transfer_task):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -469,6 +542,7 @@ class LedgerLink:
             raise HandoffFailed(to_agent, "another transfer is in progress")
         outcome = HandoffOutcome(to_agent=to_agent, reason=reason)
         self.transfers.append(outcome)
+        self._transfer_started_at = time.time()
         self._hold_input()
         self._progress = _Progress(progress_after, progress_message or DEFAULT_PROGRESS_MESSAGE)
         self._transfer_task = asyncio.create_task(
@@ -643,12 +717,48 @@ class LedgerLink:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(session.current_speech.wait_for_playout(), 10.0)
         self._held_input.clear()
+        if session is not None and session.input.audio is not None:
+            await self._caller_quiet(session)
         if self._job is not None:
             self._job.shutdown(reason)
             return
         if session is not None:
             await session.aclose()
         await self.room.disconnect()
+
+    async def _caller_quiet(self, session: AgentSession[Any]) -> None:
+        """By voice, before leaving: let the caller finish a turn begun while the call switched, and
+        keep it (its words reach the log, where the target takes them). Bounded by CALLER_QUIET_S."""
+        changed = asyncio.Event()
+
+        def on_change(_: Any) -> None:
+            changed.set()
+
+        session.on("user_state_changed", on_change)
+        try:
+            async with asyncio.timeout(CALLER_QUIET_S):
+                while session.user_state == "speaking":
+                    changed.clear()
+                    await changed.wait()
+                # The turn ends after the endpointing delay and the recogniser: wait for it (the
+                # gate notes each turn's end; no event says "no turn is coming").
+                while self._heard_lately(session):
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 0.1)
+        except TimeoutError:
+            log.debug("%s: the caller still speaking after %gs; leaving anyway", self.agent_id, CALLER_QUIET_S)
+        finally:
+            session.off("user_state_changed", on_change)
+
+    def _heard_lately(self, session: AgentSession[Any]) -> bool:
+        """Whether the caller spoke after the last turn this session ended (a turn is on its way)."""
+        gate = self.turn_gate
+        return gate is not None and self._user_spoke_at > max(gate.last_turn_at, self._transfer_started_at)
+
+    def _on_user_state(self, event: UserStateChangedEvent) -> None:
+        if event.new_state == "speaking":
+            self._user_spoke_at = time.time()
 
     # --- the caller's typing while a handoff runs --------------------------------------------------
 

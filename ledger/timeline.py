@@ -436,6 +436,94 @@ class HandoffTracker:
         ]
 
 
+# --- who spoke when ----------------------------------------------------------------------------
+
+
+@dataclass
+class SpeechSpan:
+    speaker: str
+    start: datetime
+    end: datetime
+    text: str = ""
+
+
+#: The caller's lane when the room has no single person to name it after.
+CALLER_LANE: Final = "caller"
+
+
+class SpeechTracker:
+    """Who spoke when: per speaker, the spans of speech the log shows.
+
+    An agent speaks while its ``agent.state`` is ``speaking`` (its playout); the caller speaks while
+    an agent's session says the user is (``user_state_changed`` in the ``lk.agent.session`` feed:
+    its VAD), or, without a feed, over a final transcript (stream opened to read). Spans that
+    overlap on one lane (several agents reporting the same caller) are merged. Memory: the last
+    ``keep`` spans.
+    """
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.spans: list[SpeechSpan] = []
+        self.keep = keep
+        self._open: dict[str, datetime] = {}
+        self._state = RoomState()
+        self._feeds_user_state = False
+
+    def feed(self, record: Record) -> None:
+        event = record.event
+        when = event.at or record.time
+        if isinstance(event, ev.ParticipantJoinedEvent | ev.ParticipantLeftEvent):
+            apply_safely(self._state, record)
+        match event:
+            case ev.AgentStateEvent(body=b) if b.identity:
+                if b.state == "speaking":
+                    self._open.setdefault(b.identity, when)
+                elif b.identity in self._open:
+                    self._close(b.identity, when)
+            case ev.DataEvent(body=b) if b.topic == "lk.agent.session" and b.attributes.get("event") == \
+                    "user_state_changed" and isinstance(b.json, dict):
+                self._feeds_user_state = True
+                lane = self._caller()
+                # (bridges before this printed no field at its default: no new_state is US_SPEAKING)
+                new = b.json.get("new_state", "US_SPEAKING" if "old_state" in b.json else None)
+                if new == "US_SPEAKING":
+                    self._open.setdefault(lane, when)
+                elif new is not None and lane in self._open:
+                    self._close(lane, when)
+            case ev.TranscriptEvent(body=b) if b.final and b.speaker and not self._feeds_user_state:
+                if not self._is_agent(b.speaker):
+                    self._add(SpeechSpan(b.speaker, event.at or event.observed_at, event.observed_at, b.text))
+
+    def _caller(self) -> str:
+        people = [p.identity for p in self._state.participants.values()
+                  if p.present and p.kind in ("standard", "sip")]
+        return people[0] if len(people) == 1 else CALLER_LANE
+
+    def _is_agent(self, identity: str) -> bool:
+        p = self._state.participants.get(identity)
+        return p is not None and p.kind == "agent"
+
+    def _close(self, lane: str, when: datetime) -> None:
+        start = self._open.pop(lane)
+        self._add(SpeechSpan(lane, start, max(start, when)))
+
+    def _add(self, span: SpeechSpan) -> None:
+        for other in reversed(self.spans[-8:]):
+            if other.speaker == span.speaker and other.start <= span.end and span.start <= other.end:
+                other.start, other.end = min(other.start, span.start), max(other.end, span.end)
+                other.text = other.text or span.text
+                return
+        self.spans.append(span)
+        if len(self.spans) > self.keep * 2:
+            del self.spans[: len(self.spans) - self.keep]
+
+    def finish(self, now: datetime | None = None) -> list[SpeechSpan]:
+        """The spans, with speech still going on ending at ``now`` (the last event's time)."""
+        spans = self.spans[-self.keep:]
+        if now is not None:
+            spans = [*spans, *(SpeechSpan(lane, start, max(start, now)) for lane, start in self._open.items())]
+        return sorted(spans, key=lambda s: s.start)
+
+
 async def handoffs(ledger: Ledger, room: str) -> list[HandoffRow]:
     """The room's handoffs, each with its dead air (the whole log is read)."""
     tracker = HandoffTracker()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -167,6 +168,14 @@ class TurnGate:
         #: While True no turn is answered (a transfer or a standby); the turns held meanwhile.
         self.holding = False
         self.held: list[ChatMessage] = []
+        #: Words already in the history from another copy (a handoff's target catching up on what
+        #: the source heard), with a deadline: this session's own hearing of them is not a new turn.
+        self.already_heard: dict[str, float] = {}
+        #: A handoff's target while its source still hears the caller: the source's turns count
+        #: (they come through the log), this session's own are dropped.
+        self.deferring = False
+        #: When the last turn ended here (time.time()), answered or not.
+        self.last_turn_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._undo: list[Callable[[], None]] = []
 
@@ -209,6 +218,14 @@ class TurnGate:
     def _mine(self, text: str, agent: Agent, message: ChatMessage, said_at: datetime | None) -> bool:
         state = self.ledger_agent.state
         me = self.ledger_agent.agent_id
+        self.last_turn_at = time.time()
+        if self.deferring:
+            log.debug("%s: %r heard while the source still hears the caller: its copy counts", me, text)
+            return False
+        heard = self.already_heard.pop(text.strip().lower(), None)
+        if heard is not None and time.monotonic() < heard:
+            log.debug("%s: %r is in the history already (heard by the source during the handoff)", me, text)
+            return False
         if self.holding:
             self.turns.append((text, False))
             self.held.append(message)

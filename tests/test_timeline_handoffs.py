@@ -90,3 +90,22 @@ def test_text_sessions_with_feed_items_only_still_measure() -> None:
                                 created_at=_at(2.0).timestamp()), "billing", 2.0)
     (row,) = log.rows()
     assert row.outcome == "ok" and row.dead_air_s is not None and abs(row.dead_air_s - 1.0) < 1e-6
+
+
+def test_who_spoke_when_from_agent_states_and_the_callers_feed_state() -> None:
+    from ledger.timeline import SpeechTracker
+
+    log = _Log()
+    log.add(ev.ParticipantJoined(identity="ana", kind="standard"), "ana", 0.0)
+    log.add(ev.ParticipantJoined(identity="triage", kind="agent"), "triage", 0.0)
+    for agent in ("triage", "billing"):  # two agents' sessions report the same caller: one lane, merged
+        log.add(ev.Data(topic="lk.agent.session", transport="byte_stream", json={"new_state": "US_SPEAKING"},
+                        attributes={"event": "user_state_changed"}), agent, 1.0 + (agent == "billing") * 0.05)
+        log.add(ev.Data(topic="lk.agent.session", transport="byte_stream", json={"new_state": "US_LISTENING"},
+                        attributes={"event": "user_state_changed"}), agent, 2.0)
+    log.say("triage", 2.5, 4.0)
+    tracker = SpeechTracker()
+    for record in log.records:
+        tracker.feed(record)
+    spans = [(s.speaker, s.start, s.end) for s in tracker.finish()]
+    assert spans == [("ana", _at(1.0), _at(2.0)), ("triage", _at(2.5), _at(4.0))]

@@ -108,6 +108,7 @@ function render(view) {
 
   // The server's SVG: every name in it escaped by cli/html.py.
   if (changed("svg", view.floor_svg)) $("floor-lanes").innerHTML = view.floor_svg;
+  if (changed("speech", view.speech_svg)) $("speech-lanes").innerHTML = view.speech_svg;
   if (changed("tenures", view.tenures)) rows("tenures", view.tenures, (t) => tr(`#${t.start_seq} ${hms(t.start)}`, el("strong", t.holder), t.task || "",
     t.end_seq ? `#${t.end_seq} ${hms(t.end)}` : "holding", t.end_reason || ""), "Nobody held the floor.", 5);
   if (changed("handoffs", view.handoffs)) rows("handoff-rows", view.handoffs, (h) => {

@@ -68,12 +68,20 @@ def script(chat_ctx: llm.ChatContext) -> Step:
     return Say("Triage here. How can I help?")
 
 
-def welcome_back(userdata: CallBase) -> Step:
-    return Say(f"Welcome back {userdata.caller}, triage here. So far: {', '.join(userdata.steps or [])}.")
+def welcome_back(userdata: CallBase, chat_ctx: llm.ChatContext, handoff_seq: int) -> Step:
+    text = f"Welcome back {userdata.caller}, triage here. So far: {', '.join(userdata.steps or [])}."
+    item = last_item(chat_ctx)
+    # Words the caller said during the switch (after the handoff in the log, or heard by no log
+    # yet: no sequence): the first reply answers them.
+    if (item is not None and item.type == "message" and item.role == "user"
+            and int(item.extra.get("ledger_seq", handoff_seq + 1)) > handoff_seq):
+        text += f" You said: {text_of(item)}."
+    return Say(text)
 
 
 class Triage(Agent):
-    def __init__(self) -> None:
+    def __init__(self, *, greets: bool = True) -> None:
+        self.greets = greets
         super().__init__(instructions="You are the triage agent of a call centre. Identify the caller; transfer "
                                       "billing questions to billing.",
                          tools=[transfer_tool(timeout=HANDOFF_TIMEOUT_S, progress_after=HANDOFF_PROGRESS_S)])
@@ -85,14 +93,15 @@ class Triage(Agent):
         return f"account {account_id}: Ana, gold tier, verified"
 
     async def on_enter(self) -> None:
-        self.session.generate_reply()
+        if self.greets:  # a new call; a resumed one speaks once attached (with what was said meanwhile)
+            self.session.generate_reply()
 
 
 async def entrypoint(ctx: JobContext) -> None:
     link = await LedgerLink.open(ctx)
-    agent = Triage()
     # A new call, or the caller handed back (by billing): then resume with everything so far.
     resumed = await link.resume(CallData)
+    agent = Triage(greets=resumed is None)
     userdata: CallBase = resumed.userdata if resumed else CallData()
     welcomed = resumed is None
     if resumed is not None:
@@ -102,7 +111,7 @@ async def entrypoint(ctx: JobContext) -> None:
         nonlocal welcomed
         if not welcomed:  # the first words of a resumed call
             welcomed = True
-            return welcome_back(userdata)
+            return welcome_back(userdata, chat_ctx, resumed.seq if resumed else 0)
         return script(chat_ctx)
 
     session: AgentSession[CallBase] = AgentSession(llm=ScriptedLLM(TRIAGE, answer), userdata=userdata,
@@ -110,6 +119,8 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()  # before the session starts: its first words need the room
     await session.start(agent, room=ctx.room, room_options=ROOM_OPTIONS)
     await link.attach(session, task="triage")
+    if resumed is not None:
+        session.generate_reply()  # the target speaks first
     if WARM and resumed is None:
         await link.warm_up(BILLING)  # billing's worker joins now and follows the log: no dispatch at the handoff
 
