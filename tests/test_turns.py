@@ -47,10 +47,11 @@ def test_router_decides_and_falls_back_to_the_holder() -> None:
 
 def test_the_holder_when_the_caller_began_answers_though_the_floor_moved_since() -> None:
     """Agents end one turn up to seconds apart; the floor may have passed on meanwhile."""
+    bodies: list[ev.FloorRequest | ev.FloorRelease] = [ev.FloorRequest(agent_id="a"), ev.FloorRequest(agent_id="b"),
+                                                       ev.FloorRelease(agent_id="a"), ev.FloorRequest(agent_id="a")]
     records = [Record(seq=i, subject="", time=T0 + timedelta(seconds=10 * i),
                       event=ev.make_event("r", body, id=f"e{i}", sender=ev.Sender(identity=f"id-{body.agent_id}")))
-               for i, body in enumerate([ev.FloorRequest(agent_id="a"), ev.FloorRequest(agent_id="b"),
-                                         ev.FloorRelease(agent_id="a"), ev.FloorRequest(agent_id="a")], start=1)]
+               for i, body in enumerate(bodies, start=1)]
     state = fold(records)  # a from 10 s, b from 30 s
     assert state.floor.holder == "b"
     assert answerer(RoundRobin(), "hi", state, T0 + timedelta(seconds=25)) == "a"
