@@ -33,4 +33,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/run
 
 clean:
+	-[ -x $(BIN)/ledger ] && $(BIN)/ledger down
 	rm -rf $(VENV) .ledger

@@ -249,7 +249,7 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
 async def _quiet(voice: Any, room: Any) -> None:
     """Wait until no agent has been audible for 0.6 s (the caller speaks after the agent's turn)."""
     while True:
-        last = max((t for p in room.remote_participants for t in voice.voiced_times(p)[-1:]), default=0.0)
+        last = max((t for p in voice.identities() for t in voice.voiced_times(p)[-1:]), default=0.0)
         if time.time() - last >= 0.6:
             return
         await asyncio.sleep(0.1)
@@ -263,7 +263,7 @@ def _voiced_dead_air_ms(voice: Any, room: Any, caller: Caller) -> float:
     or late); the voiced frame before that run, from anyone, is the end of triage's last words.
     """
     opened = time.time() - (time.perf_counter() - caller.stream_opened(BILLING_PREFIX))
-    frames = sorted(t for p in room.remote_participants for t in voice.voiced_times(p))
+    frames = sorted(t for p in voice.identities() for t in voice.voiced_times(p))
     for i, t in enumerate(frames):
         if t >= opened - 0.25 and (i == 0 or t - frames[i - 1] > 0.1):
             if i == 0:

@@ -372,6 +372,28 @@ async def doctor(settings: Settings, *, as_json: bool, monitor_url: str | None) 
         raise typer.Exit(1)
 
 
+async def down(settings: Settings, *, as_json: bool) -> None:
+    from ledger import embedded  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+
+    home = settings.home
+    before = embedded.status(home)
+    stopped = {
+        "nats": await asyncio.to_thread(embedded.stop_nats, home),
+        "postgres": await asyncio.to_thread(embedded.stop_postgres, home),
+    }
+    if as_json:
+        write_json({"home": str(home), "stopped": stopped,
+                    "pids": {name: info.pid if info else None for name, info in before.items()}})
+        return
+    for name, was in stopped.items():
+        info = before[name]
+        if was:
+            console.print(Text(name, style="bold") + Text(f" stopped (pid {info.pid if info else '?'})"))
+        else:
+            console.print(Text(name, style="bold") + Text(" was not running", style="bright_black"))
+    console.print(f"embedded servers of {home} are down; data kept in {home}")
+
+
 async def up(settings: Settings, *, as_json: bool, leave_running: bool) -> None:
     from cli.up import up as run_up  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 

@@ -333,6 +333,22 @@ def up(
 
 
 @app.command()
+def down(as_json: JsonOpt = False) -> None:
+    """Stop this home's embedded NATS and PostgreSQL (LEDGER_HOME), by the pids in their state files.
+
+    Servers named by LEDGER_NATS_URL / LEDGER_DATABASE_URL are never touched. Data stays.
+
+    [bold]Examples[/]
+
+      ledger down
+
+      LEDGER_HOME=/var/lib/ledger ledger down --json
+    """
+    settings = guard(commands.settings)
+    run(lambda: commands.down(settings, as_json=as_json))
+
+
+@app.command()
 def migrate(as_json: JsonOpt = False) -> None:
     """Create or upgrade the projection tables in PostgreSQL (idempotent).
 

@@ -310,3 +310,25 @@ def test_postgres_recovers_after_sigkill(home: Path) -> None:
             await conn.close()
 
     assert asyncio.run(ping()) == 1
+
+
+def test_ledger_down_stops_this_homes_servers_by_their_pids(home: Path) -> None:
+    """`ledger down` stops the embedded NATS and PostgreSQL of LEDGER_HOME (and says so), and only them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    nats = embedded.ensure_nats(home, sync_always=False)
+    pg = embedded.ensure_postgres(home)
+    env = {"LEDGER_HOME": str(home), "LEDGER_NATS_URL": "", "LEDGER_DATABASE_URL": ""}
+    result = CliRunner().invoke(app, ["down", "--json"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["stopped"] == {"nats": True, "postgres": True}
+    assert report["pids"] == {"nats": nats.pid, "postgres": pg.pid}
+    assert not embedded.pid_alive(nats.pid) and not embedded.pid_alive(pg.pid)
+    assert embedded.status(home) == {"nats": None, "postgres": None}
+    again = CliRunner().invoke(app, ["down"], env=env, catch_exceptions=False)
+    assert again.exit_code == 0 and "was not running" in again.stdout

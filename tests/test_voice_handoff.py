@@ -141,3 +141,57 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
     assert {"caller", triage_first, billing, triage_again} <= set(lanes), lanes
     assert lanes.index(triage_first) < lanes.index(billing) < lanes.index(triage_again)
     assert all(f'data-speaker="{who}"' in view["speech_svg"] for who in ("caller", triage_first, billing))
+
+
+async def test_voice_warm_standby_is_silent_until_handed_the_call(lk_settings: Settings, ledger: Ledger, room: str,
+                                                                  livekit_connect: Any,
+                                                                  workers: ExampleWorkers) -> None:
+    """Billing joins as a warm standby when the call starts (voice pipeline loaded, hearing the
+    caller), says nothing while triage has the call, and takes over with no dispatch."""
+    from examples.voice.offline import VoiceCaller, espeak_available
+    from ledger.handoff import standing_by
+    from ledger.state import fold
+
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")
+    await workers.start("triage", HANDOFF_VOICE="1", HANDOFF_WARM="1")
+    await workers.start("billing", HANDOFF_VOICE="1")
+    log = ledger.watch(room)
+
+    async def reply(starts: str, after: int = 0) -> tuple[str, str, int]:
+        def said(rs: list[Record]) -> bool:
+            return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
+
+        await log.until(said, 40, what=f"a reply starting {starts!r}")
+        return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
+
+    async with running_bridge(lk_settings, room):
+        caller_room = await livekit_connect("caller", room)
+        caller = await VoiceCaller.create(caller_room)
+        await workers.dispatch(room, workers.triage)
+        await reply("Hi, this is triage")
+        await log.until(lambda rs: standing_by(fold(rs), workers.billing), 40, what="billing standing by")
+        await caller.say("my account is seven")
+        await reply("Thanks Ana, I found your account.")
+        await caller.say("i have a question about my bill")
+        moment = await reply("One moment, I'm transferring you now.")
+        hello = await reply("Hi Ana, billing here.", after=moment[2])
+        records = list(log.records)
+        await caller_room.disconnect()
+    await log.close()
+
+    names = _identities(records)
+    billing = names[workers.billing][0]
+    (handoff,) = [r for r in records if r.type == "handoff"]
+    assert hello[0] == billing
+    # the standby was in the call from the start, and silent until the handoff
+    joined = next(r for r in records if r.type == "participant.joined" and body_of(r).identity == billing)
+    assert joined.seq < handoff.seq
+    first_voiced = caller.first_voiced_after(billing, 0.0)
+    assert first_voiced is not None and first_voiced > handoff.time.timestamp() - 0.05, (first_voiced, handoff.time)
+    assert not [r for r in _replies(records) if r[0] == billing and r[2] < handoff.seq]
+    # no dispatch at the handoff: the standby took over from the log it follows
+    dispatched = [body_of(r).agent_name for r in records if r.type == "dispatch.created" and r.seq > handoff.seq]
+    assert workers.billing not in dispatched, dispatched
+    assert caller.overlap_ms(names[workers.triage][0], billing) == 0
+    await caller.aclose()

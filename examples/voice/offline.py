@@ -438,6 +438,10 @@ class VoiceCaller:
         finally:
             await stream.aclose()
 
+    def identities(self) -> list[str]:
+        """Every participant heard so far (also those who have left since)."""
+        return list(self._voiced)
+
     def voiced_times(self, identity: str) -> list[float]:
         """Receive times of every voiced 10 ms frame from ``identity``, sorted."""
         return list(self._voiced.get(identity, []))
