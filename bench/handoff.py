@@ -108,7 +108,12 @@ class Caller:
         task.add_done_callback(self.tasks.discard)
 
     async def _read(self, reader: Any, started: float) -> None:
-        text = await reader.read_all()
+        from livekit.rtc.data_stream import StreamError
+
+        try:
+            text = await reader.read_all()
+        except StreamError:  # the call ended (the caller hung up) while an agent was still speaking
+            return
         if text.strip():
             self.heard.append(Heard(text, started, time.perf_counter()))
             self.changed.set()
