@@ -26,5 +26,3 @@ def _start_without_aiohttp() -> None:
     finally:
         del sys.modules["aiohttp"]
 
-
-_start_without_aiohttp()

@@ -16,6 +16,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+import cli._nats_first  # noqa: F401 - first: nats-py without aiohttp (cli/_nats_first.py)
 from cli.common import (
     CliError,
     Point,

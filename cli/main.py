@@ -8,13 +8,26 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from cli import commands
 from cli.common import GlobalOptions, err_console, guard, print_error, run, set_global_options
+
+if TYPE_CHECKING:
+    from cli import commands
+else:
+    class _Commands:
+        """``cli.commands``, imported when a command runs: ``ledger --help`` and option parsing
+        load neither it nor the log client and nats-py behind it."""
+
+        def __getattr__(self, name: str) -> Any:
+            import cli.commands  # noqa: PLC0415 - the point of this class
+
+            return getattr(cli.commands, name)
+
+    commands = _Commands()
 
 
 def _click_base(name: str) -> Any:
