@@ -10,18 +10,13 @@ from typing import Any
 
 from livekit import api
 
-from ledger.errors import SettingsError
+from ledger.livekit_api import livekit_api as _livekit_api
+from ledger.livekit_api import livekit_credentials
 from ledger.settings import Settings
 
 
 def _credentials(settings: Settings) -> tuple[str, str, str]:
-    missing = [name for name, value in (("LIVEKIT_URL", settings.livekit_url),
-                                        ("LIVEKIT_API_KEY", settings.livekit_api_key),
-                                        ("LIVEKIT_API_SECRET", settings.livekit_api_secret)) if not value]
-    if missing:
-        raise SettingsError(f"{', '.join(missing)} not set: the bridge needs the LiveKit server and its API key")
-    assert settings.livekit_url and settings.livekit_api_key and settings.livekit_api_secret
-    return settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+    return livekit_credentials(settings, needed_for="the bridge")
 
 
 def bridge_identity(bridge_id: str) -> str:
@@ -38,8 +33,7 @@ def bridge_token(settings: Settings, room: str, identity: str, *, ttl_s: float =
 
 
 def livekit_api(settings: Settings) -> api.LiveKitAPI:
-    url, key, secret = _credentials(settings)
-    return api.LiveKitAPI(url, key, secret)
+    return _livekit_api(settings, needed_for="the bridge")
 
 
 async def create_dispatch(settings: Settings, room: str, *, agent_name: str | None = None,

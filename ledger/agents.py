@@ -466,8 +466,9 @@ class LedgerAgent:
         metadata = msgspec.json.encode({"room": self.room_name, "ledger_seq": seq}).decode()
         owned = livekit_api is None
         if owned:
-            settings = self._need_ledger().settings
-            livekit_api = api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret)
+            from ledger.livekit_api import livekit_api as make_api  # noqa: PLC0415 - with the SDK, above
+
+            livekit_api = make_api(self._need_ledger().settings, needed_for="a handoff's dispatch")
         try:
             with tracing.span("ledger.dispatch", {"ledger.agent_name": agent_name, "ledger.seq": seq}):
                 dispatch = await livekit_api.agent_dispatch.create_dispatch(

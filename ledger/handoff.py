@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Sequence
@@ -69,8 +68,9 @@ from ledger import tracing
 from ledger._agents_sdk import text_input_callback
 from ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from ledger.client import Ledger
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, SettingsError
 from ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
+from ledger.livekit_api import livekit_api
 from ledger.settings import Settings
 from ledger.turns import TurnGate, TurnPolicy
 
@@ -671,15 +671,10 @@ class LedgerLink:
 
     def _livekit_api(self) -> api.LiveKitAPI:
         if self._api is None:
-            settings = self.ledger.settings
-            url = settings.livekit_url or _env("LIVEKIT_URL")
-            key = settings.livekit_api_key or _env("LIVEKIT_API_KEY")
-            secret = settings.livekit_api_secret or _env("LIVEKIT_API_SECRET")
-            if not (url and key and secret):
-                raise HandoffFailed("?", "no LiveKit server API to dispatch with: set LIVEKIT_URL, "
-                                         "LIVEKIT_API_KEY and LIVEKIT_API_SECRET")
-            self._api = api.LiveKitAPI(url.replace("ws://", "http://", 1).replace("wss://", "https://", 1),
-                                       key, secret)
+            try:
+                self._api = livekit_api(self.ledger.settings, needed_for="a handoff's dispatch")
+            except SettingsError as exc:
+                raise HandoffFailed("?", str(exc)) from None
         return self._api
 
     async def _recover(self, outcome: HandoffOutcome, failure_message: str | None) -> None:
@@ -910,10 +905,6 @@ def _describe(exc: BaseException, to_agent: str, timeout: float) -> str:
     if isinstance(exc, api.TwirpError):
         return f"LiveKit refused the dispatch: {exc.code} {exc.message}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
 
 
 __all__ = ["DEFAULT_PROGRESS_AFTER_S", "DEFAULT_TRANSFER_TIMEOUT_S", "FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
