@@ -19,7 +19,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from ledger import embedded
+from ledger import _wire, embedded
 from ledger.client import Ledger
 from ledger.errors import LedgerError
 from ledger.settings import Settings
@@ -168,7 +168,7 @@ async def _check_nats(report: Report, settings: Settings, monitor_url: str | Non
     try:
         nats_part["reachable"] = True
         nats_part["connected_url"] = ledger.nats_url
-        info = dict(getattr(ledger.nc, "_server_info", {}) or {})
+        info = _wire.server_info(ledger.nc)
         nats_part["server_version"] = info.get("version")
         nats_part["server_name"] = info.get("server_name")
         nats_part["cluster"] = info.get("cluster")

@@ -16,6 +16,8 @@ The ledger leaves nats-py's public API in three places, each for speed, each mea
 One more, for tidiness rather than speed: :func:`consumer_name` reads the name of an ordered
 consumer's current server-side consumer (``PushSubscription._consumer``; nats-py renames it each
 time it recreates the consumer), so a finished read deletes it instead of leaving it to expire.
+And for ``ledger doctor``: :func:`server_info`, the server's INFO (``Client._server_info``; the
+public API has its version only).
 
 tests/test_wire.py checks each of these internals (its name, signature and effect), so a nats-py
 upgrade that changes one fails there, and only there.
@@ -170,3 +172,9 @@ def consumer_name(sub: Any) -> str | None:
     """The server-side name of a JetStream push subscription's consumer (None if not known yet)."""
     name = getattr(sub, "_consumer", None)
     return name if isinstance(name, str) and name else None
+
+
+def server_info(nc: NatsClient) -> dict[str, Any]:
+    """The INFO the connected server sent (version, server_name, cluster, jetstream, ...)."""
+    info = getattr(nc, "_server_info", None)
+    return dict(info) if isinstance(info, dict) else {}

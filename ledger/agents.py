@@ -11,11 +11,11 @@ followed log, so every agent computes the same holder::
     await agent.wait_for_floor()                  # or: agent.holds_floor
     await agent.patch_session({"caller": {"verified": True}})
     await agent.sync_userdata(session.userdata)   # publishes only what changed
-    await agent.hand_off("billing-agent", reason="billing question")   # dispatch + wait + leave
     role = await agent.claim_role({"customer", "support"})             # decided by log order
 
-The target of a handoff reads its dispatch metadata with :func:`handoff_from_metadata`, hydrates
-with ``min_seq`` and takes the floor (:meth:`LedgerAgent.take_over`).
+Handing a caller to another agent's process is :mod:`ledger.handoff` (``transfer_tool``,
+``LedgerLink``); this module has the rule it applies (:func:`handoff_took_effect`) and the
+dispatch metadata (:func:`handoff_from_metadata`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 import msgspec
 
 from ledger import events as ev
-from ledger import tracing
-from ledger.errors import LedgerError
 from ledger.events import derived_event_id
 from ledger.roles import claim_role, release_role
 from ledger.settings import DEFAULT_MAX_PAYLOAD
@@ -199,7 +197,7 @@ class HandoffRequest:
 
 
 def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
-    """Parse a dispatch's metadata written by :meth:`LedgerAgent.hand_off`; None if it is not one."""
+    """Parse a dispatch's metadata written by a handoff (:mod:`ledger.handoff`); None if it is not one."""
     try:
         data = msgspec.json.decode(metadata or "{}")
     except msgspec.DecodeError:
@@ -208,16 +206,6 @@ def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
             data.get("ledger_seq"), int):
         return None
     return HandoffRequest(room=data["room"], ledger_seq=data["ledger_seq"])
-
-
-class HandoffLost(LedgerError):
-    """A handoff that did not pass the floor: its source did not hold it at that point of the log."""
-
-    def __init__(self, from_agent: str, to_agent: str, seq: int, holder: str | None) -> None:
-        super().__init__(f"handoff {from_agent!r} -> {to_agent!r} at sequence {seq} passed nothing: {from_agent!r} "
-                         f"did not hold the floor there (another handoff or release came first in the log; the "
-                         f"floor is now {holder!r}'s); nobody was dispatched")
-        self.from_agent, self.to_agent, self.seq, self.holder = from_agent, to_agent, seq, holder
 
 
 def handoff_took_effect(state: RoomState, seq: int, from_agent: str) -> bool:
@@ -431,62 +419,6 @@ class LedgerAgent:
         """Wait until an event (e.g. one just published) is in the log; returns its sequence."""
         await self.wait_until(lambda _: event_id in self._seen_ids, timeout)
         return self._seen_ids[event_id]
-
-    # --- handoff -----------------------------------------------------------------------------------
-
-    async def hand_off(self, to_agent: str, *, reason: str | None = None, dispatch: bool = True,
-                       livekit_api: Any = None, leave: bool = True, timeout: float = 30.0) -> int:
-        """Hand the caller to ``to_agent`` (its LiveKit agent name and ledger agent id).
-
-        Publishes ``handoff``, waits until the log has it, creates a dispatch of the target whose
-        metadata carries only the room and that sequence, waits until the target holds the floor,
-        then (``leave``) disconnects. Returns the handoff's sequence. Needs :meth:`start` first.
-        Raises :class:`HandoffLost` (before dispatching) when this agent did not hold the floor at
-        the handoff's place in the log, e.g. another handoff of the same caller came first.
-        """
-
-        # The handoff carries its trace context: the target's resume continues this trace.
-        with tracing.span("ledger.handoff", {"ledger.from": self.agent_id, "ledger.to": to_agent}) as trace:
-            event_id = await self.publish("handoff", ev.Handoff(from_agent=self.agent_id, to_agent=to_agent,
-                                                                reason=reason), extra=trace)
-            seq = await self.wait_for_event(event_id, timeout)
-            if not handoff_took_effect(self.state, seq, self.agent_id):
-                raise HandoffLost(self.agent_id, to_agent, seq, self.floor_holder)
-            if dispatch:
-                await self._dispatch(to_agent, seq, livekit_api)
-            await self.wait_for_floor(to_agent, timeout)
-        if leave:
-            await self.stop()
-            await self.room.disconnect()
-        return seq
-
-    async def _dispatch(self, agent_name: str, seq: int, livekit_api: Any) -> None:
-        from livekit import api  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
-
-        metadata = msgspec.json.encode({"room": self.room_name, "ledger_seq": seq}).decode()
-        owned = livekit_api is None
-        if owned:
-            from ledger.livekit_api import livekit_api as make_api  # noqa: PLC0415 - with the SDK, above
-
-            livekit_api = make_api(self._need_ledger().settings, needed_for="a handoff's dispatch")
-        try:
-            with tracing.span("ledger.dispatch", {"ledger.agent_name": agent_name, "ledger.seq": seq}):
-                dispatch = await livekit_api.agent_dispatch.create_dispatch(
-                    api.CreateAgentDispatchRequest(agent_name=agent_name, room=self.room_name, metadata=metadata))
-            await self.record_dispatch(dispatch, by="hand_off")
-        finally:
-            if owned:
-                await livekit_api.aclose()
-
-    async def take_over(self, request: HandoffRequest, *, task: str | None = None, timeout: float = 10.0) -> Snapshot:
-        """The target side of a handoff: hydrate to the handoff's sequence, follow, take the floor."""
-        ledger = self._need_ledger()
-        snapshot: Snapshot = await ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
-        await self.start(snapshot=snapshot)
-        self.adopt_session(snapshot.session)
-        await self.request_floor(task=task)
-        await self.wait_for_floor(timeout=timeout)
-        return snapshot
 
 
 # --- the conversation for LiveKit Agents ------------------------------------------------------

@@ -10,7 +10,8 @@
     ├── EventError
     │   ├── InvalidRoomName     a room name that cannot be a room (empty, too long)
     │   ├── MalformedEvent      a known event type with a body of the wrong shape (names the field path)
-    │   └── EventTooLarge       bigger than the stream's maximum message size (says both numbers)
+    │   ├── EventTooLarge       bigger than the stream's maximum message size (says both numbers)
+    │   └── PayloadTooLarge     (ledger.events) over LEDGER_MAX_PAYLOAD: the helpers refuse to send it
     ├── AppendError             the server refused an append (carries its err_code)
     │   └── ConflictError       a conditional append lost: the room moved past the expected sequence
     ├── UnknownRoom             a room with no events in the log (suggests close names)
@@ -18,7 +19,7 @@
     ├── CheckpointMoved         a projection's checkpoint row moved under its worker (it reloads)
     ├── HydrateTimeout          (ledger.hydrate) the state did not reach ``min_seq`` in time
     ├── RoleUnavailable         (ledger.roles) no role of a claim was free in time
-    ├── HandoffLost             (ledger.agents) a handoff that passed nothing: its source did not hold the floor
+    ├── WatchTimeout            (ledger.watch) what a watch waited for did not come in time (says what the log has)
     ├── HandoffFailed           (ledger.handoff) a handoff did not complete; the source keeps the caller
     ├── WebhookRejected, WebhookUnroutable   (ledger.webhooks)
     └── CliError                (cli.common) a command cannot do what was asked (one line, exit 1)

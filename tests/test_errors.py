@@ -139,3 +139,29 @@ async def test_postgres_away_is_database_unavailable(pg_settings: Settings) -> N
     with pytest.raises(DatabaseUnavailable) as caught:
         await db.connect(pg_settings, url=f"postgresql://ledger@127.0.0.1:{port}/ledger", connect_timeout=2)
     assert caught.value.server == "PostgreSQL"
+
+
+def test_the_tree_drawn_in_ledger_errors_is_the_classes_that_exist() -> None:
+    """Every error raised on purpose is drawn in ledger/errors.py's tree, and every name drawn exists."""
+    import importlib
+    import pkgutil
+    import re
+
+    import cli.common  # noqa: F401 - CliError
+    import ledger
+    from ledger import errors
+
+    for module in pkgutil.iter_modules(ledger.__path__):
+        importlib.import_module(f"ledger.{module.name}")
+
+    def subclasses(cls: type) -> set[type]:
+        found: set[type] = set(cls.__subclasses__())
+        for sub in list(found):
+            found |= subclasses(sub)
+        return found
+
+    existing = {c.__name__ for c in subclasses(errors.LedgerError) if not c.__module__.startswith("tests")}
+    # "├── Name  what it means" or "├── NameA, NameB  what they mean"
+    drawn = {name for names in re.findall(r"[├└]── (\w+(?:, \w+)*)", errors.__doc__ or "")
+             for name in names.split(", ")}
+    assert existing == drawn, {"not drawn": existing - drawn, "drawn but missing": drawn - existing}

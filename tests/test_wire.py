@@ -143,3 +143,13 @@ async def test_a_finished_read_leaves_no_consumer(ledger: Ledger, room: str) -> 
             break  # a follow its reader stops
     # Other tests' readers may expire meanwhile (fewer), never more: these two left none.
     assert await consumers() <= before
+
+
+async def test_server_info_is_the_servers_info(settings: Settings) -> None:
+    """``Client._server_info``: what ``ledger doctor`` shows of the server (name, version, JetStream)."""
+    nc = await _connect(settings)
+    try:
+        info = _wire.server_info(nc)
+        assert info["version"] and info["jetstream"] is True and info["server_name"]
+    finally:
+        await nc.close()
