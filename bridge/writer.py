@@ -481,7 +481,6 @@ class BridgeWriter:
         return positions
 
     def _write_stats(self) -> None:
-        self.counters.rooms = self.counters.rooms
         write_stats(self.home, self.bridge_id, self.counters,
                     extra={"pending": self.pending, "spill_pending": self.spill_pending, "nats_ok": self.nats_ok})
 
