@@ -39,20 +39,21 @@ from bridge import session_feed
 from bridge.payloads import PayloadSpool
 from bridge.stats import Counters
 from ledger import events as ev
+from ledger import protocol
 from ledger.agents import AGENT_EVENT_TYPES, LEDGER_TOPIC, protocol_event_id
 from ledger.errors import MalformedEvent
 from ledger.settings import DEFAULT_INLINE_LIMIT, DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger("bridge.ingest")
 
-TOPIC_TRANSCRIPTION: Final = "lk.transcription"
-TOPIC_CHAT: Final = "lk.chat"
-TOPIC_AGENT_SESSION: Final = "lk.agent.session"
-ATTR_AGENT_STATE: Final = "lk.agent.state"
-ATTR_SEGMENT_ID: Final = "lk.segment_id"
-ATTR_TRACK_ID: Final = "lk.transcribed_track_id"
-ATTR_FINAL: Final = "lk.transcription_final"
-ATTR_LANGUAGE: Final = "lk.language"
+TOPIC_TRANSCRIPTION: Final = protocol.TOPIC_TRANSCRIPTION
+TOPIC_CHAT: Final = protocol.TOPIC_CHAT
+TOPIC_AGENT_SESSION: Final = protocol.TOPIC_AGENT_SESSION
+ATTR_AGENT_STATE: Final = protocol.ATTR_AGENT_STATE
+ATTR_SEGMENT_ID: Final = protocol.ATTR_SEGMENT_ID
+ATTR_TRACK_ID: Final = protocol.ATTR_TRANSCRIBED_TRACK_ID
+ATTR_FINAL: Final = protocol.ATTR_TRANSCRIPTION_FINAL
+ATTR_LANGUAGE: Final = protocol.ATTR_LANGUAGE
 
 #: Default inline limit: a payload larger than this goes to the Object Store (LEDGER_INLINE_LIMIT).
 MAX_INLINE_BYTES: Final = DEFAULT_INLINE_LIMIT
@@ -64,7 +65,7 @@ MAX_JSON_DEPTH: Final = 64
 #: message is 1 MiB, and the subject and headers need room too).
 MAX_EVENT_BYTES: Final = 900 * 1024
 #: Topics whose streams are parsed (typed) whatever their first byte.
-TYPED_TOPICS: Final = frozenset({LEDGER_TOPIC, "lk.transcription", "lk.chat", "lk.agent.session"})
+TYPED_TOPICS: Final = frozenset({LEDGER_TOPIC, TOPIC_TRANSCRIPTION, TOPIC_CHAT, TOPIC_AGENT_SESSION})
 
 #: The seed shape's keys; ``action_lock`` may be absent (``{"agent_id", "status"}`` is enough).
 _SEED_KEYS: Final = frozenset({"agent_id", "status"})

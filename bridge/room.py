@@ -25,12 +25,13 @@ from bridge import _sdk
 from bridge.ingest import TYPED_TOPICS, Ingest, ParticipantObservation
 from bridge.payloads import SpoolWriter
 from ledger import events as ev
+from ledger import protocol
 from ledger.events import utcnow
 
 log = logging.getLogger("bridge.room")
 
 #: The topic a SIP caller's DTMF digits are recorded under (as data: {"code", "digit"}).
-DTMF_TOPIC: Final = "lk.sip.dtmf"
+DTMF_TOPIC: Final = protocol.TOPIC_SIP_DTMF
 
 #: Observations handled between two returns to the event loop when a backlog has queued up.
 _YIELD_EVERY: Final = 50
@@ -98,9 +99,9 @@ class RoomBridge:
             # every topic, not just the ones we know of: "anything else -> data"
             self._restore_streams = _sdk.catch_all_streams(room, self._on_text_stream, self._on_byte_stream)
         else:  # pragma: no cover - an SDK without the private tables: known topics only
-            for topic in ("lk.transcription", "lk.chat", "ledger"):
+            for topic in (protocol.TOPIC_TRANSCRIPTION, protocol.TOPIC_CHAT, protocol.TOPIC_LEDGER):
                 room.register_text_stream_handler(topic, self._on_text_stream)
-            room.register_byte_stream_handler("lk.agent.session", self._on_byte_stream)
+            room.register_byte_stream_handler(protocol.TOPIC_AGENT_SESSION, self._on_byte_stream)
             self._known_topics = True
         self._pump = asyncio.create_task(self._run_queue(), name="bridge-room-pump")
 
@@ -112,7 +113,7 @@ class RoomBridge:
     def _snapshot(self) -> None:
         observed = [_observe(p) for p in self.room.remote_participants.values()]
         for p in observed:
-            state = p.attributes.get("lk.agent.state")
+            state = p.attributes.get(protocol.ATTR_AGENT_STATE)
             if state:
                 self._agent_states[p.identity] = state
         metadata = self.room.metadata
@@ -143,9 +144,9 @@ class RoomBridge:
             self._restore_streams()
             self._restore_streams = None
         if self._known_topics:
-            for topic in ("lk.transcription", "lk.chat", "ledger"):
+            for topic in (protocol.TOPIC_TRANSCRIPTION, protocol.TOPIC_CHAT, protocol.TOPIC_LEDGER):
                 room.unregister_text_stream_handler(topic)
-            room.unregister_byte_stream_handler("lk.agent.session")
+            room.unregister_byte_stream_handler(protocol.TOPIC_AGENT_SESSION)
             self._known_topics = False
         self._attached = False
 
@@ -174,8 +175,8 @@ class RoomBridge:
 
     def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
         p = _observe(participant)
-        if p.attributes.get("lk.agent.state"):
-            self._agent_states[p.identity] = p.attributes["lk.agent.state"]
+        if p.attributes.get(protocol.ATTR_AGENT_STATE):
+            self._agent_states[p.identity] = p.attributes[protocol.ATTR_AGENT_STATE]
         at = utcnow()
         self._put(lambda: self.ingest.participant_joined(
             p.identity, kind=p.kind, sid=p.sid, name=p.name, attributes=p.attributes, metadata=p.metadata,
@@ -196,8 +197,8 @@ class RoomBridge:
         changed = dict(changed)
         attributes = dict(participant.attributes)
         old_state = self._agent_states.get(identity)
-        if "lk.agent.state" in changed:
-            self._agent_states[identity] = changed["lk.agent.state"]
+        if protocol.ATTR_AGENT_STATE in changed:
+            self._agent_states[identity] = changed[protocol.ATTR_AGENT_STATE]
         at = utcnow()
         self._put(lambda: self.ingest.participant_attributes(identity, changed, attributes,
                                                              old_agent_state=old_state, at=at))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 import msgspec
 
 from ledger import events as ev
+from ledger import protocol
 from ledger.events import derived_event_id
 from ledger.roles import claim_role, release_role
 from ledger.settings import DEFAULT_MAX_PAYLOAD
@@ -56,7 +57,7 @@ class _Stamped(Protocol):
 ChatItemT = TypeVar("ChatItemT", bound=_Stamped)
 
 #: The data topic of the ledger protocol.
-LEDGER_TOPIC: Final = "ledger"
+LEDGER_TOPIC: Final = protocol.TOPIC_LEDGER
 #: Event types agents may publish on the ledger topic.
 AGENT_EVENT_TYPES: Final = frozenset(
     {"agent.status", "floor.request", "floor.release", "handoff", "session.patch", "context.summary",

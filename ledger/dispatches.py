@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from ledger import events as ev
+from ledger import protocol
 
 if TYPE_CHECKING:
     from livekit.protocol.agent_dispatch import AgentDispatch
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ledger.client import Ledger, Position
 
 #: The participant attribute livekit-server gives an agent's participant (pkg/agent/worker.go).
-AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
+AGENT_NAME_ATTRIBUTE: Final = protocol.ATTR_AGENT_NAME
 #: The server's clock (dispatch creation) and the log's (joins) may differ a little.
 CLOCK_SLACK_S: Final = 2.0
 

@@ -65,6 +65,7 @@ from typing import Any, Final, Protocol, TypeAlias, TypeVar
 import msgspec
 
 from ledger import events as ev
+from ledger import protocol
 from ledger import roles as role_rules
 from ledger.roles import Roles
 
@@ -455,8 +456,8 @@ def _on_joined(state: RoomState, event: ev.ParticipantJoinedEvent, seq: int, tim
     p.metadata = body.metadata or p.metadata
     if body.attributes:
         p.attributes = dict(body.attributes)
-    if "lk.agent.state" in p.attributes:
-        p.agent_state = p.attributes["lk.agent.state"]
+    if protocol.ATTR_AGENT_STATE in p.attributes:
+        p.agent_state = p.attributes[protocol.ATTR_AGENT_STATE]
     if p.joined_seq is None or not body.snapshot or p.left_seq is not None:
         p.joined_seq = seq
     p.left_seq = None
@@ -497,8 +498,8 @@ def _on_attributes(state: RoomState, event: ev.ParticipantAttributesEvent, seq: 
         p.name = body.name
     if body.metadata is not None:
         p.metadata = body.metadata
-    if "lk.agent.state" in body.changed or "lk.agent.state" in body.attributes:
-        p.agent_state = p.attributes.get("lk.agent.state") or None
+    if protocol.ATTR_AGENT_STATE in body.changed or protocol.ATTR_AGENT_STATE in body.attributes:
+        p.agent_state = p.attributes.get(protocol.ATTR_AGENT_STATE) or None
     p.last_seq = seq
 
 

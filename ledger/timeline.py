@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal
 import msgspec
 
 from ledger import events as ev
+from ledger import protocol
 from ledger.state import RoomState, apply_safely
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class HandoffTracker:
         if isinstance(event, ev.AgentStatusEvent | ev.FloorRequestEvent) and event.sender.identity:
             self._learn(event.body.agent_id, event.sender.identity)
         elif isinstance(event, ev.ParticipantJoinedEvent | ev.ParticipantAttributesEvent) and (
-                name := event.body.attributes.get("lk.agent_name")):
+                name := event.body.attributes.get(protocol.ATTR_AGENT_NAME)):
             # A dispatched agent's LiveKit agent name (what handoffs name it by). Its first words can
             # reach the log before its join does (the server announces a participant late).
             self._learn(name, event.body.identity)
@@ -479,7 +480,7 @@ class SpeechTracker:
                     self._open.setdefault(b.identity, when)
                 elif b.identity in self._open:
                     self._close(b.identity, when)
-            case ev.DataEvent(body=b) if b.topic == "lk.agent.session" and b.attributes.get("event") == \
+            case ev.DataEvent(body=b) if b.topic == protocol.TOPIC_AGENT_SESSION and b.attributes.get("event") == \
                     "user_state_changed" and isinstance(b.json, dict):
                 self._feeds_user_state = True
                 lane = self._caller()
