@@ -199,6 +199,9 @@ async def floor_timeline(ledger: Ledger, room: str) -> FloorTimeline:
 # --- handoffs -----------------------------------------------------------------------------------
 
 
+#: A source's "speaking" this soon after its last words ended is those words' state seen twice, not
+#: new speech (a progress line comes seconds later).
+SAME_SPEECH_GAP_S: Final = 0.3
 #: How a handoff ended: the target spoke or took the floor ("ok"), the source recorded it as failed
 #: and kept the caller ("failed"), or the log does not say yet ("pending").
 HandoffOutcomeName = Literal["ok", "failed", "pending"]
@@ -411,7 +414,11 @@ class HandoffTracker:
             else:
                 row.heard.setdefault(speaker, (start, seq))
         for row in list(self._silent):
-            if start <= row.time and speaker in self._names(row.from_agent):
+            if speaker in self._names(row.from_agent) and (
+                    start <= row.time or (row.last_speech is not None
+                                          and (start - row.last_speech).total_seconds() < SAME_SPEECH_GAP_S)):
+                # its last words again: a second copy of their state change (the participant's
+                # attribute, stamped when the bridge saw it, beside the session feed's)
                 continue
             if row.last_speech is not None and start > row.last_speech:
                 row.heard_again, row.heard_again_seq = start, seq

@@ -107,7 +107,7 @@ async def test_room_io_keeps_its_text_input_callback_where_the_handoff_reads_it(
     assert text_input_callback(room_io) is typed
 
 
-def test_agent_session_keeps_a_user_turn_where_floor_gating_puts_it() -> None:
+async def test_agent_session_keeps_a_user_turn_where_floor_gating_puts_it() -> None:
     """ledger.turns keeps a turn it does not answer as LiveKit's skip_reply path does."""
     from livekit.agents import Agent, AgentSession
     from livekit.agents.llm import ChatMessage
