@@ -28,12 +28,13 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from ledger import events as ev
 from ledger import protocol
+from ledger.chat import chat_items
 from ledger.events import derived_event_id
 from ledger.roles import claim_role, release_role
 from ledger.settings import DEFAULT_MAX_PAYLOAD
@@ -49,12 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ledger.agents")
 
 
-class _Stamped(Protocol):
-    @property
-    def created_at(self) -> float: ...
-
-
-ChatItemT = TypeVar("ChatItemT", bound=_Stamped)
 
 #: The data topic of the ledger protocol.
 LEDGER_TOPIC: Final = protocol.TOPIC_LEDGER
@@ -434,52 +429,9 @@ def chat_ctx(snapshot: Snapshot) -> ChatContext:
     ``created_at``. When the snapshot starts at a summary, the summary comes first as an
     assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
     """
-    # livekit-agents is an optional, heavy dependency: loaded by the agents that use it only.
     from livekit.agents import llm  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
 
-    items: list[Any] = []
-    for item in snapshot.conversation:
-        created_at = item.created_at if item.created_at is not None else item.time.timestamp()
-        if item.type == "message":
-            role: Literal["user", "assistant"]
-            if item.role == "user":
-                role = "user"
-            elif item.role == "assistant":
-                role = "assistant"
-            else:
-                continue
-            extra: dict[str, Any] = {"ledger_seq": item.seq}
-            if item.speaker:
-                extra["speaker"] = item.speaker
-            items.append(
-                llm.ChatMessage(
-                    id=item.item_id, role=role, content=[item.text], interrupted=item.interrupted,
-                    created_at=created_at, extra=extra,
-                )
-            )
-        elif item.type == "function_call":
-            items.append(
-                llm.FunctionCall(
-                    id=item.item_id, call_id=item.call_id or item.item_id, name=item.name or "",
-                    arguments=item.arguments or "", created_at=created_at, extra={"ledger_seq": item.seq},
-                )
-            )
-        elif item.type == "function_call_output":
-            items.append(
-                llm.FunctionCallOutput(
-                    id=item.item_id, call_id=item.call_id or "", name=item.name or "",
-                    output=item.output if item.output is not None else item.text, is_error=item.is_error,
-                    created_at=created_at,
-                )
-            )
-        elif item.type == "agent_handoff" and item.new_agent_id:
-            items.append(
-                llm.AgentHandoff(
-                    id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
-                    created_at=created_at,
-                )
-            )
-    items = in_time_order(items)
+    items = chat_items(snapshot.conversation)
     summary = snapshot.state.summary
     if summary is not None and not snapshot.full_conversation:
         # Just before the first item it did not cover, as LiveKit's own summarization stamps it.
@@ -494,12 +446,3 @@ def chat_ctx(snapshot: Snapshot) -> ChatContext:
     return llm.ChatContext(items)
 
 
-def in_time_order(items: list[ChatItemT]) -> list[ChatItemT]:
-    """Chat items sorted by ``created_at`` (stable: equal times keep log order).
-
-    A ``ChatContext`` is kept in that order by LiveKit Agents (``insert``, ``merge`` and
-    ``find_insertion_index`` assume it). The log's order is the order packets reached the bridge,
-    and different participants' packets race through the SFU: an agent's feed item can reach the
-    log after a chat message the caller typed once it had seen that reply.
-    """
-    return sorted(items, key=lambda item: item.created_at)

@@ -40,7 +40,7 @@ import nats.js.errors
 
 from ledger import events as ev
 from ledger import state as rd
-from ledger.agents import in_time_order
+from ledger.chat import chat_items
 from ledger.errors import LedgerError
 from ledger.hydrate import Snapshot
 from ledger.settings import DIRECT_BATCH
@@ -353,42 +353,11 @@ async def export_room(ledger: Ledger, room: str, events: int | None = None) -> l
 
 
 def _side(snapshot: Snapshot, agent: str, owners: dict[str, str]) -> ChatContext:
-    """One agent's side of an agent-to-agent conversation: its speech ``assistant``, the others' ``user``,
-    its own tool calls and outputs (``owners``: item id -> whose session published it)."""
+    """One agent's side of an agent-to-agent conversation (:func:`ledger.chat.chat_items` from its
+    perspective; ``owners``: item id -> whose session published it)."""
     from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded only to shape a conversation
 
-    items: list[Any] = []
-    for item in snapshot.conversation:
-        created_at = item.created_at if item.created_at is not None else item.time.timestamp()
-        extra: dict[str, Any] = {"ledger_seq": item.seq}
-        if item.type == "message":
-            # Hearings of the other agent repeat its own items; see the module docstring.
-            if item.role != "assistant" or not item.speaker:
-                continue
-            extra["speaker"] = item.speaker
-            items.append(llm.ChatMessage(
-                id=item.item_id, role="assistant" if item.speaker == agent else "user", content=[item.text],
-                interrupted=item.interrupted, created_at=created_at, extra=extra,
-            ))
-            continue
-        owner = item.speaker or owners.get(item.item_id)
-        if item.type == "function_call" and owner == agent:
-            items.append(llm.FunctionCall(
-                id=item.item_id, call_id=item.call_id or item.item_id, name=item.name or "",
-                arguments=item.arguments or "", created_at=created_at, extra=extra,
-            ))
-        elif item.type == "function_call_output" and owner == agent:
-            items.append(llm.FunctionCallOutput(
-                id=item.item_id, call_id=item.call_id or "", name=item.name or "",
-                output=item.output if item.output is not None else item.text, is_error=item.is_error,
-                created_at=created_at,
-            ))
-        elif item.type == "agent_handoff" and item.new_agent_id and owner in (None, agent):
-            items.append(llm.AgentHandoff(
-                id=item.item_id, old_agent_id=item.old_agent_id, new_agent_id=item.new_agent_id,
-                created_at=created_at,
-            ))
-    return llm.ChatContext(in_time_order(items))
+    return llm.ChatContext(chat_items(snapshot.conversation, perspective=agent, owners=owners))
 
 
 def _merge(turns: list[dict[str, Any]], handoffs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
