@@ -1,4 +1,4 @@
-"""``ledger webhooks``: receive livekit-server's webhooks into the room logs (see :mod:`ledger.webhooks`)."""
+"""``ledger webhooks``: receive livekit-server's webhooks into the room logs (see :mod:`bridge.webhooks`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import signal
 
+from bridge.webhooks import Recorded, WebhookRecorder, webhook_app
 from cli.common import CliError, console, write_json
 from ledger.client import Ledger
 from ledger.settings import Settings
-from ledger.webhooks import Recorded, WebhookRecorder, webhook_app
 
 
 def _keys(settings: Settings) -> tuple[str, str]:

@@ -34,15 +34,13 @@ import msgspec
 
 from ledger import events as ev
 from ledger import protocol
-from ledger.chat import chat_items
 from ledger.events import derived_event_id
-from ledger.roles import claim_role, release_role
+from ledger.roles import RoleUnavailable, wanted_roles
 from ledger.settings import DEFAULT_MAX_PAYLOAD
 from ledger.state import RoomState, apply_safely, apply_session_patch, json_pointer
 
 if TYPE_CHECKING:
     from livekit import rtc
-    from livekit.agents.llm import ChatContext
 
     from ledger.client import Ledger, Record
     from ledger.hydrate import Snapshot
@@ -318,15 +316,34 @@ class LedgerAgent:
         """Claim one of ``roles``; returns the one the log gives this agent (see :mod:`ledger.roles`).
 
         Two agents claiming ``{"customer", "support"}`` at the same instant get different roles,
-        decided by log order. Needs :meth:`start` first.
+        decided by log order. Needs :meth:`start` first (the answer comes from the followed log,
+        as for the floor). An agent already holding one of them gets it back at once. Raises
+        :class:`~ledger.roles.RoleUnavailable` when all are held for ``timeout`` seconds.
         """
+        wanted = wanted_roles(roles)
+        if not wanted:
+            raise ValueError("claim_role needs at least one role")
+        agent_id = self.agent_id
+        held = self.state.roles.role_of(agent_id)
+        if held is not None:
+            return held
+        await self.publish("role.claim", ev.RoleClaim(agent_id=agent_id, roles=wanted))
+        try:
+            await self.wait_until(lambda state: state.roles.role_of(agent_id) is not None, timeout)
+        except TimeoutError:
+            raise RoleUnavailable(agent_id, wanted, self.state.roles.assignment(), timeout) from None
+        role = self.state.roles.role_of(agent_id)
+        assert role is not None
+        return role
 
-        return await claim_role(self, roles, timeout=timeout)
-
-    async def release_role(self, role: str | None = None, *, timeout: float = 10.0) -> None:
-        """Give up the role (or a waiting claim); returns once the log shows it."""
-
-        await release_role(self, role, timeout=timeout)
+    async def release_role(self, role: str | None = None, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """Give up the role (or a waiting claim); ``wait``: until the log shows it freed."""
+        agent_id = self.agent_id
+        await self.publish("role.release", ev.RoleRelease(agent_id=agent_id, role=role))
+        if wait:
+            await self.wait_until(
+                lambda state: state.roles.role_of(agent_id) is None
+                and not any(w.agent_id == agent_id for w in state.roles.waiting), timeout)
 
     @property
     def role(self) -> str | None:
@@ -420,29 +437,5 @@ class LedgerAgent:
 # --- the conversation for LiveKit Agents ------------------------------------------------------
 
 
-def chat_ctx(snapshot: Snapshot) -> ChatContext:
-    """A snapshot's conversation as a LiveKit Agents ``llm.ChatContext`` (``Snapshot.chat_ctx()``).
-
-    User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
-    ``extra["speaker"]``); function calls, their outputs and agent handoffs kept; system and
-    developer messages and agent config updates (instructions) left out; timestamps kept in
-    ``created_at``. When the snapshot starts at a summary, the summary comes first as an
-    assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
-    """
-    from livekit.agents import llm  # noqa: PLC0415 - livekit SDKs: optional and heavy, loaded by the agents that use them
-
-    items = chat_items(snapshot.conversation)
-    summary = snapshot.state.summary
-    if summary is not None and not snapshot.full_conversation:
-        # Just before the first item it did not cover, as LiveKit's own summarization stamps it.
-        created_at = items[0].created_at - 1e-6 if items else summary.time.timestamp()
-        items.insert(0, llm.ChatMessage(
-            id=f"summary_{summary.seq}",
-            role="assistant",
-            content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
-            created_at=created_at,
-            extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
-        ))
-    return llm.ChatContext(items)
 
 

@@ -22,7 +22,23 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from ledger.state import ConversationItem
+    from livekit.agents.llm import ChatContext
+
+    from ledger.state import ConversationItem, RoomState
+
+
+class SnapshotLike(Protocol):
+    """What the mapping reads of a ``ledger.hydrate.Snapshot`` (a protocol: the hydration imports
+    this module, not the other way round)."""
+
+    @property
+    def conversation(self) -> list[ConversationItem]: ...
+
+    @property
+    def state(self) -> RoomState: ...
+
+    @property
+    def full_conversation(self) -> bool: ...
 
 
 class _Stamped(Protocol):
@@ -86,4 +102,30 @@ def chat_items(conversation: Iterable[ConversationItem], *, perspective: str | N
     return in_time_order(items)
 
 
-__all__ = ["chat_items", "in_time_order"]
+def snapshot_chat_ctx(snapshot: SnapshotLike) -> ChatContext:
+    """A snapshot's conversation as a LiveKit Agents ``llm.ChatContext`` (``Snapshot.chat_ctx()``).
+
+    User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
+    ``extra["speaker"]``); function calls, their outputs and agent handoffs kept; system and
+    developer messages and agent config updates (instructions) left out; timestamps kept in
+    ``created_at``. When the snapshot starts at a summary, the summary comes first as an
+    assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
+    """
+    from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded by those who map
+
+    items = chat_items(snapshot.conversation)
+    summary = snapshot.state.summary
+    if summary is not None and not snapshot.full_conversation:
+        # Just before the first item it did not cover, as LiveKit's own summarization stamps it.
+        created_at = items[0].created_at - 1e-6 if items else summary.time.timestamp()
+        items.insert(0, llm.ChatMessage(
+            id=f"summary_{summary.seq}",
+            role="assistant",
+            content=[f"<chat_history_summary>\n{summary.text}\n</chat_history_summary>"],
+            created_at=created_at,
+            extra={"is_summary": True, "covers_seq": summary.covers_seq, "ledger_seq": summary.seq},
+        ))
+    return llm.ChatContext(items)
+
+
+__all__ = ["SnapshotLike", "chat_items", "in_time_order", "snapshot_chat_ctx"]

@@ -21,7 +21,7 @@
     ├── RoleUnavailable         (ledger.roles) no role of a claim was free in time
     ├── WatchTimeout            (ledger.watch) what a watch waited for did not come in time (says what the log has)
     ├── HandoffFailed           (ledger.handoff) a handoff did not complete; the source keeps the caller
-    ├── WebhookRejected, WebhookUnroutable   (ledger.webhooks)
+    ├── WebhookRejected, WebhookUnroutable   (bridge.webhooks: the ingest wing)
     └── CliError                (cli.common) a command cannot do what was asked (one line, exit 1)
 
 Driver errors are mapped at one boundary each, with ``raise … from exc`` so callers catch one

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from ledger import agents, db
+from ledger import db
 from ledger import state as rd
+from ledger.chat import snapshot_chat_ctx
 from ledger.errors import LedgerError
 from ledger.settings import DIRECT_BATCH
 
@@ -161,8 +162,8 @@ class Snapshot:
         return data
 
     def chat_ctx(self) -> ChatContext:
-        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`ledger.agents.chat_ctx`."""
-        return agents.chat_ctx(self)
+        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`ledger.chat.snapshot_chat_ctx`."""
+        return snapshot_chat_ctx(self)
 
 
 # --- the database side ----------------------------------------------------------------------

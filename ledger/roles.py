@@ -5,7 +5,7 @@ take different roles, on any number of machines, with no lock file and no lock s
 
     agent = LedgerAgent(ctx.room, ledger)
     await agent.start()                                     # hydrate + follow the room's log
-    role = await claim_role(agent, {"customer", "support"})  # "customer" or "support", never both
+    role = await agent.claim_role({"customer", "support"})  # "customer" or "support", never both
 
 The rule (the floor's, for a set of roles): every reader folds the room's log in the same order,
 so every agent computes the same assignment.
@@ -27,15 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from ledger import events as ev
 from ledger.errors import LedgerError
-
-if TYPE_CHECKING:
-    from ledger.agents import LedgerAgent
 
 
 class RoleHolder(msgspec.Struct, kw_only=True, gc=False):
@@ -141,40 +137,5 @@ def wanted_roles(roles: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(roles))
 
 
-async def claim_role(agent: LedgerAgent, roles: Iterable[str], *, timeout: float = 10.0) -> str:
-    """Claim one of ``roles`` and wait until the followed log says which one this agent holds.
-
-    Needs ``await agent.start()`` first (the answer comes from the followed log, as for the floor).
-    An agent already holding one of them gets it back at once. Raises :class:`RoleUnavailable`
-    when all are held for ``timeout`` seconds.
-    """
-    wanted = wanted_roles(roles)
-    if not wanted:
-        raise ValueError("claim_role needs at least one role")
-    agent_id = agent.agent_id
-    held = agent.state.roles.role_of(agent_id)
-    if held is not None:
-        return held
-    await agent.publish("role.claim", ev.RoleClaim(agent_id=agent_id, roles=wanted))
-    try:
-        await agent.wait_until(lambda state: state.roles.role_of(agent_id) is not None, timeout)
-    except TimeoutError:
-        raise RoleUnavailable(agent_id, wanted, agent.state.roles.assignment(), timeout) from None
-    role = agent.state.roles.role_of(agent_id)
-    assert role is not None
-    return role
-
-
-async def release_role(agent: LedgerAgent, role: str | None = None, *, wait: bool = True,
-                       timeout: float = 10.0) -> None:
-    """Give the role up (and any waiting claim); ``wait``: until the log shows it freed."""
-    agent_id = agent.agent_id
-    await agent.publish("role.release", ev.RoleRelease(agent_id=agent_id, role=role))
-    if wait:
-        await agent.wait_until(
-            lambda state: state.roles.role_of(agent_id) is None
-            and not any(w.agent_id == agent_id for w in state.roles.waiting), timeout)
-
-
-__all__ = ["RoleHolder", "RoleUnavailable", "RoleWait", "Roles", "apply_event", "claim", "claim_role", "left",
-           "release", "release_role", "wanted_roles"]
+__all__ = ["RoleHolder", "RoleUnavailable", "RoleWait", "Roles", "apply_event", "claim", "left", "release",
+           "wanted_roles"]

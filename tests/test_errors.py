@@ -147,6 +147,7 @@ def test_the_tree_drawn_in_ledger_errors_is_the_classes_that_exist() -> None:
     import pkgutil
     import re
 
+    import bridge.webhooks  # noqa: F401 - WebhookRejected, WebhookUnroutable
     import cli.common  # noqa: F401 - CliError
     import ledger
     from ledger import errors

@@ -22,11 +22,11 @@ import pytest
 from aiohttp import web
 from livekit import api, rtc
 
+from bridge.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.settings import Settings
 from ledger.watch import RoomWatch
-from ledger.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
 from tests.livekit import netns
 from tests.livekit.server import API_KEY, API_SECRET, LocalLiveKit, free_port, have_binary
 from tests.test_cli_helpers import env_for, invoke, json_of, ok

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from ledger.client import Ledger, Position
 
-log = logging.getLogger("ledger.webhooks")
+log = logging.getLogger("bridge.webhooks")
 
 #: Webhook event name -> the body of its ``server.*`` type; others are ``server.webhook``.
 WEBHOOK_BODIES: Final[dict[str, type[ev.ServerEvent]]] = {
