@@ -195,3 +195,60 @@ async def test_voice_warm_standby_is_silent_until_handed_the_call(lk_settings: S
     assert workers.billing not in dispatched, dispatched
     assert caller.overlap_ms(names[workers.triage][0], billing) == 0
     await caller.aclose()
+
+
+async def test_the_caller_can_cut_the_sources_last_words_short(lk_settings: Settings, ledger: Ledger, room: str,
+                                                               livekit_connect: Any,
+                                                               workers: ExampleWorkers) -> None:
+    """The caller speaks while triage is still saying "One moment, I'm transferring you now.": triage
+    stops (its reply is recorded as interrupted), the handoff goes on, and billing answers what the
+    caller said, once."""
+    from examples.voice.offline import VoiceCaller, espeak_available
+
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")
+    await workers.start("triage", HANDOFF_VOICE="1")
+    await workers.start("billing", HANDOFF_VOICE="1")
+    log = ledger.watch(room)
+
+    async def reply(starts: str, after: int = 0) -> tuple[str, str, int]:
+        def said(rs: list[Record]) -> bool:
+            return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
+
+        await log.until(said, 40, what=f"a reply starting {starts!r}")
+        return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
+
+    async with running_bridge(lk_settings, room):
+        caller_room = await livekit_connect("caller", room)
+        caller = await VoiceCaller.create(caller_room)
+        await workers.dispatch(room, workers.triage)
+        await reply("Hi, this is triage")
+        triage = _identities(log.records)[workers.triage][0]
+        _, asked_end = await caller.say("i have a question about my bill")
+        # triage's answer is audible: cut in
+        await _until_voiced(caller, triage, asked_end)
+        await caller.say("are you there")
+        answered = await reply("Billing here: about 'are you there'")
+        records = list(log.records)
+        await caller_room.disconnect()
+    await log.close()
+
+    items = [body_of(r) for r in records if r.type == "conversation.item" and body_of(r).item_type == "message"
+             and body_of(r).role == "assistant" and r.event.sender.identity == triage]
+    moment = [i for i in items if i.text.startswith("One moment")]
+    assert moment and moment[-1].interrupted, [(i.text, i.interrupted) for i in items]
+    assert [r for r in _replies(records) if "are you there" in r[1]] == [answered]
+    assert answered[0] == _identities(records)[workers.billing][0]
+    await caller.aclose()
+
+
+async def _until_voiced(caller: Any, identity: str, after: float, timeout: float = 20.0) -> None:
+    """Until ``identity`` is audible after ``after`` (the caller's frames arrive as audio plays)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while caller.first_voiced_after(identity, after) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{identity} was not audible within {timeout:g}s")
+        await asyncio.sleep(0.02)  # frames come every 10 ms; no event says "voiced"

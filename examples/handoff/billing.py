@@ -56,7 +56,8 @@ def script(chat_ctx: llm.ChatContext) -> Step:
         if item.name == "transfer_to":
             return Say("Sorry, I can't transfer you right now." if item.is_error
                        else "I'm sending you back to triage now.")
-    if item is not None and item.type == "message" and item.role == "user" and not _resumed(item):
+    if item is not None and item.type == "message" and item.role == "user" and (
+            not _resumed(item) or _said_during_the_switch(item, chat_ctx)):
         text = text_of(item).lower()
         if "refund" in text:
             return Call("refund_duplicate", {})
@@ -65,6 +66,14 @@ def script(chat_ctx: llm.ChatContext) -> Step:
             return Call("transfer_to", {"agent_name": TRIAGE, "reason": "billing is done"})
         return Say(f"Billing here: about {text_of(item)!r}, I'm on it.")
     return Say(f"Hi Ana, billing here. I have your account and the {len(told_triage)} things you told triage.")
+
+
+def _said_during_the_switch(item: llm.ChatItem, chat_ctx: llm.ChatContext) -> bool:
+    """Whether the caller said ``item`` after triage's transfer call (while the call switched): the
+    history has it (the source kept it), and the first reply answers it."""
+    items = list(chat_ctx.items)
+    transfers = [n for n, i in enumerate(items) if i.type == "function_call_output" and i.name == "transfer_to"]
+    return bool(transfers) and items.index(item) > transfers[-1]
 
 
 def _resumed(item: llm.ChatItem, chat_ctx: llm.ChatContext | None = None) -> bool:
