@@ -248,10 +248,14 @@ def test_follow_prints_history_then_live_events(settings: Settings, room: str) -
 
 def test_follow_ends_cleanly_on_ctrl_c(settings: Settings, room: str, tmp_path: Path) -> None:
     seed(settings, room, [ev.make_event(room, ev.RoomMetadata(metadata="first"))])
-    env = {**os.environ, **env_for(settings)}
+    # faulthandler: a process that does not end is made to say where it is (SIGABRT below)
+    env = {**os.environ, **env_for(settings), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "replay", room, "--follow", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        # Ctrl-C as a terminal sends it: a test run started in the background of a shell script
+        # (`make test &`) ignores SIGINT, and its children would inherit that and never see it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
@@ -262,7 +266,12 @@ def test_follow_ends_cleanly_on_ctrl_c(settings: Settings, room: str, tmp_path: 
         proc.send_signal(signal.SIGINT)
         # communicate, not wait: it drains stderr as the process writes it (a process blocked on a
         # full pipe never exits)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(f"replay --follow did not end on Ctrl-C; where it was:\n{err[-6000:]}") from None
         assert proc.returncode == 0, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
     finally:
