@@ -425,6 +425,12 @@ class LedgerLink:
         self.session = session
         _links[session] = self
         self._hold_input()
+        if self.turn_gate is not None:
+            # A standby's own hearing is dropped, not kept: the agent holding the call hears and
+            # keeps every turn (a second copy in the log would be a second turn to answer).
+            self.turn_gate.holding = False
+            self.turn_gate.deferring = True
+            self._muted = False
         handed: asyncio.Future[ev.Handoff] = asyncio.get_running_loop().create_future()
 
         def watch(record: Record) -> None:
@@ -433,6 +439,7 @@ class LedgerLink:
                     and handoff_took_effect(self.agent.state, record.seq, event.body.from_agent)):
                 handed.set_result(event.body)
                 self._handed_seq = record.seq
+                self._source_identity = event.sender.identity
 
         undo = self.agent.on_record(watch)
         try:
@@ -454,17 +461,11 @@ class LedgerLink:
         self._resumed = resumed
         session.userdata = resumed.userdata
         self.agent.adopt_session(dict(state.session))
-        # What the caller said while this standby waited (it heard it, holding) and the handoff's
-        # snapshot lacks: its first reply answers it.
-        if self.turn_gate is not None and self.turn_gate.held:
-            recent = _recent_user_texts(resumed.chat_ctx)
-            # Turns after the last one the log has (earlier ones the source had, and answered).
-            since = max((item.created_at for item in resumed.chat_ctx.items
-                         if item.type == "message" and item.role == "user"), default=0.0)
-            for message in self.turn_gate.held:
-                if message.created_at >= since and (message.text_content or "").strip() not in recent:
-                    resumed.chat_ctx.items.append(message)
         self._release_input(replay=False)  # what the caller typed meanwhile was the source's to answer
+        if session.input.audio is not None and self._source_identity:
+            # By voice, as a dispatched target: the source's hearing counts until it has left
+            # (what it keeps reaches this agent through the log), then this session's own.
+            self._defer_to_source(session, resumed)
         # No longer a standby (before the claim: a status without the lock withdraws claims).
         await self.agent.status("processing", task=task or "taken over")
         await self._take_floor(task, floor_timeout, wait=False)

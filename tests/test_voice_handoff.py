@@ -235,7 +235,7 @@ async def test_the_caller_can_cut_the_sources_last_words_short(lk_settings: Sett
 
     items = [body_of(r) for r in records if r.type == "conversation.item" and body_of(r).item_type == "message"
              and body_of(r).role == "assistant" and r.event.sender.identity == triage]
-    moment = [i for i in items if i.text.startswith("One moment")]
+    moment = [i for i in items if i.text.startswith("One")]  # (cut short: maybe one word)
     assert moment and moment[-1].interrupted, [(i.text, i.interrupted) for i in items]
     assert [r for r in _replies(records) if "are you there" in r[1]] == [answered]
     assert answered[0] == _identities(records)[workers.billing][0]
