@@ -172,9 +172,15 @@ async def test_bridge_process_logs_at_debug_hold_no_transcript_chat_or_identity(
         "LEDGER_DEBUG": "1", "LIVEKIT_RTC_DEBUG": "1" if rtc_debug else "", "RUST_LOG": "debug",
         "PYTHONPATH": str(REPO),
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", VERBOSE_CLI, "--debug", "bridge", "--room", room, env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    # Files, not pipes: a bridge logging at debug writes more than a pipe holds before anyone reads
+    # it, and a process blocked on a full pipe records nothing more (the test timed out so).
+    out_path, err_path = bridge_home / "bridge.out", bridge_home / "bridge.err"
+    with out_path.open("wb") as out_file, err_path.open("wb") as err_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", VERBOSE_CLI, "--debug", "bridge", "--room", room, env=env, cwd=REPO,
+            stdout=out_file, stderr=err_file,
+            # Ctrl-C as a terminal sends it (a suite run in a script's background ignores SIGINT)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # A bridge logging every SCTP packet is slow on a loaded machine: deadlines are generous.
     try:
         await log.until(lambda rs: any(r.type == "bridge.joined" for r in rs), 60)
@@ -186,7 +192,8 @@ async def test_bridge_process_logs_at_debug_hold_no_transcript_chat_or_identity(
         await caller.disconnect()
         await log.until(lambda rs: any(r.type == "participant.left" for r in rs), 60)
         proc.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        await asyncio.wait_for(proc.wait(), 60)
+        out, err = out_path.read_bytes(), err_path.read_bytes()
         assert proc.returncode == 0, err.decode(errors="replace")[-4000:]
     finally:
         if proc.returncode is None:
