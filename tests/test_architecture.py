@@ -45,14 +45,15 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[str, int]]:
+def _imports(tree: ast.AST, module: str, is_package: bool, *,
+             type_checking: bool = False) -> Iterator[tuple[str, int]]:
     """(imported module, line) for every import that runs, resolved to a module of this repository
     where one exists (``from ledger import state`` is ``ledger.state``; ``from ledger import Ledger``
     is ``ledger``)."""
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
             continue
         if isinstance(node, ast.Import):
@@ -156,19 +157,7 @@ def test_a_violation_is_seen() -> None:
 
 def _all_imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
     """Every import, ``TYPE_CHECKING`` ones included: a design's dependencies, not only the runtime's."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".")
-                base = base[: len(base) - node.level + (1 if is_package else 0)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            for alias in node.names:
-                sub = f"{target}.{alias.name}"
-                yield sub if sub in MODULES else target
+    return (target for target, _ in _imports(tree, module, is_package, type_checking=True))
 
 
 #: The one circle left (issue "The house, second step"): ``Ledger`` (the log client) offers

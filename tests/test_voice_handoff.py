@@ -32,6 +32,16 @@ def _replies(records: list[Record]) -> list[tuple[str, str, int]]:
             and body_of(r).item_type == "message" and body_of(r).role == "assistant"]
 
 
+async def _reply(log: Any, starts: str, after: int = 0, timeout: float = 40) -> tuple[str, str, int]:
+    """The first reply (after sequence ``after``) beginning with ``starts``, once fully spoken
+    (a session adds a reply to its history when its audio has played)."""
+    def said(rs: list[Record]) -> bool:
+        return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
+
+    await log.until(said, timeout, what=f"a reply starting {starts!r}")
+    return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
+
+
 def _identities(records: list[Record]) -> dict[str, list[str]]:
     """agent name -> its participants' identities (a name can have several jobs), in order of joining."""
     found: dict[str, list[str]] = {}
@@ -54,33 +64,25 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
     await workers.start("billing", HANDOFF_VOICE="1")
     log = ledger.watch(room)
 
-    async def reply(starts: str, after: int = 0, timeout: float = 40) -> tuple[str, str, int]:
-        """The first reply (after sequence ``after``) beginning with ``starts``, once fully spoken
-        (a session adds a reply to its history when its audio has played)."""
-        def said(rs: list[Record]) -> bool:
-            return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
-
-        await log.until(said, timeout, what=f"a reply starting {starts!r}")
-        return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
 
     async with running_bridge(lk_settings, room):
         caller_room = await livekit_connect("caller", room)
         caller = await VoiceCaller.create(caller_room)
         await workers.dispatch(room, workers.triage)
-        await reply("Hi, this is triage")
+        await _reply(log, "Hi, this is triage")
         await caller.say("my account is seven")
-        await reply("Thanks Ana, I found your account.")
+        await _reply(log, "Thanks Ana, I found your account.")
         await caller.say("i have a question about my bill")
-        moment = await reply("One moment, I'm transferring you now.")
-        hello = await reply("Hi Ana, billing here.", after=moment[2])
+        moment = await _reply(log, "One moment, I'm transferring you now.")
+        hello = await _reply(log, "Hi Ana, billing here.", after=moment[2])
         # billing spoke first, and triage said nothing more
         assert next(r for r in _replies(log.records) if r[2] > moment[2]) == hello
         await caller.say("back to triage please")
-        back = await reply("I'm sending you back to triage now.", after=hello[2])
+        back = await _reply(log, "I'm sending you back to triage now.", after=hello[2])
         # the caller speaks at once, while the call switches: billing holds it (answers nothing,
         # keeps it in its history and the log), the new triage job answers it
         await caller.say("are you there")
-        welcome = await reply("Welcome back Ana, triage here.", after=back[2])
+        welcome = await _reply(log, "Welcome back Ana, triage here.", after=back[2])
 
         def answered(rs: list[Record]) -> bool:
             return any("are you there" in text for _, text, _ in _replies(rs))
@@ -158,24 +160,18 @@ async def test_voice_warm_standby_is_silent_until_handed_the_call(lk_settings: S
     await workers.start("billing", HANDOFF_VOICE="1")
     log = ledger.watch(room)
 
-    async def reply(starts: str, after: int = 0) -> tuple[str, str, int]:
-        def said(rs: list[Record]) -> bool:
-            return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
-
-        await log.until(said, 40, what=f"a reply starting {starts!r}")
-        return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
 
     async with running_bridge(lk_settings, room):
         caller_room = await livekit_connect("caller", room)
         caller = await VoiceCaller.create(caller_room)
         await workers.dispatch(room, workers.triage)
-        await reply("Hi, this is triage")
+        await _reply(log, "Hi, this is triage")
         await log.until(lambda rs: standing_by(fold(rs), workers.billing), 40, what="billing standing by")
         await caller.say("my account is seven")
-        await reply("Thanks Ana, I found your account.")
+        await _reply(log, "Thanks Ana, I found your account.")
         await caller.say("i have a question about my bill")
-        moment = await reply("One moment, I'm transferring you now.")
-        hello = await reply("Hi Ana, billing here.", after=moment[2])
+        moment = await _reply(log, "One moment, I'm transferring you now.")
+        hello = await _reply(log, "Hi Ana, billing here.", after=moment[2])
         records = list(log.records)
         await caller_room.disconnect()
     await log.close()
@@ -211,24 +207,18 @@ async def test_the_caller_can_cut_the_sources_last_words_short(lk_settings: Sett
     await workers.start("billing", HANDOFF_VOICE="1")
     log = ledger.watch(room)
 
-    async def reply(starts: str, after: int = 0) -> tuple[str, str, int]:
-        def said(rs: list[Record]) -> bool:
-            return any(text.startswith(starts) and seq > after for _, text, seq in _replies(rs))
-
-        await log.until(said, 40, what=f"a reply starting {starts!r}")
-        return next(r for r in _replies(log.records) if r[1].startswith(starts) and r[2] > after)
 
     async with running_bridge(lk_settings, room):
         caller_room = await livekit_connect("caller", room)
         caller = await VoiceCaller.create(caller_room)
         await workers.dispatch(room, workers.triage)
-        await reply("Hi, this is triage")
+        await _reply(log, "Hi, this is triage")
         triage = _identities(log.records)[workers.triage][0]
         _, asked_end = await caller.say("i have a question about my bill")
         # triage's answer is audible: cut in
         await _until_voiced(caller, triage, asked_end)
         await caller.say("are you there")
-        answered = await reply("Billing here: about 'are you there'")
+        answered = await _reply(log, "Billing here: about 'are you there'")
         records = list(log.records)
         await caller_room.disconnect()
     await log.close()
