@@ -17,8 +17,8 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from ledger import embedded
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger.settings import Settings
 
 
 @contextlib.contextmanager

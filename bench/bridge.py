@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import rtc
 
 from bench._common import print_json
-from bridge.room import RoomBridge
-from bridge.worker import settle_heap
-from bridge.writer import BridgeWriter
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import MSG_ID, Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.bridge.room import RoomBridge
+from room_ledger.bridge.worker import settle_heap
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.client import MSG_ID, Ledger
+from room_ledger.settings import Settings
 
 
 class FakeParticipant:

@@ -2,7 +2,7 @@
 """Capture on the real livekit-server: publish -> stored in JetStream through one ``ledger bridge``.
 
 N rooms, one publishing agent in each (seed-shaped ``agent-state`` packets, reliable, at a steady
-rate, each stamped with its send time), one ``ledger bridge`` worker process (``python -m cli.main
+rate, each stamped with its send time), one ``ledger bridge`` worker process (``python -m room_ledger.cli.main
 bridge``, worker mode) dispatched into every room through LiveKit's AgentDispatch service.
 
 * **bridge latency** = the message's JetStream timestamp (the time nats-server stored it; its
@@ -90,7 +90,7 @@ async def publisher_main() -> None:
     """Commands on stdin, one JSON line each; one JSON line answers each on stdout."""
     from livekit import rtc
 
-    from bridge._sdk import only_own_room_events
+    from room_ledger.bridge._sdk import only_own_room_events
     from tests.livekit import sees
     from tests.livekit.server import mint_token
 
@@ -276,7 +276,7 @@ async def close_quietly(ledger: Any) -> None:
 
 def start_bridge(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``ledger bridge`` in worker mode, as an operator runs it."""
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "bridge"], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "bridge"], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
@@ -311,10 +311,10 @@ class Step:
 async def controller(args: argparse.Namespace) -> int:
     from nats.js import api as js_api
 
-    from bridge.tokens import create_dispatch
-    from ledger import embedded
-    from ledger.client import Ledger
-    from ledger.settings import Settings
+    from room_ledger import embedded
+    from room_ledger.bridge.tokens import create_dispatch
+    from room_ledger.client import Ledger
+    from room_ledger.settings import Settings
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-capture-"))
     logs = scratch / "logs"

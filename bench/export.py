@@ -31,10 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import print_json, print_table
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RSS_RATIO = 1.25
@@ -98,7 +98,7 @@ def export(settings: Settings, prefix: str, out: Path) -> dict[str, Any]:
         "print(json.dumps({'rc': done.returncode, 'stdout': done.stdout, 'stderr': done.stderr[-2000:],"
         " 'peak_kib': peak, 'seconds': took}))\n"
     )
-    argv = [sys.executable, "-c", probe, sys.executable, "-m", "cli.main", "export", "--prefix", prefix,
+    argv = [sys.executable, "-c", probe, sys.executable, "-m", "room_ledger.cli.main", "export", "--prefix", prefix,
             "--out", str(out), "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     result = json.loads(done.stdout)

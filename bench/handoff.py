@@ -197,9 +197,9 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
     """One call in a fresh room, handed off once; returns (dead air ms, room)."""
     from livekit import api, rtc
 
-    from bridge.worker import bridge_one_room
-    from ledger.handoff import standing_by
-    from ledger.state import fold
+    from room_ledger.bridge.worker import bridge_one_room
+    from room_ledger.handoff import standing_by
+    from room_ledger.state import fold
 
     room_name = f"handoff-{env.tag}-{uuid.uuid4().hex[:8]}"
     stop = asyncio.Event()
@@ -278,8 +278,8 @@ def _voiced_dead_air_ms(voice: Any, room: Any, caller: Caller) -> float:
 
 
 async def replay_dead_air_ms(env: Env, room: str) -> float | None:
-    from ledger.client import Ledger
-    from ledger.timeline import handoffs
+    from room_ledger.client import Ledger
+    from room_ledger.timeline import handoffs
 
     async with Ledger(env.settings) as ledger:
         rows = [r for r in await handoffs(ledger, room) if r.via == "handoff"]
@@ -291,10 +291,10 @@ async def replay_dead_air_ms(env: Env, room: str) -> float | None:
 async def controller(args: argparse.Namespace) -> int:
     from livekit import api
 
-    from bridge.writer import BridgeWriter
-    from ledger import embedded
-    from ledger.client import Ledger
-    from ledger.settings import Settings
+    from room_ledger import embedded
+    from room_ledger.bridge.writer import BridgeWriter
+    from room_ledger.client import Ledger
+    from room_ledger.settings import Settings
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-handoff-"))
     tag = uuid.uuid4().hex[:6]
@@ -365,7 +365,7 @@ async def controller(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         if nats_started:
-            from ledger import embedded as emb
+            from room_ledger import embedded as emb
 
             emb.stop_nats(scratch / "home")
         if not args.keep:

@@ -23,13 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import bench_settings, median, percentile, print_json, print_table
-from ledger import db
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.hydrate import close
-from ledger.state import fold
-from projections.projector import Projector
-from projections.sample import interleaved, room_events
+from room_ledger import db
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.hydrate import close
+from room_ledger.projections.projector import Projector
+from room_ledger.projections.sample import interleaved, room_events
+from room_ledger.state import fold
 
 
 async def main(args: argparse.Namespace) -> None:

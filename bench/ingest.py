@@ -28,10 +28,10 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import print_json
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import ATOMIC_BATCH_SIZE, Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.client import ATOMIC_BATCH_SIZE, Ledger
+from room_ledger.settings import Settings
 
 TARGET_EVENTS_PER_S = 30_000
 TARGET_RATIO = 1.5
@@ -68,7 +68,7 @@ async def run_ledger(settings: Settings, events: list[ev.KnownEvent]) -> float:
 
 
 async def run_publish_async(url: str, settings: Settings, events: list[ev.KnownEvent]) -> float:
-    from ledger.subjects import Subjects
+    from room_ledger.subjects import Subjects
 
     subjects = Subjects(settings.subject_prefix)
     frames = [(subjects.event(e.room, e.type), ev.encode(e), e.id) for e in events]
@@ -86,7 +86,7 @@ async def run_publish_async(url: str, settings: Settings, events: list[ev.KnownE
 async def run_raw_atomic(url: str, settings: Settings, events: list[ev.KnownEvent]) -> float:
     """The fastest raw way we know: nats-py's core connection, atomic batches (of our size), each
     message published with its headers, one batch acknowledged before the next goes out."""
-    from ledger.subjects import Subjects
+    from room_ledger.subjects import Subjects
 
     subjects = Subjects(settings.subject_prefix)
     frames = [(subjects.event(e.room, e.type), ev.encode(e), e.id) for e in events]

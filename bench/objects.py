@@ -29,11 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import print_json, print_table
-from bridge.room import _read_spooled
-from bridge.writer import BridgeWriter
-from ledger import embedded
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger.bridge.room import _read_spooled
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 TARGET_RATIO = 0.8
 CHUNK = 15_000

@@ -20,12 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import bench_settings, median, print_json, print_table
-from ledger import db
-from ledger import events as ev
-from ledger.client import Ledger
-from projections.migrate import upgrade
-from projections.projector import DEFAULT_BATCH, Projector
-from projections.sample import interleaved
+from room_ledger import db
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.projections.migrate import upgrade
+from room_ledger.projections.projector import DEFAULT_BATCH, Projector
+from room_ledger.projections.sample import interleaved
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -37,17 +37,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import print_json  # noqa: E402
-from ledger import embedded  # noqa: E402
-from ledger import events as ev  # noqa: E402
-from ledger.client import Ledger  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.subjects import room_token  # noqa: E402
-from ledger.timeline import write_ndjson  # noqa: E402
+from room_ledger import embedded  # noqa: E402
+from room_ledger import events as ev  # noqa: E402
+from room_ledger.client import Ledger  # noqa: E402
+from room_ledger.settings import Settings  # noqa: E402
+from room_ledger.subjects import room_token  # noqa: E402
+from room_ledger.timeline import write_ndjson  # noqa: E402
 
 _CHILD = (
     "import atexit, sys\n"
     "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
-    "from cli.main import app\n"
+    "from room_ledger.cli.main import app\n"
     "sys.argv[0] = 'ledger'\n"
     "app()\n"
 )
@@ -177,7 +177,7 @@ def cli_read(settings: Settings, room: str, *, as_json: bool = True) -> dict[str
 def cli_first_line_small(settings: Settings, room: str) -> float:
     env = {**os.environ, "LEDGER_NATS_URL": ",".join(settings.nats_urls or ()), "LEDGER_HOME": str(settings.home)}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "replay", room, "--json"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "replay", room, "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     proc.stdout.readline()

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 
 from bench._common import median, percentile, print_json, print_table
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 TARGET_P99_S = 1.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ async def run_once(args: argparse.Namespace, settings: Settings, url: str, brows
 async def served(settings: Settings) -> Any:
     env = {**os.environ, "LEDGER_NATS_URL": ",".join(settings.nats_urls or ()), "LEDGER_HOME": str(settings.home),
            "LEDGER_STREAM": settings.stream, "LEDGER_SUBJECT_PREFIX": settings.subject_prefix}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", "serve", "--port", "0", "--json",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "room_ledger.cli.main", "serve", "--port", "0", "--json",
                                                 stdout=subprocess.PIPE, env=env,
                                                 cwd=str(ROOT))
     try:

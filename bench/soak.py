@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import print_json  # noqa: E402
-from ledger.client import Ledger  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
+from room_ledger.client import Ledger  # noqa: E402
+from room_ledger.settings import Settings  # noqa: E402
 
 RSS_GROWTH_TARGET_PCT = 10.0
 
@@ -80,8 +80,8 @@ def agent_packet(i: int, last_seq: int) -> tuple[str, bytes]:
 
 async def bridge_role(args: argparse.Namespace) -> None:
     from bench.bridge import FakeParticipant, FakeRoom
-    from bridge.room import RoomBridge
-    from bridge.writer import BridgeWriter
+    from room_ledger.bridge.room import RoomBridge
+    from room_ledger.bridge.writer import BridgeWriter
 
     settings = Settings.from_env()
     stop = asyncio.Event()
@@ -125,7 +125,7 @@ async def bridge_role(args: argparse.Namespace) -> None:
 
 
 async def projector_role(args: argparse.Namespace) -> None:
-    from projections.projector import Projector
+    from room_ledger.projections.projector import Projector
 
     settings = Settings.from_env()
     stop = asyncio.Event()
@@ -196,9 +196,9 @@ async def room_events(ledger: Ledger, room: str) -> int:
 
 async def orchestrate(args: argparse.Namespace) -> int:
     from bench._common import bench_settings
-    from ledger.hydrate import close as close_hydrate
-    from projections.migrate import upgrade
-    from projections.projector import status as projection_status
+    from room_ledger.hydrate import close as close_hydrate
+    from room_ledger.projections.migrate import upgrade
+    from room_ledger.projections.projector import status as projection_status
 
     seconds = args.minutes * 60
     warmup = min(args.warmup * 60, seconds / 2)

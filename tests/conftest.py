@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ledger import embedded
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 if importlib.util.find_spec("tests.livekit.plugin") is not None:
     pytest_plugins = ["tests.livekit.plugin"]

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 
-from ledger.settings import Settings
+from room_ledger.settings import Settings
 from tests import processes
 from tests.livekit.server import http_url
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ledger.embedded import nats_binary
+from room_ledger.embedded import nats_binary
 
 HOST = "127.0.0.1"
 T = TypeVar("T")

@@ -17,9 +17,9 @@ from typing import Any
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
-from ledger.agents import LedgerAgent
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger.agents import LedgerAgent
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 ROLES = {"customer", "support"}
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from ledger import events as ev
-from ledger.agents import LedgerAgent, handoff_took_effect
-from ledger.client import Ledger
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.agents import LedgerAgent, handoff_took_effect
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 
 pytestmark = pytest.mark.livekit
@@ -38,7 +38,7 @@ async def test_racing_handoffs_log_order_decides(lk_settings: Settings, ledger: 
         await first.request_floor(task="triage")
         await first.wait_for_floor(timeout=15)
         await second.wait_for_floor("triage", timeout=15)
-        # both at once, as LedgerLink's transfer publishes one (ledger/handoff.py)
+        # both at once, as LedgerLink's transfer publishes one (room_ledger/handoff.py)
         ids = await asyncio.gather(
             first.publish("handoff", ev.Handoff(from_agent="triage", to_agent="billing", reason="bill")),
             second.publish("handoff", ev.Handoff(from_agent="triage", to_agent="sales", reason="upgrade")))

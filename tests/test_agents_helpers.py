@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.ingest import Ingest
-from ledger import events as ev
-from ledger.agents import (
+from room_ledger import events as ev
+from room_ledger.agents import (
     encode_protocol,
     handoff_from_metadata,
     merge_patch_diff,
@@ -21,7 +20,8 @@ from ledger.agents import (
     session_diff,
     userdata_document,
 )
-from ledger.state import apply_session_patch, fold, json_pointer, merge_patch, pointer_keys, set_at
+from room_ledger.bridge.ingest import Ingest
+from room_ledger.state import apply_session_patch, fold, json_pointer, merge_patch, pointer_keys, set_at
 
 
 @pytest.mark.parametrize(("type_name", "body"), [
@@ -90,7 +90,7 @@ def test_transfer_tool_is_a_function_tool_the_llm_sees() -> None:
     from livekit.agents import Agent
     from livekit.agents.llm import FunctionTool
 
-    from ledger.handoff import transfer_tool
+    from room_ledger.handoff import transfer_tool
 
     tool = transfer_tool(agents=["billing", "sales"])
     assert isinstance(tool, FunctionTool) and tool.info.name == "transfer_to"

@@ -1,10 +1,13 @@
 """The import rules of the code base, checked on the import graph read from the source (``ast``).
 
-- ``ledger/`` (the core) imports none of ``bridge/``, ``projections/``, ``cli/``;
-- ``bridge/`` and ``projections/`` never import each other;
+One installed namespace, ``room_ledger``: its top-level modules are the core, its folders
+``bridge/``, ``projections/``, ``web/``, ``cli/`` and ``migrations/`` are the wings around it.
+
+- the core imports no wing;
+- the services (``bridge``, ``projections``, ``web``) never import each other;
 - ``bench/`` imports no ``cli`` module (it measures the public APIs, or the ``ledger`` command as
   a subprocess);
-- no import cycle among the modules of ``ledger``, ``bridge``, ``projections`` and ``cli``.
+- no import cycle among the modules of ``room_ledger``.
 
 Every import counts, at module level or inside a function (a lazy import still runs), except those
 under ``if TYPE_CHECKING:`` (never executed).
@@ -19,7 +22,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ledger", "bridge", "projections", "cli")
+#: The folders inside the one installed namespace that are wings (services and the command line)
+#: around the core; every other module of ``room_ledger`` is the core.
+WINGS = ("bridge", "projections", "cli", "migrations", "web")
 
 
 def _module_name(path: Path) -> str:
@@ -31,7 +36,7 @@ def _module_name(path: Path) -> str:
 
 def _modules() -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for package in (*PACKAGES, "bench"):
+    for package in ("room_ledger", "bench"):
         for path in sorted((ROOT / package).rglob("*.py")):
             found[_module_name(path)] = path
     return found
@@ -48,8 +53,8 @@ def _is_type_checking(test: ast.expr) -> bool:
 def _imports(tree: ast.AST, module: str, is_package: bool, *,
              type_checking: bool = False) -> Iterator[tuple[str, int]]:
     """(imported module, line) for every import that runs, resolved to a module of this repository
-    where one exists (``from ledger import state`` is ``ledger.state``; ``from ledger import Ledger``
-    is ``ledger``)."""
+    where one exists (``from room_ledger import state`` is ``room_ledger.state``; ``from room_ledger import Ledger``
+    is ``room_ledger``)."""
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
@@ -84,7 +89,14 @@ GRAPH = _graph()
 
 
 def _top(module: str) -> str:
-    return module.split(".", 1)[0]
+    """The layer a module belongs to: ``core``, a wing's name, ``bench``, or a third-party package."""
+    parts = module.split(".")
+    if parts[0] != "room_ledger":
+        return parts[0]
+    return parts[1] if len(parts) > 1 and parts[1] in WINGS else "core"
+
+
+LAYERS = ("core", *WINGS)
 
 
 def _violations(source: str, forbidden: tuple[str, ...]) -> list[str]:
@@ -96,24 +108,24 @@ def _violations(source: str, forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_the_graph_is_read() -> None:
-    assert "ledger.state" in {t for t, _ in GRAPH["ledger.hydrate"]}
+    assert "room_ledger.state" in {t for t, _ in GRAPH["room_ledger.hydrate"]}
     assert len(GRAPH) > 50
 
 
 @pytest.mark.parametrize(("source", "forbidden"), [
-    ("ledger", ("bridge", "projections", "cli")),
+    ("core", WINGS),
     ("bridge", ("projections", "cli")),
     ("projections", ("bridge", "cli")),
     ("bench", ("cli",)),
 ])
 def test_import_rules(source: str, forbidden: tuple[str, ...]) -> None:
-    assert _violations(source, forbidden) == [], f"{source}/ must not import {', '.join(forbidden)}"
+    assert _violations(source, forbidden) == [], f"{source} must not import {', '.join(forbidden)}"
 
 
 def test_no_import_cycles() -> None:
     # Tarjan's strongly connected components over the packages' modules.
-    nodes = [m for m in GRAPH if _top(m) in PACKAGES]
-    edges = {m: sorted({t for t, _ in GRAPH[m] if t in GRAPH and _top(t) in PACKAGES and t != m}) for m in nodes}
+    nodes = [m for m in GRAPH if _top(m) in LAYERS]
+    edges = {m: sorted({t for t, _ in GRAPH[m] if t in GRAPH and _top(t) in LAYERS and t != m}) for m in nodes}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
@@ -150,9 +162,9 @@ def test_no_import_cycles() -> None:
 def test_a_violation_is_seen() -> None:
     # The checker itself: an import of projections from the core is reported, one under
     # TYPE_CHECKING is not.
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import cli.main\n"
-                     "def f():\n    from projections import rows\n")
-    assert sorted(_imports(tree, "ledger.x", False)) == [("projections.rows", 5), ("typing", 1)]
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import room_ledger.cli.main\n"
+                     "def f():\n    from room_ledger.projections import rows\n")
+    assert sorted(_imports(tree, "room_ledger.x", False)) == [("room_ledger.projections.rows", 5), ("typing", 1)]
 
 
 def _all_imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
@@ -164,13 +176,13 @@ def _all_imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
 #: ``hydrate`` and ``watch``, which sit above it and name it in their types. The rest of the
 #: core's circle (agents, roles, state, hydrate, chat) is gone; this one goes with ``Ledger``'s
 #: composition, and the test says so when it does.
-KNOWN_CIRCLES: list[list[str]] = [["ledger.client", "ledger.hydrate", "ledger.watch"]]
+KNOWN_CIRCLES: list[list[str]] = [["room_ledger.client", "room_ledger.hydrate", "room_ledger.watch"]]
 
 
 def test_no_import_cycles_counting_type_checking_imports() -> None:
     full = {m: sorted({t for t in _all_imports(ast.parse(p.read_text(), str(p)), m, p.name == "__init__.py")
-                       if t in MODULES and _top(t) in PACKAGES and t != m})
-            for m, p in MODULES.items() if _top(m) in PACKAGES}
+                       if t in MODULES and _top(t) in LAYERS and t != m})
+            for m, p in MODULES.items() if _top(m) in LAYERS}
     reach: dict[str, set[str]] = {}
 
     def reachable(start: str) -> set[str]:
@@ -190,7 +202,7 @@ def test_no_import_cycles_counting_type_checking_imports() -> None:
     assert [list(c) for c in circles] == KNOWN_CIRCLES
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("ledger", ("aiohttp", "typer"))])
+@pytest.mark.parametrize(("package", "forbidden"), [("core", ("aiohttp", "typer"))])
 def test_the_core_imports_no_web_server_and_no_command_line(package: str, forbidden: tuple[str, ...]) -> None:
     found = [f"{MODULES[m].relative_to(ROOT)} imports {t}"
              for m, p in MODULES.items() if _top(m) == package
@@ -216,7 +228,7 @@ def test_the_log_client_loads_nothing_of_the_agent_side() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, ledger.client; print(','.join(m for m in ('ledger.agents', 'ledger.handoff', "
-            "'ledger.turns', 'livekit', 'livekit.agents') if m in sys.modules))")
+    code = ("import sys, room_ledger.client; print(','.join(m for m in ('room_ledger.agents', "
+            "'room_ledger.handoff', 'room_ledger.turns', 'livekit', 'livekit.agents') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""

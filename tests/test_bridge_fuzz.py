@@ -8,10 +8,10 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bridge.ingest import Ingest
-from bridge.writer import BridgeWriter
-from ledger import events as ev
-from ledger.client import Ledger
+from room_ledger import events as ev
+from room_ledger.bridge.ingest import Ingest
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.client import Ledger
 
 TOPICS = st.sampled_from(["", "ledger", "state", "lk.chat", "lk.transcription", "lk.agent.session", "x.y", "🙂"])
 IDENTITIES = st.one_of(st.sampled_from(["", "agent-a", "user"]), st.text(max_size=40))

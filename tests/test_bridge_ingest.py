@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.ingest import MAX_INLINE_BYTES, Ingest, ParticipantObservation
-from ledger import events as ev
-from ledger.agents import protocol_event_id
+from room_ledger import events as ev
+from room_ledger.agents import protocol_event_id
+from room_ledger.bridge.ingest import MAX_INLINE_BYTES, Ingest, ParticipantObservation
 
 SEED = {"agent_id": "triage", "status": "processing", "action_lock": True}
 

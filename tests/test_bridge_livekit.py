@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from bridge.room import RoomBridge
-from bridge.worker import bridge_one_room
-from bridge.writer import BridgeWriter
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.state import fold
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.bridge.room import RoomBridge
+from room_ledger.bridge.worker import bridge_one_room
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.state import fold
+from room_ledger.watch import RoomWatch as Log
 
 pytestmark = pytest.mark.livekit
 

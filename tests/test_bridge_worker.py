@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 
-from bridge.tokens import bridge_token, create_dispatch, livekit_api, room_configuration
-from bridge.worker import run_bridge
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger.bridge.tokens import bridge_token, create_dispatch, livekit_api, room_configuration
+from room_ledger.bridge.worker import run_bridge
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests.livekit import Events, sees
 from tests.test_cli_helpers import env_for
 
@@ -184,13 +184,13 @@ async def test_ledger_bridge_and_ledger_dispatch_commands(lk_settings: Settings,
     log = Log(ledger, room)
     mark = livekit_server.log_mark()
     bridge = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "bridge", env=env,
+        sys.executable, "-m", "room_ledger.cli.main", "bridge", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         await registered(livekit_server, name, asyncio.ensure_future(bridge.wait()), timeout=60, after=mark)
         agents = [await livekit_connect(f"agent-{n}", room, kind="agent") for n in "ab"]
         dispatch = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", "dispatch", room, "--json", env=env,
+            sys.executable, "-m", "room_ledger.cli.main", "dispatch", room, "--json", env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(dispatch.communicate(), 60)
         assert dispatch.returncode == 0, err.decode()

@@ -8,12 +8,12 @@ import json
 import time
 from pathlib import Path
 
-from bridge.stats import read_stats
-from bridge.writer import BridgeWriter, spill_dir
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.bridge.stats import read_stats
+from room_ledger.bridge.writer import BridgeWriter, spill_dir
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 
 def seed(agent: str, n: int) -> bytes:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cli.common import CliError, format_duration, parse_point
-from cli.main import app
-from ledger import events as ev
-from ledger.client import Record
-from ledger.settings import Settings
-from ledger.timeline import ndjson_line
+from room_ledger import events as ev
+from room_ledger.cli.common import CliError, format_duration, parse_point
+from room_ledger.cli.main import app
+from room_ledger.client import Record
+from room_ledger.settings import Settings
+from room_ledger.timeline import ndjson_line
 from tests.test_cli_helpers import T0, at, env_for, invoke, json_of, ok, seed
 
 COMMANDS = ["replay", "state", "rooms", "purge", "doctor", "up", "migrate", "demo", "bridge", "dispatch",
@@ -224,7 +224,7 @@ def test_follow_prints_history_then_live_events(settings: Settings, room: str) -
     # --until ends a follow when that sequence arrives; the stream is ours alone in this session.
     import asyncio
 
-    from ledger.client import Ledger
+    from room_ledger.client import Ledger
 
     async def head() -> int:
         async with Ledger(settings) as ledger:
@@ -251,7 +251,7 @@ def test_follow_ends_cleanly_on_ctrl_c(settings: Settings, room: str, tmp_path: 
     # faulthandler: a process that does not end is made to say where it is (SIGABRT below)
     env = {**os.environ, **env_for(settings), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "replay", room, "--follow", "--json"],
+        [sys.executable, "-m", "room_ledger.cli.main", "replay", room, "--follow", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
         # Ctrl-C as a terminal sends it: a test run started in the background of a shell script
         # (`make test &`) ignores SIGINT, and its children would inherit that and never see it
@@ -316,7 +316,7 @@ def test_app_is_the_console_script() -> None:
     import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["ledger"] == "cli.main:app"
+    assert project["project"]["scripts"]["ledger"] == "room_ledger.cli.main:app"
     assert app.info.name == "ledger"
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 from tests.test_cli_helpers import env_for
 
 pytestmark = pytest.mark.livekit
@@ -24,7 +24,7 @@ async def test_bridge_command_records_a_room_until_ctrl_c(settings: Settings, le
     env = {**os.environ, **env_for(settings), "LIVEKIT_URL": livekit_server.url,
            "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "bridge", "--room", room, env=env,
+        sys.executable, "-m", "room_ledger.cli.main", "bridge", "--room", room, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -57,7 +57,7 @@ async def test_bridge_says_when_rooms_can_dispatch_it(settings: Settings, ledger
            "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret,
            "LEDGER_BRIDGE_AGENT_NAME": agent_name}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "bridge", "--json", env=env,
+        sys.executable, "-m", "room_ledger.cli.main", "bridge", "--json", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     log = ledger.watch(room)

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from ledger import embedded
-from ledger.settings import Settings
+from room_ledger import embedded
+from room_ledger.settings import Settings
 from tests.conftest import fresh_home
 from tests.test_cli_helpers import invoke, json_of, ok, seed
 
@@ -80,7 +80,7 @@ def test_demo_keep_then_explore(settings: Settings, empty_home: Path) -> None:
 
 def test_up_runs_until_ctrl_c(empty_home: Path) -> None:
     env = {**os.environ, **_unconfigured(empty_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--json"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "up", "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout is not None
@@ -142,7 +142,7 @@ def test_html_page_is_self_contained_and_renders(settings: Settings, room: str, 
 
 
 def test_html_escapes_what_the_room_says(settings: Settings, room: str, tmp_path: Path) -> None:
-    from ledger import events as ev
+    from room_ledger import events as ev
 
     seed(settings, room, [ev.make_event(room, ev.Transcript(speaker="<b>x</b>", text="<script>alert(1)</script>"))])
     page = tmp_path / "room.html"

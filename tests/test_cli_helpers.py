@@ -10,10 +10,10 @@ from typing import Any
 
 from typer.testing import CliRunner, Result
 
-from cli.main import app
-from ledger import events as ev
-from ledger.client import Ledger, Position
-from ledger.settings import Settings
+from room_ledger import events as ev
+from room_ledger.cli.main import app
+from room_ledger.client import Ledger, Position
+from room_ledger.settings import Settings
 
 T0 = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
 TRIAGE = ev.Sender("triage", "agent")

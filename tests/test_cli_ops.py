@@ -14,9 +14,9 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from ledger import embedded
-from ledger.settings import Settings
-from projections.projector import room_rows
+from room_ledger import embedded
+from room_ledger.projections.projector import room_rows
+from room_ledger.settings import Settings
 from tests.conftest import fresh_home
 from tests.test_cli_helpers import invoke, json_of, ok, seed
 
@@ -27,7 +27,7 @@ def stored_tail(settings: Settings) -> Iterator[None]:
     stream's last sequence past every stored message, which a projector catching up to the head
     (projections.rebuild, other test modules) waits on forever."""
     yield
-    from ledger import events as ev
+    from room_ledger import events as ev
 
     seed(settings, "test-tail", [ev.make_event("test-tail", ev.RoomMetadata(metadata="tail"))])
 

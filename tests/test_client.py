@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import ATOMIC_BATCH_SIZE, Ledger, Position, Record
-from ledger.errors import (
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.client import ATOMIC_BATCH_SIZE, Ledger, Position, Record
+from room_ledger.errors import (
     ConflictError,
     ConnectError,
     EventError,
@@ -20,7 +20,7 @@ from ledger.errors import (
     StreamConfigError,
     UnknownRoom,
 )
-from ledger.settings import Settings
+from room_ledger.settings import Settings
 
 
 def status(room: str, agent: str, n: int, *, id: str | None = None) -> ev.KnownEvent:

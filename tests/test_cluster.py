@@ -20,11 +20,11 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from ledger import client as ledger_client
-from ledger import events as ev
-from ledger.client import Ledger, Position
-from ledger.errors import LedgerError
-from ledger.settings import Settings
+from room_ledger import client as ledger_client
+from room_ledger import events as ev
+from room_ledger.client import Ledger, Position
+from room_ledger.errors import LedgerError
+from room_ledger.settings import Settings
 from tests.natscluster import NatsCluster, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]

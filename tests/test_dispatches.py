@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests.livekit import sees
 from tests.test_bridge_worker import lk_settings, registered, restore_environ, worker_bridge
 from tests.test_cli_helpers import invoke, json_of, ok
@@ -130,7 +130,7 @@ async def test_an_agent_records_the_dispatch_it_creates(lk_settings: Settings, l
     """What the handoff helpers do after dispatching a target: ``dispatch.created`` through the room."""
     from livekit import api as lkapi
 
-    from ledger.agents import LedgerAgent
+    from room_ledger.agents import LedgerAgent
 
     helper = f"helper-{uuid.uuid4().hex[:8]}"
     log = Log(ledger, room)

@@ -24,8 +24,8 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from ledger import embedded
-from ledger.embedded import EmbeddedError, ServerInfo
+from room_ledger import embedded
+from room_ledger.embedded import EmbeddedError, ServerInfo
 from tests.conftest import fresh_home
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def in_other_process(home: Path, call: str) -> dict[str, Any]:
         "import json, sys\n"
         "from dataclasses import asdict\n"
         "from pathlib import Path\n"
-        "from ledger import embedded\n"
+        "from room_ledger import embedded\n"
         f"info = embedded.{call}(Path(sys.argv[1]))\n"
         "print(json.dumps(asdict(info), default=str))\n"
     )
@@ -318,7 +318,7 @@ def test_ledger_down_stops_this_homes_servers_by_their_pids(home: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from room_ledger.cli.main import app
 
     nats = embedded.ensure_nats(home, sync_always=False)
     pg = embedded.ensure_postgres(home)

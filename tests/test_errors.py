@@ -14,11 +14,11 @@ import msgspec
 import nats.errors
 import pytest
 
-from ledger import db
-from ledger import events as ev
-from ledger.client import ERR_BATCH_DUPLICATE, Ledger, credentials_refused
-from ledger.errors import ConnectError, DatabaseUnavailable, LedgerError, LogUnavailable, Unavailable
-from ledger.settings import Settings
+from room_ledger import db
+from room_ledger import events as ev
+from room_ledger.client import ERR_BATCH_DUPLICATE, Ledger, credentials_refused
+from room_ledger.errors import ConnectError, DatabaseUnavailable, LedgerError, LogUnavailable, Unavailable
+from room_ledger.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,18 +142,19 @@ async def test_postgres_away_is_database_unavailable(pg_settings: Settings) -> N
 
 
 def test_the_tree_drawn_in_ledger_errors_is_the_classes_that_exist() -> None:
-    """Every error raised on purpose is drawn in ledger/errors.py's tree, and every name drawn exists."""
+    """Every error raised on purpose is drawn in room_ledger/errors.py's tree, and every name drawn exists."""
     import importlib
     import pkgutil
     import re
 
-    import bridge.webhooks  # noqa: F401 - WebhookRejected, WebhookUnroutable
-    import cli.common  # noqa: F401 - CliError
-    import ledger
-    from ledger import errors
+    import room_ledger
+    from room_ledger import errors
 
-    for module in pkgutil.iter_modules(ledger.__path__):
-        importlib.import_module(f"ledger.{module.name}")
+    # Every module of the namespace, wings included (WebhookRejected, CliError); migrations are
+    # Alembic's scripts, run by Alembic only.
+    for module in pkgutil.walk_packages(room_ledger.__path__, "room_ledger."):
+        if not module.name.startswith("room_ledger.migrations"):
+            importlib.import_module(module.name)
 
     def subclasses(cls: type) -> set[type]:
         found: set[type] = set(cls.__subclasses__())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from ledger import events as ev
-from ledger.errors import MalformedEvent
+from room_ledger import events as ev
+from room_ledger.errors import MalformedEvent
 
 
 def test_every_type_has_a_permanent_tag() -> None:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from livekit.agents.llm import ChatContext
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.hydrate import close
-from ledger.settings import Settings
-from projections.projector import Projector
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.hydrate import close
+from room_ledger.projections.projector import Projector
+from room_ledger.settings import Settings
 from tests.test_cli_helpers import BILLING, USER, at, invoke, json_of, ok, run_async, scripted_events, seed
 
 

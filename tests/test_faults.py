@@ -38,16 +38,16 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger import db, embedded
-from ledger import state as rd
-from ledger.client import Ledger
-from ledger.settings import Settings
-from projections import rows as pg_rows
-from projections.migrate import upgrade
-from projections.projector import Projector
-from projections.rebuild import rebuild
-from projections.sample import interleaved
-from projections.tables import ROOMS, ROOMS_REBUILD
+from room_ledger import db, embedded
+from room_ledger import state as rd
+from room_ledger.client import Ledger
+from room_ledger.projections import rows as pg_rows
+from room_ledger.projections.migrate import upgrade
+from room_ledger.projections.projector import Projector
+from room_ledger.projections.rebuild import rebuild
+from room_ledger.projections.sample import interleaved
+from room_ledger.projections.tables import ROOMS, ROOMS_REBUILD
+from room_ledger.settings import Settings
 from tests.test_projector import assert_pages_follow_items
 
 pytestmark = pytest.mark.fault
@@ -220,7 +220,7 @@ async def _kill_when_moved(argv: list[str], env: dict[str, str], moved: Callable
 
 async def test_projector_sigkilled_ten_times_during_live_projection(own: Settings) -> None:
     rooms = [unique("live") for _ in range(5)]
-    argv = [sys.executable, "-m", "projections.projector", "--batch-size", "25"]
+    argv = [sys.executable, "-m", "room_ledger.projections.projector", "--batch-size", "25"]
     conn = await db.connect(own)
     try:
         async with Ledger(own) as ledger:
@@ -248,8 +248,8 @@ async def test_projector_sigkilled_ten_times_during_live_projection(own: Setting
 
 REBUILD = (
     "import asyncio\n"
-    "from ledger.settings import Settings\n"
-    "from projections.rebuild import rebuild\n"
+    "from room_ledger.settings import Settings\n"
+    "from room_ledger.projections.rebuild import rebuild\n"
     "asyncio.run(rebuild(Settings.from_env(), batch_size=25))\n"
 )
 
@@ -294,7 +294,7 @@ async def test_rebuild_sigkilled_ten_times_leaves_live_state_intact(own: Setting
             rebuilt = {room: _comparable(s) for room in rooms if (s := await _projected(conn, room)) is not None}
             assert rebuilt == live
             assert await conn.fetchval("SELECT count(*) FROM room_state_next") == 0
-            from ledger.hydrate import close
+            from room_ledger.hydrate import close
 
             await close(ledger)
     finally:

@@ -16,7 +16,7 @@ Afterwards the log holds every packet and message sent exactly once, in order pe
 event id twice, the three bridges' ``bridge.joined``, the restarted one's ``bridge.left``, and the
 ``bridge.gap`` the restarted bridge records for the blind spot of its killed predecessor.
 
-Found by this test: ``bridge/room.py`` reads each stream in its own task and queues it when the
+Found by this test: ``room_ledger/bridge/room.py`` reads each stream in its own task and queues it when the
 read completes, so two streams of one sender that arrive back to back can be logged swapped
 (``chat-030`` before ``chat-029``; about 2 runs in 5 here, near a bridge start). The fix queues a
 sender's streams in the order they opened (see the report on issue 7); until it lands this test
@@ -41,10 +41,10 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 
 pytestmark = [pytest.mark.livekit, pytest.mark.fault]
 
@@ -90,7 +90,7 @@ class Bridge:
         self.starts += 1
         self._stderr = (self.home.parent / f"{self.name}-{self.starts}.stderr").open("wb")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", "bridge", "--room", self.room, env=self.env, cwd=REPO,
+            sys.executable, "-m", "room_ledger.cli.main", "bridge", "--room", self.room, env=self.env, cwd=REPO,
             stdout=asyncio.subprocess.DEVNULL, stderr=self._stderr)
 
     async def kill(self) -> None:

@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 from livekit import rtc
 
-from bridge.tokens import create_dispatch
-from bridge.worker import run_bridge
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.bridge.tokens import create_dispatch
+from room_ledger.bridge.worker import run_bridge
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests.livekit import impair
 from tests.test_bridge_livekit import running_bridge
 

@@ -8,11 +8,11 @@ import contextlib
 import shutil
 import time
 
-from ledger import _wire, embedded
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.feed import Delivery, StreamFeed
-from ledger.settings import Settings
+from room_ledger import _wire, embedded
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.feed import Delivery, StreamFeed
+from room_ledger.settings import Settings
 from tests.conftest import fresh_home
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from ledger.settings import Settings
+from room_ledger.settings import Settings
 from tests.livekit import netns
 from tests.test_bridge_livekit import running_bridge
 from tests.test_cli_helpers import env_for
@@ -209,7 +209,7 @@ async def browser(chromium: str, url: str, workdir: Path) -> AsyncIterator[Path]
 
 def replay_json(settings: Settings, room: str) -> list[dict[str, Any]]:
     """``ledger replay ROOM --json``, run as a user would (a subprocess), parsed."""
-    done = subprocess.run([sys.executable, "-m", "cli.main", "replay", room, "--json"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "room_ledger.cli.main", "replay", room, "--json"], cwd=REPO,
                           env={**os.environ, **env_for(settings)}, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, f"ledger replay failed ({done.returncode}): {done.stderr}"
@@ -218,7 +218,7 @@ def replay_json(settings: Settings, room: str) -> list[dict[str, Any]]:
 
 def payload_bytes(settings: Settings, room: str, seq: int) -> bytes:
     """``ledger payload ROOM SEQ``: the exact bytes of an event's payload."""
-    done = subprocess.run([sys.executable, "-m", "cli.main", "payload", room, str(seq)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "room_ledger.cli.main", "payload", room, str(seq)], cwd=REPO,
                           env={**os.environ, **env_for(settings)}, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, f"ledger payload failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
     return done.stdout

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.handoff import FAILED_PREFIX, standing_by
-from ledger.settings import Settings
-from ledger.state import fold
-from ledger.timeline import handoffs as replay_handoffs
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.client import Ledger, Record
+from room_ledger.handoff import FAILED_PREFIX, standing_by
+from room_ledger.settings import Settings
+from room_ledger.state import fold
+from room_ledger.timeline import handoffs as replay_handoffs
+from room_ledger.watch import RoomWatch as Log
 from tests.handoff_example import ExampleWorkers, Replies, Reply, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 

@@ -14,12 +14,12 @@ import msgspec
 import pytest
 from livekit.agents.llm import ChatContext
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.hydrate import HydrateTimeout, Snapshot, close
-from ledger.settings import Settings
-from projections.projector import Projector
-from projections.sample import interleaved
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.hydrate import HydrateTimeout, Snapshot, close
+from room_ledger.projections.projector import Projector
+from room_ledger.projections.sample import interleaved
+from room_ledger.settings import Settings
 
 
 def unique(prefix: str) -> str:
@@ -175,7 +175,7 @@ async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg
                                                        projected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pages of two items: items 0-1 and 2-3 are pages, so the page of items 2-3 straddles the
     # summary's bound (item 2) and hydrate must drop item 2.
-    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 2)
+    monkeypatch.setattr("room_ledger.projections.projector.PAGE_ITEMS", 2)
     room = unique("sum")
     early = await pg_ledger.append_many(
         ev.make_event(room, ev.ConversationItem(item_id=f"item_{i}", role="user", text=f"u{i}"), sender=agent("a"))

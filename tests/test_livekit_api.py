@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ledger.errors import SettingsError
-from ledger.livekit_api import http_url, livekit_credentials
-from ledger.settings import Settings
+from room_ledger.errors import SettingsError
+from room_ledger.livekit_api import http_url, livekit_credentials
+from room_ledger.settings import Settings
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -38,10 +38,10 @@ from typing import Any
 
 import pytest
 
-from bridge.worker import run_bridge
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger.bridge.worker import run_bridge
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 
 pytestmark = pytest.mark.livekit
 
@@ -54,7 +54,7 @@ VERBOSE_CLI = (
     "import logging, sys\n"
     "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,\n"
     "                    format='%(levelname)s %(name)s: %(message)s')\n"
-    "from cli.main import app\n"
+    "from room_ledger.cli.main import app\n"
     "sys.argv[0] = 'ledger'\n"
     "app()\n"
 )
@@ -155,7 +155,7 @@ def bridge_home() -> Any:
 @pytest.mark.parametrize("rtc_debug", [
     pytest.param(False, id="debug"),
     # With LIVEKIT_RTC_DEBUG=1 libwebrtc dumps every SCTP packet in hex through the 'livekit'
-    # logger; the bridge filters those records out (bridge/worker.py).
+    # logger; the bridge filters those records out (room_ledger/bridge/worker.py).
     pytest.param(True, id="debug+LIVEKIT_RTC_DEBUG"),
 ])
 async def test_bridge_process_logs_at_debug_hold_no_transcript_chat_or_identity(

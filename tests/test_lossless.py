@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from livekit import rtc
 
-from cli import commands
-from ledger import embedded
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.timeline import ndjson_line
-from ledger.watch import RoomWatch
+from room_ledger import embedded
+from room_ledger import events as ev
+from room_ledger.cli import commands
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.timeline import ndjson_line
+from room_ledger.watch import RoomWatch
 from tests.test_bridge_livekit import running_bridge
 
 pytestmark = pytest.mark.livekit
@@ -215,7 +215,7 @@ async def test_purge_leaves_no_object_behind(lk_settings: Settings, room: str, l
 
 async def test_a_2mb_session_patch_from_the_helper_is_applied(lk_settings: Settings, room: str,
                                                               livekit_connect: Any) -> None:
-    from ledger.agents import LedgerAgent
+    from room_ledger.agents import LedgerAgent
 
     patch = {"caller": {f"field_{i:03d}": f"value {i}" for i in range(120)},
              "conversation": [{"role": "user", "text": "words " * 40} for _ in range(8_000)]}

@@ -1,4 +1,4 @@
-"""Prometheus metrics (ledger/metrics.py), scraped over HTTP from real work against NATS and PostgreSQL.
+"""Prometheus metrics (room_ledger/metrics.py), scraped over HTTP from real work against NATS and PostgreSQL.
 
 The registry is the process's default one, shared by every test in the session: each test reads
 the figures before and after its own work and asserts on the difference.
@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ledger import events as ev
-from ledger import metrics
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import events as ev
+from room_ledger import metrics
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 from tests.test_cli_helpers import env_for, scripted_events
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -52,7 +52,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def test_bridge_writer_metrics(ledger: Ledger, room: str, metrics_url: str, tmp_path: Path) -> None:
-    from bridge.writer import BridgeWriter
+    from room_ledger.bridge.writer import BridgeWriter
 
     before = await scrape(metrics_url)
     writer = BridgeWriter(ledger, home=tmp_path, stats_interval=0)
@@ -86,7 +86,7 @@ async def test_bridge_writer_metrics(ledger: Ledger, room: str, metrics_url: str
 
 
 async def test_projector_and_hydrate_metrics(pg_settings: Settings, room: str, metrics_url: str) -> None:
-    from projections.projector import Projector
+    from room_ledger.projections.projector import Projector
 
     async with Ledger(pg_settings) as ledger:
         await ledger.append_many(scripted_events(room))
@@ -121,7 +121,7 @@ async def test_projector_and_hydrate_metrics(pg_settings: Settings, room: str, m
 def test_metrics_port_option_and_serve_endpoint(pg_settings: Settings, room: str) -> None:
     """``ledger project --metrics-port 127.0.0.1:0`` says where /metrics is; ``ledger serve`` answers it too."""
     env = {**os.environ, **env_for(pg_settings)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "project", "--metrics-port", "127.0.0.1:0"],
+    proc = subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "project", "--metrics-port", "127.0.0.1:0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stderr is not None
@@ -142,13 +142,13 @@ def test_metrics_port_option_and_serve_endpoint(pg_settings: Settings, room: str
             proc.kill()
             proc.wait()
 
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "project", "--metrics-port", "nine"],
+    bad = subprocess.run([sys.executable, "-m", "room_ledger.cli.main", "project", "--metrics-port", "nine"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 1 and "expected a port (9100) or HOST:PORT" in bad.stderr
 
 
 async def test_serve_answers_metrics_behind_its_token(ledger: Ledger, room: str) -> None:
-    from cli.serve import start
+    from room_ledger.cli.serve import start
 
     await ledger.append(ev.make_event(room, ev.Transcript(speaker="a", text="hi")))
     runner, served = await start(ledger, port=0, token="tok")
@@ -197,7 +197,7 @@ def test_doctor_reads_the_metrics_endpoints(pg_settings: Settings, tmp_path: Pat
     """``ledger doctor`` reads what the processes' /metrics say; a bridge without one falls back to its stats file."""
     import json
 
-    from bridge.stats import Counters, stats_path, write_stats
+    from room_ledger.bridge.stats import Counters, stats_path, write_stats
     from tests.test_cli_helpers import invoke, json_of
 
     home = tmp_path / "home"
@@ -209,7 +209,7 @@ def test_doctor_reads_the_metrics_endpoints(pg_settings: Settings, tmp_path: Pat
     old.write_text(json.dumps({**json.loads(old.read_text()), "pid": 2**22 + 12345}))  # a process long gone
 
     env = {**os.environ, **env_for(pg_settings), "LEDGER_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "project", "--metrics-port", "127.0.0.1:0"],
+    proc = subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "project", "--metrics-port", "127.0.0.1:0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stderr is not None

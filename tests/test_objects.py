@@ -20,16 +20,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge.ingest import Ingest
-from bridge.room import _read_spooled
-from bridge.writer import BridgeWriter
-from ledger import events as ev
-from ledger.agents import encode_protocol, protocol_event_id
-from ledger.client import Ledger, Record
-from ledger.hydrate import close as close_hydration
-from ledger.settings import Settings
-from ledger.state import fold
-from projections.projector import Projector
+from room_ledger import events as ev
+from room_ledger.agents import encode_protocol, protocol_event_id
+from room_ledger.bridge.ingest import Ingest
+from room_ledger.bridge.room import _read_spooled
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.client import Ledger, Record
+from room_ledger.hydrate import close as close_hydration
+from room_ledger.projections.projector import Projector
+from room_ledger.settings import Settings
+from room_ledger.state import fold
 from tests.test_cli_helpers import invoke, json_of, ok
 
 MiB = 1024 * 1024
@@ -204,7 +204,7 @@ async def _chunks(total: int, size: int = 15_000) -> AsyncIterator[bytes]:
 
 
 def test_a_large_stream_is_spooled_with_bounded_memory(tmp_path: Path) -> None:
-    from bridge.payloads import PayloadSpool
+    from room_ledger.bridge.payloads import PayloadSpool
 
     ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
     total = 60 * MiB
@@ -225,7 +225,7 @@ def test_a_large_stream_is_spooled_with_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_a_json_stream_within_the_hard_limit_is_read_back_whole_to_be_typed(tmp_path: Path) -> None:
-    from bridge.payloads import PayloadSpool
+    from room_ledger.bridge.payloads import PayloadSpool
 
     ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
     document = msgspec.json.encode({"x": "y" * (200 * 1024)})
@@ -240,7 +240,7 @@ def test_a_json_stream_within_the_hard_limit_is_read_back_whole_to_be_typed(tmp_
 
 @pytest.mark.parametrize("size", [0, 100, 64 * 1024])
 def test_small_streams_stay_in_memory(tmp_path: Path, size: int) -> None:
-    from bridge.payloads import PayloadSpool
+    from room_ledger.bridge.payloads import PayloadSpool
 
     ingest = Ingest("r", lambda event: None, spool=PayloadSpool(tmp_path))
     data, ref, error = asyncio.run(_read_spooled(_chunks(size), ingest, "s3", "files"))
@@ -298,7 +298,7 @@ def test_two_uploads_of_one_name_leave_one_object_and_no_stray_chunks(settings: 
     """Two bridges in a room spool the same large stream at the same moment: both find no object
     when they start, both upload; the first meta wins and the second upload drops its chunks
     (before, the second meta replaced the first and left its chunks under no object)."""
-    from ledger.client import ObjectUpload
+    from room_ledger.client import ObjectUpload
 
     blob = os.urandom(3 * MiB + 7)
     digest = hashlib.sha256(blob).hexdigest()

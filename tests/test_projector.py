@@ -22,17 +22,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import db
-from ledger import events as ev
-from ledger import state as rd
-from ledger.client import Ledger
-from ledger.hydrate import close
-from ledger.settings import Settings
-from projections import rows as pg_rows
-from projections.migrate import current_revision, head_revision, upgrade
-from projections.projector import Projector, partition_of, status
-from projections.rebuild import rebuild
-from projections.sample import interleaved
+from room_ledger import db
+from room_ledger import events as ev
+from room_ledger import state as rd
+from room_ledger.client import Ledger
+from room_ledger.hydrate import close
+from room_ledger.projections import rows as pg_rows
+from room_ledger.projections.migrate import current_revision, head_revision, upgrade
+from room_ledger.projections.projector import Projector, partition_of, status
+from room_ledger.projections.rebuild import rebuild
+from room_ledger.projections.sample import interleaved
+from room_ledger.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ async def test_migrate_is_idempotent(pg_settings: Settings) -> None:
 def _downgrade_sync(connection: Any, revision: str) -> None:
     from alembic import command
 
-    from projections.migrate import alembic_config
+    from room_ledger.projections.migrate import alembic_config
 
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
@@ -121,7 +121,7 @@ def _downgrade_sync(connection: Any, revision: str) -> None:
 
 async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Settings, conn: Any,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    from projections.migrate import _with_connection
+    from room_ledger.projections.migrate import _with_connection
 
     room = unique("pre-pages")
     sender = ev.Sender(identity="agent-a", kind="agent")
@@ -193,7 +193,7 @@ def generate_logs(count: int) -> list[list[tuple[ev.Body, str]]]:
 async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, conn: Any,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # Pages of three items: the short random rooms get pages, and items updated inside them.
-    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 3)
+    monkeypatch.setattr("room_ledger.projections.projector.PAGE_ITEMS", 3)
     logs = generate_logs(60)
     rooms = [unique("prop") for _ in logs]
     events: list[ev.KnownEvent] = []
@@ -220,7 +220,7 @@ async def test_projection_equals_fold_for_random_logs(pg_settings: Settings, con
 
 async def test_conversation_pages_follow_items_however_batched(pg_settings: Settings, conn: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("projections.projector.PAGE_ITEMS", 4)
+    monkeypatch.setattr("room_ledger.projections.projector.PAGE_ITEMS", 4)
     room = unique("pages")
     sender = ev.Sender(identity="agent-a", kind="agent")
 
@@ -333,7 +333,7 @@ async def test_sigkill_mid_batch_loses_and_duplicates_nothing(pg_settings: Setti
     env = dict(os.environ, LEDGER_NATS_URL=",".join(pg_settings.nats_urls or ()),
                LEDGER_DATABASE_URL=pg_settings.database_url or "", LEDGER_HOME=str(pg_settings.home),
                PYTHONPATH=str(REPO))
-    argv = [sys.executable, "-m", "projections.projector", "--projection", projection, "--batch-size", "40"]
+    argv = [sys.executable, "-m", "room_ledger.projections.projector", "--projection", projection, "--batch-size", "40"]
     async with Ledger(pg_settings) as ledger:
         positions = await ledger.append_many(interleaved(rooms, 400))
         last = positions[-1].seq
@@ -410,7 +410,7 @@ async def test_rebuild_equals_live_and_hydration_keeps_working(pg_settings: Sett
             await projector.catch_up()
         state = await projected(conn, rooms[1])
         assert state is not None and state.seq == more.seq
-        from ledger.hydrate import close
+        from room_ledger.hydrate import close
 
         await close(ledger)
 

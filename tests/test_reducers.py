@@ -8,16 +8,16 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger import events as ev
-from ledger.client import Record
-from ledger.state import (
+from room_ledger import events as ev
+from room_ledger.client import Record
+from room_ledger.projections.rows import decode_state, encode_state
+from room_ledger.state import (
     FLOOR_HISTORY_KEPT,
     RoomState,
     apply,
     fold,
     merge_patch,
 )
-from projections.rows import decode_state, encode_state
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 ROOM = "r"

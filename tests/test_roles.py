@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from livekit import api
 
-from bridge.tokens import create_dispatch
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.hydrate import close
-from ledger.roles import Roles, apply_event
-from ledger.settings import Settings
-from ledger.watch import RoomWatch
-from projections.projector import Projector
+from room_ledger import events as ev
+from room_ledger.bridge.tokens import create_dispatch
+from room_ledger.client import Ledger, Record
+from room_ledger.hydrate import close
+from room_ledger.projections.projector import Projector
+from room_ledger.roles import Roles, apply_event
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch
 from tests import processes
 from tests.test_bridge_worker import lk_settings, restore_environ, worker_bridge
 from tests.test_cli_helpers import env_for, json_of, ok
@@ -217,7 +217,7 @@ async def test_two_agents_dispatched_at_once_take_distinct_roles_room_after_room
 
 @contextlib.asynccontextmanager
 async def lk_api(settings: Settings) -> AsyncIterator[api.LiveKitAPI]:
-    from bridge.tokens import livekit_api
+    from room_ledger.bridge.tokens import livekit_api
 
     lk = livekit_api(settings)
     try:
@@ -230,7 +230,7 @@ async def lk_api(settings: Settings) -> AsyncIterator[api.LiveKitAPI]:
 async def test_a_role_is_freed_when_its_holder_leaves(lk_settings: Settings, ledger: Ledger, room: str,
                                                       livekit_server: Any, livekit_connect: Any) -> None:
     """Three agents, two roles, on the real server: the third waits; the customer leaves; it becomes customer."""
-    from ledger.agents import LedgerAgent
+    from room_ledger.agents import LedgerAgent
 
     log = RoomWatch(ledger, room)
     async with worker_bridge(lk_settings, livekit_server):

@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from ledger import events as ev
-from ledger.settings import Settings
+from room_ledger import events as ev
+from room_ledger.settings import Settings
 from tests.test_cli_helpers import BILLING, TRIAGE, USER, at, ok, run_async, seed
 
 
@@ -33,8 +33,8 @@ def _handoff_room(room: str) -> list[ev.KnownEvent]:
 
 
 def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room: str, tmp_path: Path) -> None:
-    from cli.roomview import ParticipantView, collect, participant_views
-    from ledger.client import Ledger
+    from room_ledger.cli.roomview import ParticipantView, collect, participant_views
+    from room_ledger.client import Ledger
 
     seqs = seed(settings, room, _handoff_room(room))
 
@@ -76,8 +76,8 @@ def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room
 
 
 def test_an_agent_that_left_holds_nothing(settings: Settings, room: str) -> None:
-    from cli.roomview import ParticipantView, collect, participant_views
-    from ledger.client import Ledger
+    from room_ledger.cli.roomview import ParticipantView, collect, participant_views
+    from room_ledger.client import Ledger
 
     e = ev.make_event
     seqs = seed(settings, room, [

@@ -1,4 +1,4 @@
-"""The LiveKit SDK internals bridge/_sdk.py and ledger/_agents_sdk.py rely on, one test each: an
+"""The LiveKit SDK internals room_ledger/bridge/_sdk.py and room_ledger/_agents_sdk.py rely on, one test each: an
 SDK upgrade that moves one fails here. And the bridge's room attachment undone on close (its callbacks and stream tables)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from livekit import rtc
 from livekit.rtc._ffi_client import FfiClient
 from livekit.rtc._proto import ffi_pb2
 
-from bridge import _sdk
-from bridge.ingest import Ingest
-from bridge.room import RoomBridge
-from ledger import events as ev
+from room_ledger import events as ev
+from room_ledger.bridge import _sdk
+from room_ledger.bridge.ingest import Ingest
+from room_ledger.bridge.room import RoomBridge
 
 
 async def test_stream_handlers_are_private_tables_read_with_get() -> None:
@@ -95,7 +95,7 @@ async def test_room_io_keeps_its_text_input_callback_where_the_handoff_reads_it(
     from livekit.agents import AgentSession
     from livekit.agents.voice.room_io import RoomIO
 
-    from ledger._agents_sdk import text_input_callback
+    from room_ledger._agents_sdk import text_input_callback
 
     room_io = RoomIO(AgentSession(), rtc.Room())
     assert text_input_callback(room_io) is None
@@ -112,7 +112,7 @@ async def test_agent_session_keeps_a_user_turn_where_floor_gating_puts_it() -> N
     from livekit.agents import Agent, AgentSession
     from livekit.agents.llm import ChatMessage
 
-    from ledger._agents_sdk import keep_user_turn
+    from room_ledger._agents_sdk import keep_user_turn
 
     session: AgentSession[None] = AgentSession()
     agent = Agent(instructions="x")

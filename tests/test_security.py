@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.errors import ConnectError
-from ledger.settings import Settings
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.errors import ConnectError
+from room_ledger.settings import Settings
 from tests.natscluster import NatsServer, jetstream_block, single_server
 
 # --- helpers -------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ async def test_plain_client_cannot_reach_a_tls_only_server(tmp_path: Path) -> No
 def test_bridge_token_is_hidden_and_cannot_publish() -> None:
     from livekit import api
 
-    from bridge.tokens import bridge_identity, bridge_token
+    from room_ledger.bridge.tokens import bridge_identity, bridge_token
 
     key, secret = "APIsecuritytest", "s" * 40
     settings = Settings(livekit_url="ws://127.0.0.1:7880", livekit_api_key=key, livekit_api_secret=secret)
@@ -293,9 +293,9 @@ HOSTILE_ROOMS = [
 
 
 async def test_hostile_room_names_round_trip_untouched(pg_settings: Settings) -> None:
-    from ledger.hydrate import close
-    from ledger.subjects import room_from_token
-    from projections.projector import Projector
+    from room_ledger.hydrate import close
+    from room_ledger.projections.projector import Projector
+    from room_ledger.subjects import room_from_token
 
     suffix = uuid.uuid4().hex[:8]
     rooms = [f"{name} {suffix}" for name in HOSTILE_ROOMS]
@@ -332,7 +332,7 @@ async def test_hostile_room_names_round_trip_untouched(pg_settings: Settings) ->
 
         import asyncpg
 
-        from ledger.db import asyncpg_dsn
+        from room_ledger.db import asyncpg_dsn
 
         conn = await asyncpg.connect(asyncpg_dsn(pg_settings.database_url or ""))
         try:

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 from tests.cdp import Browser, Page
 from tests.test_cli_helpers import BILLING, TRIAGE, USER, at, env_for, scripted_events
 
@@ -34,7 +34,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 async def _serve(ledger: Ledger, token: str | None = None) -> tuple[Any, str]:
-    from cli.serve import start
+    from room_ledger.cli.serve import start
 
     runner, served = await start(ledger, host="127.0.0.1", port=0, token=token)
     return runner, served.url
@@ -245,7 +245,7 @@ def test_ledger_serve_command(settings: Settings, room: str) -> None:
     import urllib.request
 
     env = {**os.environ, **env_for(settings)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", "0", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "room_ledger.cli.main", "serve", "--port", "0", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout is not None
@@ -281,7 +281,7 @@ async def test_eight_tabs_follow_one_room(ledger: Ledger, room: str, served: str
 
 
 def test_a_view_open_to_others_without_a_token_is_flagged() -> None:
-    from cli.serve import open_to_others
+    from room_ledger.cli.serve import open_to_others
 
     assert not open_to_others("127.0.0.1", None) and not open_to_others("::1", None)
     assert not open_to_others("localhost", None) and not open_to_others("0.0.0.0", "tok")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ledger.errors import SettingsError
-from ledger.settings import Settings
+from room_ledger.errors import SettingsError
+from room_ledger.settings import Settings
 
 
 def test_defaults_use_the_embedded_servers() -> None:
@@ -71,7 +71,7 @@ def test_settings_are_frozen() -> None:
 
 
 def test_payload_limits_from_the_environment() -> None:
-    from ledger.settings import DEFAULT_INLINE_LIMIT, DEFAULT_MAX_PAYLOAD
+    from room_ledger.settings import DEFAULT_INLINE_LIMIT, DEFAULT_MAX_PAYLOAD
 
     default = Settings.from_env({})
     assert default.inline_limit == DEFAULT_INLINE_LIMIT == 64 * 1024

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from bridge.ingest import Ingest, ParticipantObservation
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
-from ledger.state import fold
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.bridge.ingest import Ingest, ParticipantObservation
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
+from room_ledger.state import fold
+from room_ledger.watch import RoomWatch as Log
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 from tests.test_cli_helpers import ok
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.errors import InvalidRoomName
-from ledger.subjects import MAX_ROOM_NAME_CHARS, Subjects, room_from_token, room_token
+from room_ledger.errors import InvalidRoomName
+from room_ledger.subjects import MAX_ROOM_NAME_CHARS, Subjects, room_from_token, room_token
 
 room_names = st.text(min_size=1, max_size=MAX_ROOM_NAME_CHARS)
 

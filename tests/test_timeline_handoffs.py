@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ledger import events as ev
-from ledger.client import Record
-from ledger.timeline import HandoffTracker
+from room_ledger import events as ev
+from room_ledger.client import Record
+from room_ledger.timeline import HandoffTracker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -93,7 +93,7 @@ def test_text_sessions_with_feed_items_only_still_measure() -> None:
 
 
 def test_who_spoke_when_from_agent_states_and_the_callers_feed_state() -> None:
-    from ledger.timeline import SpeechTracker
+    from room_ledger.timeline import SpeechTracker
 
     log = _Log()
     log.add(ev.ParticipantJoined(identity="ana", kind="standard"), "ana", 0.0)

@@ -1,4 +1,4 @@
-"""OpenTelemetry traces (ledger/tracing.py): real ``ledger`` processes export to a real OTLP/HTTP receiver.
+"""OpenTelemetry traces (room_ledger/tracing.py): real ``ledger`` processes export to a real OTLP/HTTP receiver.
 
 The receiver is a small aiohttp server that decodes what the exporter posts (the OTLP protobuf
 request); the processes are configured only by the standard ``OTEL_`` variables.
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from ledger import tracing
-from ledger.settings import Settings
+from room_ledger import tracing
+from room_ledger.settings import Settings
 from tests.test_cli_helpers import env_for, scripted_events
 
 
@@ -73,7 +73,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _ledger(env: dict[str, str], *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "room_ledger.cli.main", *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
@@ -82,7 +82,7 @@ async def _ledger(env: dict[str, str], *args: str) -> tuple[int, str]:
 
 async def test_projector_and_hydration_spans_reach_an_otlp_endpoint(pg_settings: Settings, room: str,
                                                                    receiver: Receiver) -> None:
-    from ledger.client import Ledger
+    from room_ledger.client import Ledger
 
     async with Ledger(pg_settings) as ledger:
         await ledger.append_many(scripted_events(room))
@@ -104,7 +104,7 @@ async def test_projector_and_hydration_spans_reach_an_otlp_endpoint(pg_settings:
 
 
 async def test_traces_are_off_without_an_endpoint(pg_settings: Settings, room: str, receiver: Receiver) -> None:
-    from ledger.client import Ledger
+    from room_ledger.client import Ledger
 
     assert not tracing.configured({})
     assert not tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"})
@@ -122,14 +122,14 @@ async def test_traces_are_off_without_an_endpoint(pg_settings: Settings, room: s
 
 _SOURCE = """
 import json
-from ledger import tracing
+from room_ledger import tracing
 with tracing.span("ledger.handoff", {"ledger.from": "triage", "ledger.to": "billing"}) as carrier:
     print(json.dumps(carrier))
 """
 
 _TARGET = """
 import sys
-from ledger import metrics, tracing
+from room_ledger import metrics, tracing
 with tracing.span("ledger.handoff.resume", {"ledger.agent": "billing"}, traceparent=sys.argv[1]):
     metrics.hydrated("projection+log", 0.004, 3)  # what hydrate() records, inside the resume
 """

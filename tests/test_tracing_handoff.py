@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests.handoff_example import ExampleWorkers, Replies, workers  # noqa: F401
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 from tests.test_tracing import Receiver, receiver  # noqa: F401

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ledger import events as ev
-from ledger.client import Record
-from ledger.state import RoomState, fold
-from ledger.turns import Addressed, RoundRobin, Router, answerer
+from room_ledger import events as ev
+from room_ledger.client import Record
+from room_ledger.state import RoomState, fold
+from room_ledger.turns import Addressed, RoundRobin, Router, answerer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

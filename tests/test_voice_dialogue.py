@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 from livekit import api
 
-from bridge.tokens import create_dispatch
-from ledger.client import Ledger, Record
-from ledger.export import export_room
-from ledger.settings import Settings
-from ledger.watch import RoomWatch as Log
+from room_ledger.bridge.tokens import create_dispatch
+from room_ledger.client import Ledger, Record
+from room_ledger.export import export_room
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch as Log
 from tests import processes
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge
 from tests.test_cli_helpers import env_for

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from livekit import api
 
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.state import fold
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.state import fold
 from tests import processes
 from tests.livekit.server import http_url
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401

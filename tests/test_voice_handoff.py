@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.timeline import handoffs as replay_handoffs
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.timeline import handoffs as replay_handoffs
 from tests.handoff_example import ExampleWorkers, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
@@ -108,7 +108,7 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
     assert len(asked) == 1 and asked[0][0] == triage_again, _replies(records)
     assert [r for r in _replies(records) if r[0] == billing and r[2] > back[2]] == []
     # nothing the caller said was lost: each utterance once in the conversation, the caller's
-    from ledger.state import fold
+    from room_ledger.state import fold
 
     said = [(i.text, i.speaker) for i in fold(records).conversation if i.role == "user"]
     assert [t for t, _ in said] == ["my account is seven", "i have a question about my bill",
@@ -135,8 +135,8 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
     assert caller.overlap_ms(billing, triage_again) == 0
     await caller.aclose()
     # the live web view's "who spoke when": a lane for the caller and each agent job, in order
-    from cli.roomview import collect
-    from cli.serve import view_json
+    from room_ledger.cli.roomview import collect
+    from room_ledger.cli.serve import view_json
 
     view = view_json(await collect(ledger, room), live=False)
     lanes = [s["speaker"] for s in view["speech"]]
@@ -151,8 +151,8 @@ async def test_voice_warm_standby_is_silent_until_handed_the_call(lk_settings: S
     """Billing joins as a warm standby when the call starts (voice pipeline loaded, hearing the
     caller), says nothing while triage has the call, and takes over with no dispatch."""
     from examples.voice.offline import VoiceCaller, espeak_available
-    from ledger.handoff import standing_by
-    from ledger.state import fold
+    from room_ledger.handoff import standing_by
+    from room_ledger.state import fold
 
     if not espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")

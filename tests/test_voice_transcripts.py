@@ -32,11 +32,11 @@ import pytest
 from livekit import rtc
 
 from examples.voice.offline import TRIAGE_VOICE, espeak_available
-from ledger import events as ev
-from ledger.client import Ledger, Record
-from ledger.settings import Settings
-from ledger.state import fold
-from ledger.watch import RoomWatch as Log
+from room_ledger import events as ev
+from room_ledger.client import Ledger, Record
+from room_ledger.settings import Settings
+from room_ledger.state import fold
+from room_ledger.watch import RoomWatch as Log
 from tests.test_bridge_livekit import lk_settings, running_bridge  # noqa: F401
 from tests.test_cli_helpers import ok
 

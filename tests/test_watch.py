@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.errors import LedgerError, LogUnavailable
-from ledger.watch import WatchTimeout
+from room_ledger import events as ev
+from room_ledger.client import Ledger
+from room_ledger.errors import LedgerError, LogUnavailable
+from room_ledger.watch import WatchTimeout
 
 
 def status(agent_id: str, task: str) -> ev.KnownEvent:

@@ -22,11 +22,11 @@ import pytest
 from aiohttp import web
 from livekit import api, rtc
 
-from bridge.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
-from ledger import events as ev
-from ledger.client import Ledger
-from ledger.settings import Settings
-from ledger.watch import RoomWatch
+from room_ledger import events as ev
+from room_ledger.bridge.webhooks import WebhookRecorder, sign, webhook_app, webhook_event_id
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
+from room_ledger.watch import RoomWatch
 from tests.livekit import netns
 from tests.livekit.server import API_KEY, API_SECRET, LocalLiveKit, free_port, have_binary
 from tests.test_cli_helpers import env_for, invoke, json_of, ok
@@ -226,7 +226,7 @@ async def test_ledger_webhooks_command(ledger: Ledger, settings: Settings) -> No
     port = free_port()
     env = {**os.environ, **env_for(settings), "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "webhooks", "--port", str(port), "--json", env=env,
+        sys.executable, "-m", "room_ledger.cli.main", "webhooks", "--port", str(port), "--json", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None

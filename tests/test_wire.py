@@ -1,4 +1,4 @@
-"""The nats-py internals ledger/_wire.py relies on, one test each against the real nats-server:
+"""The nats-py internals room_ledger/_wire.py relies on, one test each against the real nats-server:
 a nats-py upgrade that changes one fails here, and only here."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from ledger import _wire
-from ledger import events as ev
-from ledger.client import Ledger, ack_position
-from ledger.settings import Settings
+from room_ledger import _wire
+from room_ledger import events as ev
+from room_ledger.client import Ledger, ack_position
+from room_ledger.settings import Settings
 
 
 async def _connect(settings: Settings) -> NatsClient:

@@ -40,8 +40,8 @@ from common import (
 )
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
-from ledger.agents import userdata_document
-from ledger.handoff import LedgerLink, transfer_tool
+from room_ledger.agents import userdata_document
+from room_ledger.handoff import LedgerLink, transfer_tool
 
 #: Billing's voice by voice mode (the offline TTS), so the caller hears two agents apart.
 BILLING_VOICE = "en-gb+f3"

@@ -62,7 +62,7 @@ def voice_stack() -> None:
     waits for an import or a model. Also the ledger's own imports a job's first LedgerLink needs."""
     import nats.js.api  # noqa: F401, PLC0415 - loaded now, not on a job's event loop
 
-    import ledger.embedded  # noqa: F401, PLC0415 - loaded now, not on a job's event loop
+    import room_ledger.embedded  # noqa: F401, PLC0415 - loaded now, not on a job's event loop
 
     if not VOICE or _voice_stack:
         return

@@ -40,7 +40,7 @@ from common import (
 )
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
-from ledger.handoff import LedgerLink, transfer_tool
+from room_ledger.handoff import LedgerLink, transfer_tool
 
 #: Dispatch billing as a warm standby when the call starts (HANDOFF_WARM=1).
 WARM = os.environ.get("HANDOFF_WARM") == "1"

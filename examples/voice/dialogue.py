@@ -63,9 +63,9 @@ from livekit.agents import (
 )
 
 from examples.voice.offline import EspeakTTS, EspeakVoice, SphinxSTT, load_vad
-from ledger.agents import LedgerAgent
-from ledger.client import Ledger
-from ledger.settings import Settings
+from room_ledger.agents import LedgerAgent
+from room_ledger.client import Ledger
+from room_ledger.settings import Settings
 
 log = logging.getLogger("voice-dialogue")
 

@@ -29,8 +29,8 @@ from common import Say, ScriptedLLM, Step, last_item, serve, text_of  # noqa: E4
 from livekit.agents import Agent, AgentSession, JobContext, llm, room_io  # noqa: E402
 
 from examples.voice.offline import EspeakTTS, EspeakVoice, load_vad, offline_stt  # noqa: E402
-from ledger.handoff import LedgerLink  # noqa: E402
-from ledger.turns import Addressed, RoundRobin, TurnPolicy  # noqa: E402
+from room_ledger.handoff import LedgerLink  # noqa: E402
+from room_ledger.turns import Addressed, RoundRobin, TurnPolicy  # noqa: E402
 
 AGENT = os.environ.get("FLOOR_AGENT", "sales")
 POLICY = os.environ.get("FLOOR_POLICY", "round_robin")

@@ -1,0 +1,229 @@
+"""What every command shares: settings from flags, the error boundary, consoles, and time parsing.
+
+Commands stay thin: they parse their options, build :class:`~ledger.settings.Settings` with
+:func:`settings_from`, and hand one coroutine to :func:`run`, which turns a domain error into one
+line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from room_ledger.errors import LedgerError
+from room_ledger.settings import Settings, parse_duration
+
+T = TypeVar("T")
+
+#: Human output. ``highlight`` off: rich would otherwise colour numbers and quotes inside summaries.
+# Markup off: room names and transcripts must print as they are, never as rich markup.
+console = Console(
+    highlight=False,
+    markup=False,
+    soft_wrap=False,
+    # Piped or captured output keeps whole lines (rich would otherwise assume 80 columns).
+    width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
+)
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, one line."""
+    err_console.print(Text("error: ", style="bold red") + Text(message))
+
+
+class CliError(LedgerError):
+    """A bad argument or a refused operation, reported like any other domain error (exit 1)."""
+
+
+@dataclass
+class GlobalOptions:
+    """Options given before the command (``ledger --debug replay …``)."""
+
+    debug: bool = False
+    nats_url: str | None = None
+    database_url: str | None = None
+    home: Path | None = None
+    stream: str | None = None
+
+
+_options = GlobalOptions()
+
+
+def set_global_options(options: GlobalOptions) -> None:
+    """Called by the top-level callback on every invocation (so each run starts from its own flags)."""
+    global _options
+    _options = options
+
+
+def global_options() -> GlobalOptions:
+    return _options
+
+
+def settings_from(options: GlobalOptions | None = None) -> Settings:
+    """Settings from the environment, with the global flags applied (validated the same way)."""
+    options = options or global_options()
+    environ = dict(os.environ)
+    for variable, value in (
+        ("LEDGER_NATS_URL", options.nats_url),
+        ("LEDGER_DATABASE_URL", options.database_url),
+        ("LEDGER_HOME", str(options.home) if options.home else None),
+        ("LEDGER_STREAM", options.stream),
+    ):
+        if value:
+            environ[variable] = value
+    return Settings.from_env(environ)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else text
+    if len(lines) > 1:
+        first += " (more with `ledger --debug …`)"
+    return first
+
+
+def _is_domain_error(exc: BaseException) -> bool:
+    return isinstance(exc, LedgerError)
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    """Report ``exc`` the CLI way and return the exit to raise."""
+    if global_options().debug:
+        err_console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+    if _is_domain_error(exc):
+        print_error(_one_line(exc))
+    else:
+        print_error(f"unexpected {type(exc).__name__}: {_one_line(exc)} (run `ledger --debug …` for the traceback)")
+    return typer.Exit(1)
+
+
+def run(
+    factory: Callable[[], Coroutine[Any, Any, T]] | Callable[[], Awaitable[T]],
+    *,
+    interrupt_ok: bool = False,
+) -> T:
+    """Run one command's coroutine: domain errors -> one line and exit 1; Ctrl-C -> a clean end."""
+    try:
+        return asyncio.run(_await(factory))
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        if interrupt_ok:
+            raise typer.Exit(0) from None
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except BrokenPipeError:
+        # `ledger replay … | head`: the reader left; that is not an error of ours.
+        _silence_stdout()
+        raise typer.Exit(0) from None
+    except Exception as exc:
+        raise fail(exc) from None
+
+
+async def _await(factory: Callable[[], Awaitable[T]]) -> T:
+    return await factory()
+
+
+def guard(call: Callable[[], T]) -> T:
+    """The error boundary for synchronous work (settings, argument parsing)."""
+    try:
+        return call()
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise fail(exc) from None
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit; on a closed pipe that would print a second BrokenPipeError.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# --- positions in a room: a sequence, an ISO time, or a relative time -----------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point in a room's log: a stream sequence or a wall-clock time (UTC)."""
+
+    seq: int | None = None
+    time: datetime | None = None
+
+    def describe(self) -> str:
+        if self.seq is not None:
+            return f"sequence {self.seq}"
+        assert self.time is not None
+        return self.time.isoformat(timespec="milliseconds")
+
+
+_RELATIVE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d|w)\s*$")
+
+
+def parse_point(value: str, option: str, *, now: datetime | None = None) -> Point:
+    """``120`` (sequence), ``2024-05-01T10:00:00Z`` (ISO time), ``5m`` (that long ago)."""
+    text = value.strip()
+    if re.fullmatch(r"\d+", text):
+        seq = int(text)
+        if seq < 1:
+            raise CliError(f"{option} {value!r}: sequences start at 1")
+        return Point(seq=seq)
+    if _RELATIVE_RE.match(text):
+        seconds = parse_duration(text, option)
+        return Point(time=(now or datetime.now(UTC)) - timedelta(seconds=seconds))
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise CliError(
+            f"{option} {value!r} is not a position: expected a sequence (120), an ISO time "
+            "(2024-05-01T10:00:00Z) or a relative time (90s, 5m, 2h, 1d)"
+        )
+    if parsed.tzinfo is None:
+        parsed = parsed.astimezone()  # a naive time is the user's local time
+    return Point(time=parsed.astimezone(UTC))
+
+
+def format_duration(seconds: float) -> str:
+    """``0.42`` -> ``420ms``, ``75`` -> ``1m15s``."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def write_json(data: Any) -> None:
+    """One JSON document on stdout (``--json``)."""
+
+    sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,163 @@
+"""``ledger replay``: a room's history as a timeline, NDJSON, a state at a point, floor lanes, handoffs.
+
+Everything here streams: records are read in order from an ordered consumer and printed (or
+folded) one at a time, so a room of any size replays in constant memory and the first line
+appears as soon as the first message arrives. Views that need state (``--at``, ``--floor``,
+``--html``) fold with the core's reducers and trackers (:mod:`ledger.timeline`), the same code every
+other reader uses.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+
+import msgspec
+
+from room_ledger.cli.common import CliError, Point
+from room_ledger.client import Ledger, Record
+from room_ledger.state import RoomState, apply_safely
+from room_ledger.timeline import (
+    CONVERSATION_WINDOW,
+    FloorTimeline,
+    FloorTracker,
+    HandoffRow,
+    HandoffTracker,
+    trim_conversation,
+    write_ndjson,
+)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which of a room's records to read."""
+
+    since: Point | None = None
+    until: Point | None = None
+    types: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+
+    def read_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.since is not None:
+            if self.since.seq is not None:
+                args["after"] = self.since.seq - 1
+            else:
+                args["since_time"] = self.since.time
+        if self.until is not None and self.until.seq is not None:
+            args["until"] = self.until.seq
+        if self.types:
+            args["types"] = list(self.types)
+        return args
+
+    def check(self) -> None:
+        if (
+            self.since is not None
+            and self.until is not None
+            and self.since.seq is not None
+            and self.until.seq is not None
+            and self.until.seq < self.since.seq
+        ):
+            raise CliError(f"--until {self.until.seq} is before --since {self.since.seq}")
+        if (
+            self.since is not None
+            and self.until is not None
+            and self.since.time is not None
+            and self.until.time is not None
+            and self.until.time < self.since.time
+        ):
+            raise CliError(f"--until {self.until.describe()} is before --since {self.since.describe()}")
+
+
+async def records(
+    ledger: Ledger, room: str, window: Window = Window(), *, follow: bool = False
+) -> AsyncIterator[Record]:
+    """The room's records in the window, in log order (after checking the room exists)."""
+    window.check()
+    if not follow:
+        await ledger.require_room(room)
+    until_time: datetime | None = window.until.time if window.until is not None else None
+    senders = list(window.senders)
+    async for record in ledger.read(room, follow=follow, **window.read_args()):
+        if until_time is not None and record.time > until_time:
+            return
+        if senders and not any(fnmatch.fnmatchcase(record.event.sender.identity, p) for p in senders):
+            continue
+        yield record
+
+
+# --- NDJSON ---------------------------------------------------------------------------------
+
+
+def _binary_stdout() -> IO[bytes]:
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        raise CliError("stdout takes no bytes here; NDJSON needs a binary-capable stdout")
+    out: IO[bytes] = buffer
+    return out
+
+
+async def replay_ndjson(
+    ledger: Ledger, room: str, window: Window, *, follow: bool = False, out: IO[bytes] | None = None
+) -> int:
+    """Write the room's events as NDJSON (to stdout by default); returns how many.
+
+    Output is buffered, and flushed at the first line (so it shows at once) and, when following,
+    after every line.
+    """
+    out = out if out is not None else _binary_stdout()
+    return await write_ndjson(records(ledger, room, window, follow=follow), out, follow=follow)
+
+
+# --- state at a point ---------------------------------------------------------------------------
+
+
+async def fold_room(
+    ledger: Ledger, room: str, until: Point | None = None, *, keep_items: int = CONVERSATION_WINDOW
+) -> Any:
+    """The room's state folded with the projections' reducers up to ``until`` (inclusive)."""
+    state = RoomState(room=room)
+    async for record in records(ledger, room, Window(until=until)):
+        apply_safely(state, record)
+        trim_conversation(state, keep_items)
+    if until is not None and state.seq == 0:
+        raise CliError(f"room {room!r} has no events at or before {until.describe()}")
+    return state
+
+
+def state_to_builtins(state: Any, *, last_items: int | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(state)
+    for bookkeeping in ("feeds", "user_feed", "transcribers"):
+        data.pop(bookkeeping, None)
+    data["seq"] = state.seq
+    if last_items is not None:
+        data["conversation"] = data["conversation"][-last_items:]
+    return data
+
+
+# --- floor timeline -----------------------------------------------------------------------------
+
+
+async def floor_timeline(ledger: Ledger, room: str, until: Point | None = None) -> FloorTimeline:
+    """Fold the room and note every change of holder or queue (who held the floor when)."""
+    tracker = FloorTracker(room)
+    async for record in records(ledger, room, Window(until=until)):
+        tracker.feed(record)
+    return tracker.finish()
+
+
+# --- handoffs -----------------------------------------------------------------------------------
+
+
+async def handoffs(ledger: Ledger, room: str, window: Window = Window()) -> list[HandoffRow]:
+    """The room's handoffs (all of the log is read: a handoff's dead air needs what came before)."""
+    tracker = HandoffTracker()
+    async for record in records(ledger, room, Window(until=window.until)):
+        tracker.feed(record)
+    since = window.since
+    return tracker.finish(since.seq if since else None, since.time if since else None)
