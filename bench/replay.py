@@ -189,7 +189,7 @@ def cli_first_line_small(settings: Settings, room: str) -> float:
 
 def import_ms() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import cli.main"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", "import room_ledger.cli.main"], cwd=ROOT, check=True)
     return (time.perf_counter() - started) * 1000
 
 
