@@ -316,7 +316,7 @@ def test_app_is_the_console_script() -> None:
     import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["ledger"] == "room_ledger.cli:main"
+    assert project["project"]["scripts"]["ledger"] == "room_ledger.cli.launch:main"
     assert app.info.name == "ledger"
 
 
