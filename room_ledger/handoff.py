@@ -60,12 +60,11 @@ import msgspec
 from livekit import api
 from livekit.agents import AgentSession, RunContext, ToolError, function_tool
 from livekit.agents.llm import ChatContext, FunctionTool
-from livekit.agents.voice.room_io.types import TextInputOptions
 
 from room_ledger import events as ev
+from room_ledger import handoff_input as caller_side
 from room_ledger import state as rd
 from room_ledger import tracing
-from room_ledger._agents_sdk import text_input_callback
 from room_ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError, SettingsError
@@ -78,7 +77,6 @@ if TYPE_CHECKING:
     from livekit import rtc
     from livekit.agents import JobContext
     from livekit.agents.voice.events import AgentStateChangedEvent, UserStateChangedEvent
-    from livekit.agents.voice.room_io.types import TextInputEvent
 
     from room_ledger.client import Record
 
@@ -182,14 +180,12 @@ class LedgerLink:
         self._sync_wanted = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._transfer_task: asyncio.Task[None] | None = None
-        self._held_input: list[TextInputEvent] = []
         self._attached = asyncio.Event()
         self._handed_seq = 0
-        self._holding = False
-        self._saved_cb: Any = None
-        self._muted = False
+        #: What the caller types or says while this agent hands off (held, then the target's).
+        self._input = caller_side.HeldInput(agent_id)
         self._replays: set[asyncio.Future[Any]] = set()
-        self._progress = _Progress(None, "")
+        self._progress = caller_side.ProgressLine(None, "")
         #: A handoff's source, by participant identity (a target defers to its hearing until it left).
         self._source_identity = ""
         #: time.time() of the caller's last start of speech, and of this link's last transfer.
@@ -302,7 +298,7 @@ class LedgerLink:
         current = {item.id for item in agent.chat_ctx.items}
         # The same words heard by this session too (it started listening while the source held)
         # are one turn: its own copy stands.
-        recent = _recent_user_texts(agent.chat_ctx)
+        recent = caller_side.recent_user_texts(agent.chat_ctx)
         missed = [item for item in since if item.item_id not in current and item.text.strip() not in recent]
         if not missed:
             return
@@ -362,7 +358,7 @@ class LedgerLink:
     async def _answer_held(self, session: AgentSession[Any], said: ev.ConversationItem) -> None:
         """A turn the source heard during the switch: into this agent's history, then answered."""
         agent = session.current_agent
-        if said.text.strip() in _recent_user_texts(agent.chat_ctx):
+        if said.text.strip() in caller_side.recent_user_texts(agent.chat_ctx):
             return  # caught up already
         ctx = agent.chat_ctx.copy()
         ctx.add_message(role="user", content=said.text, id=said.item_id,
@@ -430,7 +426,7 @@ class LedgerLink:
             # keeps every turn (a second copy in the log would be a second turn to answer).
             self.turn_gate.holding = False
             self.turn_gate.deferring = True
-            self._muted = False
+            self._input.muted = False
         handed: asyncio.Future[ev.Handoff] = asyncio.get_running_loop().create_future()
 
         def watch(record: Record) -> None:
@@ -545,7 +541,7 @@ class LedgerLink:
         self.transfers.append(outcome)
         self._transfer_started_at = time.time()
         self._hold_input()
-        self._progress = _Progress(progress_after, progress_message or DEFAULT_PROGRESS_MESSAGE)
+        self._progress = caller_side.ProgressLine(progress_after, progress_message or DEFAULT_PROGRESS_MESSAGE)
         self._transfer_task = asyncio.create_task(
             self._transfer(outcome, call_id, timeout, failure_message), name=f"ledger-handoff-{to_agent}")
         self._transfer_task.add_done_callback(_log_crash)
@@ -562,7 +558,7 @@ class LedgerLink:
             with tracing.span("ledger.handoff", {"ledger.from": self.agent_id, "ledger.to": to_agent}) as trace:
                 await self._handoff(outcome, call_id, timeout, trace)
         except Exception as exc:
-            why = exc.reason if isinstance(exc, HandoffFailed) else _describe(exc, to_agent, timeout)
+            why = exc.reason if isinstance(exc, HandoffFailed) else caller_side.describe_failure(exc, to_agent, timeout)
             outcome.error = why
             outcome.elapsed_s = time.perf_counter() - started
             log.warning("%s: handoff to %r failed: %s", self.agent_id, to_agent, why)
@@ -712,7 +708,7 @@ class LedgerLink:
             # Let the last words (the "transferring you" reply) finish.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(session.current_speech.wait_for_playout(), 10.0)
-        self._held_input.clear()
+        self._input.messages.clear()
         if session is not None and session.input.audio is not None:
             await self._caller_quiet(session)
         if self._job is not None:
@@ -723,29 +719,14 @@ class LedgerLink:
         await self.room.disconnect()
 
     async def _caller_quiet(self, session: AgentSession[Any]) -> None:
-        """By voice, before leaving: let the caller finish a turn begun while the call switched, and
-        keep it (its words reach the log, where the target takes them). Bounded by CALLER_QUIET_S."""
-        changed = asyncio.Event()
+        await caller_side.caller_quiet(session, lambda: self._heard_lately(session), self.agent_id, CALLER_QUIET_S)
 
-        def on_change(_: Any) -> None:
-            changed.set()
+    def _hold_input(self) -> None:
+        if self.session is not None:
+            self.turn_gate = self._input.hold(self.session, self.turn_gate, self.agent)
 
-        session.on("user_state_changed", on_change)
-        try:
-            async with asyncio.timeout(CALLER_QUIET_S):
-                while session.user_state == "speaking":
-                    changed.clear()
-                    await changed.wait()
-                # The turn ends after the endpointing delay and the recogniser: wait for it (the
-                # gate notes each turn's end; no event says "no turn is coming").
-                while self._heard_lately(session):
-                    changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), 0.1)
-        except TimeoutError:
-            log.debug("%s: the caller still speaking after %gs; leaving anyway", self.agent_id, CALLER_QUIET_S)
-        finally:
-            session.off("user_state_changed", on_change)
+    def _release_input(self, *, replay: bool) -> None:
+        self._input.release(self.session, self.turn_gate, replay=replay)
 
     def _heard_lately(self, session: AgentSession[Any]) -> bool:
         """Whether the caller spoke after the last turn this session ended (a turn is on its way)."""
@@ -756,94 +737,6 @@ class LedgerLink:
         if event.new_state == "speaking":
             self._user_spoke_at = time.time()
 
-    # --- the caller's typing while a handoff runs --------------------------------------------------
-
-    def _hold_input(self) -> None:
-        """While handing off, the caller's messages are not answered here (the target answers)."""
-        session = self.session
-        if session is None or self._holding:
-            return
-        with contextlib.suppress(RuntimeError):
-            room_io = session.room_io
-            self._saved_cb = text_input_callback(room_io)
-            room_io.register_text_input(self._held)
-            self._holding = True
-        # By voice the session keeps hearing the caller (the caller can still interrupt the last
-        # words), but answers nothing: each turn is kept in the history and the log, where the
-        # target finds it (_catch_up), or answered here if the transfer fails.
-        if session.input.audio is not None:
-            gate = self.turn_gate
-            if gate is None:
-                gate = self.turn_gate = TurnGate(session, self.agent, None)
-                gate.install()
-            gate.holding = True
-            self._muted = True
-
-    async def _held(self, session: AgentSession[Any], event: TextInputEvent) -> None:
-        self._held_input.append(event)
-
-    def _release_input(self, *, replay: bool) -> None:
-        session = self.session
-        if session is not None and self._muted and self.turn_gate is not None:
-            self._muted = False
-            gate = self.turn_gate
-            gate.holding = False
-            heard, gate.held = gate.held, []
-            if replay and heard:
-                # The held turns are in the history already: one reply answers them.
-                with contextlib.suppress(Exception):
-                    session.generate_reply()
-        if session is None or not self._holding:
-            return
-        self._holding = False
-        callback = self._saved_cb
-        if callback is None:
-            callback = TextInputOptions().text_input_cb
-        session.room_io.register_text_input(callback)
-        held, self._held_input = self._held_input, []
-        if replay:
-            for event in held:
-                result = callback(session, event)
-                if asyncio.iscoroutine(result):
-                    task = asyncio.ensure_future(result)
-                    self._replays.add(task)
-                    task.add_done_callback(self._replays.discard)
-
-
-class _Progress:
-    """The progress line a waiting caller hears once, ``after`` seconds into a transfer's wait."""
-
-    def __init__(self, after: float | None, message: str) -> None:
-        self.after = after
-        self.message = message
-        self.said: Any = None  # the SpeechHandle, once said
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, session: AgentSession[Any] | None, to_agent: str) -> None:
-        if self.after is None or session is None or self._task is not None:
-            return
-        self._task = asyncio.create_task(self._say(session, self.after, self.message.format(agent=to_agent)),
-                                         name="ledger-handoff-progress")
-
-    async def _say(self, session: AgentSession[Any], after: float, text: str) -> None:
-        # A deadline, not a wait for a condition: the caller is to hear something after this long.
-        await asyncio.sleep(after)
-        self.said = session.say(text)
-
-    async def stop(self, *, interrupt: bool) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if interrupt and self.said is not None and not self.said.done():
-            with contextlib.suppress(Exception):
-                self.said.interrupt()
-
-
-def _recent_user_texts(chat_ctx: ChatContext, last: int = 8) -> set[str]:
-    users = [item for item in chat_ctx.items if item.type == "message" and item.role == "user"]
-    return {(item.text_content or "").strip() for item in users[-last:]}
 
 
 def standing_by(state: rd.RoomState, agent_name: str) -> bool:
@@ -898,14 +791,6 @@ def link_of(session: AgentSession[Any]) -> LedgerLink | None:
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("the handoff task failed: %r", exc, exc_info=exc)
-
-
-def _describe(exc: BaseException, to_agent: str, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"{to_agent!r} did not take the floor within {timeout:g}s (no worker took the job, or it failed)"
-    if isinstance(exc, api.TwirpError):
-        return f"LiveKit refused the dispatch: {exc.code} {exc.message}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 __all__ = ["DEFAULT_PROGRESS_AFTER_S", "DEFAULT_TRANSFER_TIMEOUT_S", "FAILED_PREFIX", "STANDBY_GRACE_S", "STANDBY_KEY", "STANDBY_TASK", "HandoffFailed", "HandoffOutcome",
