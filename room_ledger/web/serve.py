@@ -1,4 +1,4 @@
-"""``ledger serve``: a live, read-only web view of every room (aiohttp; assets in room_ledger/cli/static).
+"""``ledger serve``: a live, read-only web view of every room (aiohttp; assets in room_ledger/web/static).
 
 Pages
     ``/``              the rooms: events, last activity, who is present, bridge gaps (refreshed live)
@@ -6,7 +6,7 @@ Pages
                        agent states, the session document and its patches, the conversation; a slider
                        travels to the room's state at any sequence; search within the room
 API (JSON; what the pages read)
-    ``/api/rooms``                     :func:`cli.ops.room_rows`
+    ``/api/rooms``                     :func:`room_ledger.rooms.room_rows`
     ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`view_json`
     ``/api/events?room=R[&after=SEQ]`` server-sent events: one ``record`` per event, following the log
     ``/api/live?room=R[&after=SEQ]``   the same as a WebSocket of JSON arrays (what the room page reads)
@@ -14,7 +14,7 @@ API (JSON; what the pages read)
     ``/metrics``                       Prometheus metrics of this process (room_ledger/metrics.py)
 
 One follower per room (:class:`RoomHub`): a single ordered consumer follows the room's log, folds
-it with :class:`cli.roomview.RoomCollector` (the HTML report's derivation) and fans the events
+it with :class:`web.roomview.RoomCollector` (the HTML report's derivation) and fans the events
 out to every browser watching, so a room watched by twenty people costs one consumer. A state at a
 point is folded from the log with the same reducers ``ledger replay --at`` uses.
 
@@ -31,6 +31,7 @@ import hmac
 import importlib.resources
 import ipaddress
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,14 +43,14 @@ from aiohttp import web
 
 from room_ledger import events as ev
 from room_ledger import metrics
-from room_ledger.cli.common import CliError, console, err_console, parse_point, write_json
-from room_ledger.cli.html import floor_svg, speech_svg  # the report's lanes, escaped there
-from room_ledger.cli.ops import room_rows
-from room_ledger.cli.roomview import PageData, RoomCollector, collect, item_text, participant_views
-from room_ledger.cli.timeline import event_time, summary
 from room_ledger.client import Ledger, Record
-from room_ledger.errors import LedgerError, UnknownRoom
+from room_ledger.errors import LedgerError, SettingsError, UnknownRoom
+from room_ledger.rooms import room_rows
 from room_ledger.timeline import ndjson_line
+from room_ledger.web.html import floor_svg, speech_svg  # the report's lanes, escaped there
+from room_ledger.web.roomview import PageData, RoomCollector, collect, item_text, participant_views
+from room_ledger.window import parse_point
+from room_ledger.words import event_time, summary
 
 log = logging.getLogger("ledger.serve")
 
@@ -74,7 +75,7 @@ SEARCH_LIMIT: Final = 500
 #: The room list is read from the log at most this often, however many rooms pages are open.
 ROOMS_EVERY_S: Final = 1.0
 
-_STATIC: Final = importlib.resources.files("room_ledger.cli") / "static"
+_STATIC: Final = importlib.resources.files("room_ledger.web") / "static"
 _CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 _TYPES: Final = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -98,7 +99,7 @@ def record_json(record: Record) -> dict[str, Any]:
 
 
 def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
-    """What the room page shows: the same derivation as ``ledger replay --html`` (room_ledger/cli/roomview.py)."""
+    """What the room page shows: the same derivation as ``ledger replay --html`` (room_ledger/web/roomview.py)."""
 
     state = page.state
     timeline = page.floor
@@ -264,7 +265,7 @@ class Hubs:
         self._rows_task: asyncio.Future[list[Any]] | None = None
 
     async def room_rows(self) -> list[Any]:
-        """:func:`cli.ops.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
+        """:func:`room_ledger.rooms.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
         (every open rooms page asks every two seconds; each read looks into every room)."""
 
         now = time.monotonic()
@@ -365,7 +366,7 @@ async def _room(request: web.Request) -> web.StreamResponse:
     if at:
         try:
             point = parse_point(at, "at")
-        except CliError as exc:
+        except SettingsError as exc:
             return _error(400, str(exc))
         try:
             page = await collect(ledger, room, until=point)
@@ -629,7 +630,7 @@ async def start(ledger: Ledger, *, host: str = DEFAULT_HOST, port: int = DEFAULT
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+        raise LedgerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
                        "(0: any free one)") from exc
     bound = runner.addresses[0] if runner.addresses else (host, port)
     shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
@@ -653,15 +654,15 @@ async def serve(settings: Any, *, host: str, port: int, token: str | None, as_js
     async with Ledger(settings, name="ledger-serve") as ledger:
         runner, served = await start(ledger, host=host, port=port, token=token)
         if open_to_others(host, token):
-            err_console.print(f"warning: ledger serve listens on {host} with no token: anyone who can reach it "
-                              "reads every room; set --token (or LEDGER_SERVE_TOKEN)")
+            print(f"warning: ledger serve listens on {host} with no token: anyone who can reach it "
+                  "reads every room; set --token (or LEDGER_SERVE_TOKEN)", file=sys.stderr, flush=True)
         try:
             if as_json:
-                write_json({"event": "serving", "url": served.url, "host": served.host, "port": served.port,
-                            "token": served.token})
+                print(msgspec.json.encode({"event": "serving", "url": served.url, "host": served.host,
+                                           "port": served.port, "token": served.token}).decode(), flush=True)
             else:
-                console.print(f"ledger serve: {served.url} (read-only"
-                              + (", token required" if served.token else "") + "); Ctrl-C stops")
+                print(f"ledger serve: {served.url} (read-only"
+                      + (", token required" if served.token else "") + "); Ctrl-C stops", flush=True)
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
