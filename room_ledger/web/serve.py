@@ -7,16 +7,16 @@ Pages
                        travels to the room's state at any sequence; search within the room
 API (JSON; what the pages read)
     ``/api/rooms``                     :func:`room_ledger.rooms.room_rows`
-    ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`view_json`
+    ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`room_ledger.web.room_json.view_json`
     ``/api/events?room=R[&after=SEQ]`` server-sent events: one ``record`` per event, following the log
     ``/api/live?room=R[&after=SEQ]``   the same as a WebSocket of JSON arrays (what the room page reads)
     ``/api/search?room=R&q=TEXT``      the room's events whose content contains TEXT
     ``/metrics``                       Prometheus metrics of this process (room_ledger/metrics.py)
 
-One follower per room (:class:`RoomHub`): a single ordered consumer follows the room's log, folds
-it with :class:`web.roomview.RoomCollector` (the HTML report's derivation) and fans the events
-out to every browser watching, so a room watched by twenty people costs one consumer. A state at a
-point is folded from the log with the same reducers ``ledger replay --at`` uses.
+Here: the routes, the app and its start. One follower per watched room fans its log out to every
+browser (:mod:`room_ledger.web.hub`); a request carries a token when one is set
+(:mod:`room_ledger.web.auth`). A state at a point is folded from the log with the same reducers
+``ledger replay --at`` uses.
 
 Everything that comes from a room reaches the page as JSON and is put into the document with
 ``textContent`` (never parsed as HTML); the pages carry a Content-Security-Policy that allows no
@@ -27,283 +27,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import importlib.resources
-import ipaddress
-import logging
 import sys
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
-from room_ledger import events as ev
 from room_ledger import metrics
-from room_ledger.client import Ledger, Record
+from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError, SettingsError, UnknownRoom
-from room_ledger.rooms import room_rows
 from room_ledger.timeline import ndjson_line
-from room_ledger.web.html import floor_svg, speech_svg  # the report's lanes, escaped there
-from room_ledger.web.roomview import PageData, RoomCollector, collect, item_text, participant_views
+from room_ledger.web.auth import auth_middleware, open_to_others
+from room_ledger.web.hub import HEARTBEAT_S, Hubs, batches
+from room_ledger.web.room_json import record_json, view_json
+from room_ledger.web.roomview import collect
 from room_ledger.window import parse_point
-from room_ledger.words import event_time, summary
-
-log = logging.getLogger("ledger.serve")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8790
-TOKEN_ENV: Final = "LEDGER_SERVE_TOKEN"
-COOKIE: Final = "ledger_serve_token"
-
-#: Events each room keeps ready for a browser that connects (its first screen of the timeline).
-RECENT: Final = 2000
-#: Events sent to a browser that connects without a position (the latest ones).
-FIRST_SCREEN: Final = 300
-#: Events queued for one browser before it is dropped as too slow (it reconnects where it was).
-MAX_BACKLOG: Final = 20_000
-#: A room nobody has watched for this long stops following its log.
-IDLE_S: Final = 120.0
-#: Comment line sent on a quiet event stream, so dead connections are noticed.
-HEARTBEAT_S: Final = 15.0
-#: Items of the conversation and session changes sent with a view (the latest ones).
-VIEW_ITEMS: Final = 150
 SEARCH_LIMIT: Final = 500
-#: The room list is read from the log at most this often, however many rooms pages are open.
-ROOMS_EVERY_S: Final = 1.0
 
 _STATIC: Final = importlib.resources.files("room_ledger.web") / "static"
 _CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 _TYPES: Final = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
-
-
-# --- what a room looks like as JSON ----------------------------------------------------------------
-
-
-def record_json(record: Record) -> dict[str, Any]:
-    """One timeline line: the event in words, with what the page needs to place and colour it."""
-    event = record.event
-    return {
-        "seq": record.seq,
-        "time": event_time(record).isoformat(),
-        "type": ev.event_type(event),
-        "sender": event.sender.identity,
-        "kind": event.sender.kind,
-        "text": summary(event),
-    }
-
-
-def view_json(page: PageData, *, live: bool) -> dict[str, Any]:
-    """What the room page shows: the same derivation as ``ledger replay --html`` (room_ledger/web/roomview.py)."""
-
-    state = page.state
-    timeline = page.floor
-    index = state.index
-    floor = state.floor
-    conversation = state.conversation[-VIEW_ITEMS:]
-    return {
-        "room": page.room,
-        "live": live,
-        "seq": state.seq,
-        "events": index.events,
-        "first_seq": index.first_seq,
-        "last_seq": index.last_seq,
-        "last_activity": index.last_activity.isoformat() if index.last_activity else None,
-        "start": timeline.start.isoformat() if timeline.start else None,
-        "end": timeline.end.isoformat() if timeline.end else None,
-        "floor": {
-            "holder": floor.holder, "task": floor.task, "since_seq": floor.since_seq,
-            "queue": [{"agent_id": c.agent_id, "task": c.task, "seq": c.seq} for c in floor.queue],
-        },
-        "floor_svg": floor_svg(timeline),
-        "speech_svg": speech_svg(page.speech),
-        "speech": [{"speaker": s.speaker, "start": s.start.isoformat(), "end": s.end.isoformat(), "text": s.text}
-                   for s in page.speech[-VIEW_ITEMS:]],
-        "tenures": [
-            {"holder": t.holder, "task": t.task, "start_seq": t.start_seq, "start": t.start_time.isoformat(),
-             "end_seq": t.end_seq, "end": t.end_time.isoformat() if t.end_time else None,
-             "end_reason": t.end_reason}
-            for t in timeline.tenures
-        ],
-        "handoffs": msgspec.to_builtins([h.to_builtins() for h in page.handoffs]),
-        "participants": [p.to_builtins() for p in participant_views(state)],
-        "conversation": [
-            {"seq": i.seq, "time": i.time.isoformat(), "role": i.role or i.type, "speaker": i.speaker,
-             "text": item_text(i)}
-            for i in conversation
-        ],
-        "conversation_total": page.conversation_total,
-        "session": msgspec.to_builtins(state.session),
-        "session_version": state.session_version,
-        "session_changes": [
-            {"seq": c.seq, "time": c.time.isoformat(), "sender": c.sender, "patch": msgspec.to_builtins(c.patch),
-             "set": msgspec.to_builtins(c.set_values)}
-            for c in page.session_changes[-VIEW_ITEMS:]
-        ],
-        "session_changes_total": page.session_changes_total,
-        "summary": None if state.summary is None else {
-            "text": state.summary.text, "covers_seq": state.summary.covers_seq, "seq": state.summary.seq},
-        "gaps": [
-            {"seq": g.seq, "bridge_id": g.bridge_id, "started_at": g.started_at.isoformat(),
-             "ended_at": g.ended_at.isoformat(), "reason": g.reason}
-            for g in index.gaps
-        ],
-    }
-
-
-def _record_bytes(record: Record) -> bytes:
-    return msgspec.json.encode(record_json(record))
-
-
-# --- one follower per room ---------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Subscriber:
-    queue: asyncio.Queue[tuple[int, bytes]] = field(default_factory=asyncio.Queue)
-    dropped: bool = False
-
-
-class RoomHub:
-    """Follows one room's log once and fans it out; keeps the folded view of the room live."""
-
-    def __init__(self, ledger: Ledger, room: str) -> None:
-        self.ledger = ledger
-        self.room = room
-        self.collector = RoomCollector(room)
-        self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)
-        self.subscribers: set[_Subscriber] = set()
-        self.caught_up = asyncio.Event()
-        self.failed: BaseException | None = None
-        self.last_used = time.monotonic()
-        self._view: tuple[int, bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"serve-follow-{self.room}")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    @property
-    def seq(self) -> int:
-        return self.collector.seq
-
-    async def _run(self) -> None:
-        try:
-            head = await self.ledger.room_last_seq(self.room)
-            if head == 0:
-                self.caught_up.set()
-            async for record in self.ledger.follow(self.room):
-                self.collector.feed(record)
-                line = (record.seq, _record_bytes(record))
-                self.recent.append(line)
-                for sub in list(self.subscribers):
-                    if sub.queue.qsize() >= MAX_BACKLOG:
-                        # Too slow: it reconnects with Last-Event-ID and reads on from the log.
-                        sub.dropped = True
-                        self.subscribers.discard(sub)
-                        sub.queue.put_nowait((-1, b""))
-                    else:
-                        sub.queue.put_nowait(line)
-                if record.seq >= head:
-                    self.caught_up.set()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a reader that failed: every waiting request hears why
-            log.warning("following room failed: %s", exc)
-            self.failed = exc
-            self.caught_up.set()
-            for sub in list(self.subscribers):
-                sub.queue.put_nowait((-1, b""))
-
-    async def ready(self, timeout: float = 30.0) -> None:
-        self.last_used = time.monotonic()
-        try:
-            await asyncio.wait_for(self.caught_up.wait(), timeout)
-        except TimeoutError:
-            raise LedgerError(f"room {self.room!r}: the log did not answer within {timeout:.0f}s; "
-                              "`ledger doctor` shows the stream's state") from None
-        if self.failed is not None:
-            raise LedgerError(f"room {self.room!r} cannot be followed: {self.failed}")
-
-    def view(self) -> bytes:
-        """The room's view now as JSON (built once per new sequence, whoever asks)."""
-        seq = self.seq
-        if self._view is None or self._view[0] != seq:
-            page = self.collector.page()
-            self._view = (seq, msgspec.json.encode(view_json(page, live=True)))
-        return self._view[1]
-
-    def subscribe(self) -> _Subscriber:
-        sub = _Subscriber()
-        self.subscribers.add(sub)
-        self.last_used = time.monotonic()
-        return sub
-
-    def unsubscribe(self, sub: _Subscriber) -> None:
-        self.subscribers.discard(sub)
-        self.last_used = time.monotonic()
-
-
-class Hubs:
-    """The rooms being followed; a room nobody watches stops after :data:`IDLE_S`."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self.hubs: dict[str, RoomHub] = {}
-        self._reaper: asyncio.Task[None] | None = None
-        self._rows: tuple[float, list[Any]] | None = None
-        self._rows_task: asyncio.Future[list[Any]] | None = None
-
-    async def room_rows(self) -> list[Any]:
-        """:func:`room_ledger.rooms.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
-        (every open rooms page asks every two seconds; each read looks into every room)."""
-
-        now = time.monotonic()
-        if self._rows is None or now - self._rows[0] > ROOMS_EVERY_S:
-            if self._rows_task is None or self._rows_task.done():
-                self._rows_task = asyncio.ensure_future(room_rows(self.ledger))
-            task = self._rows_task
-            rows = await asyncio.shield(task)
-            self._rows = (time.monotonic(), rows)
-        return self._rows[1]
-
-    def get(self, room: str) -> RoomHub:
-        hub = self.hubs.get(room)
-        if hub is None or hub.failed is not None:
-            hub = self.hubs[room] = RoomHub(self.ledger, room)
-            hub.start()
-        return hub
-
-    def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap(), name="serve-reaper")
-
-    async def _reap(self) -> None:
-        while True:
-            await asyncio.sleep(IDLE_S / 4)
-            now = time.monotonic()
-            for room, hub in list(self.hubs.items()):
-                if not hub.subscribers and now - hub.last_used > IDLE_S:
-                    del self.hubs[room]
-                    await hub.close()
-
-    async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        for hub in list(self.hubs.values()):
-            await hub.close()
-        self.hubs.clear()
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -410,61 +161,6 @@ async def _search(request: web.Request) -> web.StreamResponse:
     return _json({"room": room, "q": query, "hits": hits, "scanned": scanned, "more": more})
 
 
-#: A batch of the room's events as ``(seq, record JSON)``; empty: nothing for a while (heartbeat).
-Batch = list[tuple[int, bytes]]
-
-
-async def _batches(hub: RoomHub, sub: _Subscriber, after: int | None) -> AsyncIterator[Batch]:
-    """What a client has not seen yet: the room's buffer (or the log before it), then live batches.
-
-    Ends when the subscriber was dropped as too slow or the room's reader failed: the client
-    reconnects from the last sequence it has.
-    """
-    backlog = list(hub.recent)
-    if after is None:
-        backlog = backlog[-FIRST_SCREEN:]
-        sent = backlog[0][0] - 1 if backlog else 0
-    else:
-        sent = after
-        first = backlog[0][0] if backlog else hub.seq + 1
-        if after + 1 < first:
-            older: Batch = []
-            async for record in hub.ledger.read(hub.room, after=after, until=first - 1):
-                older.append((record.seq, _record_bytes(record)))
-                if len(older) >= 1000:
-                    yield older
-                    older = []
-                sent = record.seq
-            if older:
-                yield older
-    chunk = [(seq, data) for seq, data in backlog if seq > sent]
-    if chunk:
-        yield chunk
-        sent = chunk[-1][0]
-    while True:
-        try:
-            seq, data = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
-        except TimeoutError:
-            yield []
-            continue
-        if seq < 0:
-            return
-        batch = [(seq, data)] if seq > sent else []
-        sent = max(sent, seq)
-        # Whatever else is waiting goes in the same write (a busy room is not one write per event).
-        while not sub.queue.empty():
-            seq, data = sub.queue.get_nowait()
-            if seq < 0:
-                break
-            if seq > sent:
-                batch.append((seq, data))
-                sent = seq
-        if batch:
-            yield batch
-        if seq < 0:
-            return
-
-
 def _after(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
@@ -481,7 +177,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(b"retry: 1000\n\n")
-        async for batch in _batches(hub, sub, after):
+        async for batch in batches(hub, sub, after):
             if not batch:
                 await response.write(b": keep-alive\n\n")
                 continue
@@ -508,7 +204,7 @@ async def _live(request: web.Request) -> web.StreamResponse:
     sub = hub.subscribe()
 
     async def send() -> None:
-        async for batch in _batches(hub, sub, after):
+        async for batch in batches(hub, sub, after):
             if batch:
                 await ws.send_str((b"[" + b",".join(data for _, data in batch) + b"]").decode())
         await ws.close()
@@ -534,40 +230,6 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-# --- authentication ---------------------------------------------------------------------------
-
-
-def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = token.encode()
-
-    def given(request: web.Request) -> str | None:
-        header = request.headers.get("Authorization", "")
-        if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return request.query.get("token") or request.cookies.get(COOKIE)
-
-    @web.middleware
-    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        offered = given(request)
-        if offered is None or not hmac.compare_digest(offered.encode(), expected):
-            return web.Response(
-                status=401, headers={"WWW-Authenticate": 'Bearer realm="ledger serve"'},
-                text="401: this ledger serve needs its token (ledger serve --token / LEDGER_SERVE_TOKEN): send "
-                     "'Authorization: Bearer <token>', or open the page once as /?token=<token>\n",
-            )
-        if "token" in request.query and request.method == "GET" and not request.path.startswith("/api/"):
-            # Opened with ?token=: remember it in a cookie (the event stream cannot send headers) and
-            # drop it from the address bar.
-            query = {k: v for k, v in request.query.items() if k != "token"}
-            response = web.HTTPFound(request.rel_url.with_query(query))
-            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
-            raise response
-        return await handler(request)
-
-    return check
-
-
 @web.middleware
 async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                   ) -> web.StreamResponse:
@@ -588,7 +250,7 @@ def make_app(ledger: Ledger, *, token: str | None = None) -> web.Application:
     """The web view over a connected ledger (the caller closes the ledger)."""
     middlewares: list[Any] = [_errors]
     if token:
-        middlewares.insert(0, _auth_middleware(token))
+        middlewares.insert(0, auth_middleware(token))
     app = web.Application(middlewares=middlewares)
     app[LEDGER] = ledger
     hubs = Hubs(ledger)
@@ -638,16 +300,6 @@ async def start(ledger: Ledger, *, host: str = DEFAULT_HOST, port: int = DEFAULT
                           token=bool(token))
 
 
-def open_to_others(host: str, token: str | None) -> bool:
-    """True when the view listens beyond this machine with no token: anyone reaching it reads every room."""
-    if token:
-        return False
-    try:
-        return not ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host != "localhost"
-
-
 async def serve(settings: Any, *, host: str, port: int, token: str | None, as_json: bool) -> None:
     """``ledger serve``: run until Ctrl-C."""
 
@@ -668,4 +320,4 @@ async def serve(settings: Any, *, host: str, port: int, token: str | None, as_js
             await runner.cleanup()
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "TOKEN_ENV", "RoomHub", "make_app", "serve", "start", "view_json"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "make_app", "serve", "start"]
