@@ -1,4 +1,4 @@
-"""An event in words: what it says in one line, when it happened, who sent it, how long a span was.
+"""An event in words: what it says in one line, when it happened, who sent it.
 
 What every view of a room shows for an event (``ledger replay``'s timeline, the web view's
 timeline and search), said once. Text from a room has its control characters neutralised here:
@@ -12,30 +12,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from room_ledger import events as ev
+from room_ledger.settings import format_duration
 from room_ledger.state import pointer_keys
 
 if TYPE_CHECKING:
     from room_ledger.client import Record
 
 _MAX_TEXT: Final = 240
-
-
-def format_duration(seconds: float) -> str:
-    """``0.42`` -> ``420ms``, ``75`` -> ``1m15s``."""
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
 
 
 def event_time(record: Record) -> datetime:

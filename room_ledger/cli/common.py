@@ -1,7 +1,7 @@
 """What every command shares: settings from flags, the error boundary, consoles, and time parsing.
 
-Points in a log and durations are the core's (:mod:`room_ledger.window`, :mod:`room_ledger.words`,
-shared with the web view); the commands take them from here.
+Points in a log and durations as people write them are the core's (:mod:`room_ledger.window`,
+:mod:`room_ledger.settings`, shared with the web view); the commands take them from here.
 
 Commands stay thin: they parse their options, build :class:`~ledger.settings.Settings` with
 :func:`settings_from`, and hand one coroutine to :func:`run`, which turns a domain error into one
@@ -26,9 +26,9 @@ from rich.text import Text
 
 from room_ledger.errors import LedgerError
 from room_ledger.settings import Settings
+from room_ledger.settings import format_duration as format_duration
 from room_ledger.window import Point as Point
 from room_ledger.window import parse_point as parse_point
-from room_ledger.words import format_duration as format_duration
 
 T = TypeVar("T")
 

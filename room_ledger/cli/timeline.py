@@ -17,7 +17,8 @@ from rich.text import Text
 
 from room_ledger import events as ev
 from room_ledger.client import Record
-from room_ledger.words import clean, clip, event_time, format_duration, sender_label, summary
+from room_ledger.settings import format_duration
+from room_ledger.words import clean, clip, event_time, sender_label, summary
 
 #: Style of each event category (the first segment of its type).
 CATEGORY_STYLES: Final[dict[str, str]] = {
