@@ -114,8 +114,9 @@ def test_the_graph_is_read() -> None:
 
 @pytest.mark.parametrize(("source", "forbidden"), [
     ("core", WINGS),
-    ("bridge", ("projections", "cli")),
-    ("projections", ("bridge", "cli")),
+    ("bridge", ("projections", "web", "cli")),
+    ("projections", ("bridge", "web", "cli")),
+    ("web", ("bridge", "projections", "cli")),
     ("bench", ("cli",)),
 ])
 def test_import_rules(source: str, forbidden: tuple[str, ...]) -> None:
@@ -212,9 +213,9 @@ def test_the_core_imports_no_web_server_and_no_command_line(package: str, forbid
 
 
 def test_services_never_import_each_other() -> None:
-    """The wings (bridge: ingest; projections) use the core, never each other (checked with
-    TYPE_CHECKING imports too)."""
-    wings = ("bridge", "projections")
+    """The services (bridge: ingest; projections; web: what is served over HTTP) use the core,
+    never each other (checked with TYPE_CHECKING imports too)."""
+    wings = ("bridge", "projections", "web")
     found = [f"{MODULES[m].relative_to(ROOT)} imports {t}"
              for m, p in MODULES.items() if _top(m) in wings
              for t in _all_imports(ast.parse(p.read_text(), str(p)), m, p.name == "__init__.py")

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from room_ledger import events as ev
-from room_ledger.cli.common import CliError, format_duration, parse_point
+from room_ledger.cli.common import format_duration, parse_point
 from room_ledger.cli.main import app
 from room_ledger.client import Record
+from room_ledger.errors import SettingsError
 from room_ledger.settings import Settings
 from room_ledger.timeline import ndjson_line
 from tests.test_cli_helpers import T0, at, env_for, invoke, json_of, ok, seed
@@ -290,7 +291,7 @@ def test_parse_point() -> None:
     assert parse_point("2024-05-01T10:00:00Z", "--since").time == T0
     assert parse_point("2024-05-01T12:00:00+02:00", "--since").time == T0
     for bad in ("", "abc", "-5", "0", "5 m s"):
-        with pytest.raises(CliError):
+        with pytest.raises(SettingsError):
             parse_point(bad, "--since")
 
 

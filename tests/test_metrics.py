@@ -148,7 +148,7 @@ def test_metrics_port_option_and_serve_endpoint(pg_settings: Settings, room: str
 
 
 async def test_serve_answers_metrics_behind_its_token(ledger: Ledger, room: str) -> None:
-    from room_ledger.cli.serve import start
+    from room_ledger.web.serve import start
 
     await ledger.append(ev.make_event(room, ev.Transcript(speaker="a", text="hi")))
     runner, served = await start(ledger, port=0, token="tok")

@@ -1,7 +1,7 @@
 """What people see is true: after a handoff, or once the holder left, no view shows a lock the agent lost.
 
 ``ledger state``, ``ledger replay --html`` and ``ledger serve`` all derive a participant's status
-through ``cli.roomview.participant_views``; the room here is folded from the real log (NATS).
+through ``web.roomview.participant_views``; the room here is folded from the real log (NATS).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _handoff_room(room: str) -> list[ev.KnownEvent]:
 
 
 def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room: str, tmp_path: Path) -> None:
-    from room_ledger.cli.roomview import ParticipantView, collect, participant_views
     from room_ledger.client import Ledger
+    from room_ledger.web.roomview import ParticipantView, collect, participant_views
 
     seqs = seed(settings, room, _handoff_room(room))
 
@@ -76,8 +76,8 @@ def test_after_a_handoff_the_source_agent_shows_no_lock(settings: Settings, room
 
 
 def test_an_agent_that_left_holds_nothing(settings: Settings, room: str) -> None:
-    from room_ledger.cli.roomview import ParticipantView, collect, participant_views
     from room_ledger.client import Ledger
+    from room_ledger.web.roomview import ParticipantView, collect, participant_views
 
     e = ev.make_event
     seqs = seed(settings, room, [

@@ -34,7 +34,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 async def _serve(ledger: Ledger, token: str | None = None) -> tuple[Any, str]:
-    from room_ledger.cli.serve import start
+    from room_ledger.web.serve import start
 
     runner, served = await start(ledger, host="127.0.0.1", port=0, token=token)
     return runner, served.url
@@ -281,7 +281,7 @@ async def test_eight_tabs_follow_one_room(ledger: Ledger, room: str, served: str
 
 
 def test_a_view_open_to_others_without_a_token_is_flagged() -> None:
-    from room_ledger.cli.serve import open_to_others
+    from room_ledger.web.auth import open_to_others
 
     assert not open_to_others("127.0.0.1", None) and not open_to_others("::1", None)
     assert not open_to_others("localhost", None) and not open_to_others("0.0.0.0", "tok")

@@ -135,8 +135,8 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
     assert caller.overlap_ms(billing, triage_again) == 0
     await caller.aclose()
     # the live web view's "who spoke when": a lane for the caller and each agent job, in order
-    from room_ledger.cli.roomview import collect
-    from room_ledger.cli.serve import view_json
+    from room_ledger.web.room_json import view_json
+    from room_ledger.web.roomview import collect
 
     view = view_json(await collect(ledger, room), live=False)
     lanes = [s["speaker"] for s in view["speech"]]

@@ -134,7 +134,7 @@ async def replay(request: ReplayRequest) -> None:
                 render_handoffs(console, rows, room)
             return
         if request.html is not None:
-            from room_ledger.cli.html import write_page  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+            from room_ledger.web.html import write_page  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             summary = await write_page(ledger, room, request.html, request.until)
             if request.as_json:
@@ -193,7 +193,7 @@ async def state(settings: Settings, room: str, *, as_json: bool) -> None:
     async with Ledger(settings, name="ledger-state") as ledger:
         snapshot = await _state_now(ledger, room)
     if as_json:
-        from room_ledger.cli.roomview import participant_views  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+        from room_ledger.web.roomview import participant_views  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         data = state_to_builtins(snapshot)
         # A participant's lock is whether the floor is its now (as every view shows it); what its

@@ -1,5 +1,8 @@
 """What every command shares: settings from flags, the error boundary, consoles, and time parsing.
 
+Points in a log and durations as people write them are the core's (:mod:`room_ledger.window`,
+:mod:`room_ledger.settings`, shared with the web view); the commands take them from here.
+
 Commands stay thin: they parse their options, build :class:`~ledger.settings.Settings` with
 :func:`settings_from`, and hand one coroutine to :func:`run`, which turns a domain error into one
 line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
@@ -9,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +25,10 @@ from rich.console import Console
 from rich.text import Text
 
 from room_ledger.errors import LedgerError
-from room_ledger.settings import Settings, parse_duration
+from room_ledger.settings import Settings
+from room_ledger.settings import format_duration as format_duration
+from room_ledger.window import Point as Point
+from room_ledger.window import parse_point as parse_point
 
 T = TypeVar("T")
 
@@ -157,69 +161,6 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-
-
-# --- positions in a room: a sequence, an ISO time, or a relative time -----------------------------
-
-
-@dataclass(frozen=True)
-class Point:
-    """A point in a room's log: a stream sequence or a wall-clock time (UTC)."""
-
-    seq: int | None = None
-    time: datetime | None = None
-
-    def describe(self) -> str:
-        if self.seq is not None:
-            return f"sequence {self.seq}"
-        assert self.time is not None
-        return self.time.isoformat(timespec="milliseconds")
-
-
-_RELATIVE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d|w)\s*$")
-
-
-def parse_point(value: str, option: str, *, now: datetime | None = None) -> Point:
-    """``120`` (sequence), ``2024-05-01T10:00:00Z`` (ISO time), ``5m`` (that long ago)."""
-    text = value.strip()
-    if re.fullmatch(r"\d+", text):
-        seq = int(text)
-        if seq < 1:
-            raise CliError(f"{option} {value!r}: sequences start at 1")
-        return Point(seq=seq)
-    if _RELATIVE_RE.match(text):
-        seconds = parse_duration(text, option)
-        return Point(time=(now or datetime.now(UTC)) - timedelta(seconds=seconds))
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        parsed = None
-    if parsed is None:
-        raise CliError(
-            f"{option} {value!r} is not a position: expected a sequence (120), an ISO time "
-            "(2024-05-01T10:00:00Z) or a relative time (90s, 5m, 2h, 1d)"
-        )
-    if parsed.tzinfo is None:
-        parsed = parsed.astimezone()  # a naive time is the user's local time
-    return Point(time=parsed.astimezone(UTC))
-
-
-def format_duration(seconds: float) -> str:
-    """``0.42`` -> ``420ms``, ``75`` -> ``1m15s``."""
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
 
 
 def write_json(data: Any) -> None:

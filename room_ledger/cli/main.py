@@ -567,7 +567,7 @@ def serve(
 
       LEDGER_SERVE_TOKEN=s3cret ledger serve --host 0.0.0.0
     """
-    from room_ledger.cli.serve import serve as serve_view  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from room_ledger.web.serve import serve as serve_view  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     settings = guard(commands.settings)
     _serve_metrics(metrics_port, settings, "serve")

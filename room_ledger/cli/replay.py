@@ -9,17 +9,13 @@ other reader uses.
 
 from __future__ import annotations
 
-import fnmatch
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime
 from typing import IO, Any
 
 import msgspec
 
-from room_ledger.cli.common import CliError, Point
-from room_ledger.client import Ledger, Record
+from room_ledger.cli.common import CliError
+from room_ledger.client import Ledger
 from room_ledger.state import RoomState, apply_safely
 from room_ledger.timeline import (
     CONVERSATION_WINDOW,
@@ -30,65 +26,9 @@ from room_ledger.timeline import (
     trim_conversation,
     write_ndjson,
 )
-
-
-@dataclass(frozen=True)
-class Window:
-    """Which of a room's records to read."""
-
-    since: Point | None = None
-    until: Point | None = None
-    types: tuple[str, ...] = ()
-    senders: tuple[str, ...] = ()
-
-    def read_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {}
-        if self.since is not None:
-            if self.since.seq is not None:
-                args["after"] = self.since.seq - 1
-            else:
-                args["since_time"] = self.since.time
-        if self.until is not None and self.until.seq is not None:
-            args["until"] = self.until.seq
-        if self.types:
-            args["types"] = list(self.types)
-        return args
-
-    def check(self) -> None:
-        if (
-            self.since is not None
-            and self.until is not None
-            and self.since.seq is not None
-            and self.until.seq is not None
-            and self.until.seq < self.since.seq
-        ):
-            raise CliError(f"--until {self.until.seq} is before --since {self.since.seq}")
-        if (
-            self.since is not None
-            and self.until is not None
-            and self.since.time is not None
-            and self.until.time is not None
-            and self.until.time < self.since.time
-        ):
-            raise CliError(f"--until {self.until.describe()} is before --since {self.since.describe()}")
-
-
-async def records(
-    ledger: Ledger, room: str, window: Window = Window(), *, follow: bool = False
-) -> AsyncIterator[Record]:
-    """The room's records in the window, in log order (after checking the room exists)."""
-    window.check()
-    if not follow:
-        await ledger.require_room(room)
-    until_time: datetime | None = window.until.time if window.until is not None else None
-    senders = list(window.senders)
-    async for record in ledger.read(room, follow=follow, **window.read_args()):
-        if until_time is not None and record.time > until_time:
-            return
-        if senders and not any(fnmatch.fnmatchcase(record.event.sender.identity, p) for p in senders):
-            continue
-        yield record
-
+from room_ledger.window import Point
+from room_ledger.window import Window as Window
+from room_ledger.window import records as records
 
 # --- NDJSON ---------------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from room_ledger.cli.common import format_duration
-from room_ledger.cli.roomview import participant_views
-from room_ledger.cli.timeline import clean
+from room_ledger.settings import format_duration
 from room_ledger.timeline import FloorTimeline, HandoffRow
+from room_ledger.web.roomview import participant_views
+from room_ledger.words import clean
 
 HOLD = "█"
 QUEUED = "░"

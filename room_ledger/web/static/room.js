@@ -106,7 +106,7 @@ function render(view) {
   gapWarning.hidden = !view.gaps.length;
   gapWarning.textContent = view.gaps.length ? ` · ${view.gaps.length} bridge gap(s): events may be missing` : "";
 
-  // The server's SVG: every name in it escaped by room_ledger/cli/html.py.
+  // The server's SVG: every name in it escaped by room_ledger/web/html.py.
   if (changed("svg", view.floor_svg)) $("floor-lanes").innerHTML = view.floor_svg;
   if (changed("speech", view.speech_svg)) $("speech-lanes").innerHTML = view.speech_svg;
   if (changed("tenures", view.tenures)) rows("tenures", view.tenures, (t) => tr(`#${t.start_seq} ${hms(t.start)}`, el("strong", t.holder), t.task || "",

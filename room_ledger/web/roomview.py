@@ -1,7 +1,7 @@
 """What a room looks like to a person: one derivation shared by every view of a room.
 
-``ledger replay --html`` (room_ledger/cli/html.py), ``ledger state`` (room_ledger/cli/views.py) and ``ledger serve``
-(room_ledger/cli/serve.py) all show a room through this module, so they cannot disagree:
+``ledger replay --html`` (room_ledger/web/html.py), ``ledger state`` (room_ledger/cli/views.py) and ``ledger serve``
+(room_ledger/web/serve.py) all show a room through this module, so they cannot disagree:
 
 - :class:`RoomCollector` folds records in log order (the projections' reducers, as
   ``ledger replay --at`` does) and gathers the floor timeline, the handoffs with their dead
@@ -20,8 +20,6 @@ from datetime import datetime
 from typing import Any, Final
 
 from room_ledger import events as ev
-from room_ledger.cli.common import Point
-from room_ledger.cli.replay import Window, records
 from room_ledger.client import Ledger, Record
 from room_ledger.state import pointer_keys
 from room_ledger.timeline import (
@@ -33,6 +31,7 @@ from room_ledger.timeline import (
     SpeechTracker,
     trim_conversation,
 )
+from room_ledger.window import Point, Window, records
 
 #: Conversation items and session changes kept for a view (the latest ones).
 MAX_ITEMS: Final = 2000

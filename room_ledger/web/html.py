@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from room_ledger.cli.common import Point, format_duration
-from room_ledger.cli.roomview import PageData, collect, participant_views
-from room_ledger.cli.roomview import item_text as _item_text
 from room_ledger.client import Ledger
+from room_ledger.settings import format_duration
 from room_ledger.timeline import FloorTimeline, SpeechSpan
+from room_ledger.web.roomview import PageData, collect, participant_views
+from room_ledger.web.roomview import item_text as _item_text
+from room_ledger.window import Point
 
 _COLORS: Final = ["#e6a700", "#3b82f6", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316"]
 
