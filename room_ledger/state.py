@@ -65,11 +65,14 @@ from typing import Any, Final, Protocol, TypeAlias, TypeVar
 import msgspec
 
 from room_ledger import events as ev
+from room_ledger import floor as floor_rules
 from room_ledger import protocol
 from room_ledger import roles as role_rules
+from room_ledger.floor import FLOOR_HISTORY_KEPT, Floor, FloorClaim, FloorTenure
 from room_ledger.roles import Roles
 
 __all__ = [
+    "FLOOR_HISTORY_KEPT",
     "ConversationItem",
     "Floor",
     "FloorClaim",
@@ -104,54 +107,6 @@ class RecordLike(Protocol):
 
 
 # --- state ----------------------------------------------------------------------------------
-
-
-#: Floor tenures kept in the room state (see ``Floor.history``).
-FLOOR_HISTORY_KEPT: Final = 100
-
-
-# Structs of scalars only cannot be part of a reference cycle, so they stay out of the cyclic
-# GC (gc=False): hydration makes thousands of them per call, and each tracked one brings the
-# next collection closer (collections were the p99 of hydration).
-
-
-class FloorClaim(msgspec.Struct, kw_only=True, gc=False):
-    """A queued claim on the floor."""
-
-    agent_id: str
-    task: str | None = None
-    seq: int
-    time: datetime
-    #: The participant identity that made the claim (its leaving withdraws the claim).
-    identity: str = ""
-
-
-class FloorTenure(msgspec.Struct, kw_only=True, gc=False):
-    """One holder's time with the floor; ``end_seq`` is None while it still holds it."""
-
-    holder: str
-    task: str | None = None
-    start_seq: int
-    start_time: datetime
-    end_seq: int | None = None
-    end_time: datetime | None = None
-    #: release, status_idle, resolved, handoff, left
-    end_reason: str | None = None
-
-
-class Floor(msgspec.Struct, kw_only=True):
-    holder: str | None = None
-    task: str | None = None
-    since_seq: int | None = None
-    since_time: datetime | None = None
-    holder_identity: str = ""
-    queue: list[FloorClaim] = msgspec.field(default_factory=list)
-    #: The latest tenures, oldest first (at most FLOOR_HISTORY_KEPT): the room row is read on
-    #: every hydration and must not grow with the room. The whole history is in the log
-    #: (``ledger replay --floor``).
-    history: list[FloorTenure] = msgspec.field(default_factory=list)
-    #: Tenures ever, including those dropped from ``history``.
-    tenures: int = 0
 
 
 class Participant(msgspec.Struct, kw_only=True):
@@ -473,7 +428,7 @@ def _on_left(state: RoomState, event: ev.ParticipantLeftEvent, seq: int, time: d
     p.last_seq = seq
     floor = state.floor
     if floor.holder is not None and identity in (floor.holder, floor.holder_identity):
-        _release(state, seq, time, "left")
+        floor_rules.release(state.floor, seq, time, "left")
     floor.queue = [c for c in floor.queue if identity not in (c.agent_id, c.identity)]
     if state.user_feed == identity:
         state.user_feed = None
@@ -517,70 +472,14 @@ def _on_agent_state(state: RoomState, event: ev.AgentStateEvent, seq: int, time:
 # --- floor ----------------------------------------------------------------------------------
 
 
-def _claim(state: RoomState, agent_id: str, task: str | None, identity: str, seq: int, time: datetime) -> None:
-    floor = state.floor
-    if floor.holder is None:
-        _take(state, FloorClaim(agent_id=agent_id, task=task, seq=seq, time=time, identity=identity), seq, time)
-        return
-    if floor.holder == agent_id:
-        if task is not None and task != floor.task:
-            floor.task = task
-            if floor.history and floor.history[-1].end_seq is None:
-                floor.history[-1].task = task
-        return
-    for claim in floor.queue:
-        if claim.agent_id == agent_id:
-            if task is not None:
-                claim.task = task
-            return
-    floor.queue.append(FloorClaim(agent_id=agent_id, task=task, seq=seq, time=time, identity=identity))
-
-
-def _take(state: RoomState, claim: FloorClaim, seq: int, time: datetime) -> None:
-    floor = state.floor
-    floor.holder = claim.agent_id
-    floor.task = claim.task
-    floor.since_seq = seq
-    floor.since_time = time
-    floor.holder_identity = claim.identity
-    floor.history.append(FloorTenure(holder=claim.agent_id, task=claim.task, start_seq=seq, start_time=time))
-    floor.tenures += 1
-    if len(floor.history) > FLOOR_HISTORY_KEPT:
-        del floor.history[: len(floor.history) - FLOOR_HISTORY_KEPT]
-
-
-def _release(state: RoomState, seq: int, time: datetime, reason: str) -> None:
-    floor = state.floor
-    if floor.history and floor.history[-1].end_seq is None:
-        tenure = floor.history[-1]
-        tenure.end_seq = seq
-        tenure.end_time = time
-        tenure.end_reason = reason
-    floor.holder = None
-    floor.task = None
-    floor.since_seq = None
-    floor.since_time = None
-    floor.holder_identity = ""
-    if floor.queue:
-        _take(state, floor.queue.pop(0), seq, time)
-
-
-def _withdraw(state: RoomState, agent_id: str, seq: int, time: datetime, reason: str) -> None:
-    floor = state.floor
-    if floor.holder == agent_id:
-        _release(state, seq, time, reason)
-    else:
-        floor.queue = [c for c in floor.queue if c.agent_id != agent_id]
-
-
 def _on_floor_request(state: RoomState, event: ev.FloorRequestEvent, seq: int, time: datetime) -> None:
     body: ev.FloorRequest = event.body
-    _claim(state, body.agent_id, body.task, event.sender.identity, seq, time)
+    floor_rules.claim(state.floor, body.agent_id, body.task, event.sender.identity, seq, time)
 
 
 def _on_floor_release(state: RoomState, event: ev.FloorReleaseEvent, seq: int, time: datetime) -> None:
     body: ev.FloorRelease = event.body
-    _withdraw(state, body.agent_id, seq, time, "release")
+    floor_rules.withdraw(state.floor, body.agent_id, seq, time, "release")
 
 
 def _on_agent_status(state: RoomState, event: ev.AgentStatusEvent, seq: int, time: datetime) -> None:
@@ -594,25 +493,25 @@ def _on_agent_status(state: RoomState, event: ev.AgentStatusEvent, seq: int, tim
     lock = ev.status_lock(event)
     if body.status in _RELEASING_STATUS:
         p.lock = False
-        _withdraw(state, body.agent_id, seq, time, "resolved")
+        floor_rules.withdraw(state.floor, body.agent_id, seq, time, "resolved")
     elif lock is None:
         # No action_lock in the packet: "processing" says nothing about the floor (the lock
         # and any claim stay as they were); "idle" means the agent is not acting: it releases.
         if body.status == "idle":
             p.lock = False
-            _withdraw(state, body.agent_id, seq, time, "idle")
+            floor_rules.withdraw(state.floor, body.agent_id, seq, time, "idle")
     elif lock:
         p.lock = True
-        _claim(state, body.agent_id, body.task, event.sender.identity, seq, time)
+        floor_rules.claim(state.floor, body.agent_id, body.task, event.sender.identity, seq, time)
     else:
         p.lock = False
-        _withdraw(state, body.agent_id, seq, time, "unlocked")
+        floor_rules.withdraw(state.floor, body.agent_id, seq, time, "unlocked")
 
 
 def _on_handoff(state: RoomState, event: ev.HandoffEvent, seq: int, time: datetime) -> None:
     body: ev.Handoff = event.body
     if body.to_agent != body.from_agent and state.floor.holder == body.from_agent:
-        _release(state, seq, time, "handoff")
+        floor_rules.release(state.floor, seq, time, "handoff")
 
 
 # --- session, summary, gaps -----------------------------------------------------------------
