@@ -10,19 +10,16 @@ line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from room_ledger.errors import LedgerError
 from room_ledger.settings import Settings
@@ -30,23 +27,43 @@ from room_ledger.settings import format_duration as format_duration
 from room_ledger.window import Point as Point
 from room_ledger.window import parse_point as parse_point
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 T = TypeVar("T")
+
+
+class _ConsoleOnFirstUse:
+    """A rich ``Console``, made when first used: rich and asyncio are about half of a bare
+    ``ledger`` start (``--help``, option errors), which prints through neither."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console  # noqa: PLC0415 - the point of this class
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
 
 #: Human output. ``highlight`` off: rich would otherwise colour numbers and quotes inside summaries.
 # Markup off: room names and transcripts must print as they are, never as rich markup.
-console = Console(
+console = cast("Console", _ConsoleOnFirstUse(
     highlight=False,
     markup=False,
     soft_wrap=False,
     # Piped or captured output keeps whole lines (rich would otherwise assume 80 columns).
     width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
-)
-err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+))
+err_console = cast("Console", _ConsoleOnFirstUse(stderr=True, highlight=False, markup=False, soft_wrap=True))
 
 
 def print_error(message: str) -> None:
     """``error: <message>`` on stderr, one line."""
-    err_console.print(Text("error: ", style="bold red") + Text(message))
+    err_console.print("error: ", style="bold red", end="")
+    err_console.print(message)
 
 
 class CliError(LedgerError):
@@ -122,6 +139,8 @@ def run(
     interrupt_ok: bool = False,
 ) -> T:
     """Run one command's coroutine: domain errors -> one line and exit 1; Ctrl-C -> a clean end."""
+    import asyncio  # noqa: PLC0415 - as the consoles above: a bare `ledger` start does without it
+
     try:
         return asyncio.run(_await(factory))
     except KeyboardInterrupt:
