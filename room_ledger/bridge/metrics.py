@@ -64,6 +64,8 @@ class _BridgeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         writers: list[_Writer] = list(self.writers)
+        # The writers of one process's rooms share its counters: count those once.
+        shared = list({id(w.counters): w.counters for w in writers}.values())
         for name, doc, counts in (
             ("ledger_bridge_events_observed", "Events the bridge handed to its writer, by type.", self.observed),
             ("ledger_bridge_events_written", "Events acknowledged by JetStream, by type.", self.written),
@@ -78,15 +80,15 @@ class _BridgeCollector(Collector):
                                       "Input recorded as data with a reason instead of typed, by reason.",
                                       labels=["reason"])
         by_reason: dict[str, int] = {}
-        for writer in writers:
-            for reason, n in writer.counters.reasons.items():
+        for counters in shared:
+            for reason, n in counters.reasons.items():
                 by_reason[reason] = by_reason.get(reason, 0) + n
         for reason, n in sorted(by_reason.items()):
             reasons.add_metric([reason], n)
         yield reasons
 
         def total(attr: str) -> float:
-            return float(sum(getattr(w.counters, attr) for w in writers))
+            return float(sum(getattr(c, attr) for c in shared))
 
         yield CounterMetricFamily("ledger_bridge_gaps", "Reconnects that left a bridge.gap in a room's log.",
                                   value=total("gaps"))
@@ -99,7 +101,7 @@ class _BridgeCollector(Collector):
                                 value=float(sum(w.pending for w in writers)))
         yield GaugeMetricFamily("ledger_bridge_spill_pending", "Events waiting in the disk buffer.",
                                 value=float(sum(w.spill_pending for w in writers)))
-        last = max((w.counters.last_write_at for w in writers), default=0.0)
+        last = max((c.last_write_at for c in shared), default=0.0)
         yield GaugeMetricFamily("ledger_bridge_last_write_timestamp_seconds",
                                 "When the bridge last stored events (Unix time; 0: never).", value=last)
         yield GaugeMetricFamily("ledger_bridge_nats_ok", "1 while appends succeed, 0 while they fail.",
