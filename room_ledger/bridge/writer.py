@@ -34,7 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, Final
 
 import nats.errors
 
@@ -45,9 +45,6 @@ from room_ledger.bridge.payloads import PayloadSpool
 from room_ledger.bridge.stats import Counters, write_stats
 from room_ledger.client import Ledger, Position
 from room_ledger.errors import EventError, LedgerError
-
-if TYPE_CHECKING:
-    from room_ledger.bridge.ingest import Ingest
 
 log = logging.getLogger("bridge.writer")
 
