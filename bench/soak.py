@@ -197,8 +197,8 @@ async def room_events(ledger: Ledger, room: str) -> int:
 async def orchestrate(args: argparse.Namespace) -> int:
     from bench._common import bench_settings
     from room_ledger.hydrate import close as close_hydrate
+    from room_ledger.projections.admin import status as projection_status
     from room_ledger.projections.migrate import upgrade
-    from room_ledger.projections.projector import status as projection_status
 
     seconds = args.minutes * 60
     warmup = min(args.warmup * 60, seconds / 2)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the bridge, the projector and hydration, and their HTTP exposition.
+"""Prometheus metrics of hydration, and the HTTP exposition of every metric of the process.
 
 Everything is registered in prometheus_client's default registry, the one LiveKit Agents
 workers expose too, so a process that already serves Agents metrics shows these beside them.
@@ -8,26 +8,19 @@ workers expose too, so a process that already serves Agents metrics shows these 
 The same measurements become OpenTelemetry spans when an OTLP endpoint is configured
 (room_ledger/tracing.py).
 
-Hot paths stay cheap: the bridge counts events by type in plain dicts and its writers' own
-counters (room_ledger/bridge/stats.py) are read when Prometheus scrapes, not copied on every event.
+The services define their own metrics beside their code and register them in the same
+registry when they are imported: the bridge's in room_ledger/bridge/metrics.py, the projector's
+in room_ledger/projections/metrics.py.
 
 Metrics (counters end in ``_total`` on the wire)
-    bridge      ledger_bridge_rooms, ledger_bridge_events_observed_total{type},
-                ledger_bridge_events_written_total{type}, ledger_bridge_duplicates_total{type},
-                ledger_bridge_rejected_total{reason}, ledger_bridge_gaps_total,
-                ledger_bridge_spilled_total, ledger_bridge_spill_pending, ledger_bridge_pending,
-                ledger_bridge_append_failures_total, ledger_bridge_append_seconds (histogram, per batch),
-                ledger_bridge_last_write_timestamp_seconds, ledger_bridge_nats_ok
-    projector   ledger_projector_events_folded_total{partition}, ledger_projector_batch_seconds{partition},
-                ledger_projector_errors_total{partition}, ledger_projector_checkpoint{partition},
-                ledger_projector_lag_events{partition}, ledger_stream_head
+    bridge      see room_ledger/bridge/metrics.py
+    projector   see room_ledger/projections/metrics.py
     hydration   ledger_hydrate_seconds{source} (histogram), ledger_hydrate_caught_up_events{source}
     serve       ledger_serve_rooms_followed, ledger_serve_event_streams
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import json
@@ -37,23 +30,18 @@ import re
 import time
 import urllib.error
 import urllib.request
-import weakref
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
-    Counter,
     Gauge,
     Histogram,
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from room_ledger import tracing
 from room_ledger.embedded import pid_alive
@@ -62,210 +50,15 @@ from room_ledger.errors import SettingsError
 log = logging.getLogger("ledger.metrics")
 
 PORT_ENV: Final = "LEDGER_METRICS_PORT"
-#: Seconds between two reads of the stream's head for the projectors' lag (only while serving).
-HEAD_EVERY_S: Final = 2.0
-
-_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-# --- bridge ------------------------------------------------------------------------------------
-
-
-class _Counters(Protocol):
-    typed: int
-    rejected: int
-    spilled: int
-    append_failures: int
-    gaps: int
-    rooms: int
-    reasons: dict[str, int]
-    last_write_at: float
-
-
-class _Writer(Protocol):
-    @property
-    def counters(self) -> _Counters: ...
-
-    @property
-    def pending(self) -> int: ...
-
-    @property
-    def spill_pending(self) -> int: ...
-
-    nats_ok: bool
-
-
-APPEND_SECONDS: Final = Histogram(
-    "ledger_bridge_append_seconds", "Time to store one batch of events in JetStream (acknowledged).",
-    buckets=_LATENCY_BUCKETS,
-)
-
-
-class _BridgeCollector(Collector):
-    def __init__(self) -> None:
-        self.writers: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.observed: dict[str, int] = {}
-        self.written: dict[str, int] = {}
-        self.duplicates: dict[str, int] = {}
-        # Counters of writers that are gone, so totals never go down.
-        self._retired: dict[str, float] = {}
-
-    def collect(self) -> Iterable[Metric]:
-        writers: list[_Writer] = list(self.writers)
-        for name, doc, counts in (
-            ("ledger_bridge_events_observed", "Events the bridge handed to its writer, by type.", self.observed),
-            ("ledger_bridge_events_written", "Events acknowledged by JetStream, by type.", self.written),
-            ("ledger_bridge_duplicates", "Of the written events, those JetStream already had, by type.",
-             self.duplicates),
-        ):
-            family = CounterMetricFamily(name, doc, labels=["type"])
-            for event_type, n in sorted(counts.items()):
-                family.add_metric([event_type], n)
-            yield family
-        reasons = CounterMetricFamily("ledger_bridge_rejected",
-                                      "Input recorded as data with a reason instead of typed, by reason.",
-                                      labels=["reason"])
-        by_reason: dict[str, int] = {}
-        for writer in writers:
-            for reason, n in writer.counters.reasons.items():
-                by_reason[reason] = by_reason.get(reason, 0) + n
-        for reason, n in sorted(by_reason.items()):
-            reasons.add_metric([reason], n)
-        yield reasons
-
-        def total(attr: str) -> float:
-            return float(sum(getattr(w.counters, attr) for w in writers))
-
-        yield CounterMetricFamily("ledger_bridge_gaps", "Reconnects that left a bridge.gap in a room's log.",
-                                  value=total("gaps"))
-        yield CounterMetricFamily("ledger_bridge_spilled", "Events that went through the disk buffer.",
-                                  value=total("spilled"))
-        yield CounterMetricFamily("ledger_bridge_append_failures", "Failed append attempts (each retried).",
-                                  value=total("append_failures"))
-        yield GaugeMetricFamily("ledger_bridge_rooms", "Rooms bridged by this process now.", value=total("rooms"))
-        yield GaugeMetricFamily("ledger_bridge_pending", "Events not yet acknowledged (memory and disk).",
-                                value=float(sum(w.pending for w in writers)))
-        yield GaugeMetricFamily("ledger_bridge_spill_pending", "Events waiting in the disk buffer.",
-                                value=float(sum(w.spill_pending for w in writers)))
-        last = max((w.counters.last_write_at for w in writers), default=0.0)
-        yield GaugeMetricFamily("ledger_bridge_last_write_timestamp_seconds",
-                                "When the bridge last stored events (Unix time; 0: never).", value=last)
-        yield GaugeMetricFamily("ledger_bridge_nats_ok", "1 while appends succeed, 0 while they fail.",
-                                value=float(all(w.nats_ok for w in writers)))
-
-
-BRIDGE: Final = _BridgeCollector()
-REGISTRY.register(BRIDGE)
-
-
-def track_writer(writer: Any) -> None:
-    """Export this bridge writer's counters (held weakly: a closed writer drops out)."""
-    BRIDGE.writers.add(writer)
-
-
-def observed(event_type: str) -> None:
-    counts = BRIDGE.observed
-    counts[event_type] = counts.get(event_type, 0) + 1
-
-
-def written(events: Sequence[Any], positions: Sequence[Any], seconds: float) -> None:
-    """A batch acknowledged: counts by type, duplicates, and how long it took."""
-    APPEND_SECONDS.observe(seconds)
-    done = BRIDGE.written
-    dup = BRIDGE.duplicates
-    duplicates = 0
-    for event, position in zip(events, positions, strict=False):
-        kind: str = event.type
-        done[kind] = done.get(kind, 0) + 1
-        if position.duplicate:
-            dup[kind] = dup.get(kind, 0) + 1
-            duplicates += 1
-    tracing.record("ledger.bridge.append", seconds, {
-        "ledger.events": len(events), "ledger.duplicates": duplicates,
-        "ledger.first_seq": positions[0].seq if positions else None,
-        "ledger.last_seq": positions[-1].seq if positions else None,
-    })
-
-
-# --- projector ---------------------------------------------------------------------------------
-
-
-FOLDED: Final = Counter("ledger_projector_events_folded", "Events folded into the projection.", ["partition"])
-BATCH_SECONDS: Final = Histogram(
-    "ledger_projector_batch_seconds", "Time to fold one batch (and finish writing the one before).",
-    ["partition"], buckets=_LATENCY_BUCKETS,
-)
-PROJECTION_ERRORS: Final = Counter(
-    "ledger_projector_errors", "Events that could not be projected (recorded in projection_errors).",
-    ["partition"],
-)
-
-
-class _ProjectorCollector(Collector):
-    def __init__(self) -> None:
-        self.projectors: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.head: int | None = None
-
-    def collect(self) -> Iterable[Metric]:
-        checkpoint = GaugeMetricFamily("ledger_projector_checkpoint",
-                                       "Last stream sequence committed with the projection's rows.",
-                                       labels=["partition"])
-        lag = GaugeMetricFamily("ledger_projector_lag_events",
-                                "Stream head minus the committed checkpoint (events not yet projected).",
-                                labels=["partition"])
-        for projector in list(self.projectors):
-            label = [str(projector.partition)]
-            checkpoint.add_metric(label, float(projector.checkpoint))
-            if self.head is not None:
-                lag.add_metric(label, float(max(self.head - projector.checkpoint, 0)))
-        yield checkpoint
-        yield lag
-        head = GaugeMetricFamily("ledger_stream_head", "Last sequence of the stream (as last read).", labels=[])
-        if self.head is not None:
-            head.add_metric([], float(self.head))
-        yield head
-
-
-PROJECTOR: Final = _ProjectorCollector()
-REGISTRY.register(PROJECTOR)
-_head_tasks: weakref.WeakKeyDictionary[Any, asyncio.Task[None]] = weakref.WeakKeyDictionary()
-
-
-def track_projector(projector: Any) -> None:
-    """Export this projector's checkpoint and lag; while serving, read the head every few seconds."""
-    PROJECTOR.projectors.add(projector)
-    if _serving and projector not in _head_tasks:
-        with contextlib.suppress(RuntimeError):  # no running loop: the lag shows from the next batch
-            _head_tasks[projector] = asyncio.get_running_loop().create_task(_follow_head(weakref.ref(projector)))
-
-
-async def _follow_head(ref: weakref.ref[Any]) -> None:
-    while True:
-        projector = ref()
-        ledger = projector.ledger if projector is not None else None
-        if projector is None or ledger is None:
-            return
-        with contextlib.suppress(Exception):
-            PROJECTOR.head = int(await ledger.head())
-        del projector, ledger
-        await asyncio.sleep(HEAD_EVERY_S)
-
-
-def projected(partition: int, events: int, errors: int, seconds: float) -> None:
-    label = str(partition)
-    FOLDED.labels(label).inc(events)
-    BATCH_SECONDS.labels(label).observe(seconds)
-    if errors:
-        PROJECTION_ERRORS.labels(label).inc(errors)
-    tracing.record("ledger.projector.batch", seconds,
-                   {"ledger.partition": partition, "ledger.events": events, "ledger.errors": errors})
+#: Histogram buckets of every latency the ledger measures (seconds).
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 # --- hydration ---------------------------------------------------------------------------------
 
 HYDRATE_SECONDS: Final = Histogram(
     "ledger_hydrate_seconds", "Time to hydrate a room, by where the state came from (projection+log, log).",
-    ["source"], buckets=_LATENCY_BUCKETS,
+    ["source"], buckets=LATENCY_BUCKETS,
 )
 HYDRATE_CAUGHT_UP: Final = Histogram(
     "ledger_hydrate_caught_up_events", "Events folded from the log on top of the projection row.",
@@ -288,6 +81,12 @@ SERVE_CLIENTS: Final = Gauge("ledger_serve_event_streams", "Browsers following a
 # --- exposition --------------------------------------------------------------------------------
 
 _serving: bool = False
+
+
+def serving() -> bool:
+    """Whether this process serves ``/metrics`` (measurements that cost a read run only then)."""
+    return _serving
+
 _ADDRESS_RE: Final = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):)?(?P<port>\d{1,5})$")
 
 

@@ -7,9 +7,9 @@ Configured the standard way, by the ``OTEL_`` variables: ``OTEL_EXPORTER_OTLP_EN
 ``OTEL_SDK_DISABLED=true`` turns it off again. Unset, nothing is imported and every call here
 returns at once.
 
-Spans are recorded where the metrics are (room_ledger/metrics.py), from the same measurement: one
-span per bridge append batch (``ledger.bridge.append``), per projector batch
-(``ledger.projector.batch``) and per hydration (``ledger.hydrate``). A process that already has a
+Spans are recorded where the metrics are (room_ledger/metrics.py, and bridge/ and projections/
+each have a metrics.py), from the same measurement: one span per bridge append batch
+(``ledger.bridge.append``), per projector batch (``ledger.projector.batch``) and per hydration (``ledger.hydrate``). A process that already has a
 tracer provider (a LiveKit Agents worker set up for observability) keeps it; spans go there.
 
 :func:`span` wraps a block and hands its W3C ``traceparent`` on, for work that crosses processes

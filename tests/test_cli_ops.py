@@ -15,7 +15,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from room_ledger import embedded
-from room_ledger.projections.projector import room_rows
+from room_ledger.projections.admin import room_rows
 from room_ledger.settings import Settings
 from tests.conftest import fresh_home
 from tests.test_cli_helpers import invoke, json_of, ok, seed

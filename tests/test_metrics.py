@@ -179,9 +179,12 @@ def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 20
     used = {name for expr in exprs for name in re.findall(r"\bledger_[a-z_]+", expr)}
-    metrics.observed("transcript")  # so that labelled families have a sample
+    from room_ledger.bridge import metrics as bridge_metrics
+    from room_ledger.projections import metrics as projector_metrics
+
+    bridge_metrics.observed("transcript")  # so that labelled families have a sample
     metrics.hydrated("log", 0.001, 0)
-    metrics.projected(0, 1, 0, 0.001)
+    projector_metrics.projected(0, 1, 0, 0.001)
     exposed: set[str] = set()
     for line in generate_latest(REGISTRY).decode().splitlines():
         if line.startswith("# TYPE ledger_"):  # families without samples yet are described too

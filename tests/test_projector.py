@@ -28,8 +28,9 @@ from room_ledger import state as rd
 from room_ledger.client import Ledger
 from room_ledger.hydrate import close
 from room_ledger.projections import rows as pg_rows
+from room_ledger.projections.admin import status
 from room_ledger.projections.migrate import current_revision, head_revision, upgrade
-from room_ledger.projections.projector import Projector, partition_of, status
+from room_ledger.projections.projector import Projector, partition_of
 from room_ledger.projections.rebuild import rebuild
 from room_ledger.projections.sample import interleaved
 from room_ledger.settings import Settings

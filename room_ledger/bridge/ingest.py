@@ -163,6 +163,27 @@ class _Payload:
     problem: str = ""
 
 
+class Observation(msgspec.Struct, frozen=True, gc=False):
+    """Where a payload was seen, from whom and when: all that its event says besides the payload.
+
+    One per packet or stream, made where it enters the ingest and handed unchanged through the
+    classification to the event it becomes (typed, or ``data`` with a reason). A Struct: one is
+    made per packet, and it costs less than the keyword arguments it replaces.
+    """
+
+    topic: str
+    #: ``packet``, ``text_stream`` or ``byte_stream``.
+    transport: str
+    sender: ev.Sender
+    #: The event's id unless the payload names one of its own (a stream's, derived from its id);
+    #: None: a new one.
+    fallback_id: str | None = None
+    #: When it was sent, as far as known (a stream's timestamp; a packet's arrival).
+    at: datetime | None = None
+    stream_id: str | None = None
+    attributes: Mapping[str, str] | None = None
+
+
 def over_limit_reason(size: int, limit: int) -> str:
     return (f"over the hard limit: {size} bytes > LEDGER_MAX_PAYLOAD {limit} bytes "
             "(stored byte-exact, not parsed)")
@@ -302,9 +323,7 @@ class Ingest:
         return ev.make_event(self.room, ev.stub_body(event.body), id=event.id, sender=event.sender, at=event.at,
                              observed_at=event.observed_at, payload=ref)
 
-    def _data(self, payload: _Payload, *, topic: str, transport: str, reason: str, sender: ev.Sender,
-              id: str | None, at: datetime | None = None, stream_id: str | None = None,
-              attributes: Mapping[str, str] | None = None) -> ev.KnownEvent:
+    def _data(self, payload: _Payload, seen: Observation, reason: str) -> ev.KnownEvent:
         raw = payload.raw
         text: str | None = None
         b64: str | None = None
@@ -320,12 +339,13 @@ class Ingest:
                     b64 = base64.b64encode(raw).decode("ascii")
             json = payload.json if payload.is_json else None
         body = ev.Data(
-            topic=topic, transport=transport, text=text, payload_b64=b64, json=json, size=len(raw),
-            reason=reason, stream_id=stream_id, attributes=dict(attributes or {}),
+            topic=seen.topic, transport=seen.transport, text=text, payload_b64=b64, json=json, size=len(raw),
+            reason=reason, stream_id=seen.stream_id, attributes=dict(seen.attributes or {}),
         )
         if reason:
             self.counters.reject(reason)
-        return self._emit(body, id=id, sender=sender, at=at, kind="rejected" if reason else "raw", raw=raw)
+        return self._emit(body, id=seen.fallback_id, sender=seen.sender, at=seen.at,
+                          kind="rejected" if reason else "raw", raw=raw)
 
     def _guarded(self, what: str, action: Callable[[], object], observed_at: datetime | None = None) -> None:
         # The time the room callback saw it, for every event this observation makes.
@@ -467,40 +487,33 @@ class Ingest:
         """One data packet (any topic, reliable or lossy). Packets carry no id of their own."""
 
         def go() -> None:
-            sender = self.sender(sender_identity, sender_kind)
-            self._classify(bytes(payload), topic=topic or "", transport="packet", sender=sender,
-                           fallback_id=None, at=at)
+            seen = Observation(topic or "", "packet", self.sender(sender_identity, sender_kind))
+            self._classify(bytes(payload), seen)
 
         self._guarded("data_packet", go, at)
 
-    def _classify(self, raw: bytes, *, topic: str, transport: str, sender: ev.Sender, fallback_id: str | None,
-                  at: datetime | None, stream_id: str | None = None,
-                  attributes: Mapping[str, str] | None = None) -> None:
-        if topic != LEDGER_TOPIC and self._seed_fast(raw, sender=sender, fallback_id=fallback_id, at=at):
+    def _classify(self, raw: bytes, seen: Observation) -> None:
+        topic = seen.topic
+        if topic != LEDGER_TOPIC and self._seed_fast(raw, seen):
             return
         payload = _decode_payload(raw, self.max_payload)
         if payload.problem:
-            self._data(payload, topic=topic, transport=transport, reason=payload.problem, sender=sender,
-                       id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
+            self._data(payload, seen, payload.problem)
             return
         obj = payload.json if payload.is_json else None
         if topic == LEDGER_TOPIC:
             if not isinstance(obj, dict):
                 reason = "ledger topic: not a JSON object" if payload.text is not None else "ledger topic: not text"
-                self._data(payload, topic=topic, transport=transport, reason=reason, sender=sender,
-                           id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
+                self._data(payload, seen, reason)
                 return
-            self._ledger_protocol(obj, payload, topic=topic, transport=transport, sender=sender,
-                                  fallback_id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
+            self._ledger_protocol(obj, payload, seen)
             return
         if isinstance(obj, dict) and obj.keys() >= _SEED_KEYS and "type" not in obj:
-            self._seed(obj, payload, topic=topic, transport=transport, sender=sender, fallback_id=fallback_id,
-                       at=at, stream_id=stream_id, attributes=attributes)
+            self._seed(obj, payload, seen)
             return
-        self._data(payload, topic=topic, transport=transport, reason="", sender=sender, id=fallback_id, at=at,
-                   stream_id=stream_id, attributes=attributes)
+        self._data(payload, seen, "")
 
-    def _seed_fast(self, raw: bytes, *, sender: ev.Sender, fallback_id: str | None, at: datetime | None) -> bool:
+    def _seed_fast(self, raw: bytes, seen: Observation) -> bool:
         """A valid seed-shaped packet as ``agent.status`` in one typed decode; False for anything
         else (which then takes the general path, so every rejection reads as before).
 
@@ -521,18 +534,15 @@ class Ingest:
             return False
         body = ev.AgentStatus(agent_id=seed.agent_id, status=seed.status, action_lock=seed.action_lock,
                               task=seed.task)
-        self._emit_status(body, seed.id, seed.at, sender=sender, fallback_id=fallback_id, at=at, raw=raw)
+        self._emit_status(body, seed.id, seed.at, seen, raw)
         return True
 
-    def _emit_status(self, body: ev.Body, own_id: Any, own_at: Any, *, sender: ev.Sender,
-                     fallback_id: str | None, at: datetime | None, raw: bytes) -> None:
+    def _emit_status(self, body: ev.Body, own_id: Any, own_at: Any, seen: Observation, raw: bytes) -> None:
         """A seed packet's event: its own id and time when it carries them, the packet as sent."""
-        event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(own_at) or at, raw=raw, form="json")
+        event_id = protocol_event_id(self.room, own_id) if isinstance(own_id, str) and own_id else seen.fallback_id
+        self._emit(body, id=event_id, sender=seen.sender, at=_parse_at(own_at) or seen.at, raw=raw, form="json")
 
-    def _seed(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str, sender: ev.Sender,
-              fallback_id: str | None, at: datetime | None, stream_id: str | None,
-              attributes: Mapping[str, str] | None) -> None:
+    def _seed(self, obj: dict[str, Any], payload: _Payload, seen: Observation) -> None:
         """The seed shape ``{"agent_id", "status", "action_lock"}`` on any topic -> ``agent.status``."""
         fields = {k: obj[k] for k in ("agent_id", "status", "action_lock", "task") if k in obj}
         try:
@@ -540,44 +550,34 @@ class Ingest:
         except MalformedEvent as exc:
             # Without an action_lock the keys alone do not make it a claim on the seed protocol:
             # plain data, no rejection.
-            reason = f"agent status: {exc.detail}" if "action_lock" in obj or topic == LEDGER_TOPIC else ""
-            self._data(payload, topic=topic, transport=transport, reason=reason,
-                       sender=sender, id=fallback_id, at=at, stream_id=stream_id, attributes=attributes)
+            claimed = "action_lock" in obj or seen.topic == LEDGER_TOPIC
+            self._data(payload, seen, f"agent status: {exc.detail}" if claimed else "")
             return
-        self._emit_status(body, obj.get("id"), obj.get("at"), sender=sender, fallback_id=fallback_id, at=at,
-                          raw=payload.raw)
+        self._emit_status(body, obj.get("id"), obj.get("at"), seen, payload.raw)
 
-    def _ledger_protocol(self, obj: dict[str, Any], payload: _Payload, *, topic: str, transport: str,
-                         sender: ev.Sender, fallback_id: str | None, at: datetime | None, stream_id: str | None,
-                         attributes: Mapping[str, str] | None) -> None:
+    def _ledger_protocol(self, obj: dict[str, Any], payload: _Payload, seen: Observation) -> None:
         """Topic ``ledger``: ``{"type": …, "id": …, <body fields>}`` (or the fields under ``"body"``)."""
         type_name = obj.get("type")
         own_id = obj.get("id")
-
-        def reject(reason: str) -> None:
-            self._data(payload, topic=topic, transport=transport, reason=reason, sender=sender, id=fallback_id,
-                       at=at, stream_id=stream_id, attributes=attributes)
-
         if type_name is None and obj.keys() >= _SEED_KEYS:
-            self._seed(obj, payload, topic=topic, transport=transport, sender=sender, fallback_id=fallback_id,
-                       at=at, stream_id=stream_id, attributes=attributes)
+            self._seed(obj, payload, seen)
             return
         if not isinstance(type_name, str):
-            reject("ledger protocol: missing or non-string 'type'")
+            self._data(payload, seen, "ledger protocol: missing or non-string 'type'")
             return
         if type_name not in AGENT_EVENT_TYPES:
-            reject(f"ledger protocol: type {type_name[:64]!r} is not one agents publish")
+            self._data(payload, seen, f"ledger protocol: type {type_name[:64]!r} is not one agents publish")
             return
         if own_id is not None and (not isinstance(own_id, str) or not own_id or len(own_id) > 256):
-            reject("ledger protocol: 'id' must be a non-empty string of at most 256 characters")
+            self._data(payload, seen, "ledger protocol: 'id' must be a non-empty string of at most 256 characters")
             return
         try:
             body = ev.body_from_dict(type_name, ev.protocol_fields(obj))
         except MalformedEvent as exc:
-            reject(f"ledger protocol: {exc.detail[:200]}")
+            self._data(payload, seen, f"ledger protocol: {exc.detail[:200]}")
             return
-        event_id = protocol_event_id(self.room, own_id) if own_id else fallback_id
-        self._emit(body, id=event_id, sender=sender, at=_parse_at(obj.get("at")) or at, raw=payload.raw,
+        event_id = protocol_event_id(self.room, own_id) if own_id else seen.fallback_id
+        self._emit(body, id=event_id, sender=seen.sender, at=_parse_at(obj.get("at")) or seen.at, raw=payload.raw,
                    form="json")
 
     # --- streams --------------------------------------------------------------------------------
@@ -593,11 +593,11 @@ class Ingest:
     def _stream(self, what: str, data: str | bytes, *, topic: str, transport: str, stream_id: str,
                 sender_identity: str | None, attrs: dict[str, str], timestamp_ms: int | None,
                 error: str | None, spooled: ev.PayloadRef | None,
-                typed: Callable[[bytes, ev.Sender, str | None, datetime | None], None]) -> None:
+                typed: Callable[[bytes, Observation], None]) -> None:
         def go() -> None:
-            sender = self.sender(sender_identity)
-            at = _ms_to_datetime(timestamp_ms)
-            event_id = self.stream_event_id(stream_id) if stream_id else None
+            seen = Observation(topic, transport, self.sender(sender_identity),
+                               self.stream_event_id(stream_id) if stream_id else None,
+                               _ms_to_datetime(timestamp_ms), stream_id, attrs)
             if isinstance(data, str):
                 try:
                     raw = data.encode("utf-8")
@@ -621,12 +621,12 @@ class Ingest:
                                        stream_id=stream_id, attributes=attrs)
                         if reason:
                             self.counters.reject(reason)
-                        self._emit(body, id=event_id, sender=sender, at=at, kind="rejected" if reason else "raw")
+                        self._emit(body, id=seen.fallback_id, sender=seen.sender, at=seen.at,
+                                   kind="rejected" if reason else "raw")
                     else:
-                        self._data(_Payload(raw), topic=topic, transport=transport, reason=reason, sender=sender,
-                                   id=event_id, at=at, stream_id=stream_id, attributes=attrs)
+                        self._data(_Payload(raw), seen, reason)
                     return
-                typed(raw, sender, event_id, at)
+                typed(raw, seen)
             finally:
                 left, self._spooled = self._spooled, None
                 if left is not None:  # nothing took the spooled bytes (a skipped or decoded stream)
@@ -645,46 +645,43 @@ class Ingest:
         """
         attrs = dict(attributes or {})
 
-        def typed(raw: bytes, sender: ev.Sender, event_id: str | None, at: datetime | None) -> None:
+        def typed(raw: bytes, seen: Observation) -> None:
             if topic == TOPIC_TRANSCRIPTION:
-                self._transcript(raw, sender=sender, attrs=attrs, event_id=event_id, at=at, stream_id=stream_id)
+                self._transcript(raw, seen)
             elif topic == TOPIC_CHAT:
                 try:
                     chat_text = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    self._data(_Payload(raw), topic=topic, transport="text_stream", reason="chat: invalid utf-8",
-                               sender=sender, id=event_id, at=at, stream_id=stream_id, attributes=attrs)
+                    self._data(_Payload(raw), seen, "chat: invalid utf-8")
                     return
-                body = ev.ChatMessage(message_id=stream_id, text=chat_text, identity=sender.identity)
-                self._emit(body, id=event_id, sender=sender, at=at, raw=raw, form="text")
+                body = ev.ChatMessage(message_id=stream_id, text=chat_text, identity=seen.sender.identity)
+                self._emit(body, id=seen.fallback_id, sender=seen.sender, at=seen.at, raw=raw, form="text")
             else:
-                self._classify(raw, topic=topic, transport="text_stream", sender=sender, fallback_id=event_id,
-                               at=at, stream_id=stream_id, attributes=attrs)
+                self._classify(raw, seen)
 
         self._stream("text_stream", text, topic=topic, transport="text_stream", stream_id=stream_id,
                      sender_identity=sender_identity, attrs=attrs, timestamp_ms=timestamp_ms, error=error,
                      spooled=spooled, typed=typed)
 
-    def _transcript(self, raw: bytes, *, sender: ev.Sender, attrs: dict[str, str], event_id: str | None,
-                    at: datetime | None, stream_id: str) -> None:
+    def _transcript(self, raw: bytes, seen: Observation) -> None:
+        attrs = seen.attributes or {}
         if attrs.get(ATTR_FINAL, "").lower() != "true":
             self.counters.skipped += 1
             return
         try:
             decoded = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self._data(_Payload(raw), topic=TOPIC_TRANSCRIPTION, transport="text_stream",
-                       reason="transcript: invalid utf-8", sender=sender, id=event_id, at=at,
-                       stream_id=stream_id, attributes=attrs)
+            self._data(_Payload(raw), seen, "transcript: invalid utf-8")
             return
         text = _timed_text(decoded)
         track_id = attrs.get(ATTR_TRACK_ID) or None
-        speaker = (self.track_owners.get(track_id) if track_id else None) or sender.identity
+        speaker = (self.track_owners.get(track_id) if track_id else None) or seen.sender.identity
         body = ev.Transcript(speaker=speaker, text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""),
                              track_id=track_id, language=attrs.get(ATTR_LANGUAGE) or None, final=True)
         # Timed-text lines are not the text itself: such a payload is kept as the body's JSON.
         same = text is decoded
-        self._emit(body, id=event_id, sender=sender, at=at, raw=raw if same else None, form="text" if same else "")
+        self._emit(body, id=seen.fallback_id, sender=seen.sender, at=seen.at, raw=raw if same else None,
+                   form="text" if same else "")
 
     def byte_stream(self, data: bytes, *, topic: str, stream_id: str = "", sender_identity: str | None = None,
                     attributes: Mapping[str, str] | None = None, name: str = "", timestamp_ms: int | None = None,
@@ -695,30 +692,26 @@ class Ingest:
         if name:
             attrs.setdefault("name", name)
 
-        def typed(raw: bytes, sender: ev.Sender, event_id: str | None, at: datetime | None) -> None:
+        def typed(raw: bytes, seen: Observation) -> None:
             if topic == TOPIC_AGENT_SESSION:
-                if self._agent_session(raw, sender=sender, at=at):
+                if self._agent_session(raw, seen):
                     return
-                self._data(_Payload(raw), topic=topic, transport="byte_stream",
-                           reason="agent session: not a decodable AgentSessionMessage event", sender=sender,
-                           id=event_id, at=at, stream_id=stream_id, attributes=attrs)
+                self._data(_Payload(raw), seen, "agent session: not a decodable AgentSessionMessage event")
                 return
             payload = _decode_payload(raw, self.max_payload)
             if payload.problem:
                 # binary or non-JSON bytes are ordinary for a byte stream: keep them untyped, no reason
-                self._data(_Payload(raw), topic=topic, transport="byte_stream", reason="", sender=sender,
-                           id=event_id, at=at, stream_id=stream_id, attributes=attrs)
+                self._data(_Payload(raw), seen, "")
                 return
-            self._classify(raw, topic=topic, transport="byte_stream", sender=sender, fallback_id=event_id, at=at,
-                           stream_id=stream_id, attributes=attrs)
+            self._classify(raw, seen)
 
         self._stream("byte_stream", data, topic=topic, transport="byte_stream", stream_id=stream_id,
                      sender_identity=sender_identity, attrs=attrs, timestamp_ms=timestamp_ms, error=error,
                      spooled=spooled, typed=typed)
 
-    def _agent_session(self, raw: bytes, *, sender: ev.Sender, at: datetime | None) -> bool:
+    def _agent_session(self, raw: bytes, seen: Observation) -> bool:
         """Decode an ``AgentSessionMessage``; record what it carries. False when nothing was usable."""
-
+        sender, at = seen.sender, seen.at
         items = session_feed.decode(raw)
         if items is None:
             return False

@@ -34,20 +34,17 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, Final
 
 import nats.errors
 
 from room_ledger import events as ev
-from room_ledger import metrics
+from room_ledger.bridge import metrics
 from room_ledger.bridge.ingest import Ingest
 from room_ledger.bridge.payloads import PayloadSpool
 from room_ledger.bridge.stats import Counters, write_stats
 from room_ledger.client import Ledger, Position
 from room_ledger.errors import EventError, LedgerError
-
-if TYPE_CHECKING:
-    from room_ledger.bridge.ingest import Ingest
 
 log = logging.getLogger("bridge.writer")
 
@@ -370,7 +367,7 @@ class BridgeWriter:
                     continue
                 await self._wake.wait()
                 continue
-            started = metrics.now()
+            started = time.perf_counter()
             try:
                 await self._store_objects(events)
                 positions = await self._append(events, self._payloads(events, encodings))
@@ -403,7 +400,7 @@ class BridgeWriter:
             self.counters.written += len(positions)
             self.counters.duplicates += sum(1 for p in positions if p.duplicate)
             self.counters.last_write_at = time.time()
-            metrics.written(events, positions, metrics.now() - started)
+            metrics.written(events, positions, time.perf_counter() - started)
             if self.on_ack is not None:
                 self.on_ack(events, positions)
 
