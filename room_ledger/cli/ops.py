@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import nats.js.errors
 
 from room_ledger import db
 from room_ledger import events as ev
@@ -55,14 +52,9 @@ class RoomRow:
 
 async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
     row = RoomRow(room=room, events=events)
-    stream = ledger.settings.stream
-    subject = ledger.subjects.room(room)
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        first = await ledger.js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
-        row.first_seq, row.first_activity = first.seq, first.time
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        last = await ledger.js.get_last_msg(stream, subject, direct=True)
-        row.last_seq, row.last_activity = last.seq, last.time
+    bounds = await ledger.rooms.bounds(room)
+    row.first_seq, row.first_activity = bounds.first_seq, bounds.first_time
+    row.last_seq, row.last_activity = bounds.last_seq, bounds.last_time
     # Presence and gaps come from two small categories of the room, folded by the reducers. Read
     # by direct gets: a consumer per room and category is a create and a delete on the server's
     # meta layer each, for a handful of events, in a listing of thousands of rooms.
@@ -99,7 +91,7 @@ async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> N
 
 async def room_rows(ledger: Ledger) -> list[RoomRow]:
     """Every room with its events, first/last activity, who is present, and its bridge gaps."""
-    summaries = await ledger.room_summaries()
+    summaries = await ledger.rooms.summaries()
     limit = asyncio.Semaphore(ROOM_CONCURRENCY)
 
     async def one(room: str, events: int) -> RoomRow:
@@ -111,8 +103,7 @@ async def room_rows(ledger: Ledger) -> list[RoomRow]:
 
 
 async def room_event_count(ledger: Ledger, room: str) -> int:
-    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
-    return sum(int(n) for n in (info.state.subjects or {}).values())
+    return await ledger.rooms.count(room)
 
 
 async def projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
