@@ -13,9 +13,12 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
 
 from room_ledger import embedded
 from room_ledger.settings import Settings
@@ -47,6 +50,17 @@ def bench_settings(keep_home: str | None = None) -> Iterator[Settings]:
                 embedded.stop_nats(home)
             # A full hydrate run leaves gigabytes of log and tables behind.
             shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def raw_nats(settings: Settings) -> AsyncIterator[NatsClient]:
+    """A plain nats-py connection to the ledger's servers: the baseline a bench compares the
+    ledger with (straight publishes, nats-py's own Object Store), never the ledger's own."""
+    nc = await nats.connect(servers=list(settings.nats_urls or ()))
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 def median(values: list[float]) -> float:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from livekit import rtc
 
-from bench._common import print_json
+from bench._common import print_json, raw_nats
 from room_ledger import embedded
 from room_ledger import events as ev
 from room_ledger.bridge.room import RoomBridge
@@ -122,8 +122,7 @@ async def bridge_run(settings: Settings, n: int) -> tuple[float, list[ev.KnownEv
 async def raw_run(settings: Settings, events: list[ev.KnownEvent]) -> float:
     """The same payloads published straight to JetStream (new ids, same sizes), every ack awaited."""
     room_name = f"raw-{uuid.uuid4().hex[:8]}"
-    async with Ledger(settings) as ledger:
-        nc = ledger.nc
+    async with Ledger(settings) as ledger, raw_nats(settings) as nc:
         subject = ledger.subjects.event(room_name, "agent.status")
         bodies = [ev.encode(ev.make_event(room_name, e.body, sender=e.sender)) for e in events]
         inbox = nc.new_inbox()
@@ -192,8 +191,7 @@ async def raw_latency_run(settings: Settings, rate: float, seconds: float) -> tu
     sent: dict[str, float] = {}
     latencies: list[float] = []
     done = asyncio.Event()
-    async with Ledger(settings) as ledger:
-        nc = ledger.nc
+    async with Ledger(settings) as ledger, raw_nats(settings) as nc:
         subject = ledger.subjects.event(room_name, "agent.status")
         inbox = nc.new_inbox()
 
@@ -253,7 +251,7 @@ async def main() -> None:
             maxes.append(worst)
             raw_p99s.append((await raw_latency_run(settings, args.rate, args.seconds))[1])
         async with Ledger(settings) as ledger:
-            await ledger.js.delete_stream(settings.stream)
+            await ledger.stream.delete()
     finally:
         if started_server:
             embedded.stop_nats(home)

@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import percentile, print_json, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
+from bench._common import percentile, print_json, raw_nats, run_with_livekit  # noqa: E402 - needs ROOT on sys.path
 
 TARGET_P99_OVER_BASELINE_MS = 15.0
 TARGET_ROOMS = 200
@@ -351,10 +351,11 @@ async def controller(args: argparse.Namespace) -> int:
             ledger = Ledger(settings)
             await ledger.connect()
             stack.push_async_callback(close_quietly, ledger)
-            sub = await ledger.js.subscribe(f"{settings.subject_prefix}.>", stream=settings.stream,
-                                            ordered_consumer=True, cb=capture.on_msg,
-                                            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW),
-                                            pending_msgs_limit=1_000_000)
+            raw = await stack.enter_async_context(raw_nats(settings))
+            sub = await raw.jetstream().subscribe(f"{settings.subject_prefix}.>", stream=settings.stream,
+                                                  ordered_consumer=True, cb=capture.on_msg,
+                                                  config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW),
+                                                  pending_msgs_limit=1_000_000)
             mark = server.log_mark() if server else 0
             bridge = start_bridge(env, logs / "bridge.log")
             if server is not None:
@@ -450,7 +451,7 @@ async def controller(args: argparse.Namespace) -> int:
             await sub.unsubscribe()
             # What the stream holds, beside what the consumer saw: tells a bridge that fell
             # behind from a reader that did.
-            stream_messages = (await ledger.js.stream_info(settings.stream)).state.messages
+            stream_messages = (await ledger.stream.info()).state.messages
             duplicates = capture.duplicates
     finally:
         if publishers is not None:

@@ -200,6 +200,7 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
     from room_ledger.bridge.worker import bridge_one_room
     from room_ledger.handoff import standing_by
     from room_ledger.state import fold
+    from room_ledger.watch import watch
 
     room_name = f"handoff-{env.tag}-{uuid.uuid4().hex[:8]}"
     stop = asyncio.Event()
@@ -223,7 +224,7 @@ async def one_call(env: Env, lk: Any, agent_name: str, *, bridged: bool, writer:
         await caller.until(lambda h: True)  # the greeting
         if standby is not None:
             # the standby joins when the call starts; a real call lasts longer than this wait
-            async with writer.ledger.watch(room_name) as log:
+            async with watch(writer.ledger, room_name) as log:
                 await log.until(lambda rs: standing_by(fold(rs), standby), 30, what=f"{standby}'s standby")
         if voice is not None:
             await _quiet(voice, room)

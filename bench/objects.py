@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import print_json, print_table
+from bench._common import print_json, print_table, raw_nats
 from room_ledger import embedded
 from room_ledger.bridge.room import _read_spooled
 from room_ledger.bridge.writer import BridgeWriter
@@ -67,14 +67,16 @@ async def ours(ledger: Ledger, home: Path, payloads: list[bytes], run: int) -> f
 
 async def raw(ledger: Ledger, payloads: list[bytes], run: int) -> float:
     """Seconds for nats-py to put the same payloads into a bucket configured like ours."""
-    config = ledger.desired_payload_config()
+    config = ledger.payloads.desired_config()
     bucket = f"RAW{run}-{uuid.uuid4().hex[:6]}"
-    store = await ledger.js.create_object_store(bucket, config)
-    started = time.perf_counter()
-    for i, data in enumerate(payloads):
-        await store.put(f"raw/{i}", data)
-    seconds = time.perf_counter() - started
-    await ledger.js.delete_object_store(bucket)
+    async with raw_nats(ledger.settings) as nc:
+        js = nc.jetstream()
+        store = await js.create_object_store(bucket, config)
+        started = time.perf_counter()
+        for i, data in enumerate(payloads):
+            await store.put(f"raw/{i}", data)
+        seconds = time.perf_counter() - started
+        await js.delete_object_store(bucket)
     return seconds
 
 
@@ -88,7 +90,7 @@ async def main(args: argparse.Namespace) -> None:
         ours_rates: list[float] = []
         raw_rates: list[float] = []
         async with Ledger(settings) as ledger:
-            await ledger.payload_store()
+            await ledger.payloads.store()
             await raw(ledger, payloads[:2], -1)  # warm-up: connections, first stream files
             for run in range(args.runs):
                 ours_rates.append(megabytes / await ours(ledger, home, payloads, run))

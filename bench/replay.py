@@ -277,7 +277,7 @@ def main() -> None:
         async def cleanup() -> None:
             async with Ledger(settings) as ledger:
                 for name in (room, f"{room}-small"):
-                    await ledger.purge_room(name)
+                    await ledger.rooms.purge(name)
 
         try:
             asyncio.run(cleanup())

@@ -263,7 +263,7 @@ async def main(args: argparse.Namespace) -> None:
     settings = base.replace(nats_urls=nats_urls, home=home, stream=f"BENCH_{tag}", subject_prefix=f"bench{tag}")
     try:
         async with Ledger(settings) as ledger:
-            await ledger.ensure_stream()
+            await ledger.stream.ensure()
         results: list[dict[str, Any]] = []
         async with served(settings) as (url, server_pid), contextlib.AsyncExitStack() as stack:
             browser = None

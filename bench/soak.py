@@ -11,7 +11,7 @@ LEDGER_NATS_URL / LEDGER_DATABASE_URL are set):
   ``ledger`` topic: conversation items, statuses, floor claims and releases, session patches, a
   rolling summary every 1,000 events, and plain data packets, paced at ``--rate``;
 * the projector: ``projections.projector.Projector.run``;
-* this process: ``ledger.hydrate(room)`` once a second, and a report every ``--report-every``
+* this process: ``hydrate(ledger, room)`` once a second, and a report every ``--report-every``
   seconds: RSS of the bridge and of the projector, projector lag (head - checkpoint), hydrate
   p50/p99 over the interval.
 
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import print_json  # noqa: E402
 from room_ledger.client import Ledger  # noqa: E402
+from room_ledger.hydrate import hydrate  # noqa: E402
 from room_ledger.settings import Settings  # noqa: E402
 
 RSS_GROWTH_TARGET_PCT = 10.0
@@ -190,8 +191,7 @@ def last_json(process: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 async def room_events(ledger: Ledger, room: str) -> int:
-    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
-    return sum(int(n) for n in (info.state.subjects or {}).values())
+    return await ledger.rooms.count(room)
 
 
 async def orchestrate(args: argparse.Namespace) -> int:
@@ -229,7 +229,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
                     tick += 1
                     if await ledger.room_last_seq(room):
                         t0 = time.perf_counter()
-                        await ledger.hydrate(room)
+                        await hydrate(ledger, room)
                         ms = (time.perf_counter() - t0) * 1000
                         window.append(ms)
                         if time.monotonic() - started >= warmup:
@@ -263,7 +263,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
                         raise RuntimeError("the projector did not catch up within 120 s of the end")
                     await asyncio.sleep(0.2)
                 stored = await room_events(ledger, room)
-                final = await ledger.hydrate(room)
+                final = await hydrate(ledger, room)
             finally:
                 for process in (bridge, projector):
                     if process.poll() is None:

@@ -20,8 +20,6 @@ dispatch metadata (:func:`handoff_from_metadata`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -35,6 +33,8 @@ import msgspec
 from room_ledger import events as ev
 from room_ledger import protocol
 from room_ledger.events import derived_event_id
+from room_ledger.following import FollowedRoom
+from room_ledger.hydrate import hydrate
 from room_ledger.roles import RoleUnavailable, wanted_roles
 from room_ledger.settings import DEFAULT_MAX_PAYLOAD
 from room_ledger.state import RoomState, apply_safely, apply_session_patch, json_pointer
@@ -223,8 +223,7 @@ class LedgerAgent:
         self._published_session: dict[str, Any] = {}
         self._state: RoomState | None = None
         self._seq = 0
-        self._changed = asyncio.Condition()
-        self._follow_task: asyncio.Task[None] | None = None
+        self._followed: FollowedRoom | None = None
         self._seen_ids: dict[str, int] = {}
         #: Whether the last publish went as a text stream (too big for a packet). Packets of one
         #: sender reach the log in the order sent; a stream is recorded when it ends, so a packet
@@ -355,42 +354,38 @@ class LedgerAgent:
     async def start(self, *, snapshot: Snapshot | None = None) -> Snapshot:
         """Hydrate the room (or use ``snapshot``) and follow its log from there."""
         ledger = self._need_ledger()
-        snap: Snapshot = snapshot if snapshot is not None else await ledger.hydrate(self.room_name)
+        snap: Snapshot = snapshot if snapshot is not None else await hydrate(ledger, self.room_name)
         self._state = snap.state
         self._seq = snap.seq
-        if self._follow_task is None:
-            self._follow_task = asyncio.create_task(self._follow(), name=f"ledger-agent-follow-{self.agent_id}")
+        if self._followed is None:
+            self._followed = FollowedRoom(ledger, self.room_name, after=self._seq)
+            self._followed.on_record(self._fold)
+            self._followed.start()
         return snap
 
     async def stop(self) -> None:
-        if self._follow_task is not None:
-            self._follow_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._follow_task
-            self._follow_task = None
+        if self._followed is not None:
+            await self._followed.close()
+            self._followed = None
 
     def _need_ledger(self) -> Ledger:
         if self.ledger is None:
             raise RuntimeError("this needs a Ledger: LedgerAgent(room, ledger)")
         return self.ledger
 
-    async def _follow(self) -> None:
-        ledger = self._need_ledger()
-        async for record in ledger.follow(self.room_name, after=self._seq):
-            assert self._state is not None
-            failure = apply_safely(self._state, record)
-            if failure is not None:
-                # Skipped the way every reader skips it (the state notes its sequence): the follow goes on.
-                log.warning("room event %d could not be folded and is skipped (%s)", record.seq,
-                            type(failure).__name__)
-            self._seq = record.seq
-            self._seen_ids[record.event.id] = record.seq
-            if len(self._seen_ids) > 10_000:
-                self._seen_ids.pop(next(iter(self._seen_ids)))
-            for listener in list(self._listeners):
-                listener(record)
-            async with self._changed:
-                self._changed.notify_all()
+    def _fold(self, record: Record) -> None:
+        assert self._state is not None
+        failure = apply_safely(self._state, record)
+        if failure is not None:
+            # Skipped the way every reader skips it (the state notes its sequence): the follow goes on.
+            log.warning("room event %d could not be folded and is skipped (%s)", record.seq,
+                        type(failure).__name__)
+        self._seq = record.seq
+        self._seen_ids[record.event.id] = record.seq
+        if len(self._seen_ids) > 10_000:
+            self._seen_ids.pop(next(iter(self._seen_ids)))
+        for listener in list(self._listeners):
+            listener(record)
 
     def on_record(self, listener: Callable[[Record], None]) -> Callable[[], None]:
         """Call ``listener(record)`` for each followed record, after it is folded; returns the undo."""
@@ -418,11 +413,12 @@ class LedgerAgent:
 
     async def wait_until(self, predicate: Any, timeout: float = 10.0) -> None:
         """Wait until ``predicate(state)`` is true in the followed log."""
-        async def check() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: bool(predicate(self.state)))
-
-        await asyncio.wait_for(check(), timeout)
+        _ = self.state  # raises before start()
+        followed = self._followed
+        if followed is None or not await followed.wait_for(lambda: bool(predicate(self.state)), timeout):
+            # Stopped, or the follow failed: nothing more will come to make it true.
+            raise TimeoutError(f"room {self.room_name!r}: not following the log any more") from (
+                followed.error if followed is not None else None)
 
     async def wait_for_floor(self, agent_id: str | None = None, timeout: float = 10.0) -> None:
         who = agent_id or self.agent_id

@@ -8,7 +8,7 @@
 
 A conversation is one room's whole conversation, folded by the same reducers as hydration: its
 LiveKit shape (``shape="livekit"``, ``{"items": [...]}``) *is* what
-``ledger.hydrate(room, full_conversation=True).chat_ctx().to_dict(exclude_timestamp=False)``
+``hydrate(ledger, room, full_conversation=True).chat_ctx().to_dict(exclude_timestamp=False)``
 gives, so ``ChatContext.from_dict(line)`` loads it back. The OpenAI shape (``{"messages": [...]}``)
 is LiveKit's own conversion of that context (``to_provider_format("openai")``): what an agent's
 LLM would have been sent. Both carry ``turns``: every item with its speaker identity and kind,
@@ -30,19 +30,16 @@ hydrated (projection row plus log); either way the same reducers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import nats.js.errors
-
 from room_ledger import events as ev
 from room_ledger import state as rd
 from room_ledger.chat import chat_items
 from room_ledger.errors import LedgerError
-from room_ledger.hydrate import Snapshot
+from room_ledger.hydrate import Snapshot, hydrate
 from room_ledger.settings import DIRECT_BATCH
 
 if TYPE_CHECKING:
@@ -143,16 +140,8 @@ class ExportStats:
 
 
 async def _activity(ledger: Ledger, room: str) -> tuple[datetime | None, datetime | None]:
-    stream = ledger.settings.stream
-    subject = ledger.subjects.room(room)
-    first = last = None
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        msg = await ledger.js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
-        first = msg.time
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        msg = await ledger.js.get_last_msg(stream, subject, direct=True)
-        last = msg.time
-    return first, last
+    bounds = await ledger.rooms.bounds(room)
+    return bounds.first_time, bounds.last_time
 
 
 async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[tuple[str, int]]:
@@ -160,7 +149,7 @@ async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[tuple[s
     if selection.room is not None:
         summaries = [s for s in await _summaries(ledger, selection.room) if s[1]]
     else:
-        summaries = [(s.room, s.events) for s in await ledger.room_summaries() if selection.matches_name(s.room)]
+        summaries = [(s.room, s.events) for s in await ledger.rooms.summaries() if selection.matches_name(s.room)]
     if selection.since is None and selection.until is None:
         return summaries
     names = [room for room, _ in summaries]
@@ -183,8 +172,7 @@ async def select_rooms(ledger: Ledger, selection: RoomSelection) -> list[tuple[s
 
 
 async def _summaries(ledger: Ledger, room: str) -> list[tuple[str, int]]:
-    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
-    return [(room, sum(int(n) for n in (info.state.subjects or {}).values()))]
+    return [(room, await ledger.rooms.count(room))]
 
 
 # --- one room ---------------------------------------------------------------------------------
@@ -286,7 +274,7 @@ async def _snapshot(ledger: Ledger, room: str, events: int | None) -> tuple[Snap
     thousands of rooms a minute reached the server's consumer limit, err_code 10026.)
     """
     if events is None or events > SMALL_ROOM_EVENTS:
-        return await ledger.hydrate(room, full_conversation=True), None
+        return await hydrate(ledger, room, full_conversation=True), None
     records = await ledger.read_recent(room, after=0)
     state = rd.fold(records, rd.RoomState(room=room))
     return Snapshot(room=room, seq=state.seq, state=state, conversation=state.conversation,

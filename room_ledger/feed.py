@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 from nats.js import api as js_api
 
 from room_ledger import _wire
-from room_ledger.client import stored_time
+from room_ledger.records import stored_time
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -81,6 +81,7 @@ class StreamFeed:
     def __init__(self, ledger: Ledger, subject_filter: str, *, after: int = 0,
                  window: int = DEFAULT_WINDOW, heartbeat: float = HEARTBEAT_S) -> None:
         self._ledger = ledger
+        self._connection = ledger.connection
         self._filter = subject_filter
         self._window = window
         self._chunk = max(1, window // 4)
@@ -109,7 +110,7 @@ class StreamFeed:
         await self.close()
 
     async def start(self) -> None:
-        nc, js = self._ledger.nc, self._ledger.js
+        nc, js = self._connection.nc, self._connection.js
         stream = self._ledger.settings.stream
         self._next_delivery = 1
         self._requested = 0
@@ -149,14 +150,14 @@ class StreamFeed:
         consumer, self._consumer = self._consumer, None
         sub, self._sub = self._sub, None
         if sub is not None:
-            _wire.fast_path(self._ledger.nc).pop(_wire.subscription_id(sub), None)
+            _wire.fast_path(self._connection.nc).pop(_wire.subscription_id(sub), None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2.0)
         if consumer is not None:
             # It would go by itself after its inactive threshold; deleting it now ends its
             # waiting requests and saves the server the wait.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ledger.js.delete_consumer(self._ledger.settings.stream, consumer), 2.0)
+                await asyncio.wait_for(self._connection.js.delete_consumer(self._ledger.settings.stream, consumer), 2.0)
 
     async def _restart(self) -> None:
         self.restarts += 1
@@ -172,7 +173,7 @@ class StreamFeed:
             self._requested += self._chunk
             # Silence is measured from the last request: a full window asks for nothing.
             self._heard_at = time.monotonic()
-            await self._ledger.nc.publish(self._next_subject, self._request, reply=self._inbox)
+            await self._connection.nc.publish(self._next_subject, self._request, reply=self._inbox)
 
     def _on_delivery(self, subject: bytes, reply: bytes, data: bytes) -> None:
         self._heard_at = time.monotonic()

@@ -68,7 +68,7 @@ from room_ledger import tracing
 from room_ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError, SettingsError
-from room_ledger.hydrate import Snapshot  # (and the reducers: loaded now, not on a job's event loop)
+from room_ledger.hydrate import Snapshot, hydrate  # (and the reducers: loaded now, not on a job's event loop)
 from room_ledger.livekit_api import livekit_api
 from room_ledger.settings import Settings
 from room_ledger.turns import TurnGate, TurnPolicy
@@ -229,7 +229,7 @@ class LedgerLink:
         started = time.time()
         with tracing.span("ledger.handoff.resume", {"ledger.agent": self.agent_id, "ledger.seq": request.ledger_seq},
                           traceparent=traceparent) as trace:
-            snapshot = await self.ledger.hydrate(request.room, min_seq=request.ledger_seq, timeout=timeout)
+            snapshot = await hydrate(self.ledger, request.room, min_seq=request.ledger_seq, timeout=timeout)
         self._reply_trace = (trace.get("traceparent"), started) if trace else None
         resumed: Resumed[T] = Resumed(
             chat_ctx=snapshot.chat_ctx(), userdata=snapshot.session_as(userdata_type),

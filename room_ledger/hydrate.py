@@ -2,7 +2,7 @@
 
 ::
 
-    snapshot = await ledger.hydrate("support-42")            # or hydrate(ledger, "support-42")
+    snapshot = await hydrate(ledger, "support-42")
     agent = MyAgent(chat_ctx=snapshot.chat_ctx())
     userdata = snapshot.session_as(MyUserData)
     async for record in ledger.follow("support-42", after=snapshot.seq):

@@ -1,111 +1,77 @@
-"""The room list: every room with its events, first and last activity, who is present, and gaps.
-
-What ``ledger rooms`` prints and the web view's rooms page shows, read once here.
-"""
+"""Questions about rooms as a whole, answered from the stream's subject index: which rooms there
+are with their event counts, a room's first and last events, and purging one."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+import difflib
 
+import msgspec
 import nats.js.errors
 
-from room_ledger import events as ev
-from room_ledger.client import Ledger
-from room_ledger.state import RoomState, apply_safely
-
-#: How many rooms ``ledger rooms`` looks into at once.
-ROOM_CONCURRENCY = 16
-
-
-@dataclass
-class RoomRow:
-    room: str
-    events: int
-    first_seq: int | None = None
-    first_activity: datetime | None = None
-    last_seq: int | None = None
-    last_activity: datetime | None = None
-    participants: list[str] = field(default_factory=list)
-    gaps: int = 0
-    #: livekit-server's own view (``ledger webhooks``): ``server.*`` events of the room.
-    server_events: int = 0
-    #: The server reported the room started, and the bridge never joined it.
-    uncovered: bool = False
-    #: Participants the server saw join whom the bridge never recorded (hidden ones left out).
-    missed: list[str] = field(default_factory=list)
-
-    def to_builtins(self) -> dict[str, Any]:
-        return {
-            "server_events": self.server_events,
-            "uncovered": self.uncovered,
-            "missed": self.missed,
-            "room": self.room,
-            "events": self.events,
-            "first_seq": self.first_seq,
-            "first_activity": self.first_activity,
-            "last_seq": self.last_seq,
-            "last_activity": self.last_activity,
-            "participants": self.participants,
-            "gaps": self.gaps,
-        }
+from room_ledger.connection import Connection
+from room_ledger.errors import AppendError, UnknownRoom
+from room_ledger.eventlog import EventLog
+from room_ledger.records import RoomBounds, RoomSummary
+from room_ledger.subjects import Subjects, room_from_token, room_token
 
 
-async def _room_row(ledger: Ledger, room: str, events: int) -> RoomRow:
-    row = RoomRow(room=room, events=events)
-    stream = ledger.settings.stream
-    subject = ledger.subjects.room(room)
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        first = await ledger.js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
-        row.first_seq, row.first_activity = first.seq, first.time
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        last = await ledger.js.get_last_msg(stream, subject, direct=True)
-        row.last_seq, row.last_activity = last.seq, last.time
-    # Presence and gaps come from two small categories of the room, folded by the reducers. Read
-    # by direct gets: a consumer per room and category is a create and a delete on the server's
-    # meta layer each, for a handful of events, in a listing of thousands of rooms.
-    state = RoomState(room=room)
-    for record in await ledger.read_recent(room, after=0, types=["participant.*"]):
-        apply_safely(state, record)
-    row.participants = sorted(p.identity for p in state.participants.values() if p.present)
-    row.gaps = len(await ledger.read_recent(room, after=0, types=["bridge.gap"]))
-    await _server_view(ledger, room, row, state)
-    return row
+class Rooms:
+    """The rooms of the log: summaries, bounds, counts, the unknown-room check, purge."""
 
+    def __init__(self, connection: Connection, subjects: Subjects, log: EventLog) -> None:
+        self._connection = connection
+        self._subjects = subjects
+        self._log = log
+        self.settings = connection.settings
 
-async def _server_view(ledger: Ledger, room: str, row: RoomRow, state: Any) -> None:
-    """What the server's webhooks say the bridge did not see: the whole room, or participants."""
+    async def summaries(self) -> list[RoomSummary]:
+        """Every room in the log with its event count."""
+        info = await self._connection.js.stream_info(self.settings.stream, subjects_filter=self._subjects.all_rooms())
+        counts: dict[str, int] = {}
+        prefix_len = len(self.settings.subject_prefix) + 1
+        for subject, count in (info.state.subjects or {}).items():
+            token = subject[prefix_len:].split(".", 1)[0]
+            room = room_from_token(token)
+            counts[room] = counts.get(room, 0) + int(count)
+        return [RoomSummary(room, n) for room, n in sorted(counts.items())]
 
-    started = False
-    joined: dict[str, None] = {}
-    for record in await ledger.read_recent(room, after=0, types=["server.*"]):
-        row.server_events += 1
-        event = record.event
-        if isinstance(event, ev.ServerRoomStartedEvent):
-            started = True
-        elif isinstance(event, ev.ServerParticipantJoinedEvent) and event.body.identity:
-            permission = event.body.webhook.get("participant", {}).get("permission", {})
-            # Hidden participants (the bridge itself among them) are never announced to the room.
-            if not (isinstance(permission, dict) and permission.get("hidden")):
-                joined[event.body.identity] = None
-    if not row.server_events:
-        return
-    bridged = bool(await ledger.read_recent(room, after=0, types=["bridge.joined"]))
-    row.uncovered = started and not bridged
-    row.missed = [identity for identity in joined if identity not in state.participants]
+    async def names(self) -> list[str]:
+        return [summary.room for summary in await self.summaries()]
 
+    async def count(self, room: str) -> int:
+        """How many events the room has in the log."""
+        info = await self._connection.js.stream_info(self.settings.stream, subjects_filter=self._subjects.room(room))
+        return sum(int(n) for n in (info.state.subjects or {}).values())
 
-async def room_rows(ledger: Ledger) -> list[RoomRow]:
-    """Every room with its events, first/last activity, who is present, and its bridge gaps."""
-    summaries = await ledger.room_summaries()
-    limit = asyncio.Semaphore(ROOM_CONCURRENCY)
+    async def bounds(self, room: str) -> RoomBounds:
+        """The room's first and last stored events: sequences and storage times, by direct gets."""
+        js, stream, subject = self._connection.js, self.settings.stream, self._subjects.room(room)
+        first_seq = last_seq = None
+        first_time = last_time = None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            first = await js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
+            first_seq, first_time = first.seq, first.time
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            last = await js.get_last_msg(stream, subject, direct=True)
+            last_seq, last_time = last.seq, last.time
+        return RoomBounds(first_seq, first_time, last_seq, last_time)
 
-    async def one(room: str, events: int) -> RoomRow:
-        async with limit:
-            return await _room_row(ledger, room, events)
+    async def require(self, room: str) -> None:
+        """Raise :class:`UnknownRoom` (with close names) when the room has no events."""
+        if await self._log.room_last_seq(room):
+            return
+        names = await self.names()
+        raise UnknownRoom(room, difflib.get_close_matches(room, names, n=3, cutoff=0.5))
 
-    rows = await asyncio.gather(*(one(s.room, s.events) for s in summaries))
-    return sorted(rows, key=lambda r: (r.last_seq or 0), reverse=True)
+    async def purge(self, room: str) -> int:
+        """Remove every message of a room from the stream; returns how many went."""
+        room_token(room)  # validated: purge only ever targets an encoded room subject
+        request = msgspec.json.encode({"filter": self._subjects.room(room)})
+        msg = await self._connection.nc.request(
+            f"$JS.API.STREAM.PURGE.{self.settings.stream}", request, timeout=self._connection.ack_timeout_s
+        )
+        reply = msgspec.json.decode(msg.data)
+        if "error" in reply:
+            raise AppendError(f"purge of room {room!r} failed: {reply['error'].get('description')}")
+        return int(reply.get("purged", 0))

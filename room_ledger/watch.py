@@ -1,4 +1,4 @@
-"""Wait for what a room's log records: ``async with ledger.watch(room) as log: await log.until(...)``.
+"""Wait for what a room's log records: ``async with watch(ledger, room) as log: await log.until(...)``.
 
 A :class:`RoomWatch` follows one room from the start of its log (or from ``after``) in the
 background and keeps its records in memory, so a script, an operator's check or a test can wait
@@ -9,15 +9,16 @@ length of a task, not for the life of a process.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from room_ledger.errors import LedgerError
+from room_ledger.following import FollowedRoom
 
 if TYPE_CHECKING:
-    from room_ledger.client import Ledger, Record
+    from room_ledger.client import Ledger
+    from room_ledger.records import Record
 
 #: How long :meth:`RoomWatch.until` waits unless told otherwise.
 DEFAULT_WATCH_TIMEOUT_S = 20.0
@@ -27,43 +28,33 @@ class WatchTimeout(LedgerError, TimeoutError):
     """The room's log did not match in time. The message says what was awaited and what the log has."""
 
 
+def watch(ledger: Ledger, room: str, *, after: int = 0) -> RoomWatch:
+    """Follow the room in the background and wait on conditions over its log.
+
+    ``async with watch(ledger, room) as log: await log.until(lambda rs: ..., what="the join")``
+    """
+    return RoomWatch(ledger, room, after=after)
+
+
 class RoomWatch:
     """One room's log as it grows. ``records`` is every record seen so far, in log order."""
 
     def __init__(self, ledger: Ledger, room: str, *, after: int = 0) -> None:
         self.room = room
         self.records: list[Record] = []
-        self._changed = asyncio.Condition()
         self._reported = False
-        self._task = asyncio.create_task(self._follow(ledger, after), name=f"watch {room}")
-
-    async def _follow(self, ledger: Ledger, after: int) -> None:
-        try:
-            async for record in ledger.follow(self.room, after=after):
-                self.records.append(record)
-                async with self._changed:
-                    self._changed.notify_all()
-        finally:
-            # A follow that ends (or fails) wakes the waiters, so they report it instead of timing out.
-            async with self._changed:
-                self._changed.notify_all()
+        self._followed = FollowedRoom(ledger, room, after=after)
+        self._followed.on_record(self.records.append)
+        self._followed.start()
 
     async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = DEFAULT_WATCH_TIMEOUT_S,
                     *, what: str | None = None) -> list[Record]:
         """Wait until ``predicate(records)`` holds; returns the records. Raises :class:`WatchTimeout`."""
-
-        def settled() -> bool:
-            return self._task.done() or predicate(self.records)
-
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(settled)
-
         try:
-            await asyncio.wait_for(wait(), timeout)
+            held = await self._followed.wait_for(lambda: predicate(self.records), timeout)
         except TimeoutError:
             raise WatchTimeout(self._describe(what or "a matching record", timeout)) from None
-        if not predicate(self.records):
+        if not held:
             self._raise_ended(what)
         return self.records
 
@@ -94,7 +85,7 @@ class RoomWatch:
                 f"Is the bridge in the room? (`ledger doctor`, `ledger replay {self.room}`)")
 
     def _raise_ended(self, what: str | None) -> None:
-        error = self._task.exception() if not self._task.cancelled() else None
+        error = self._followed.error
         if error is not None:
             self._reported = True
             raise error  # the follow's own error (the log unavailable, say): it says what to do
@@ -102,14 +93,10 @@ class RoomWatch:
 
     async def close(self) -> None:
         """Stop following. A follow error that :meth:`until` did not report is raised here."""
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            if not self._reported:
-                raise
+        await self._followed.close()
+        error = self._followed.error
+        if error is not None and not self._reported:
+            raise error
 
     async def __aenter__(self) -> RoomWatch:
         return self

@@ -13,6 +13,7 @@ import pytest
 
 from room_ledger.client import Ledger
 from room_ledger.settings import Settings
+from room_ledger.watch import watch
 from tests.test_cli_helpers import env_for
 
 pytestmark = pytest.mark.livekit
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.livekit
 
 async def test_bridge_command_records_a_room_until_ctrl_c(settings: Settings, ledger: Ledger, room: str,
                                                           livekit_server: Any, livekit_connect: Any) -> None:
-    log = ledger.watch(room)
+    log = watch(ledger, room)
     env = {**os.environ, **env_for(settings), "LIVEKIT_URL": livekit_server.url,
            "LIVEKIT_API_KEY": livekit_server.api_key, "LIVEKIT_API_SECRET": livekit_server.api_secret}
     proc = await asyncio.create_subprocess_exec(
@@ -60,7 +61,7 @@ async def test_bridge_says_when_rooms_can_dispatch_it(settings: Settings, ledger
         sys.executable, "-m", "room_ledger.cli.main", "bridge", "--json", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    log = ledger.watch(room)
+    log = watch(ledger, room)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)

@@ -90,7 +90,7 @@ async def test_a_batch_the_server_finds_too_large_is_stored_anyway_and_batches_s
         ledger: Ledger, room: str) -> None:
     # nats-server takes at most 1,000 messages per atomic batch; a client asking for more (as
     # against a server configured lower) gets the batch refused, nothing of it stored.
-    ledger._atomic_max = 1_500
+    ledger._log.atomic_batch_size = 1_500
     sent = [status(room, "a", i) for i in range(2_000)]
     positions = await asyncio.wait_for(ledger.append_many(sent, atomic=True), 60)
     assert len(positions) == 2_000 and not any(p.duplicate for p in positions)
@@ -155,7 +155,7 @@ async def test_unknown_room_suggests_close_names(ledger: Ledger, room: str) -> N
     with pytest.raises(UnknownRoom) as caught:
         await ledger.require_room(room + "x")
     assert room in caught.value.close_matches
-    assert room in await ledger.rooms()
+    assert room in await ledger.rooms.names()
 
 
 async def test_odd_room_names_are_separate_rooms(ledger: Ledger, room: str) -> None:
@@ -197,10 +197,10 @@ async def test_follow_gives_history_then_live_without_gap(ledger: Ledger, room: 
 
 async def test_stream_is_reconciled_with_settings(settings: Settings) -> None:
     async with Ledger(settings) as client:
-        info = await client.stream_info()
+        info = await client.stream.info()
         assert info.config.duplicate_window == pytest.approx(120)
         assert info.config.allow_atomic
-        assert client.stream_differences(info.config) == {}
+        assert client.stream.differences(info.config) == {}
 
 
 async def test_unreachable_nats_names_the_url_and_the_way_out(tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ async def test_existing_stream_is_updated_to_the_configured_settings(settings: S
     prefix = f"upd{uuid.uuid4().hex[:8]}"
     custom = settings.replace(stream=name, subject_prefix=prefix)
     async with Ledger(custom) as client:
-        await client.js.update_stream(
+        await client.connection.js.update_stream(
             name=name,
             subjects=[f"{prefix}.>"],
             duplicate_window=600,
@@ -269,24 +269,24 @@ async def test_existing_stream_is_updated_to_the_configured_settings(settings: S
             allow_direct=True,
             max_msg_size=custom.max_msg_size,
         )
-        assert client.stream_differences((await client.stream_info()).config)
-        await client.ensure_stream()
-        info = await client.stream_info()
+        assert client.stream.differences((await client.stream.info()).config)
+        await client.stream.ensure()
+        info = await client.stream.info()
         assert info.config.duplicate_window == pytest.approx(120)
-        assert client.stream_differences(info.config) == {}
-        await client.js.delete_stream(name)
+        assert client.stream.differences(info.config) == {}
+        await client.stream.delete()
 
 
 async def test_subjects_taken_by_another_stream_fail_clearly(settings: Settings) -> None:
     prefix = f"ovl{uuid.uuid4().hex[:8]}"
     async with Ledger(settings) as client:
-        await client.js.add_stream(name=f"OTHER_{prefix}", subjects=[f"{prefix}.>"])
+        await client.connection.js.add_stream(name=f"OTHER_{prefix}", subjects=[f"{prefix}.>"])
         try:
             with pytest.raises(StreamConfigError, match="another stream already holds these subjects"):
                 async with Ledger(settings.replace(stream=f"MINE_{prefix}", subject_prefix=prefix)):
                     pass
         finally:
-            await client.js.delete_stream(f"OTHER_{prefix}")
+            await client.connection.js.delete_stream(f"OTHER_{prefix}")
 
 
 async def test_event_ids_that_would_break_headers_are_refused(ledger: Ledger, room: str) -> None:
@@ -299,7 +299,7 @@ async def test_head_and_read_all_skip_a_purged_tail(ledger: Ledger, room: str) -
     readers that waited for it would wait forever."""
     kept = await ledger.append(status(room, "a", 0))
     await ledger.append_many([status(room + "-tail", "a", i) for i in range(3)])
-    assert await ledger.purge_room(room + "-tail") == 3
+    assert await ledger.rooms.purge(room + "-tail") == 3
     assert await ledger.head() >= kept.seq
     records = await asyncio.wait_for(_collect_all(ledger, after=kept.seq - 1), 10)
     assert records[0].seq == kept.seq
@@ -333,5 +333,5 @@ async def test_a_stream_is_never_repointed_at_other_subjects(settings: Settings)
         with pytest.raises(StreamConfigError, match="set LEDGER_SUBJECT_PREFIX to match"):
             async with Ledger(settings.replace(stream=name, subject_prefix=second)):
                 pass
-        assert (await owner.stream_info()).config.subjects == [f"{first}.>"]
-        await owner.js.delete_stream(name)
+        assert (await owner.stream.info()).config.subjects == [f"{first}.>"]
+        await owner.stream.delete()

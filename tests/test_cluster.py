@@ -20,7 +20,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from room_ledger import client as ledger_client
+from room_ledger import connection
 from room_ledger import events as ev
 from room_ledger.client import Ledger, Position
 from room_ledger.errors import LedgerError
@@ -89,7 +89,7 @@ async def _read_all(settings: Settings, rooms: list[str]) -> dict[str, list[tupl
 async def test_node_killed_during_ingest_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A lost acknowledgement (its node died) is retried after this long; the product default is 10 s,
     # which would only make this test slower, not different.
-    monkeypatch.setattr(ledger_client, "ACK_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(connection, "ACK_TIMEOUT_S", 3.0)
     run = uuid.uuid4().hex[:8]
     stream = f"CLUSTER_{run}"
     events = _events(run)
@@ -100,7 +100,7 @@ async def test_node_killed_during_ingest_loses_nothing(tmp_path: Path, monkeypat
         settings = Settings(nats_urls=cluster.urls, replicas=3, home=tmp_path, stream=stream)
 
         async with Ledger(settings, name="cluster-ingest") as ledger:
-            info = await ledger.stream_info()
+            info = await ledger.stream.info()
             assert info.config.num_replicas == 3
             leader = await asyncio.to_thread(cluster.wait_stream_current, stream, 3, 30.0)
 

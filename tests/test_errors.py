@@ -67,9 +67,9 @@ async def test_atomic_batch_with_a_stored_id_answers_the_duplicate_err_code(ledg
     fresh = ev.make_event(room, ev.AgentStatus(agent_id="a", status="processing"), sender=ev.Sender("a", "agent"))
     subject = ledger.subjects.event(room, "agent.status")
     batch = uuid.uuid4().hex
-    await ledger.nc.publish(subject, ev.encode(stored), headers={
+    await ledger.connection.nc.publish(subject, ev.encode(stored), headers={
         "Nats-Msg-Id": stored.id, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": "1"})
-    reply = await ledger.nc.request(subject, ev.encode(fresh), timeout=5, headers={
+    reply = await ledger.connection.nc.request(subject, ev.encode(fresh), timeout=5, headers={
         "Nats-Msg-Id": fresh.id, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": "2", "Nats-Batch-Commit": "1"})
     answer = msgspec.json.decode(reply.data)
     assert answer["error"]["err_code"] == ERR_BATCH_DUPLICATE, answer

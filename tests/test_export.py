@@ -14,7 +14,7 @@ from livekit.agents.llm import ChatContext
 
 from room_ledger import events as ev
 from room_ledger.client import Ledger
-from room_ledger.hydrate import close
+from room_ledger.hydrate import close, hydrate
 from room_ledger.projections.projector import Projector
 from room_ledger.settings import Settings
 from tests.test_cli_helpers import BILLING, USER, at, invoke, json_of, ok, run_async, scripted_events, seed
@@ -82,7 +82,7 @@ async def _project(settings: Settings) -> None:
 
 async def _hydrated_ctx(settings: Settings, room: str) -> ChatContext:
     async with Ledger(settings) as ledger:
-        snapshot = await ledger.hydrate(room, full_conversation=True)
+        snapshot = await hydrate(ledger, room, full_conversation=True)
         await close(ledger)
         return snapshot.chat_ctx()
 

@@ -41,6 +41,7 @@ import pytest
 from room_ledger import db, embedded
 from room_ledger import state as rd
 from room_ledger.client import Ledger
+from room_ledger.hydrate import hydrate
 from room_ledger.projections import rows as pg_rows
 from room_ledger.projections.migrate import upgrade
 from room_ledger.projections.projector import Projector
@@ -94,7 +95,7 @@ async def own(pg_settings: Settings) -> AsyncIterator[Settings]:
             await admin.close()
         async with Ledger(settings) as ledger:
             with contextlib.suppress(Exception):
-                await ledger.js.delete_stream(settings.stream)
+                await ledger.stream.delete()
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -265,7 +266,7 @@ async def test_rebuild_sigkilled_ten_times_leaves_live_state_intact(own: Setting
                 await projector.catch_up()
             live = {room: _comparable(s) for room in rooms if (s := await _projected(conn, room)) is not None}
             assert len(live) == len(rooms)
-            hydrated = (await ledger.hydrate(rooms[0], full_conversation=True)).to_builtins()
+            hydrated = (await hydrate(ledger, rooms[0], full_conversation=True)).to_builtins()
 
             kills = 0
             while kills < KILLS:
@@ -281,7 +282,7 @@ async def test_rebuild_sigkilled_ten_times_leaves_live_state_intact(own: Setting
                 kills += 1
                 # Killed mid-rebuild: the live tables are as they were, hydration unaffected.
                 assert await _checkpoint(conn, ROOMS) == positions[-1].seq
-                now = (await ledger.hydrate(rooms[0], full_conversation=True)).to_builtins()
+                now = (await hydrate(ledger, rooms[0], full_conversation=True)).to_builtins()
                 assert now == hydrated
             for room in rooms:
                 state = await _projected(conn, room)
@@ -345,7 +346,7 @@ async def test_postgres_stopped_and_restarted_during_projection(settings: Settin
                 await _assert_nothing_lost_or_doubled(ledger, conn, rooms, producer.sent)
             finally:
                 await conn.close()
-            await ledger.js.delete_stream(own.stream)
+            await ledger.stream.delete()
     finally:
         await asyncio.to_thread(embedded.stop_postgres, home)
 

@@ -70,7 +70,7 @@ async def test_a_deleted_consumer_is_replaced_without_loss(ledger: Ledger, room:
     async with StreamFeed(ledger, ledger.subjects.all_rooms(), after=start, window=100, heartbeat=0.5) as feed:
         taken = await take_until(feed, first[-1].seq)
         assert feed._consumer is not None
-        await ledger.js.delete_consumer(ledger.settings.stream, feed._consumer)
+        await ledger.connection.js.delete_consumer(ledger.settings.stream, feed._consumer)
         more = await ledger.append_many([status(room, i) for i in range(300, 600)])
         taken += await take_until(feed, more[-1].seq)
         assert feed.restarts >= 1
@@ -92,7 +92,7 @@ async def test_feed_goes_on_after_the_server_restarts() -> None:
                 while True:
                     # Back when the restarted server answers for the stream again.
                     with contextlib.suppress(Exception):
-                        await ledger.stream_info()
+                        await ledger.stream.info()
                         break
                     assert time.monotonic() < deadline, "the stream did not come back"
                     await asyncio.sleep(0.1)
@@ -111,6 +111,6 @@ async def test_feed_is_correct_without_its_fast_path(ledger: Ledger, room: str) 
     start = await ledger.head()
     positions = await ledger.append_many([status(room, i) for i in range(300)])
     async with StreamFeed(ledger, ledger.subjects.all_rooms(), after=start, window=100) as feed:
-        _wire.fast_path(ledger.nc).clear()
+        _wire.fast_path(ledger.connection.nc).clear()
         taken = await take_until(feed, positions[-1].seq)
     assert [d.seq for d in taken if d.subject.startswith(f"ledger.{room}.")] == [p.seq for p in positions]

@@ -23,6 +23,7 @@ from room_ledger.settings import Settings
 from room_ledger.state import fold
 from room_ledger.timeline import handoffs as replay_handoffs
 from room_ledger.watch import RoomWatch as Log
+from room_ledger.watch import watch
 from tests.handoff_example import ExampleWorkers, Replies, Reply, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
@@ -251,7 +252,7 @@ async def test_a_dead_standby_is_replaced_by_a_dispatch(lk_settings: Settings, l
         replies = Replies(user)
         await workers.dispatch(room, workers.triage)
         await replies.next()
-        async with ledger.watch(room) as log:
+        async with watch(ledger, room) as log:
             await log.until(lambda rs: standing_by(fold(rs), workers.billing), 30, what="billing's standby")
         standby = "billing-1"
         workers.procs[standby].kill()

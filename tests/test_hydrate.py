@@ -16,7 +16,7 @@ from livekit.agents.llm import ChatContext
 
 from room_ledger import events as ev
 from room_ledger.client import Ledger
-from room_ledger.hydrate import HydrateTimeout, Snapshot, close
+from room_ledger.hydrate import HydrateTimeout, Snapshot, close, hydrate
 from room_ledger.projections.projector import Projector
 from room_ledger.projections.sample import interleaved
 from room_ledger.settings import Settings
@@ -65,22 +65,22 @@ async def test_projector_stopped_running_or_absent_all_agree(pg_settings: Settin
     positions = await pg_ledger.append_many(interleaved([room], 400))
     # The projector ran up to the middle of the room, then stopped.
     await project(pg_settings, until=positions[len(positions) // 2].seq)
-    stopped = await pg_ledger.hydrate(room, full_conversation=True)
+    stopped = await hydrate(pg_ledger, room, full_conversation=True)
     assert stopped.source == "projection+log"
     assert 0 < stopped.projection_seq < stopped.seq == positions[-1].seq and stopped.caught_up > 0
-    log_only = await log_only_ledger.hydrate(room, full_conversation=True)
+    log_only = await hydrate(log_only_ledger, room, full_conversation=True)
     assert log_only.source == "log" and log_only.projection_seq == 0
     await project(pg_settings)
-    running = await pg_ledger.hydrate(room, full_conversation=True)
+    running = await hydrate(pg_ledger, room, full_conversation=True)
     assert running.caught_up == 0 and running.projection_seq == running.seq
     assert view(stopped) == view(log_only) == view(running)
     # Default: the conversation from the latest summary on (this log's summaries cover nothing).
-    default = await pg_ledger.hydrate(room)
+    default = await hydrate(pg_ledger, room)
     assert [i.item_id for i in default.conversation] == [i.item_id for i in running.conversation]
 
 
 async def test_unknown_room_is_empty(pg_ledger: Ledger) -> None:
-    snapshot = await pg_ledger.hydrate(unique("nobody"))
+    snapshot = await hydrate(pg_ledger, unique("nobody"))
     assert snapshot.seq == 0 and snapshot.floor.holder is None and snapshot.conversation == []
 
 
@@ -96,12 +96,12 @@ async def test_min_seq_waits_for_the_write_and_follow_continues(pg_ledger: Ledge
                                                    sender=agent("a")))
         return pos.seq
 
-    snapshot_task = asyncio.create_task(pg_ledger.hydrate(room, min_seq=target + 1, timeout=10))
+    snapshot_task = asyncio.create_task(hydrate(pg_ledger, room, min_seq=target + 1, timeout=10))
     handoff_seq = await write_later()
     snapshot = await snapshot_task
     assert snapshot.seq == handoff_seq and snapshot.floor.holder is None
     with pytest.raises(HydrateTimeout):
-        await pg_ledger.hydrate(room, min_seq=await pg_ledger.head() + 1000, timeout=0.2)
+        await hydrate(pg_ledger, room, min_seq=await pg_ledger.head() + 1000, timeout=0.2)
     # follow(after=snapshot.seq): the next event, no gap, no duplicate.
     nxt = await pg_ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
     follower = pg_ledger.follow(room, after=snapshot.seq)
@@ -128,7 +128,7 @@ async def test_chat_ctx_round_trips_through_livekit(pg_settings: Settings, pg_le
     ]
     await pg_ledger.append_many(ev.make_event(room, body, sender=agent(who)) for body, who in items)
     await project(pg_settings)
-    snapshot = await pg_ledger.hydrate(room)
+    snapshot = await hydrate(pg_ledger, room)
     ctx = snapshot.chat_ctx()
     assert [i.id for i in ctx.items] == ["item_u1", "item_a1", "item_f1", "item_o1", "item_h1", "item_b1"]
     assert [getattr(i, "role", i.type) for i in ctx.items] == [
@@ -163,7 +163,7 @@ async def test_chat_ctx_is_in_the_sessions_time_order(pg_settings: Settings, pg_
     ])
     if projected:
         await project(pg_settings)
-    snapshot = await pg_ledger.hydrate(room)
+    snapshot = await hydrate(pg_ledger, room)
     assert [i.text for i in snapshot.conversation] == ["hi", "my bill", "hello"]  # the log's order
     ctx = snapshot.chat_ctx()
     assert [(i.created_at, i.text_content) for i in ctx.items] == [  # type: ignore[union-attr]
@@ -185,7 +185,7 @@ async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg
     if projected:
         # Then the items after the summary come from PostgreSQL's pages and rows, bounded in SQL.
         await project(pg_settings, until=summary.seq)
-    snapshot = await pg_ledger.hydrate(room)
+    snapshot = await hydrate(pg_ledger, room)
     assert (snapshot.source == "projection+log" and snapshot.projection_seq >= summary.seq) == projected
     assert [i.item_id for i in snapshot.conversation] == ["item_3", "item_4"]
     ctx = snapshot.chat_ctx()
@@ -193,7 +193,7 @@ async def test_summary_starts_the_default_conversation(pg_settings: Settings, pg
     assert "caller lost a card" in ctx.items[0].text_content  # type: ignore[union-attr,operator]
     # stamped just before the first item it did not cover, as LiveKit's summarization does
     assert ctx.items[0].created_at < ctx.items[1].created_at == snapshot.conversation[0].time.timestamp()
-    full = await pg_ledger.hydrate(room, full_conversation=True)
+    full = await hydrate(pg_ledger, room, full_conversation=True)
     assert [i.item_id for i in full.conversation] == [f"item_{i}" for i in range(5)]
 
 
@@ -217,7 +217,7 @@ async def test_seed_000_three_agents_take_turns(pg_settings: Settings, pg_ledger
                                     sender=agent(who)))
     await pg_ledger.append_many(events)
     await project(pg_settings)
-    snapshot = await pg_ledger.hydrate(room)
+    snapshot = await hydrate(pg_ledger, room)
     assert snapshot.floor.holder is None
     assert [(t.holder, t.task, t.end_reason) for t in snapshot.floor.history] == [
         (names[t % 3], f"turn {t}", "resolved") for t in range(6)]
@@ -270,7 +270,7 @@ async def test_seed_001_handoff_hydrates_every_field_and_the_whole_conversation(
     await pg_ledger.append(ev.make_event(room, ev.ParticipantLeft(identity=a), sender=agent(a)))
     # Agent b, in another process, hydrates with read-your-writes on the handoff.
     async with Ledger(pg_settings) as other:
-        snapshot = await other.hydrate(room, min_seq=handoff.seq, full_conversation=True)
+        snapshot = await hydrate(other, room, min_seq=handoff.seq, full_conversation=True)
         await close(other)
     assert snapshot.seq > handoff.seq and snapshot.source == "projection+log"
     assert {k: snapshot.session[k] for k in fields} == fields

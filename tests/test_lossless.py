@@ -29,6 +29,7 @@ from room_ledger import embedded
 from room_ledger import events as ev
 from room_ledger.cli import commands
 from room_ledger.client import Ledger, Record
+from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
 from room_ledger.timeline import ndjson_line
 from room_ledger.watch import RoomWatch
@@ -197,7 +198,7 @@ async def test_purge_leaves_no_object_behind(lk_settings: Settings, room: str, l
             await r.sender.local_participant.send_bytes(random.Random(i).randbytes(size), topic="files", name="x")
         await r.log.until(lambda rs: len([x for x in rs if x.type == "data"]) >= 2, timeout=60)
     async with Ledger(lk_settings) as ledger:
-        store = await ledger.payload_store()
+        store = await ledger.payloads.store()
         prefix = ev.payload_object_name(room, "")
 
         async def names() -> list[str]:
@@ -226,7 +227,7 @@ async def test_a_2mb_session_patch_from_the_helper_is_applied(lk_settings: Setti
         (record,) = [x for x in r.log.records if x.event.id == event_id]
         assert isinstance(record.event, ev.SessionPatchEvent) and record.event.payload is not None
         assert record.event.payload.size > 2 * MiB and record.event.body.patch == patch
-        hydrated = await r.ledger.hydrate(room)
+        hydrated = await hydrate(r.ledger, room)
         assert hydrated.session == patch
         with pytest.raises(ev.PayloadTooLarge):
             await LedgerAgent(r.sender, r.ledger.__class__(lk_settings.replace(max_payload=1 * MiB))).patch_session(
@@ -252,7 +253,7 @@ async def test_nats_restarted_while_a_large_stream_is_stored(lk_settings: Settin
 
             async def chunks_stored() -> int:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
-                    return int((await watcher.js.stream_info(chunks_stream)).state.messages or 0)
+                    return int((await watcher.connection.js.stream_info(chunks_stream)).state.messages or 0)
                 return 0
 
             info = await sender.local_participant.send_bytes(blob, topic="files", name="big.bin")
@@ -264,7 +265,7 @@ async def test_nats_restarted_while_a_large_stream_is_stored(lk_settings: Settin
                 await asyncio.sleep(0.01)
             assert not [x for x in log.records if x.type == "data"], "the event was appended before its object"
             name = ev.payload_object_name(room, ev.derived_event_id(room, "stream", info.stream_id))
-            store = await watcher.payload_store()
+            store = await watcher.payloads.store()
             with pytest.raises(nats.js.errors.ObjectNotFoundError):
                 await store.get_info(name)  # half-stored: chunks without their meta are no object
             embedded.stop_nats(home)
@@ -278,7 +279,7 @@ async def test_nats_restarted_while_a_large_stream_is_stored(lk_settings: Settin
             (record,) = [x for x in log.records if x.type == "data"]
             ref = record.event.payload  # type: ignore[union-attr]
             assert ref is not None and ref.size == len(blob) and ref.name == name
-            assert await watcher.read_payload(ref) == blob
+            assert await watcher.payloads.read(ref) == blob
             assert not list(writer.spool.directory.glob("*.bin")), "the spooled file outlived its event"
             info = await store.get_info(name)
             # nothing of the failed attempt left: the object's chunks and its meta message only

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from room_ledger import events as ev
 from room_ledger import metrics
 from room_ledger.client import Ledger
+from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
 from tests.test_cli_helpers import env_for, scripted_events
 
@@ -108,7 +109,7 @@ async def test_projector_and_hydrate_metrics(pg_settings: Settings, room: str, m
             assert value(now, "ledger_projector_batch_seconds_count", partition="0") > value(
                 before, "ledger_projector_batch_seconds_count", partition="0")
         before = await scrape(metrics_url)
-        await ledger.hydrate(room)
+        await hydrate(ledger, room)
         after = await scrape(metrics_url)
     hydrations = {
         source: value(after, "ledger_hydrate_seconds_count", source=source)

@@ -27,6 +27,7 @@ from room_ledger.bridge.room import _read_spooled
 from room_ledger.bridge.writer import BridgeWriter
 from room_ledger.client import Ledger, Record
 from room_ledger.hydrate import close as close_hydration
+from room_ledger.hydrate import hydrate
 from room_ledger.projections.projector import Projector
 from room_ledger.settings import Settings
 from room_ledger.state import fold
@@ -102,7 +103,7 @@ def test_projection_and_hydration_load_large_bodies(pg_settings: Settings, room:
             await projector.catch_up()
         async with Ledger(pg_settings) as ledger:
             try:
-                return await ledger.hydrate(room)
+                return await hydrate(ledger, room)
             finally:
                 await close_hydration(ledger)
 
@@ -151,7 +152,7 @@ def test_purge_removes_the_rooms_objects_and_only_those(settings: Settings, room
 
     async def names() -> list[str]:
         async with Ledger(settings) as ledger:
-            store = await ledger.payload_store()
+            store = await ledger.payloads.store()
             return [i.name or "" for i in await store.list(ignore_deletes=True)]
 
     assert any(n.startswith(ev.payload_object_name(room, "")) for n in asyncio.run(names()))
@@ -181,7 +182,7 @@ def test_a_payload_whose_object_is_gone_reads_as_opaque_with_the_reason(
 
     async def delete_and_read() -> list[Record]:
         async with Ledger(settings) as ledger:
-            assert await ledger.purge_room_payloads(room) == 1
+            assert await ledger.payloads.purge_room(room) == 1
             return [r async for r in ledger.read(room)]
 
     (record,) = asyncio.run(delete_and_read())
@@ -259,15 +260,15 @@ def test_a_spooled_stream_is_in_the_bucket_when_it_ends(settings: Settings, room
             ingest = writer.ingest(room)
             head, ref, error = await _read_spooled(_chunks_of(blob), ingest, "up-1", "files")
             assert ref is not None and error is None and ref.size == len(blob)
-            assert await ledger.payload_info(ref) is not None  # stored before any event points at it
+            assert await ledger.payloads.info(ref) is not None  # stored before any event points at it
             ingest.byte_stream(head, topic="files", stream_id="up-1", sender_identity="u", spooled=ref)
             assert await writer.flush(60)
             await writer.close()
             (record,) = [r async for r in ledger.read(room)]
             assert not isinstance(record.event, ev.OpaqueEvent)
             assert record.event.payload == ev.PayloadRef(name=ref.name, size=ref.size, sha256=ref.sha256)
-            assert await ledger.read_payload(ref) == blob
-            assert await ledger.purge_room_payloads(room) == 1
+            assert await ledger.payloads.read(ref) == blob
+            assert await ledger.payloads.purge_room(room) == 1
 
     asyncio.run(go())
 
@@ -298,29 +299,27 @@ def test_two_uploads_of_one_name_leave_one_object_and_no_stray_chunks(settings: 
     """Two bridges in a room spool the same large stream at the same moment: both find no object
     when they start, both upload; the first meta wins and the second upload drops its chunks
     (before, the second meta replaced the first and left its chunks under no object)."""
-    from room_ledger.client import ObjectUpload
-
     blob = os.urandom(3 * MiB + 7)
     digest = hashlib.sha256(blob).hexdigest()
 
     async def go() -> None:
         async with Ledger(settings) as ledger:
-            await ledger.payload_store()
+            await ledger.payloads.store()
             bucket = settings.payload_bucket
 
             async def chunk_subjects() -> set[str]:
-                info = await ledger.js.stream_info(f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.>")
+                info = await ledger.connection.js.stream_info(f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.>")
                 return set(info.state.subjects or {})
 
             before = await chunk_subjects()
             name = f"{room}/same-stream"
-            uploads = [ObjectUpload(ledger, name), ObjectUpload(ledger, name)]
+            uploads = [ledger.payloads.upload(name), ledger.payloads.upload(name)]
             for upload in uploads:
                 await upload.write(blob)
             assert len(await chunk_subjects() - before) == 2  # both uploads' chunks are stored
             first, second = await asyncio.gather(*(u.finish(digest) for u in uploads))
             assert first.nuid == second.nuid  # both report the one object stored
-            assert await ledger.read_payload(ev.PayloadRef(name=name, size=len(blob), sha256=digest)) == blob
+            assert await ledger.payloads.read(ev.PayloadRef(name=name, size=len(blob), sha256=digest)) == blob
 
             async def only_the_objects_chunks_left() -> None:
                 # the server's state, polled: the losing upload purges its chunks in the background

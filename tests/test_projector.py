@@ -26,7 +26,7 @@ from room_ledger import db
 from room_ledger import events as ev
 from room_ledger import state as rd
 from room_ledger.client import Ledger
-from room_ledger.hydrate import close
+from room_ledger.hydrate import close, hydrate
 from room_ledger.projections import rows as pg_rows
 from room_ledger.projections.admin import status
 from room_ledger.projections.migrate import current_revision, head_revision, upgrade
@@ -143,7 +143,7 @@ async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Setti
             # Hydration against tables older than the code: the whole room from the log, and
             # the warning says what to run.
             with caplog.at_level(logging.WARNING, logger="ledger.hydrate"):
-                snapshot = await ledger.hydrate(room)
+                snapshot = await hydrate(ledger, room)
             assert snapshot.source == "log" and len(snapshot.conversation) == 150
             assert "run `ledger migrate`" in caplog.text
             await close(ledger)
@@ -243,7 +243,7 @@ async def test_conversation_pages_follow_items_however_batched(pg_settings: Sett
         assert '"changed 1"' in pages[0]["body"] and '"first 1"' not in pages[0]["body"]
         await assert_projection_equals_fold(ledger, conn, [room])
         # Hydration reads the pages and the item after them.
-        snapshot = await ledger.hydrate(room)
+        snapshot = await hydrate(ledger, room)
         assert snapshot.source == "projection+log" and snapshot.caught_up == 0
         assert [i.text for i in snapshot.conversation] == (
             ["first 0", "changed 1"] + [f"first {n}" for n in range(2, 13)])
@@ -260,7 +260,7 @@ async def test_bad_events_are_recorded_and_skipped(pg_settings: Settings, conn: 
         # A known type with a body of the wrong shape, published around the client's checks.
         bad = msgspec.json.encode({"type": "floor.request", "id": uuid.uuid4().hex, "room": room,
                                    "body": {"agent_id": 42}})
-        ack = await ledger.js.publish(ledger.subjects.event(room, "floor.request"), bad,
+        ack = await ledger.connection.js.publish(ledger.subjects.event(room, "floor.request"), bad,
                                       stream=pg_settings.stream)
         # An event that makes a reducer raise.
         boom = await ledger.append(ev.make_event(room, ev.RoomMetadata(metadata="boom")))
@@ -387,7 +387,7 @@ async def test_rebuild_equals_live_and_hydration_keeps_working(pg_settings: Sett
         async def hydrate_meanwhile() -> None:
             nonlocal hydrations
             while not done.is_set():
-                snapshot = await ledger.hydrate(rooms[0], full_conversation=True)
+                snapshot = await hydrate(ledger, rooms[0], full_conversation=True)
                 assert snapshot.seq == live_seq
                 hydrations += 1
 
@@ -432,7 +432,7 @@ async def test_nul_characters_do_not_stop_the_projector(pg_settings: Settings) -
         async with Projector(pg_settings, projection=f"nul{uuid.uuid4().hex[:6]}") as projector:
             await projector.catch_up(until=positions[-1].seq)
             assert projector.checkpoint >= positions[-1].seq
-        snapshot = await client.hydrate(room)
+        snapshot = await hydrate(client, room)
         stored = [r.event async for r in client.read(room)]
     assert stored == events  # the log keeps every byte
     assert snapshot.floor.holder == "agent\ufffda"

@@ -21,7 +21,7 @@ from livekit import api
 from room_ledger import events as ev
 from room_ledger.bridge.tokens import create_dispatch
 from room_ledger.client import Ledger, Record
-from room_ledger.hydrate import close
+from room_ledger.hydrate import close, hydrate
 from room_ledger.projections.projector import Projector
 from room_ledger.roles import Roles, apply_event
 from room_ledger.settings import Settings
@@ -95,7 +95,7 @@ async def test_roles_in_projection_hydration_state_and_replay(pg_settings: Setti
         async with Projector(pg_settings) as projector:
             await projector.catch_up()
         left = await ledger.append(ev.make_event(room, ev.ParticipantLeft(identity="a"), sender=agent("a")))
-        snapshot = await ledger.hydrate(room)
+        snapshot = await hydrate(ledger, room)
         await close(ledger)
     assert snapshot.source == "projection+log" and snapshot.projection_seq == positions[-1].seq
     assert snapshot.state.roles.assignment() == {"customer": "c", "support": "b"}
@@ -201,7 +201,7 @@ async def test_two_agents_dispatched_at_once_take_distinct_roles_room_after_room
             # before the server announces its sender, so the event's sender can be empty: the body says who.)
             first = claims[0].event.body.agent_id  # type: ignore[union-attr]
             assert reported[first]["test.role"] == "customer"
-            snapshot = await ledger.hydrate(room)
+            snapshot = await hydrate(ledger, room)
             assert {h.agent_id: role for role, h in snapshot.state.roles.holders.items()} == {
                 identity: attrs["test.role"] for identity, attrs in reported.items()}
             claim_ms.extend(float(a["test.claim_ms"]) for a in reported.values())
@@ -255,5 +255,5 @@ async def test_a_role_is_freed_when_its_holder_leaves(lk_settings: Settings, led
             await agent.stop()
     await log.close()
     left = next(r for r in log.records if r.type == "participant.left")
-    snapshot = await ledger.hydrate(room)
+    snapshot = await hydrate(ledger, room)
     assert snapshot.state.roles.holders["customer"].seq == left.seq

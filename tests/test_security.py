@@ -25,6 +25,7 @@ import pytest
 from room_ledger import events as ev
 from room_ledger.client import Ledger
 from room_ledger.errors import ConnectError
+from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
 from tests.natscluster import NatsServer, jetstream_block, single_server
 
@@ -348,7 +349,7 @@ async def test_hostile_room_names_round_trip_untouched(pg_settings: Settings) ->
 
         try:
             for room in rooms:
-                snapshot = await ledger.hydrate(room, full_conversation=True)
+                snapshot = await hydrate(ledger, room, full_conversation=True)
                 assert snapshot.room == room and snapshot.source == "projection+log"
                 assert snapshot.floor.holder == agent.identity
                 assert snapshot.session == {HOSTILE: {"$1": HOSTILE, "*": ">"}}

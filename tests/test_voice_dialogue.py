@@ -33,6 +33,7 @@ from livekit import api
 from room_ledger.bridge.tokens import create_dispatch
 from room_ledger.client import Ledger, Record
 from room_ledger.export import export_room
+from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
 from room_ledger.watch import RoomWatch as Log
 from tests import processes
@@ -182,7 +183,7 @@ async def test_two_agents_hold_the_scripted_call_by_voice(lk_settings: Settings,
     records = log.records
 
     # Roles: decided by the log, one each; the agents showed theirs in their attributes.
-    snapshot = await ledger.hydrate(room)
+    snapshot = await hydrate(ledger, room)
     holders = snapshot.state.roles.assignment()
     assert set(holders) == {"customer", "support"} and holders["customer"] != holders["support"], holders
     ids = {role: holders[role] for role in ("customer", "support")}

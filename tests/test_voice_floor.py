@@ -27,6 +27,7 @@ from livekit import api
 from room_ledger.client import Ledger, Record
 from room_ledger.settings import Settings
 from room_ledger.state import fold
+from room_ledger.watch import watch
 from tests import processes
 from tests.livekit.server import http_url
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
@@ -88,7 +89,7 @@ async def test_three_voice_agents_one_floor_one_answer_per_turn(lk_settings: Set
     from examples.voice.offline import VoiceCaller
 
     _, billing, support = floor_agents
-    log = ledger.watch(room)
+    log = watch(ledger, room)
     async with running_bridge(lk_settings, room):
         caller_room = await livekit_connect("caller", room)
         caller = await VoiceCaller.create(caller_room)

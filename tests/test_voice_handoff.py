@@ -20,6 +20,7 @@ import pytest
 from room_ledger.client import Ledger, Record
 from room_ledger.settings import Settings
 from room_ledger.timeline import handoffs as replay_handoffs
+from room_ledger.watch import watch
 from tests.handoff_example import ExampleWorkers, workers  # noqa: F401
 from tests.test_bridge_livekit import body_of, lk_settings, running_bridge  # noqa: F401
 
@@ -62,7 +63,7 @@ async def test_voice_handoff_there_and_back(lk_settings: Settings, ledger: Ledge
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")
     await workers.start("triage", HANDOFF_VOICE="1")
     await workers.start("billing", HANDOFF_VOICE="1")
-    log = ledger.watch(room)
+    log = watch(ledger, room)
 
 
     async with running_bridge(lk_settings, room):
@@ -158,7 +159,7 @@ async def test_voice_warm_standby_is_silent_until_handed_the_call(lk_settings: S
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")
     await workers.start("triage", HANDOFF_VOICE="1", HANDOFF_WARM="1")
     await workers.start("billing", HANDOFF_VOICE="1")
-    log = ledger.watch(room)
+    log = watch(ledger, room)
 
 
     async with running_bridge(lk_settings, room):
@@ -205,7 +206,7 @@ async def test_the_caller_can_cut_the_sources_last_words_short(lk_settings: Sett
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the voice tests speak with it")
     await workers.start("triage", HANDOFF_VOICE="1")
     await workers.start("billing", HANDOFF_VOICE="1")
-    log = ledger.watch(room)
+    log = watch(ledger, room)
 
 
     async with running_bridge(lk_settings, room):

@@ -1,4 +1,4 @@
-"""``Ledger.watch``: waiting on a room's log against the real nats-server, with deadlines, never sleeps."""
+"""``watch(ledger, room)``: waiting on a room's log against the real nats-server, with deadlines, never sleeps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from room_ledger import events as ev
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError, LogUnavailable
-from room_ledger.watch import WatchTimeout
+from room_ledger.watch import WatchTimeout, watch
 
 
 def status(agent_id: str, task: str) -> ev.KnownEvent:
@@ -22,7 +22,7 @@ ROOM = f"watch-{uuid.uuid4().hex[:8]}"
 
 async def test_until_sees_history_and_live_records(ledger: Ledger) -> None:
     await ledger.append(status("a", "before"))
-    async with ledger.watch(ROOM) as log:
+    async with watch(ledger, ROOM) as log:
         records = await log.until(lambda rs: len(rs) >= 1, what="the first record")
         assert records[0].event.body.task == "before"  # type: ignore[union-attr]
         waiting = asyncio.create_task(log.until(lambda rs: log.count("agent.status") >= 2, 10))
@@ -37,7 +37,7 @@ async def test_until_sees_history_and_live_records(ledger: Ledger) -> None:
 async def test_timeout_says_what_was_awaited_and_what_the_log_has(ledger: Ledger) -> None:
     room = f"watch-{uuid.uuid4().hex[:8]}"
     await ledger.append(ev.make_event(room, ev.FloorRelease(agent_id="a")))
-    async with ledger.watch(room) as log:
+    async with watch(ledger, room) as log:
         with pytest.raises(WatchTimeout) as caught:
             await log.until(lambda rs: log.count("handoff") > 0, 0.5, what="the handoff")
     message = str(caught.value)
@@ -51,7 +51,7 @@ async def test_a_failed_follow_is_reported_not_waited_out(ledger: Ledger, monkey
         yield  # an async generator, as Ledger.follow is
 
     monkeypatch.setattr(ledger, "follow", broken)
-    log = ledger.watch(ROOM)
+    log = watch(ledger, ROOM)
     with pytest.raises(LogUnavailable, match="NATS is down"):
         await log.until(lambda rs: False, 30)
     await log.close()  # reported once, not raised again

@@ -77,8 +77,8 @@ async def test_lazy_headers_replace_the_parser_of_one_connection(settings: Setti
 async def test_fast_path_takes_jetstream_deliveries_of_its_subscriptions(ledger: Ledger, room: str) -> None:
     position = await ledger.append(ev.make_event(room, ev.AgentStatus(agent_id="a", status="idle"),
                                                  sender=ev.Sender("a", "agent")))
-    nc, stream = ledger.nc, ledger.settings.stream
-    info = await ledger.js.add_consumer(stream, js_api.ConsumerConfig(
+    nc, stream = ledger.connection.nc, ledger.settings.stream
+    info = await ledger.connection.js.add_consumer(stream, js_api.ConsumerConfig(
         filter_subject=ledger.subjects.room(room), ack_policy=js_api.AckPolicy.NONE, inactive_threshold=30.0))
     inbox = nc.new_inbox()
     slow: list[Msg] = []
@@ -106,7 +106,7 @@ async def test_fast_path_takes_jetstream_deliveries_of_its_subscriptions(ledger:
     finally:
         _wire.fast_path(nc).pop(_wire.subscription_id(sub), None)
         await sub.unsubscribe()
-        await ledger.js.delete_consumer(stream, info.name)
+        await ledger.connection.js.delete_consumer(stream, info.name)
 
 
 async def test_consumer_name_is_the_ordered_consumers_current_one(ledger: Ledger, room: str) -> None:
@@ -116,16 +116,16 @@ async def test_consumer_name_is_the_ordered_consumers_current_one(ledger: Ledger
     async def on_msg(msg: Msg) -> None:
         arrived.set()
 
-    sub = await ledger.js.subscribe(ledger.subjects.room(room), stream=ledger.settings.stream,
+    sub = await ledger.connection.js.subscribe(ledger.subjects.room(room), stream=ledger.settings.stream,
                                     ordered_consumer=True, cb=on_msg)
     try:
         await asyncio.wait_for(arrived.wait(), 5)
         name = _wire.consumer_name(sub)
         assert name is not None
-        assert (await ledger.js.consumer_info(ledger.settings.stream, name)).name == name
+        assert (await ledger.connection.js.consumer_info(ledger.settings.stream, name)).name == name
     finally:
         await sub.unsubscribe()
-    await ledger.js.delete_consumer(ledger.settings.stream, name)
+    await ledger.connection.js.delete_consumer(ledger.settings.stream, name)
 
 
 async def test_a_finished_read_leaves_no_consumer(ledger: Ledger, room: str) -> None:
@@ -134,7 +134,7 @@ async def test_a_finished_read_leaves_no_consumer(ledger: Ledger, room: str) -> 
     await ledger.append_many(ev.make_event(room, ev.FloorRelease(agent_id=f"a{i}")) for i in range(3))
 
     async def consumers() -> set[str]:
-        return {c.name for c in await ledger.js.consumers_info(ledger.settings.stream)}
+        return {c.name for c in await ledger.connection.js.consumers_info(ledger.settings.stream)}
 
     before = await consumers()
     assert len([r async for r in ledger.read(room)]) == 3

@@ -181,7 +181,7 @@ class BridgeWriter:
         self.retry_max = retry_max
         self.stats_interval = stats_interval
         self.on_ack = on_ack
-        self.spool = PayloadSpool(self.home / "bridge" / "payloads", uploader=ledger.upload)
+        self.spool = PayloadSpool(self.home / "bridge" / "payloads", uploader=ledger.payloads.upload)
         #: Events with their encoding when the submitter already had it (saves encoding twice).
         self._memory: deque[tuple[ev.KnownEvent, bytes | None]] = deque()
         self._orphans: list[SpillFile] = []
@@ -412,8 +412,8 @@ class BridgeWriter:
                 continue  # none, or put into the bucket while it arrived
             path = self.spool.path(ref.name)
             if path.is_file():
-                await self.ledger.put_payload(ref, path)
-            elif await self.ledger.payload_info(ref) is None:
+                await self.ledger.payloads.put(ref, path)
+            elif await self.ledger.payloads.info(ref) is None:
                 # Neither here nor stored: the file went missing (a wiped LEDGER_HOME). The event
                 # still says what arrived; readers report the object as missing.
                 self.counters.reject("payload file missing")

@@ -30,6 +30,7 @@ from room_ledger.cli.common import (
 )
 from room_ledger.client import Ledger, Record
 from room_ledger.errors import UnknownRoom
+from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
 
 
@@ -182,7 +183,7 @@ async def _state_now(ledger: Ledger, room: str) -> Any:
 
     if db.running_url(ledger.settings) is not None:
         await ledger.require_room(room)
-        snapshot = await ledger.hydrate(room, full_conversation=True)
+        snapshot = await hydrate(ledger, room, full_conversation=True)
         return snapshot.state
     return await fold_room(ledger, room, keep_items=5000)
 
@@ -260,7 +261,7 @@ async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> N
         events = await room_event_count(ledger, room)
         rows = await projection_rows(settings, room, delete=False)
         if not events and not any((rows or {}).values()):
-            names = await ledger.rooms()
+            names = await ledger.rooms.names()
             import difflib  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             raise UnknownRoom(room, difflib.get_close_matches(room, names, n=3, cutoff=0.5))
@@ -269,9 +270,9 @@ async def purge(settings: Settings, room: str, *, yes: bool, as_json: bool) -> N
             what += " and " + ", ".join(f"{n:,} {table}" for table, n in rows.items() if n) + " projection rows"
         if not yes and not await asyncio.to_thread(typer.confirm, f"Remove {what}? This cannot be undone"):
             raise CliError("nothing removed")
-        purged = await ledger.purge_room(room)
+        purged = await ledger.rooms.purge(room)
         # After the events: an object is never left referenced by a remaining event.
-        objects = await ledger.purge_room_payloads(room)
+        objects = await ledger.payloads.purge_room(room)
         removed = await projection_rows(settings, room, delete=True)
     result = {"room": room, "events_removed": purged, "payload_objects_removed": objects,
               "projection_rows_removed": removed or {}}
@@ -308,12 +309,12 @@ async def payload(settings: Settings, room: str, seq: int, *, out: Path | None, 
             if out is not None:
                 handle = await asyncio.to_thread(out.open, "wb")
                 try:
-                    await ledger.read_payload(ref, into=handle)
+                    await ledger.payloads.read(ref, into=handle)
                 finally:
                     handle.close()
             else:
                 sys.stdout.flush()
-                await ledger.read_payload(ref, into=sys.stdout.buffer)
+                await ledger.payloads.read(ref, into=sys.stdout.buffer)
                 sys.stdout.buffer.flush()
             return
         else:

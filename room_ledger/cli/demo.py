@@ -376,12 +376,14 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
 
             seq, took = await project(settings)
             timings["projector_final_s"] = round(took, 3)
-            warm = time.perf_counter()
-            snapshot = await ledger.hydrate(room)
-            timings["hydrate_warm_ms"] = round((time.perf_counter() - warm) * 1000, 1)
-            from room_ledger import hydrate as hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+            from room_ledger.hydrate import close as close_hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+            from room_ledger.hydrate import hydrate  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
-            await hydration.close(ledger)
+            warm = time.perf_counter()
+            snapshot = await hydrate(ledger, room)
+            timings["hydrate_warm_ms"] = round((time.perf_counter() - warm) * 1000, 1)
+
+            await close_hydration(ledger)
 
             # Measured last and purged at once, so no projector ever folds the load room.
             count, seconds = await burst(writer, load_room)
@@ -389,7 +391,7 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             timings["ingest_events_per_s"] = round(count / seconds)
             say(f"  ingest path: {count:,} events in {format_duration(seconds)} = "
                 f"{timings['ingest_events_per_s']:,} events/s (bridge ingest → ordered writer → JetStream, fsync)")
-            await ledger.purge_room(load_room)
+            await ledger.rooms.purge(load_room)
             await writer.close()
             writer = None
 
@@ -442,7 +444,7 @@ async def _count(ledger: Ledger, room: str) -> int:
 async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: list[str]) -> dict[str, Any]:
     from room_ledger.cli.ops import projection_rows  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
-    removed = await ledger.purge_room(room)
+    removed = await ledger.rooms.purge(room)
     for bridge_id in bridge_ids:
         from room_ledger.bridge.stats import stats_path  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 

@@ -28,8 +28,9 @@ async def take_over(room: str, agent_id: str) -> dict[str, Any]:
     import livekit.agents  # noqa: F401, PLC0415 - loaded when this command runs: `ledger` starts without it;- pre-warm, as an agent worker does before it gets a job
 
     from room_ledger import events as ev  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger import hydrate as hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     from room_ledger.client import Ledger  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from room_ledger.hydrate import close as close_hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from room_ledger.hydrate import hydrate  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
     from room_ledger.settings import Settings  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     warmed = time.perf_counter()
@@ -42,11 +43,11 @@ async def take_over(room: str, agent_id: str) -> dict[str, Any]:
                 break
         seen = time.perf_counter()
         handoff_seq = record.seq
-        snapshot = await ledger.hydrate(room, min_seq=handoff_seq, timeout=10.0)
+        snapshot = await hydrate(ledger, room, min_seq=handoff_seq, timeout=10.0)
         hydrated = time.perf_counter()
         chat_ctx = snapshot.chat_ctx()
         built = time.perf_counter()
-        await hydration.close(ledger)
+        await close_hydration(ledger)
     return {
         "handoff_seq": handoff_seq,
         "seq": snapshot.seq,

@@ -26,7 +26,7 @@ from room_ledger.bridge.writer import BridgeWriter
 from room_ledger.cli.common import CliError
 from room_ledger.client import Ledger, Record
 from room_ledger.settings import Settings
-from room_ledger.watch import RoomWatch
+from room_ledger.watch import RoomWatch, watch
 
 #: Reliable data packets carry at most this much; larger ledger events go as a text stream.
 PACKET_LIMIT = 15 * 1024
@@ -192,7 +192,7 @@ async def live_room(settings: Settings, ledger: Ledger, writer: BridgeWriter, ro
             raise CliError(f"the bridge could not join {settings.livekit_url}: {task.exception()}")
         raise CliError(f"the bridge could not join a room on {settings.livekit_url} within "
                        f"{STEP_TIMEOUT_S:.0f}s: is livekit-server running there?")
-    log = ledger.watch(room)
+    log = watch(ledger, room)
     script = LiveScript(settings, writer, room, log)
     try:
         yield script

@@ -16,12 +16,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
-import nats.errors
-import nats.js.errors
 
-from room_ledger import _wire, embedded
+from room_ledger import embedded
 from room_ledger.client import Ledger
-from room_ledger.errors import LedgerError
+from room_ledger.errors import LedgerError, LogUnavailable
 from room_ledger.settings import Settings
 
 Level = Literal["error", "warning", "info"]
@@ -88,11 +86,9 @@ def _http_varz(url: str, timeout: float) -> dict[str, Any] | None:
 
 async def _varz(ledger: Ledger, monitor_url: str | None) -> tuple[dict[str, Any] | None, str]:
     """The server's varz: through the system account if we may, else over its monitoring port."""
-    with contextlib.suppress(nats.errors.Error, TimeoutError, ValueError):
-        msg = await ledger.nc.request("$SYS.REQ.SERVER.PING.VARZ", b"{}", timeout=0.5)
-        reply = json.loads(msg.data)
-        if isinstance(reply, dict) and isinstance(reply.get("data"), dict):
-            return reply["data"], "$SYS.REQ.SERVER.PING.VARZ"
+    varz = await ledger.stream.system_varz(timeout=0.5)
+    if varz is not None:
+        return varz, "$SYS.REQ.SERVER.PING.VARZ"
     candidates: list[str] = []
     if monitor_url:
         candidates.append(monitor_url.rstrip("/") + "/varz")
@@ -168,13 +164,13 @@ async def _check_nats(report: Report, settings: Settings, monitor_url: str | Non
     try:
         nats_part["reachable"] = True
         nats_part["connected_url"] = ledger.nats_url
-        info = _wire.server_info(ledger.nc)
+        info = ledger.stream.server_info()
         nats_part["server_version"] = info.get("version")
         nats_part["server_name"] = info.get("server_name")
         nats_part["cluster"] = info.get("cluster")
         nats_part["jetstream"] = bool(info.get("jetstream"))
         started = time.perf_counter()
-        await ledger.nc.flush(timeout=5)
+        await ledger.stream.flush(timeout=5)
         nats_part["rtt_ms"] = round((time.perf_counter() - started) * 1000, 2)
         if not embedded_mode or "sync_always" not in nats_part:
             varz, source = await _varz(ledger, monitor_url)
@@ -203,18 +199,17 @@ async def _check_nats(report: Report, settings: Settings, monitor_url: str | Non
 async def _check_stream(report: Report, ledger: Ledger) -> None:
     name = ledger.settings.stream
     try:
-        account = await ledger.js.account_info()
+        account = await ledger.stream.account()
         report.nats["account"] = {
             "streams": account.streams,
             "consumers": account.consumers,
             "storage_bytes": account.storage,
         }
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except LogUnavailable as exc:
         report.problem("error", f"JetStream does not answer on this account ({exc}): enable JetStream on the server")
         return
-    try:
-        info = await ledger.stream_info()
-    except nats.js.errors.NotFoundError:
+    info = await ledger.stream.find()
+    if info is None:
         report.stream = {"name": name, "exists": False}
         report.problem(
             "info", f"stream {name!r} does not exist yet: the first command that writes (bridge, demo) creates it"
@@ -222,10 +217,10 @@ async def _check_stream(report: Report, ledger: Ledger) -> None:
         return
     report.stream = {"exists": True, **_stream_config(info)}
     # The last message still stored (a purge of the newest room leaves last_seq behind it).
-    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-        last = await ledger.js.get_last_msg(name, ledger.subjects.all_rooms(), direct=True)
-        report.stream["last_stored_seq"] = last.seq
-    differences = ledger.stream_differences(info.config)
+    last_stored = await ledger.stream.last_stored_seq()
+    if last_stored is not None:
+        report.stream["last_stored_seq"] = last_stored
+    differences = ledger.stream.differences(info.config)
     report.stream["differences"] = {k: {"now": now, "configured": want} for k, (now, want) in differences.items()}
     for key, (now, want) in differences.items():
         report.problem(
@@ -241,8 +236,8 @@ async def _check_payload_bucket(report: Report, ledger: Ledger) -> None:
     replicas and max age."""
     s = ledger.settings
     try:
-        bucket = await ledger.payload_bucket_status()
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        bucket = await ledger.payloads.bucket_status()
+    except LogUnavailable as exc:
         report.problem("warning", f"payload bucket {s.payload_bucket!r} does not answer ({exc})")
         return
     limits = {"inline_limit": s.inline_limit, "max_payload": s.max_payload}

@@ -1,16 +1,15 @@
-"""Operations on rooms: the room list (the core's :mod:`room_ledger.rooms`), and purging a room."""
+"""Operations on rooms: the room list (the core's :mod:`room_ledger.room_list`), and purging a room."""
 
 from __future__ import annotations
 
 from room_ledger import db
 from room_ledger.client import Ledger
-from room_ledger.rooms import room_rows as room_rows
+from room_ledger.room_list import room_rows as room_rows
 from room_ledger.settings import Settings
 
 
 async def room_event_count(ledger: Ledger, room: str) -> int:
-    info = await ledger.js.stream_info(ledger.settings.stream, subjects_filter=ledger.subjects.room(room))
-    return sum(int(n) for n in (info.state.subjects or {}).values())
+    return await ledger.rooms.count(room)
 
 
 async def projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:

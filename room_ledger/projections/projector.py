@@ -411,7 +411,7 @@ class Projector:
             if needs_payload(event) and self._ledger is not None:
                 # A body in the Object Store (above LEDGER_INLINE_LIMIT): folded whole; one that
                 # cannot be loaded comes back opaque and is recorded as an error below.
-                record = await self._ledger.resolve(record)
+                record = await self._ledger.payloads.resolve(record)
                 if isinstance(record.event, ev.OpaqueEvent):
                     pending.errors.append((seq, record.event.room, record.type, record.event.error))
                     continue

@@ -21,7 +21,7 @@ import msgspec
 
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError
-from room_ledger.rooms import room_rows
+from room_ledger.room_list import room_rows
 from room_ledger.web.room_json import record_bytes, view_json
 from room_ledger.web.roomview import RoomCollector
 
@@ -143,7 +143,7 @@ class Hubs:
         self._rows_task: asyncio.Future[list[Any]] | None = None
 
     async def room_rows(self) -> list[Any]:
-        """:func:`room_ledger.rooms.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
+        """:func:`room_ledger.room_list.room_rows`, read at most once per :data:`ROOMS_EVERY_S` whoever asks
         (every open rooms page asks every two seconds; each read looks into every room)."""
 
         now = time.monotonic()

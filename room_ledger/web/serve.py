@@ -6,7 +6,7 @@ Pages
                        agent states, the session document and its patches, the conversation; a slider
                        travels to the room's state at any sequence; search within the room
 API (JSON; what the pages read)
-    ``/api/rooms``                     :func:`room_ledger.rooms.room_rows`
+    ``/api/rooms``                     :func:`room_ledger.room_list.room_rows`
     ``/api/room?room=R[&at=SEQ|TIME]`` the room's view now (or at a point), see :func:`room_ledger.web.room_json.view_json`
     ``/api/events?room=R[&after=SEQ]`` server-sent events: one ``record`` per event, following the log
     ``/api/live?room=R[&after=SEQ]``   the same as a WebSocket of JSON arrays (what the room page reads)
