@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import msgspec
 import typer
@@ -33,37 +33,44 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class _ConsoleOnFirstUse:
-    """A rich ``Console``, made when first used: rich and asyncio are about half of a bare
-    ``ledger`` start (``--help``, option errors), which prints through neither."""
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._console: Console | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console  # noqa: PLC0415 - the point of this class
-
-            self._console = Console(**self._options)
-        return getattr(self._console, name)
-
 #: Human output. ``highlight`` off: rich would otherwise colour numbers and quotes inside summaries.
-# Markup off: room names and transcripts must print as they are, never as rich markup.
-console = cast("Console", _ConsoleOnFirstUse(
-    highlight=False,
-    markup=False,
-    soft_wrap=False,
-    # Piped or captured output keeps whole lines (rich would otherwise assume 80 columns).
-    width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
-))
-err_console = cast("Console", _ConsoleOnFirstUse(stderr=True, highlight=False, markup=False, soft_wrap=True))
+#: Markup off: room names and transcripts must print as they are, never as rich markup.
+_CONSOLES: Final[dict[str, dict[str, Any]]] = {
+    "console": {
+        "highlight": False,
+        "markup": False,
+        "soft_wrap": False,
+        # Piped or captured output keeps whole lines (rich would otherwise assume 80 columns).
+        "width": None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
+    },
+    "err_console": {"stderr": True, "highlight": False, "markup": False, "soft_wrap": True},
+}
+
+if TYPE_CHECKING:
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str) -> Any:
+    """``console`` and ``err_console``, made on first import (PEP 562): rich and asyncio are
+    about half of a bare ``ledger`` start (``--help``, option errors), which prints through
+    neither, so they load with the first command that prints."""
+    if name not in _CONSOLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console  # noqa: PLC0415 - the point of this function
+
+    made = globals()[name] = Console(**_CONSOLES[name])
+    return made
+
+
+def _stderr() -> Console:
+    return cast("Console", globals().get("err_console") or __getattr__("err_console"))
 
 
 def print_error(message: str) -> None:
     """``error: <message>`` on stderr, one line."""
-    err_console.print("error: ", style="bold red", end="")
-    err_console.print(message)
+    _stderr().print("error: ", style="bold red", end="")
+    _stderr().print(message)
 
 
 class CliError(LedgerError):
@@ -125,7 +132,7 @@ def _is_domain_error(exc: BaseException) -> bool:
 def fail(exc: BaseException) -> typer.Exit:
     """Report ``exc`` the CLI way and return the exit to raise."""
     if global_options().debug:
-        err_console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+        _stderr().print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
     if _is_domain_error(exc):
         print_error(_one_line(exc))
     else:
@@ -147,7 +154,7 @@ def run(
         sys.stdout.flush()
         if interrupt_ok:
             raise typer.Exit(0) from None
-        err_console.print("interrupted")
+        _stderr().print("interrupted")
         raise typer.Exit(130) from None
     except typer.Exit:
         raise

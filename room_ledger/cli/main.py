@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from room_ledger.cli.common import GlobalOptions, err_console, guard, print_error, run, set_global_options
+from room_ledger.cli import common
+from room_ledger.cli.common import GlobalOptions, guard, print_error, run, set_global_options
 
 if TYPE_CHECKING:
     from room_ledger.cli import commands
@@ -61,7 +62,7 @@ class _Group(TyperGroup):
             print_error(exc.format_message())
             sys.exit(1)
         except typer.Abort:
-            err_console.print("aborted")
+            common.err_console.print("aborted")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -147,7 +148,7 @@ def _serve_metrics(address: str | None, settings: Any, role: str) -> None:
     from room_ledger import metrics  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     host, port = guard(lambda: metrics.serve(address, home=settings.home, role=role))
-    err_console.print(f"metrics: http://{host}:{port}/metrics")
+    common.err_console.print(f"metrics: http://{host}:{port}/metrics")
 
 
 # --- replay -------------------------------------------------------------------------------------
