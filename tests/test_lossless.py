@@ -27,7 +27,7 @@ from livekit import rtc
 
 from room_ledger import embedded
 from room_ledger import events as ev
-from room_ledger.cli import commands
+from room_ledger.cli import read_commands, server_commands
 from room_ledger.client import Ledger, Record
 from room_ledger.hydrate import hydrate
 from room_ledger.settings import Settings
@@ -149,13 +149,13 @@ async def lossless_rig(lk_settings: Settings, room: str, livekit_connect: Any) -
     """One bridge and one sender for every example of a property test (then the room purged)."""
     async with rig(lk_settings, room, livekit_connect) as r:
         yield r
-    await commands.purge(lk_settings, room, yes=True, as_json=True)
+    await server_commands.purge(lk_settings, room, yes=True, as_json=True)
 
 
 async def payload_of(rig: Rig, record: Record, tmp: Path) -> bytes:
     """What ``ledger payload <room> <seq> --out FILE`` writes."""
     target = tmp / f"payload-{record.seq}"
-    await commands.payload(rig.settings, rig.room, record.seq, out=target, as_json=False)
+    await read_commands.payload(rig.settings, rig.room, record.seq, out=target, as_json=False)
     return target.read_bytes()
 
 
@@ -209,7 +209,7 @@ async def test_purge_leaves_no_object_behind(lk_settings: Settings, room: str, l
             return [i.name or "" for i in infos if (i.name or "").startswith(prefix)]
 
         assert len(await names()) == 2
-        await commands.purge(lk_settings, room, yes=True, as_json=True)
+        await server_commands.purge(lk_settings, room, yes=True, as_json=True)
         assert await names() == []
         assert [rec async for rec in ledger.read(room)] == []
 

@@ -11,6 +11,7 @@ line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,6 +29,8 @@ from room_ledger.window import Point as Point
 from room_ledger.window import parse_point as parse_point
 
 if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop, Event
+
     from rich.console import Console
 
 T = TypeVar("T")
@@ -194,3 +197,9 @@ def write_json(data: Any) -> None:
 
     sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
     sys.stdout.flush()
+
+
+def stop_on_signals(loop: AbstractEventLoop, stop: Event) -> None:
+    """Set ``stop`` on SIGINT or SIGTERM (a long-running command's clean end)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)

@@ -34,8 +34,18 @@ from rich.table import Table
 from rich.text import Text
 
 from room_ledger import embedded
+from room_ledger.bridge.stats import stats_path
+from room_ledger.bridge.writer import BridgeWriter
+from room_ledger.cli import replay as core
 from room_ledger.cli.common import CliError, format_duration
+from room_ledger.cli.demo_live import live_room
+from room_ledger.cli.ops import projection_rows, room_event_count
+from room_ledger.cli.timeline import TimelinePrinter
+from room_ledger.cli.views import render_floor, render_handoffs
 from room_ledger.client import Ledger
+from room_ledger.hydrate import close as close_hydration
+from room_ledger.hydrate import hydrate
+from room_ledger.projections.projector import Projector
 from room_ledger.settings import Settings
 
 #: Events pushed through the ingest path to measure its throughput.
@@ -295,7 +305,6 @@ class OtherProcess:
 
 
 async def project(settings: Settings) -> tuple[int, float]:
-    from room_ledger.projections.projector import Projector  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     started = time.perf_counter()
     async with Projector(settings) as projector:
@@ -324,7 +333,6 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
     say(f"  servers ready in {format_duration(timings['servers_s'])}: NATS {nats_url}, PostgreSQL {pg_url}"
         + (f" (started {' and '.join(started)} here)" if started else ""))
     summary: dict[str, Any] = {"room": room}
-    from room_ledger.bridge.writer import BridgeWriter  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     writer: Any = None
     bridge_ids: list[str] = []
@@ -339,7 +347,6 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             await writer.start()
             script: Any
             if settings.livekit_url:
-                from room_ledger.cli.demo_live import live_room  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
                 script = await live.enter_async_context(live_room(settings, ledger, writer, room))
                 say(f"  LiveKit {settings.livekit_url}: the bridge is in the room; callers and agents join it"
@@ -376,8 +383,6 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
 
             seq, took = await project(settings)
             timings["projector_final_s"] = round(took, 3)
-            from room_ledger.hydrate import close as close_hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-            from room_ledger.hydrate import hydrate  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             warm = time.perf_counter()
             snapshot = await hydrate(ledger, room)
@@ -395,7 +400,6 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
             await writer.close()
             writer = None
 
-            from room_ledger.cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
             rows = await core.handoffs(ledger, room)
             events = await _count(ledger, room)
@@ -436,17 +440,14 @@ async def run_demo(settings: Settings, *, keep: bool, console: Console | None) -
 
 
 async def _count(ledger: Ledger, room: str) -> int:
-    from room_ledger.cli.ops import room_event_count  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     return await room_event_count(ledger, room)
 
 
 async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: list[str]) -> dict[str, Any]:
-    from room_ledger.cli.ops import projection_rows  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     removed = await ledger.rooms.purge(room)
     for bridge_id in bridge_ids:
-        from room_ledger.bridge.stats import stats_path  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         with contextlib.suppress(OSError):
             stats_path(settings.home, bridge_id).unlink()
@@ -456,9 +457,6 @@ async def _cleanup(ledger: Ledger, settings: Settings, room: str, bridge_ids: li
 
 async def _show(console: Console, ledger: Ledger, room: str, snapshot: Any, late: dict[str, Any],
                 handoff_rows: list[Any]) -> None:
-    from room_ledger.cli import replay as core  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.cli.timeline import TimelinePrinter  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.cli.views import render_floor, render_handoffs  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     console.rule(f"ledger replay {room}")
     printer = TimelinePrinter(console)

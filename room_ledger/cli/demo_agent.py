@@ -25,13 +25,13 @@ def _emit(data: dict[str, Any]) -> None:
 
 async def take_over(room: str, agent_id: str) -> dict[str, Any]:
     started = time.perf_counter()
-    import livekit.agents  # noqa: F401, PLC0415 - loaded when this command runs: `ledger` starts without it;- pre-warm, as an agent worker does before it gets a job
+    import livekit.agents  # noqa: F401, PLC0415 - timed: the warm-up an agent worker does before it gets a job
 
-    from room_ledger import events as ev  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.client import Ledger  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.hydrate import close as close_hydration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.hydrate import hydrate  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from room_ledger.settings import Settings  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
+    from room_ledger import events as ev  # noqa: PLC0415 - timed with the warm-up above
+    from room_ledger.client import Ledger  # noqa: PLC0415 - timed with the warm-up above
+    from room_ledger.hydrate import close as close_hydration  # noqa: PLC0415 - timed with the warm-up above
+    from room_ledger.hydrate import hydrate  # noqa: PLC0415 - timed with the warm-up above
+    from room_ledger.settings import Settings  # noqa: PLC0415 - timed with the warm-up above
 
     warmed = time.perf_counter()
     async with Ledger(Settings.from_env(), name=f"demo-{agent_id}") as ledger:

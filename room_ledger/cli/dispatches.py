@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from livekit import api
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from room_ledger.bridge.tokens import livekit_api
 from room_ledger.cli.common import console, format_duration, write_json
 from room_ledger.client import Ledger
 from room_ledger.dispatches import DispatchView, dispatch_view, record_dispatch
@@ -18,9 +20,7 @@ async def server_dispatches(settings: Settings, room: str) -> tuple[list[Any] | 
     """The server's list for the room, or None and why it could not be read."""
     if not settings.livekit_url or not settings.livekit_api_key or not settings.livekit_api_secret:
         return None, "LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET unset: the log's view only"
-    from livekit import api  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
-    from room_ledger.bridge.tokens import livekit_api  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     lkapi = livekit_api(settings)
     try:

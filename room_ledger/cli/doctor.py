@@ -15,11 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import asyncpg
 import msgspec
+from rich import box
+from rich.table import Table
+from rich.text import Text
 
 from room_ledger import embedded
+from room_ledger.bridge.stats import read_stats
+from room_ledger.cli.common import format_duration
+from room_ledger.cli.doctor_metrics import check_metrics, render_metrics
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError, LogUnavailable
+from room_ledger.projections import projector as projector_module
 from room_ledger.settings import Settings
 
 Level = Literal["error", "warning", "info"]
@@ -274,7 +282,6 @@ async def _check_postgres(report: Report, settings: Settings) -> None:
     assert url is not None
     part["url"] = Settings(database_url=url).describe()["database_url"]
     try:
-        import asyncpg  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
         connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
     except Exception as exc:
@@ -295,10 +302,6 @@ async def _check_postgres(report: Report, settings: Settings) -> None:
 
 async def _check_projector(report: Report, settings: Settings) -> None:
     """Projector checkpoints, lag and its errors table."""
-    try:
-        from room_ledger.projections import projector as projector_module  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    except ImportError:
-        return
     head = report.stream.get("last_stored_seq", report.stream.get("last_seq")) if report.stream.get("exists") else None
     try:
         status = await projector_module.status(settings, head=head)
@@ -316,10 +319,6 @@ async def _check_projector(report: Report, settings: Settings) -> None:
 
 
 def _check_bridges(report: Report, settings: Settings) -> None:
-    try:
-        from room_ledger.bridge.stats import read_stats  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    except ImportError:
-        return
     report.bridges = read_stats(settings.home)
 
 
@@ -328,16 +327,12 @@ async def diagnose(settings: Settings, *, monitor_url: str | None = None) -> Rep
     await _check_nats(report, settings, monitor_url)
     await _check_postgres(report, settings)
     _check_bridges(report, settings)
-    from room_ledger.cli.doctor_metrics import check_metrics  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     await check_metrics(report, settings)
     return report
 
 
 def render_report(console: Any, report: Report) -> None:
-    from rich import box  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from rich.table import Table  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-    from rich.text import Text  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     def section(title: str, rows: list[tuple[str, Any]]) -> None:
         table = Table(box=box.SIMPLE, show_header=False, title=title, title_justify="left", title_style="bold")
@@ -423,7 +418,6 @@ def render_report(console: Any, report: Report) -> None:
     if len(report.bridges) > len(shown):
         console.print(Text(f"({len(report.bridges) - len(shown)} older bridge stats files under "
                            f"{report.settings.get('home')}/bridge; --json lists them)", style="bright_black"))
-    from room_ledger.cli.doctor_metrics import render_metrics  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     render_metrics(report, section)
     if not report.problems:
@@ -435,7 +429,6 @@ def render_report(console: Any, report: Report) -> None:
 
 
 def _yes_no(value: Any, *, unknown: str | None = None, style: str = "bold red") -> Any:
-    from rich.text import Text  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     if value is None:
         return unknown
@@ -445,6 +438,5 @@ def _yes_no(value: Any, *, unknown: str | None = None, style: str = "bold red") 
 def format_age(seconds: float | int | None) -> str:
     if not seconds:
         return "forever"
-    from room_ledger.cli.common import format_duration  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     return format_duration(float(seconds))

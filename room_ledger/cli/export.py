@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from room_ledger.cli.common import (
     CliError,
@@ -106,7 +107,6 @@ def _progress(show: bool, total: int) -> Iterator[Any]:
     if not show:
         yield lambda done: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     with Progress(TextColumn("[bold]export[/] rooms"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:

@@ -5,6 +5,7 @@ Errors are one line on stderr and exit code 1; ``ledger --debug …`` adds the t
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,21 +15,38 @@ import typer
 from typer.core import TyperGroup
 
 from room_ledger.cli import common
-from room_ledger.cli.common import GlobalOptions, guard, print_error, run, set_global_options
+from room_ledger.cli.common import GlobalOptions, guard, print_error, run, set_global_options, settings_from
 
 if TYPE_CHECKING:
-    from room_ledger.cli import commands
+    from importlib import metadata
+
+    from room_ledger import metrics
+    from room_ledger.cli import dispatches as dispatches_cli
+    from room_ledger.cli import export as export_cli
+    from room_ledger.cli import livekit_commands, read_commands, server_commands
+    from room_ledger.cli import webhooks as webhooks_cli
+    from room_ledger.web import serve as web_serve
 else:
-    class _Commands:
-        """``cli.commands``, imported when a command runs: ``ledger --help`` and option parsing
-        load neither it nor the log client and nats-py behind it."""
+    class _ImportedWhenUsed:
+        """A module imported on its first attribute: each command loads only the modules of its own
+        work, and ``ledger --help`` and option parsing load none of them (nor the log client,
+        nats-py, rich or asyncio behind them). The one lazy import of the command line."""
 
-        def __getattr__(self, name: str) -> Any:
-            import room_ledger.cli.commands  # noqa: PLC0415 - the point of this class
+        def __init__(self, name: str) -> None:
+            self._name = name
 
-            return getattr(room_ledger.cli.commands, name)
+        def __getattr__(self, attribute: str) -> Any:
+            return getattr(importlib.import_module(self._name), attribute)
 
-    commands = _Commands()
+    metadata = _ImportedWhenUsed("importlib.metadata")
+    metrics = _ImportedWhenUsed("room_ledger.metrics")
+    dispatches_cli = _ImportedWhenUsed("room_ledger.cli.dispatches")
+    export_cli = _ImportedWhenUsed("room_ledger.cli.export")
+    livekit_commands = _ImportedWhenUsed("room_ledger.cli.livekit_commands")
+    read_commands = _ImportedWhenUsed("room_ledger.cli.read_commands")
+    server_commands = _ImportedWhenUsed("room_ledger.cli.server_commands")
+    webhooks_cli = _ImportedWhenUsed("room_ledger.cli.webhooks")
+    web_serve = _ImportedWhenUsed("room_ledger.web.serve")
 
 
 def _click_base(name: str) -> Any:
@@ -53,8 +71,11 @@ class _Group(TyperGroup):
         try:
             result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `ledger` alone, or a group alone
+                typer.echo(exc.format_message())
+                sys.exit(0)
             if not exc.format_message().strip():
-                sys.exit(0)  # `ledger` alone: the help was shown
+                sys.exit(0)  # the help was shown
             where = exc.ctx.command_path if exc.ctx is not None else "ledger"
             print_error(f"{exc.format_message()} (see `{where} --help`)")
             sys.exit(1)
@@ -72,13 +93,14 @@ app = typer.Typer(
     name="ledger",
     help=(
         "room-ledger: an event-sourced ledger of LiveKit room state on NATS JetStream.\n\n"
-        "Start with [bold]ledger demo[/], then [bold]ledger replay <room>[/] to read a room's history. "
+        "Start with `ledger demo`, then `ledger replay <room>` to read a room's history. "
         "With LEDGER_NATS_URL / LEDGER_DATABASE_URL unset, an embedded NATS and PostgreSQL start on demand "
         "under LEDGER_HOME (./.ledger)."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Click's plain help: rich's (markdown and panels) is 80 ms of every `ledger --help`.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
 )
@@ -86,11 +108,9 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
         try:
-            typer.echo(f"ledger {version('room-ledger')}")
-        except PackageNotFoundError:
+            typer.echo(f"ledger {metadata.version('room-ledger')}")
+        except metadata.PackageNotFoundError:
             typer.echo("ledger (not installed)")
         raise typer.Exit()
 
@@ -145,8 +165,6 @@ def _serve_metrics(address: str | None, settings: Any, role: str) -> None:
     on this machine finds it through LEDGER_HOME."""
     if not address:
         return
-    from room_ledger import metrics  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
     host, port = guard(lambda: metrics.serve(address, home=settings.home, role=role))
     common.err_console.print(f"metrics: http://{host}:{port}/metrics")
 
@@ -203,7 +221,7 @@ def replay(
 ) -> None:
     """Replay a room's history: a readable timeline, NDJSON, its state at a point, floor lanes or handoffs.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger replay support-42
 
@@ -222,12 +240,12 @@ def replay(
       ledger replay support-42 --html room.html
     """
     request = guard(
-        lambda: commands.replay_request(
+        lambda: read_commands.replay_request(
             room, since=since, until=until, types=types or [], senders=senders or [], follow=follow,
             as_json=as_json, at=at, floor=floor, handoffs=handoffs, html=html,
         )
     )
-    run(lambda: commands.replay(request), interrupt_ok=follow)
+    run(lambda: read_commands.replay(request), interrupt_ok=follow)
 
 
 # --- operations ---------------------------------------------------------------------------------
@@ -237,28 +255,28 @@ def replay(
 def state(room: RoomArg, as_json: JsonOpt = False) -> None:
     """The room's state now: floor holder and queue, participants, session fields, latest conversation.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger state support-42
 
       ledger state support-42 --json | jq .floor.holder
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.state(settings, room, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: read_commands.state(settings, room, as_json=as_json))
 
 
 @app.command()
 def rooms(as_json: JsonOpt = False) -> None:
     """Every room in the log: events, first and last activity, participants present, bridge gaps.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger rooms
 
       ledger rooms --json | jq -r '.[].room'
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.rooms(settings, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: read_commands.rooms(settings, as_json=as_json))
 
 
 @app.command()
@@ -269,14 +287,14 @@ def purge(
 ) -> None:
     """Remove a room's events from the stream and its rows from every projection (asks first).
 
-    [bold]Examples[/]
+    Examples:
 
       ledger purge test-room
 
       ledger purge test-room --yes --json
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.purge(settings, room, yes=yes, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: server_commands.purge(settings, room, yes=yes, as_json=as_json))
 
 
 @app.command()
@@ -290,7 +308,7 @@ def payload(
 
     Payloads above LEDGER_INLINE_LIMIT come from the Object Store bucket beside the stream.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger payload support-42 1234 > upload.bin
 
@@ -298,8 +316,8 @@ def payload(
 
       ledger payload support-42 1234 --json
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.payload(settings, room, seq, out=out, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: read_commands.payload(settings, room, seq, out=out, as_json=as_json))
 
 
 @app.command()
@@ -315,14 +333,14 @@ def doctor(
 
     Starts nothing and changes nothing. Exit code 1 when a problem is an error (e.g. NATS unreachable).
 
-    [bold]Examples[/]
+    Examples:
 
       ledger doctor
 
       LEDGER_NATS_URL=nats://nats.internal:4222 ledger doctor --json | jq .problems
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.doctor(settings, as_json=as_json, monitor_url=monitor_url))
+    settings = guard(settings_from)
+    run(lambda: server_commands.doctor(settings, as_json=as_json, monitor_url=monitor_url))
 
 
 @app.command()
@@ -336,14 +354,14 @@ def up(
 
     Other ledger processes on this machine (bridge, projector, replay) find them through LEDGER_HOME.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger up
 
       LEDGER_HOME=/var/lib/ledger ledger up --json
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.up(settings, as_json=as_json, leave_running=leave_running), interrupt_ok=True)
+    settings = guard(settings_from)
+    run(lambda: server_commands.up(settings, as_json=as_json, leave_running=leave_running), interrupt_ok=True)
 
 
 @app.command()
@@ -352,26 +370,26 @@ def down(as_json: JsonOpt = False) -> None:
 
     Servers named by LEDGER_NATS_URL / LEDGER_DATABASE_URL are never touched. Data stays.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger down
 
       LEDGER_HOME=/var/lib/ledger ledger down --json
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.down(settings, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: server_commands.down(settings, as_json=as_json))
 
 
 @app.command()
 def migrate(as_json: JsonOpt = False) -> None:
     """Create or upgrade the projection tables in PostgreSQL (idempotent).
 
-    [bold]Example[/]
+    Example:
 
       LEDGER_DATABASE_URL=postgresql://ledger@db/ledger ledger migrate
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.migrate(settings, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: server_commands.migrate(settings, as_json=as_json))
 
 
 @app.command()
@@ -384,7 +402,7 @@ def demo(
     Drives a scripted session through the bridge's ingest path (no WebRTC), runs the projector, prints
     the replay timeline, the floor timeline and what a late-joining agent hydrates, with timings.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger demo
 
@@ -392,8 +410,8 @@ def demo(
 
       ledger demo --json | jq .timings
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.demo(settings, keep=keep, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: livekit_commands.demo(settings, keep=keep, as_json=as_json))
 
 
 @app.command()
@@ -407,11 +425,11 @@ def bridge(
 ) -> None:
     """Run the bridge: record LiveKit rooms into the ledger until Ctrl-C (needs LIVEKIT_URL and keys).
 
-    It prints [bold]bridge: registered as 'NAME'[/] on stderr once LiveKit has registered it:
+    It prints "bridge: registered as 'NAME'" on stderr once LiveKit has registered it:
     dispatch rooms to it from then on (LiveKit offers a job only to workers registered at that
     moment). With --json, each such moment is also one JSON line on stdout.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger bridge
 
@@ -419,9 +437,9 @@ def bridge(
 
       ledger bridge --room support-42
     """
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     _serve_metrics(metrics_port, settings, "bridge")
-    run(lambda: commands.bridge(settings, room=room, as_json=as_json), interrupt_ok=True)
+    run(lambda: livekit_commands.bridge(settings, room=room, as_json=as_json), interrupt_ok=True)
 
 
 @app.command()
@@ -435,12 +453,12 @@ def dispatch(
 ) -> None:
     """Dispatch the bridge (or another agent) into a LiveKit room.
 
-    [bold]Example[/]
+    Example:
 
       ledger dispatch support-42
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.dispatch(settings, room, agent_name=agent_name, as_json=as_json))
+    settings = guard(settings_from)
+    run(lambda: livekit_commands.dispatch(settings, room, agent_name=agent_name, as_json=as_json))
 
 
 @app.command()
@@ -460,7 +478,7 @@ def project(
     Several workers split the rooms by a stable hash of the room (each room stays with one
     worker, in order): run one per partition.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger project
 
@@ -468,13 +486,13 @@ def project(
 
       ledger project --partition 0 --partitions 3   # and 1, 2 on other machines
     """
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     if partition >= partitions:
         print_error(f"--partition {partition} is not below --partitions {partitions}: use 0 … {partitions - 1}")
         raise typer.Exit(1)
     _serve_metrics(metrics_port, settings, f"projector {partition}/{partitions}")
     run(
-        lambda: commands.project(
+        lambda: server_commands.project(
             settings, once=once, as_json=as_json, partition=partition, partitions=partitions
         ),
         interrupt_ok=True,
@@ -492,14 +510,14 @@ def rebuild(
     Hydration and the live projector keep working meanwhile; a progress bar shows events/s and
     the time left.
 
-    [bold]Example[/]
+    Example:
 
       ledger rebuild --yes
 
       ledger rebuild --projection rooms --yes --json
     """
-    settings = guard(commands.settings)
-    run(lambda: commands.rebuild(settings, yes=yes, as_json=as_json, projection=projection))
+    settings = guard(settings_from)
+    run(lambda: server_commands.rebuild(settings, yes=yes, as_json=as_json, projection=projection))
 
 
 # --- conversation export (issue 17) -------------------------------------------------------------
@@ -529,7 +547,7 @@ def export_(
     Each line also carries the turns (role, speaker identity and kind, text, times, log sequence, tool
     calls and outputs, handoffs). Agent-to-agent rooms give one line per agent, from its side.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger export support-42
 
@@ -537,9 +555,7 @@ def export_(
 
       ledger export --livekit --bare --out ctx.jsonl --json
     """
-    from room_ledger.cli import export as export_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     chosen = guard(lambda: export_cli.selection(room, prefix, since, until))
     run(lambda: export_cli.export(settings, chosen, shape="livekit" if livekit else "openai", bare=bare, out=out,
                                   as_json=as_json))
@@ -562,17 +578,15 @@ def serve(
 
     Read-only; no external assets (works offline). Ctrl-C stops.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger serve                      (then open http://127.0.0.1:8790/)
 
       LEDGER_SERVE_TOKEN=s3cret ledger serve --host 0.0.0.0
     """
-    from room_ledger.web.serve import serve as serve_view  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     _serve_metrics(metrics_port, settings, "serve")
-    run(lambda: serve_view(settings, host=host, port=port, token=token or None, as_json=as_json),
+    run(lambda: web_serve.serve(settings, host=host, port=port, token=token or None, as_json=as_json),
         interrupt_ok=True)
 
 
@@ -592,15 +606,13 @@ def webhooks(
     Configure the server with webhook: {api_key: <LIVEKIT_API_KEY>, urls: [http://HOST:PORT/]}. A
     redelivered webhook is stored once; a request that is not signed with the key gets 401.
 
-    [bold]Examples[/]
+    Examples:
 
       LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=... ledger webhooks --host 0.0.0.0 --port 7890
 
       ledger replay support-42 --type 'server.*'
     """
-    from room_ledger.cli import webhooks as webhooks_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     run(lambda: webhooks_cli.webhooks(settings, host=host, port=port, as_json=as_json), interrupt_ok=True)
 
 
@@ -609,15 +621,13 @@ def dispatches(room: RoomArg, as_json: JsonOpt = False) -> None:
     """Which agent got this room: its dispatches (LiveKit's AgentDispatch API, and those `ledger dispatch`
     recorded) beside the agent that joined for each, when, and how long after the dispatch.
 
-    [bold]Examples[/]
+    Examples:
 
       ledger dispatches support-42
 
       ledger dispatches support-42 --json | jq '.dispatches[] | {agent_name, after_s}'
     """
-    from room_ledger.cli import dispatches as dispatches_cli  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
-
-    settings = guard(commands.settings)
+    settings = guard(settings_from)
     run(lambda: dispatches_cli.dispatches(settings, room, as_json=as_json))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from room_ledger import db
 from room_ledger.client import Ledger
+from room_ledger.projections import projector
 from room_ledger.room_list import room_rows as room_rows
 from room_ledger.settings import Settings
 
@@ -15,7 +16,6 @@ async def room_event_count(ledger: Ledger, room: str) -> int:
 async def projection_rows(settings: Settings, room: str, *, delete: bool) -> dict[str, int] | None:
     """Rows of the room in every projection (deleted when ``delete``); None without a running PostgreSQL."""
     # The projector brings SQLAlchemy along: loaded only by the commands that touch projections.
-    from room_ledger.projections import projector  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     if db.running_url(settings) is None:
         return None

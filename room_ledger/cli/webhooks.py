@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import signal
 
+from aiohttp import web
+
 from room_ledger.bridge.webhooks import Recorded, WebhookRecorder, webhook_app
 from room_ledger.cli.common import CliError, console, write_json
 from room_ledger.client import Ledger
@@ -20,7 +22,6 @@ def _keys(settings: Settings) -> tuple[str, str]:
 
 
 async def webhooks(settings: Settings, *, host: str, port: int, as_json: bool) -> None:
-    from aiohttp import web  # noqa: PLC0415 - loaded when this command runs: `ledger` starts without it
 
     api_key, api_secret = _keys(settings)
     async with Ledger(settings, name="ledger-webhooks") as ledger:
