@@ -360,7 +360,7 @@ class LedgerAgent:
         if self._followed is None:
             self._followed = FollowedRoom(ledger, self.room_name, after=self._seq)
             self._followed.on_record(self._fold)
-            self._followed.start()
+            self._followed.start(name=f"ledger-agent-follow-{self.agent_id}")
         return snap
 
     async def stop(self) -> None:

@@ -43,9 +43,10 @@ class FollowedRoom:
         """Call ``listener(error)`` once when the follow stops (``None`` when it was closed)."""
         self._end_listeners.append(listener)
 
-    def start(self) -> None:
+    def start(self, *, name: str | None = None) -> None:
+        """Start following (``name``: the task's, as task dumps show it)."""
         if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name=f"follow {self.room}")
+            self._task = asyncio.create_task(self._follow(), name=name or f"follow {self.room}")
 
     @property
     def ended(self) -> bool:

@@ -45,7 +45,7 @@ class RoomWatch:
         self._reported = False
         self._followed = FollowedRoom(ledger, room, after=after)
         self._followed.on_record(self.records.append)
-        self._followed.start()
+        self._followed.start(name=f"watch {room}")
 
     async def until(self, predicate: Callable[[list[Record]], bool], timeout: float = DEFAULT_WATCH_TIMEOUT_S,
                     *, what: str | None = None) -> list[Record]:
