@@ -10,6 +10,7 @@ line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -203,3 +204,16 @@ def stop_on_signals(loop: AbstractEventLoop, stop: Event) -> None:
     """Set ``stop`` on SIGINT or SIGTERM (a long-running command's clean end)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+class ImportedWhenUsed:
+    """A module imported on its first attribute: the command line's one way of loading lazily.
+    Each command loads only the modules of its own work, and a view's renderer loads only when
+    that view is asked for; ``ledger --help`` and option parsing load none of them. Declare the
+    real module under ``TYPE_CHECKING`` beside it, for the type checker."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)

@@ -5,7 +5,6 @@ Errors are one line on stderr and exit code 1; ``ledger --debug …`` adds the t
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,15 @@ import typer
 from typer.core import TyperGroup
 
 from room_ledger.cli import common
-from room_ledger.cli.common import GlobalOptions, guard, print_error, run, set_global_options, settings_from
+from room_ledger.cli.common import (
+    GlobalOptions,
+    ImportedWhenUsed,
+    guard,
+    print_error,
+    run,
+    set_global_options,
+    settings_from,
+)
 
 if TYPE_CHECKING:
     from importlib import metadata
@@ -23,30 +30,20 @@ if TYPE_CHECKING:
     from room_ledger import metrics
     from room_ledger.cli import dispatches as dispatches_cli
     from room_ledger.cli import export as export_cli
-    from room_ledger.cli import livekit_commands, read_commands, server_commands
+    from room_ledger.cli import livekit_commands, read_commands, replay_command, server_commands
     from room_ledger.cli import webhooks as webhooks_cli
     from room_ledger.web import serve as web_serve
 else:
-    class _ImportedWhenUsed:
-        """A module imported on its first attribute: each command loads only the modules of its own
-        work, and ``ledger --help`` and option parsing load none of them (nor the log client,
-        nats-py, rich or asyncio behind them). The one lazy import of the command line."""
-
-        def __init__(self, name: str) -> None:
-            self._name = name
-
-        def __getattr__(self, attribute: str) -> Any:
-            return getattr(importlib.import_module(self._name), attribute)
-
-    metadata = _ImportedWhenUsed("importlib.metadata")
-    metrics = _ImportedWhenUsed("room_ledger.metrics")
-    dispatches_cli = _ImportedWhenUsed("room_ledger.cli.dispatches")
-    export_cli = _ImportedWhenUsed("room_ledger.cli.export")
-    livekit_commands = _ImportedWhenUsed("room_ledger.cli.livekit_commands")
-    read_commands = _ImportedWhenUsed("room_ledger.cli.read_commands")
-    server_commands = _ImportedWhenUsed("room_ledger.cli.server_commands")
-    webhooks_cli = _ImportedWhenUsed("room_ledger.cli.webhooks")
-    web_serve = _ImportedWhenUsed("room_ledger.web.serve")
+    metadata = ImportedWhenUsed("importlib.metadata")
+    metrics = ImportedWhenUsed("room_ledger.metrics")
+    dispatches_cli = ImportedWhenUsed("room_ledger.cli.dispatches")
+    export_cli = ImportedWhenUsed("room_ledger.cli.export")
+    livekit_commands = ImportedWhenUsed("room_ledger.cli.livekit_commands")
+    read_commands = ImportedWhenUsed("room_ledger.cli.read_commands")
+    replay_command = ImportedWhenUsed("room_ledger.cli.replay_command")
+    server_commands = ImportedWhenUsed("room_ledger.cli.server_commands")
+    webhooks_cli = ImportedWhenUsed("room_ledger.cli.webhooks")
+    web_serve = ImportedWhenUsed("room_ledger.web.serve")
 
 
 def _click_base(name: str) -> Any:
@@ -240,12 +237,12 @@ def replay(
       ledger replay support-42 --html room.html
     """
     request = guard(
-        lambda: read_commands.replay_request(
+        lambda: replay_command.replay_request(
             room, since=since, until=until, types=types or [], senders=senders or [], follow=follow,
             as_json=as_json, at=at, floor=floor, handoffs=handoffs, html=html,
         )
     )
-    run(lambda: read_commands.replay(request), interrupt_ok=follow)
+    run(lambda: replay_command.replay(request), interrupt_ok=follow)
 
 
 # --- operations ---------------------------------------------------------------------------------
