@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from room_ledger.watch import RoomWatch, WatchTimeout, watch
 
 #: Where each name of the package's API lives: loaded on first use (PEP 562), so that importing
-#: one module of the package (``ledger.errors`` for a command's error handling) does not load the
+#: one module of the package (``room_ledger.errors`` for a command's error handling) does not load the
 #: log client and nats-py with it.
 _HOMES = {
     **dict.fromkeys(("Ledger", "Position", "Record", "RoomSummary"), "room_ledger.client"),

@@ -13,7 +13,7 @@ followed log, so every agent computes the same holder::
     await agent.sync_userdata(session.userdata)   # publishes only what changed
     role = await agent.claim_role({"customer", "support"})             # decided by log order
 
-Handing a caller to another agent's process is :mod:`ledger.handoff` (``transfer_tool``,
+Handing a caller to another agent's process is :mod:`room_ledger.handoff` (``transfer_tool``,
 ``LedgerLink``); this module has the rule it applies (:func:`handoff_took_effect`) and the
 dispatch metadata (:func:`handoff_from_metadata`).
 """
@@ -191,7 +191,7 @@ class HandoffRequest:
 
 
 def handoff_from_metadata(metadata: str) -> HandoffRequest | None:
-    """Parse a dispatch's metadata written by a handoff (:mod:`ledger.handoff`); None if it is not one."""
+    """Parse a dispatch's metadata written by a handoff (:mod:`room_ledger.handoff`); None if it is not one."""
     try:
         data = msgspec.json.decode(metadata or "{}")
     except msgspec.DecodeError:
@@ -312,12 +312,12 @@ class LedgerAgent:
             return None
 
     async def claim_role(self, roles: Iterable[str], *, timeout: float = 10.0) -> str:
-        """Claim one of ``roles``; returns the one the log gives this agent (see :mod:`ledger.roles`).
+        """Claim one of ``roles``; returns the one the log gives this agent (see :mod:`room_ledger.roles`).
 
         Two agents claiming ``{"customer", "support"}`` at the same instant get different roles,
         decided by log order. Needs :meth:`start` first (the answer comes from the followed log,
         as for the floor). An agent already holding one of them gets it back at once. Raises
-        :class:`~ledger.roles.RoleUnavailable` when all are held for ``timeout`` seconds.
+        :class:`~room_ledger.roles.RoleUnavailable` when all are held for ``timeout`` seconds.
         """
         wanted = wanted_roles(roles)
         if not wanted:

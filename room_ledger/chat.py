@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 class SnapshotLike(Protocol):
-    """What the mapping reads of a ``ledger.hydrate.Snapshot`` (a protocol: the hydration imports
+    """What the mapping reads of a ``room_ledger.hydrate.Snapshot`` (a protocol: the hydration imports
     this module, not the other way round)."""
 
     @property

@@ -2,7 +2,7 @@
 
 ``LEDGER_DATABASE_URL`` when set, else the embedded PostgreSQL under ``LEDGER_HOME`` (started
 on demand by :func:`database_url`, or only found, never started, by :func:`running_url`).
-Driver errors become :class:`ledger.errors.ConnectError` with a message that says what to do.
+Driver errors become :class:`room_ledger.errors.ConnectError` with a message that says what to do.
 """
 
 from __future__ import annotations

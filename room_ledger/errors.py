@@ -26,7 +26,7 @@
 
 Driver errors are mapped at one boundary each, with ``raise … from exc`` so callers catch one
 tree and still see the cause: JetStream's by their ``err_code`` (:mod:`room_ledger.eventlog`),
-PostgreSQL's by asyncpg's exception classes and SQLSTATE (:func:`ledger.db.database_errors`).
+PostgreSQL's by asyncpg's exception classes and SQLSTATE (:func:`room_ledger.db.database_errors`).
 Whether an error is worth retrying is its type: :class:`Unavailable` is, the rest are not.
 """
 

@@ -449,7 +449,7 @@ class EventLog:
 
         Without ``follow`` the read ends at the room's last event as of the call (or ``until``);
         with it the read continues with live events until the caller stops iterating. A stored
-        event that does not decode comes back as an :class:`~ledger.events.OpaqueEvent` with
+        event that does not decode comes back as an :class:`~room_ledger.events.OpaqueEvent` with
         its error, never as an exception that would end the read.
         """
         subject = self._filter_for(room, types)

@@ -341,7 +341,7 @@ async def export_room(ledger: Ledger, room: str, events: int | None = None) -> l
 
 
 def _side(snapshot: Snapshot, agent: str, owners: dict[str, str]) -> ChatContext:
-    """One agent's side of an agent-to-agent conversation (:func:`ledger.chat.chat_items` from its
+    """One agent's side of an agent-to-agent conversation (:func:`room_ledger.chat.chat_items` from its
     perspective; ``owners``: item id -> whose session published it)."""
     from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded only to shape a conversation
 

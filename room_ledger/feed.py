@@ -12,7 +12,7 @@ What this does instead: an ephemeral pull consumer without acks, driven by hand.
 keeps at most ``window`` messages requested or buffered, so memory is bounded and the server
 never waits on the client for anything but the next request. Deliveries to that subscription
 are taken straight from nats-py's protocol parser (``Client._process_msg``, wrapped on this one
-connection by :func:`ledger._wire.fast_path`; nats-py is pinned below 3 for it) into a :class:`Delivery`; status messages
+connection by :func:`room_ledger._wire.fast_path`; nats-py is pinned below 3 for it) into a :class:`Delivery`; status messages
 (heartbeats, expired requests) still go the normal way. What the ordered consumer did for
 correctness is done here too:
 

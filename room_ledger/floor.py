@@ -1,6 +1,6 @@
-"""The floor decided by log order (DESIGN.md; the rule is drawn in :mod:`ledger.state`): who
+"""The floor decided by log order (DESIGN.md; the rule is drawn in :mod:`room_ledger.state`): who
 holds it, who waits, and each holder's tenure. Pure functions over :class:`Floor`, no I/O, no
-clock: the fold (:mod:`ledger.state`) calls them, as it calls :mod:`ledger.roles` for roles.
+clock: the fold (:mod:`room_ledger.state`) calls them, as it calls :mod:`room_ledger.roles` for roles.
 
 * :func:`claim`: the earliest claim takes a free floor; later ones queue in log order; a claim by
   the holder only updates its task; a queued agent is not queued twice.

@@ -257,7 +257,7 @@ class LedgerLink:
         the take-over the source waits for. The session's userdata is published now (a source)
         and then once per turn, as one change of what changed.
 
-        ``floor``: in a room of several agents, who answers each user turn (:mod:`ledger.turns`:
+        ``floor``: in a room of several agents, who answers each user turn (:mod:`room_ledger.turns`:
         ``RoundRobin()``, ``Addressed()``, ``Router(choose)``); the others keep listening and
         answer nothing. The floor is claimed without waiting for it then (agents queue).
         """
@@ -286,7 +286,7 @@ class LedgerLink:
         """What the caller said after the snapshot the target resumed from, before it listened.
 
         By voice, the source keeps hearing the caller until the target takes over (its turns
-        held, :class:`ledger.turns.TurnGate`), and its session's feed puts them in the log; the
+        held, :class:`room_ledger.turns.TurnGate`), and its session's feed puts them in the log; the
         target hears the caller only from its own ``session.start``. Turns in between are in the
         followed log now: they join the agent's history, so its first reply answers them, once.
         """

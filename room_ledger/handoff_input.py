@@ -1,6 +1,6 @@
 """The caller's side of a handoff in progress: what they type or say while the call switches
 (held for the target, or answered here if the transfer fails), and the progress line they hear
-when the wait runs long. Used by :class:`ledger.handoff.LedgerLink`.
+when the wait runs long. Used by :class:`room_ledger.handoff.LedgerLink`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 How: one query reads the room's projection row (its folded state, at the room's sequence S)
 with the conversation items it needs (from the latest summary on, or all); then the log after S
 is read and folded in memory with the same reducers the projector uses
-(:mod:`ledger.state`). So the snapshot is current to the log head even when the
+(:mod:`room_ledger.state`). So the snapshot is current to the log head even when the
 projector lags or is stopped. With no PostgreSQL (unset and the embedded one not running,
 unreachable, not migrated) or no row for the room, the whole room is folded from the log.
 """
@@ -162,7 +162,7 @@ class Snapshot:
         return data
 
     def chat_ctx(self) -> ChatContext:
-        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`ledger.chat.snapshot_chat_ctx`."""
+        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`room_ledger.chat.snapshot_chat_ctx`."""
         return snapshot_chat_ctx(self)
 
 

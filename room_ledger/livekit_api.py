@@ -2,7 +2,7 @@
 
 ``LIVEKIT_URL`` may be the WebSocket URL clients connect to (``ws://``, ``wss://``) or the HTTP
 one; the server API is spoken over HTTP(S) at the same host, so the scheme is mapped here, once.
-A missing variable is a :class:`~ledger.errors.SettingsError` that names it.
+A missing variable is a :class:`~room_ledger.errors.SettingsError` that names it.
 """
 
 from __future__ import annotations

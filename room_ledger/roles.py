@@ -18,7 +18,7 @@ so every agent computes the same assignment.
   to the earliest waiting claim that lists it, at the freeing event's sequence.
 * ``role.release`` from an agent that only waits withdraws its claim.
 
-The state (:class:`Roles`) is part of the room's state (``ledger.state.RoomState.roles``),
+The state (:class:`Roles`) is part of the room's state (``room_ledger.state.RoomState.roles``),
 so the projection, hydration, ``ledger state`` and ``ledger replay --at`` carry it. These
 functions are pure: no I/O, no clock.
 """

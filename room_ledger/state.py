@@ -42,7 +42,7 @@ a later event with the same item id updates the content in place.
   matched, is dropped, the feed's item standing for it. Only the last ``MAX_ECHOES`` chat and
   transcript items, and feed messages, are remembered.
 
-Roles (:mod:`ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
+Roles (:mod:`room_ledger.roles`): the floor's rule for a set of roles. A ``role.claim`` gets the first
 role of its list nobody holds, else waits in log order; a role is freed by ``role.release`` or its
 holder leaving, and goes to the earliest waiting claim that lists it.
 
@@ -94,7 +94,7 @@ __all__ = [
 
 
 class RecordLike(Protocol):
-    """What a reducer needs of a read record (``ledger.client.Record`` fits)."""
+    """What a reducer needs of a read record (``room_ledger.client.Record`` fits)."""
 
     @property
     def seq(self) -> int: ...
@@ -239,7 +239,7 @@ class RoomState(msgspec.Struct, kw_only=True):
     transcribers: dict[str, str] = msgspec.field(default_factory=dict)
     #: item id -> position in :attr:`conversation` (derived; not stored, rebuilt when out of step).
     positions: dict[str, int] = msgspec.field(default_factory=dict)
-    #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`ledger.roles`).
+    #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`room_ledger.roles`).
     roles: Roles = msgspec.field(default_factory=Roles)
     #: Item id -> the last MAX_ECHOES chat and transcript items (oldest first), matched or not.
     echoes: dict[str, Echo] = msgspec.field(default_factory=dict)

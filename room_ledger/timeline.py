@@ -3,7 +3,7 @@
 The core's views of a log, used by ``ledger replay``, ``ledger serve``'s room page and the
 benchmarks alike. Trackers are fed records in log order, one at a time, and keep memory bounded
 whatever the room's length; they fold with the same reducers as every other reader
-(:mod:`ledger.state`).
+(:mod:`room_ledger.state`).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def _floor_names(state: RoomState) -> dict[str, str]:
 class TurnGate:
     """Decides, at each user turn of a session, whether its agent answers.
 
-    Installed by :meth:`ledger.handoff.LedgerLink.attach` with ``floor=`` (a policy), and by a
+    Installed by :meth:`room_ledger.handoff.LedgerLink.attach` with ``floor=`` (a policy), and by a
     voice transfer or standby (``holding``): while holding, every turn is heard and kept in the
     history and the log, and none is answered (the target of the handoff answers it).
     """

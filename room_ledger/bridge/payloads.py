@@ -30,7 +30,7 @@ def default_dir() -> Path:
 
 
 class Upload(Protocol):
-    """A payload put into the bucket as it arrives (:class:`ledger.client.ObjectUpload`)."""
+    """A payload put into the bucket as it arrives (:class:`room_ledger.client.ObjectUpload`)."""
 
     failed: str
 

@@ -6,7 +6,7 @@ who came and went during a gap, leaves no trace there. livekit-server reports ev
 egress and ingress to its webhook URLs. :class:`WebhookRecorder` checks each request's signature
 (``livekit.api.WebhookReceiver``: a JWT signed with the API secret carrying the body's sha256;
 the server's tokens are valid for 5 minutes) and appends the event to the room's log as
-``server.<event>`` (see :class:`ledger.events.ServerEvent`), beside the bridge's view.
+``server.<event>`` (see :class:`room_ledger.events.ServerEvent`), beside the bridge's view.
 
 * The event id derives from the webhook's own ``id``: a webhook the server delivers again (it
   retries when an answer is not 2xx) is stored once (``Nats-Msg-Id``, within the stream's

@@ -3,7 +3,7 @@
 Points in a log and durations as people write them are the core's (:mod:`room_ledger.window`,
 :mod:`room_ledger.settings`, shared with the web view); the commands take them from here.
 
-Commands stay thin: they parse their options, build :class:`~ledger.settings.Settings` with
+Commands stay thin: they parse their options, build :class:`~room_ledger.settings.Settings` with
 :func:`settings_from`, and hand one coroutine to :func:`run`, which turns a domain error into one
 line on stderr and exit code 1 (a traceback only with ``ledger --debug``).
 """

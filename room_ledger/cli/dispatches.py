@@ -1,4 +1,4 @@
-"""``ledger dispatches <room>``: the room's agent dispatches beside what the log shows (see :mod:`ledger.dispatches`)."""
+"""``ledger dispatches <room>``: the room's agent dispatches beside what the log shows (see :mod:`room_ledger.dispatches`)."""
 
 from __future__ import annotations
 

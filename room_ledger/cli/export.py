@@ -1,4 +1,4 @@
-"""``ledger export``: conversations as JSON Lines (see :mod:`ledger.export` for the shapes)."""
+"""``ledger export``: conversations as JSON Lines (see :mod:`room_ledger.export` for the shapes)."""
 
 from __future__ import annotations
 

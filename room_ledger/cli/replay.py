@@ -3,7 +3,7 @@
 Everything here streams: records are read in order from an ordered consumer and printed (or
 folded) one at a time, so a room of any size replays in constant memory and the first line
 appears as soon as the first message arrives. Views that need state (``--at``, ``--floor``,
-``--html``) fold with the core's reducers and trackers (:mod:`ledger.timeline`), the same code every
+``--html``) fold with the core's reducers and trackers (:mod:`room_ledger.timeline`), the same code every
 other reader uses.
 """
 

@@ -6,7 +6,7 @@ Every message in the stream is one event, JSON-encoded by msgspec::
      "sender": {"identity": "…", "kind": "agent"}, "body": {…}}
 
 An event does not carry its stream sequence or subject; a read returns it inside a
-:class:`ledger.client.Record` with both.
+:class:`room_ledger.client.Record` with both.
 
 Schema evolution: the log is permanent, so these rules are never broken
 -----------------------------------------------------------------------
@@ -32,7 +32,7 @@ A payload above the inline limit (``LEDGER_INLINE_LIMIT``) lives in the JetStrea
 bucket beside the stream; the event carries a :class:`PayloadRef` (name, size, sha256 and how the
 body is rebuilt from the bytes) and a stub body whose large fields are empty.
 :func:`with_payload` rebuilds the full event from the object's bytes
-(:meth:`ledger.client.Ledger.read` does it for every reader).
+(:meth:`room_ledger.client.Ledger.read` does it for every reader).
 """
 
 

@@ -1,6 +1,6 @@
 """Ids, senders and the body of every event type (the payloads); payload references.
 
-Part of :mod:`ledger.events` (import from there).
+Part of :mod:`room_ledger.events` (import from there).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class AgentStatus(Body, frozen=True):
     """The coordination payload agents broadcast (seed 000).
 
     ``action_lock`` absent (None) is not false: with status ``processing`` the floor is left as
-    it is; ``idle`` and ``resolved`` release it (see :mod:`ledger.state`). Widened from
+    it is; ``idle`` and ``resolved`` release it (see :mod:`room_ledger.state`). Widened from
     ``bool = False``: an explicit false is now stored, and old events decode unchanged. Events
     stored before the widening left a false out (``omit_defaults``), so None means "absent" only
     on an event that keeps what was sent (``sent`` or ``payload``): see :func:`status_lock`.
@@ -261,7 +261,7 @@ class BridgeLeft(Body, frozen=True):
 class RoleClaim(Body, frozen=True):
     """An agent claims one of ``roles`` (seed 002: customer or support). Decided by log order, like
     the floor: the earliest claim gets the first role of its list still free; a later one waits
-    until a role it accepts is freed (see :mod:`ledger.roles`)."""
+    until a role it accepts is freed (see :mod:`room_ledger.roles`)."""
 
     agent_id: str
     #: The roles it would take, in its order of preference.

@@ -1,6 +1,6 @@
 """Encoding and decoding events; what the sender sent; payloads kept in the Object Store.
 
-Part of :mod:`ledger.events` (import from there).
+Part of :mod:`room_ledger.events` (import from there).
 """
 
 from __future__ import annotations

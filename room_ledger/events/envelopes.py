@@ -1,7 +1,7 @@
 """The envelopes: one tagged struct per event type around its body, the union of known types,
 and the opaque event that keeps what this reader cannot type.
 
-Part of :mod:`ledger.events` (import from there).
+Part of :mod:`room_ledger.events` (import from there).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 How it works
 ------------
-- Reads the stream in order from its checkpoint + 1 with a :class:`~ledger.feed.StreamFeed`
+- Reads the stream in order from its checkpoint + 1 with a :class:`~room_ledger.feed.StreamFeed`
   (a bounded window of deliveries taken straight from the protocol parser); each take is one
   batch (bounded by ``batch_size``; when caught up, whatever has arrived).
-- Folds the batch in memory with :mod:`ledger.state`: room states come from an LRU
+- Folds the batch in memory with :mod:`room_ledger.state`: room states come from an LRU
   cache, loaded for the batch's rooms in one query on a miss.
 - Writes the batch in one transaction while the next batch is read and folded (at most one
   batch in flight; it is committed before the next starts, and before any room row is read):
@@ -690,7 +690,7 @@ def _safe_room(token: str) -> str | None:
 
 
 #: What the projector waits out, retrying with backoff: a server away (typed at its boundary,
-#: :func:`ledger.db.database_errors` for PostgreSQL) and nats-py's own errors (its client
+#: :func:`room_ledger.db.database_errors` for PostgreSQL) and nats-py's own errors (its client
 #: reconnects by itself); a ConnectError at start (either server) is waited out too.
 _TRANSIENT: tuple[type[BaseException], ...] = (LedgerConnectError, nats.errors.Error, TimeoutError)
 

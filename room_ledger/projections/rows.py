@@ -1,8 +1,8 @@
 """The projection's row encoding: a room's folded state and its conversation items as JSONB.
 
-The state itself and its reducers are the core's (:mod:`ledger.state`); this module only says
+The state itself and its reducers are the core's (:mod:`room_ledger.state`); this module only says
 how they are stored in PostgreSQL. NUL characters, which PostgreSQL refuses, are replaced by
-:func:`ledger.db.pg_json` / :func:`ledger.db.pg_text` (hydration reads rows with the same rules).
+:func:`room_ledger.db.pg_json` / :func:`room_ledger.db.pg_text` (hydration reads rows with the same rules).
 """
 
 from __future__ import annotations
