@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import importlib.util
+import itertools
 import json
 import os
 import pwd
@@ -776,6 +777,50 @@ def stop_postgres(home: Path, *, timeout: float = 20.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """An embedded server running on this machine, whichever home it belongs to."""
+
+    kind: str  # "nats" or "postgres"
+    pid: int
+    home: Path
+
+
+def running_anywhere() -> list[RunningServer]:
+    """Every embedded server of any home running on this machine (by their command lines under
+    ``/proc``; empty where there is none): the servers outlive the commands that started them,
+    and a home removed or forgotten still has its servers running."""
+    found: list[RunningServer] = []
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            home = _home_of(argv)
+            if home is not None:
+                found.append(RunningServer(kind=home[0], pid=int(entry.name), home=home[1]))
+    return sorted(found, key=lambda server: (str(server.home), server.kind))
+
+
+def _home_of(argv: list[str]) -> tuple[str, Path] | None:
+    """("nats" | "postgres", home) when ``argv`` is one of our servers' (see ``_nats_paths``,
+    ``_pg_paths``): nats-server runs ``-c HOME/nats/nats-server.conf``, the postmaster ``-D HOME/pg``
+    (its worker processes rename themselves, and are not listed)."""
+    if not argv or len(argv) < 3:
+        return None
+    program = Path(argv[0]).name
+    for flag, value in itertools.pairwise(argv):
+        path = Path(value)
+        if program == "nats-server" and flag == "-c" and path.name == "nats-server.conf" and path.parent.name == "nats":
+            return "nats", path.parent.parent
+        if program == "postgres" and flag == "-D" and path.name == "pg":
+            return "postgres", path.parent
+    return None
 
 
 def status(home: Path) -> dict[str, ServerInfo | None]:

@@ -332,3 +332,31 @@ def test_ledger_down_stops_this_homes_servers_by_their_pids(home: Path) -> None:
     assert embedded.status(home) == {"nats": None, "postgres": None}
     again = CliRunner().invoke(app, ["down"], env=env, catch_exceptions=False)
     assert again.exit_code == 0 and "was not running" in again.stdout
+
+
+def test_doctor_lists_embedded_servers_of_every_home(home: Path, tmp_path: Path) -> None:
+    """`ledger doctor` lists the embedded servers running on the machine with their homes: those of
+    its own home marked, those of another home named, so a forgotten home's servers can be stopped."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from room_ledger.cli.main import app
+
+    other = tmp_path / "other-home"
+    theirs = embedded.ensure_nats(other, sync_always=False)
+    ours = embedded.ensure_nats(home, sync_always=False)
+    try:
+        env = {"LEDGER_HOME": str(home), "LEDGER_NATS_URL": "", "LEDGER_DATABASE_URL": ""}
+        result = CliRunner().invoke(app, ["doctor", "--json"], env=env, catch_exceptions=False)
+        listed = {(e["kind"], e["pid"]): e for e in json.loads(result.stdout)["embedded"]}
+        assert listed[("nats", ours.pid)]["home"] == str(home.resolve()) and listed[("nats", ours.pid)]["this_home"]
+        assert listed[("nats", theirs.pid)] == {"kind": "nats", "pid": theirs.pid, "home": str(other.resolve()),
+                                                 "this_home": False}
+        assert any(str(other.resolve()) in p["message"] for p in json.loads(result.stdout)["problems"])
+        embedded.stop_nats(other)
+        again = CliRunner().invoke(app, ["doctor", "--json"], env=env, catch_exceptions=False)
+        assert ("nats", theirs.pid) not in {(e["kind"], e["pid"]) for e in json.loads(again.stdout)["embedded"]}
+    finally:
+        embedded.stop_nats(other)
+        embedded.stop_nats(home)

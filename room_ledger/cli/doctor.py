@@ -52,6 +52,8 @@ class Report:
     bridges: list[dict[str, Any]] = field(default_factory=list)
     #: What the processes' Prometheus endpoints say (room_ledger/cli/doctor_metrics.py).
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    #: Embedded servers running on this machine, of any home (``ledger down`` with that home stops them).
+    embedded: list[dict[str, Any]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     def problem(self, level: Level, message: str) -> None:
@@ -71,6 +73,7 @@ class Report:
             "projector": self.projector,
             "bridges": self.bridges,
             "metrics": self.metrics,
+            "embedded": self.embedded,
             "problems": [{"level": p.level, "message": p.message} for p in self.problems],
         }
 
@@ -327,9 +330,21 @@ async def diagnose(settings: Settings, *, monitor_url: str | None = None) -> Rep
     await _check_nats(report, settings, monitor_url)
     await _check_postgres(report, settings)
     _check_bridges(report, settings)
+    _list_embedded(report, settings)
 
     await check_metrics(report, settings)
     return report
+
+
+def _list_embedded(report: Report, settings: Settings) -> None:
+    here = settings.home.resolve()
+    report.embedded = [{"kind": server.kind, "pid": server.pid, "home": str(server.home),
+                        "this_home": server.home.resolve() == here}
+                       for server in embedded.running_anywhere()]
+    elsewhere = sorted({entry["home"] for entry in report.embedded if not entry["this_home"]})
+    if elsewhere:
+        report.problem("info", f"embedded servers of other homes are running: {', '.join(elsewhere)} "
+                               "(`ledger --home HOME down` stops a home's)")
 
 
 def render_report(console: Any, report: Report) -> None:
@@ -420,6 +435,12 @@ def render_report(console: Any, report: Report) -> None:
                            f"{report.settings.get('home')}/bridge; --json lists them)", style="bright_black"))
 
     render_metrics(report, section)
+    if report.embedded:
+        homes: dict[str, list[str]] = {}
+        for entry in report.embedded:
+            mark = " (this home)" if entry["this_home"] else ""
+            homes.setdefault(entry["home"] + mark, []).append(f"{entry['kind']} pid {entry['pid']}")
+        section("embedded servers on this machine", [(home, ", ".join(servers)) for home, servers in homes.items()])
     if not report.problems:
         console.print(Text("no problems found", style="bold green"))
         return

@@ -1,6 +1,7 @@
 """One follower per watched room, fanned out to every browser watching it.
 
-A single ordered consumer follows the room's log, folds it with
+A single ordered consumer (the core's :class:`~room_ledger.following.FollowedRoom`) follows the
+room's log, folds it with
 :class:`room_ledger.web.roomview.RoomCollector` (the HTML report's derivation) and hands each event
 to every subscriber, so a room watched by twenty people costs one consumer. A room nobody watches
 stops following after :data:`IDLE_S`.
@@ -21,6 +22,8 @@ import msgspec
 
 from room_ledger.client import Ledger
 from room_ledger.errors import LedgerError
+from room_ledger.following import FollowedRoom
+from room_ledger.records import Record
 from room_ledger.room_list import room_rows
 from room_ledger.web.room_json import record_bytes, view_json
 from room_ledger.web.roomview import RoomCollector
@@ -56,62 +59,55 @@ class RoomHub:
         self.collector = RoomCollector(room)
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)
         self.subscribers: set[Subscriber] = set()
-        self.caught_up = asyncio.Event()
-        self.failed: BaseException | None = None
         self.last_used = time.monotonic()
         self._view: tuple[int, bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
+        # The core's followed room (the one agents and `watch` use): it follows, this hub folds
+        # each record into the page and fans it out, and requests wait on it to catch up.
+        self.followed = FollowedRoom(ledger, room)
+        self.followed.on_record(self._fan_out)
+        self.followed.on_end(self._ended)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"serve-follow-{self.room}")
+        self.followed.start(name=f"serve-follow-{self.room}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self.followed.close()
 
     @property
     def seq(self) -> int:
         return self.collector.seq
 
-    async def _run(self) -> None:
-        try:
-            head = await self.ledger.room_last_seq(self.room)
-            if head == 0:
-                self.caught_up.set()
-            async for record in self.ledger.follow(self.room):
-                self.collector.feed(record)
-                line = (record.seq, record_bytes(record))
-                self.recent.append(line)
-                for sub in list(self.subscribers):
-                    if sub.queue.qsize() >= MAX_BACKLOG:
-                        # Too slow: it reconnects with Last-Event-ID and reads on from the log.
-                        sub.dropped = True
-                        self.subscribers.discard(sub)
-                        sub.queue.put_nowait((-1, b""))
-                    else:
-                        sub.queue.put_nowait(line)
-                if record.seq >= head:
-                    self.caught_up.set()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a reader that failed: every waiting request hears why
-            log.warning("following room failed: %s", exc)
-            self.failed = exc
-            self.caught_up.set()
-            for sub in list(self.subscribers):
+    def _fan_out(self, record: Record) -> None:
+        self.collector.feed(record)
+        line = (record.seq, record_bytes(record))
+        self.recent.append(line)
+        for sub in list(self.subscribers):
+            if sub.queue.qsize() >= MAX_BACKLOG:
+                # Too slow: it reconnects with Last-Event-ID and reads on from the log.
+                sub.dropped = True
+                self.subscribers.discard(sub)
                 sub.queue.put_nowait((-1, b""))
+            else:
+                sub.queue.put_nowait(line)
+
+    def _ended(self, error: Exception | None) -> None:
+        if error is None:  # closed: nobody is listening any more
+            return
+        # A reader that failed: every browser following the room hears the end, and reconnects.
+        log.warning("following room failed: %s", error)
+        for sub in list(self.subscribers):
+            sub.queue.put_nowait((-1, b""))
 
     async def ready(self, timeout: float = 30.0) -> None:
+        """Wait until the page holds every event the room had when asked."""
         self.last_used = time.monotonic()
         try:
-            await asyncio.wait_for(self.caught_up.wait(), timeout)
+            await self.followed.catch_up(timeout)
         except TimeoutError:
             raise LedgerError(f"room {self.room!r}: the log did not answer within {timeout:.0f}s; "
                               "`ledger doctor` shows the stream's state") from None
-        if self.failed is not None:
-            raise LedgerError(f"room {self.room!r} cannot be followed: {self.failed}")
+        if self.followed.error is not None:
+            raise LedgerError(f"room {self.room!r} cannot be followed: {self.followed.error}")
 
     def view(self) -> bytes:
         """The room's view now as JSON (built once per new sequence, whoever asks)."""
@@ -157,7 +153,7 @@ class Hubs:
 
     def get(self, room: str) -> RoomHub:
         hub = self.hubs.get(room)
-        if hub is None or hub.failed is not None:
+        if hub is None or hub.followed.error is not None:
             hub = self.hubs[room] = RoomHub(self.ledger, room)
             hub.start()
         return hub
