@@ -14,10 +14,7 @@ is also safe to call from inside one since it never touches asyncio.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import importlib.util
-import itertools
 import json
 import os
 import pwd
@@ -29,13 +26,24 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from room_ledger.errors import EmbeddedError
+from room_ledger.processes import (
+    cmdline,
+    free_port,
+    locked,
+    pid_alive,
+    port_answers,
+    port_free,
+    spawn_detached,
+    tail,
+    terminate,
+    wait_for,
+)
 
 __all__ = [
     "EmbeddedError",
@@ -68,124 +76,6 @@ class ServerInfo:
     port: int
     data_dir: Path
     started_here: bool
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Small process and file helpers
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` is a running process (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else (postgres runs as another user when we are root)
-    # /proc where there is one: psutil costs 15 ms to import, on every command's start.
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        # "pid (comm) S ...": the state follows the last ")" (comm may hold spaces and parentheses).
-        return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-    try:
-        import psutil  # noqa: PLC0415 - optional (not a dependency): without it a zombie counts as alive
-
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except ImportError:
-        return True
-    except Exception as exc:
-        # AccessDenied: we cannot look, but kill(0) said it exists. NoSuchProcess: it just exited.
-        return type(exc).__name__ != "NoSuchProcess"
-
-
-def _cmdline(pid: int) -> list[str]:
-    """The command line of ``pid``, or [] if it cannot be read (then identity checks fail closed)."""
-    proc = Path(f"/proc/{pid}/cmdline")
-    with contextlib.suppress(OSError):
-        if proc.exists():
-            return [part for part in proc.read_bytes().decode(errors="replace").split("\0") if part]
-    try:
-        import psutil  # noqa: PLC0415 - optional (not a dependency), only where /proc is missing
-
-        return [str(part) for part in psutil.Process(pid).cmdline()]
-    except Exception:
-        return []
-
-
-def _port_answers(port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((_HOST, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Without SO_REUSEADDR a port in TIME_WAIT after a server kill would look taken, although the
-        # server (which sets SO_REUSEADDR itself) could bind it; that would defeat keeping the old port.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-        # Back off gently: most waits end within a few polls, slow ones need not spin.
-        interval = min(interval * 1.5, 0.25)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    body = "\n".join(text.splitlines()[-lines:])
-    return f"last lines of {path}:\n{body}" if body else f"({path} is empty)"
-
-
-@contextlib.contextmanager
-def _locked(home: Path, name: str, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on ``home/.<name>.lock``; the kernel frees it if we die."""
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / f".{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise EmbeddedError(
-                        f"timed out after {timeout:.0f}s waiting for {path}: another process is starting or "
-                        f"stopping the embedded {name} server; if none is, delete {path}"
-                    ) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
@@ -224,38 +114,6 @@ def _info(state: dict[str, Any], started_here: bool) -> ServerInfo:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _terminate(pid: int, sig: signal.Signals, timeout: float) -> None:
-    """Send ``sig``, wait up to ``timeout`` for the exit, then SIGKILL and wait for that."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    if _wait_for(lambda: not pid_alive(pid), timeout):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not _wait_for(lambda: not pid_alive(pid), 10.0):
-        raise EmbeddedError(f"process {pid} survived SIGKILL for 10s; check it with `ps -p {pid}`")
-
-
-def _spawn_detached(argv: list[str], log: Path, cwd: Path) -> int:
-    """Start ``argv`` in its own session, re-parented away from us, output appended to ``log``.
-
-    A shell in a new session backgrounds the server and exits at once, so the server is nobody's child
-    here: it outlives this process, receives no terminal signals, and never lingers as our zombie.
-    """
-    script = 'log="$1"; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
-    out = subprocess.run(
-        ["/bin/sh", "-c", script, "sh", str(log), *argv],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        start_new_session=True,
-        check=True,
-        text=True,
-        timeout=30,
-    )
-    return int(out.stdout.strip())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,10 +219,10 @@ def _nats_is_ours(state: dict[str, Any], config: Path) -> bool:
     if not pid_alive(pid):
         return False
     # The pid may have been recycled by an unrelated process since the state file was written.
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     if not any(Path(a).name.startswith("nats-server") for a in argv[:1]) or str(config) not in argv:
         return False
-    return _port_answers(int(state["port"]))
+    return port_answers(int(state["port"]))
 
 
 def _live_nats(home: Path) -> dict[str, Any] | None:
@@ -383,7 +241,7 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
     """
     home = Path(home).resolve()
     state_file, store, config, log = _nats_paths(home)
-    with _locked(home, "nats"):
+    with locked(home, "nats"):
         old = _read_state(state_file)
         if old is not None and _nats_is_ours(old, config):
             if port is not None and port != int(old["port"]):
@@ -392,10 +250,10 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
                     f"use that one, or stop it first (ledger.embedded.stop_nats)"
                 )
             # It answered a moment ago but may still be replaying a large store after its own restart.
-            if not _wait_for(lambda: _nats_js_ready(int(old["port"])), _NATS_START_TIMEOUT):
+            if not wait_for(lambda: _nats_js_ready(int(old["port"])), _NATS_START_TIMEOUT):
                 raise EmbeddedError(
                     f"the embedded nats-server (pid {old['pid']}) on port {old['port']} does not answer "
-                    f"JetStream requests; stop it (ledger.embedded.stop_nats) and retry.\n{_tail(log)}"
+                    f"JetStream requests; stop it (ledger.embedded.stop_nats) and retry.\n{tail(log)}"
                 )
             return _info(old, started_here=False)
 
@@ -404,25 +262,25 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
         if old is not None:
             # Stale: make sure a half-dead leftover (e.g. hung, not answering) does not hold the store.
             pid = int(old["pid"])
-            if pid_alive(pid) and str(config) in _cmdline(pid):
-                _terminate(pid, signal.SIGTERM, 5.0)
+            if pid_alive(pid) and str(config) in cmdline(pid):
+                terminate(pid, signal.SIGTERM, 5.0)
         chosen = _choose_port(port, old)
         config.write_text(_nats_config(store, chosen, sync_always))
         started = time.monotonic()
-        pid = _spawn_detached([str(binary), "-c", str(config)], log, store)
+        pid = spawn_detached([str(binary), "-c", str(config)], log, store)
 
         def ready() -> bool:
             if not pid_alive(pid):
                 raise EmbeddedError(
-                    f"nats-server exited during start-up (port {chosen}, config {config}).\n{_tail(log)}"
+                    f"nats-server exited during start-up (port {chosen}, config {config}).\n{tail(log)}"
                 )
             return _nats_js_ready(chosen)
 
-        if not _wait_for(ready, _NATS_START_TIMEOUT):
-            _terminate(pid, signal.SIGTERM, 5.0)
+        if not wait_for(ready, _NATS_START_TIMEOUT):
+            terminate(pid, signal.SIGTERM, 5.0)
             raise EmbeddedError(
                 f"nats-server did not become ready within {_NATS_START_TIMEOUT:.0f}s on port {chosen}; "
-                f"it was stopped.\n{_tail(log)}"
+                f"it was stopped.\n{tail(log)}"
             )
         state = {
             "pid": pid,
@@ -441,7 +299,7 @@ def ensure_nats(home: Path, *, sync_always: bool = True, port: int | None = None
 
 def _choose_port(port: int | None, old: dict[str, Any] | None) -> int:
     if port is not None:
-        if not _port_free(port):
+        if not port_free(port):
             raise EmbeddedError(
                 f"port {port} on {_HOST} is already in use: pick another, or pass no port to use a free one"
             )
@@ -449,20 +307,20 @@ def _choose_port(port: int | None, old: dict[str, Any] | None) -> int:
     # Clients that were connected to the killed server reconnect to the URL they know; keep it if we can.
     # Just after a crash the old port can stay bound for a moment (the killed server's side of a
     # connection waits for its client to close), so it is given a few seconds before a new one.
-    if old is not None and _wait_for(lambda: _port_free(int(old["port"])), 3.0):
+    if old is not None and wait_for(lambda: port_free(int(old["port"])), 3.0):
         return int(old["port"])
-    return _free_port()
+    return free_port()
 
 
 def stop_nats(home: Path, *, timeout: float = 10.0) -> bool:
     """Stop the embedded nats-server of ``home`` (SIGTERM, then SIGKILL); True if one was running."""
     home = Path(home).resolve()
     state_file, _, config, _ = _nats_paths(home)
-    with _locked(home, "nats"):
+    with locked(home, "nats"):
         state = _read_state(state_file)
         running = state is not None and _nats_is_ours(state, config)
         if state is not None and running:
-            _terminate(int(state["pid"]), signal.SIGTERM, timeout)
+            terminate(int(state["pid"]), signal.SIGTERM, timeout)
         state_file.unlink(missing_ok=True)
         return running
 
@@ -476,7 +334,7 @@ def kill_nats(home: Path) -> None:
         raise EmbeddedError(f"no embedded nats-server is running for {home}")
     pid = int(state["pid"])
     os.kill(pid, signal.SIGKILL)
-    if not _wait_for(lambda: not pid_alive(pid), 10.0):
+    if not wait_for(lambda: not pid_alive(pid), 10.0):
         raise EmbeddedError(f"nats-server {pid} survived SIGKILL for 10s")
 
 
@@ -573,12 +431,12 @@ def _pg_run(
             **run_as.kwargs(),
         )
     except subprocess.CalledProcessError as exc:
-        extra = f"\n{_tail(log)}" if log is not None else ""
+        extra = f"\n{tail(log)}" if log is not None else ""
         raise EmbeddedError(
             f"{what} failed (exit {exc.returncode}): {(exc.stderr or exc.stdout or '').strip()}{extra}"
         ) from exc
     except subprocess.TimeoutExpired as exc:
-        extra = f"\n{_tail(log)}" if log is not None else ""
+        extra = f"\n{tail(log)}" if log is not None else ""
         raise EmbeddedError(f"{what} timed out after {timeout:.0f}s{extra}") from exc
 
 
@@ -593,12 +451,12 @@ def _postmaster_pid(data: Path) -> int | None:
 def _is_our_postmaster(pid: int, data: Path) -> bool:
     if not pid_alive(pid):
         return False
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     return bool(argv) and Path(argv[0]).name == "postgres" and str(data) in argv
 
 
 def _pg_is_ours(state: dict[str, Any], data: Path) -> bool:
-    return _is_our_postmaster(int(state["pid"]), data) and _port_answers(int(state["port"]))
+    return _is_our_postmaster(int(state["pid"]), data) and port_answers(int(state["port"]))
 
 
 def _pg_url(port: int) -> str:
@@ -703,12 +561,12 @@ def _pg_start(bin_dir: Path, data: Path, log: Path, port: int, run_as: _RunAs) -
             )  # fmt: skip
             break
         except EmbeddedError:
-            if time.monotonic() >= deadline or "still in use" not in _tail(log, 5):
+            if time.monotonic() >= deadline or "still in use" not in tail(log, 5):
                 raise
             time.sleep(0.5)
     pid = _postmaster_pid(data)
     if pid is None or not _is_our_postmaster(pid, data):
-        raise EmbeddedError(f"PostgreSQL reported a start but left no running postmaster.\n{_tail(log)}")
+        raise EmbeddedError(f"PostgreSQL reported a start but left no running postmaster.\n{tail(log)}")
     return pid
 
 
@@ -716,7 +574,7 @@ def ensure_postgres(home: Path, *, port: int | None = None) -> ServerInfo:
     """Find the embedded PostgreSQL of ``home``, or start it (loopback only, database ``ledger``)."""
     home = Path(home).resolve()
     state_file, data, log = _pg_paths(home)
-    with _locked(home, "postgres"):
+    with locked(home, "postgres"):
         old = _read_state(state_file)
         if old is not None and _pg_is_ours(old, data):
             if port is not None and port != int(old["port"]):
@@ -733,13 +591,13 @@ def ensure_postgres(home: Path, *, port: int | None = None) -> ServerInfo:
         # or a crash between start and write); two on one data dir is impossible, so stop it first.
         orphan = _postmaster_pid(data)
         if orphan is not None and _is_our_postmaster(orphan, data):
-            _terminate(orphan, signal.SIGINT, 20.0)
+            terminate(orphan, signal.SIGINT, 20.0)
         _pg_init(bin_dir, data, run_as)
         chosen = _choose_port(port, old)
         pid = _pg_start(bin_dir, data, log, chosen, run_as)
-        if not _wait_for(lambda: _pg_accepts(bin_dir, chosen), _PG_START_TIMEOUT):
-            _terminate(pid, signal.SIGINT, 10.0)
-            raise EmbeddedError(f"PostgreSQL on port {chosen} did not accept connections.\n{_tail(log)}")
+        if not wait_for(lambda: _pg_accepts(bin_dir, chosen), _PG_START_TIMEOUT):
+            terminate(pid, signal.SIGINT, 10.0)
+            raise EmbeddedError(f"PostgreSQL on port {chosen} did not accept connections.\n{tail(log)}")
         if _psql(bin_dir, chosen, "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{_PG_DB}'") != "1":
             _psql(bin_dir, chosen, "postgres", f"CREATE DATABASE {_PG_DB}")
         state = {
@@ -759,7 +617,7 @@ def stop_postgres(home: Path, *, timeout: float = 20.0) -> bool:
     """Stop the embedded PostgreSQL of ``home`` (fast shutdown, then SIGKILL); True if one was running."""
     home = Path(home).resolve()
     state_file, data, _ = _pg_paths(home)
-    with _locked(home, "postgres"):
+    with locked(home, "postgres"):
         state = _read_state(state_file)
         pid: int | None = None
         if state is not None and _is_our_postmaster(int(state["pid"]), data):
@@ -771,56 +629,12 @@ def stop_postgres(home: Path, *, timeout: float = 20.0) -> bool:
                 pid = found
         if pid is not None:
             # SIGINT is PostgreSQL's "fast" shutdown; SIGTERM ("smart") would wait for every client to leave.
-            _terminate(pid, signal.SIGINT, timeout)
+            terminate(pid, signal.SIGINT, timeout)
         state_file.unlink(missing_ok=True)
         return pid is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunningServer:
-    """An embedded server running on this machine, whichever home it belongs to."""
-
-    kind: str  # "nats" or "postgres"
-    pid: int
-    home: Path
-
-
-def running_anywhere() -> list[RunningServer]:
-    """Every embedded server of any home running on this machine (by their command lines under
-    ``/proc``; empty where there is none): the servers outlive the commands that started them,
-    and a home removed or forgotten still has its servers running."""
-    found: list[RunningServer] = []
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            home = _home_of(argv)
-            if home is not None:
-                found.append(RunningServer(kind=home[0], pid=int(entry.name), home=home[1]))
-    return sorted(found, key=lambda server: (str(server.home), server.kind))
-
-
-def _home_of(argv: list[str]) -> tuple[str, Path] | None:
-    """("nats" | "postgres", home) when ``argv`` is one of our servers' (see ``_nats_paths``,
-    ``_pg_paths``): nats-server runs ``-c HOME/nats/nats-server.conf``, the postmaster ``-D HOME/pg``
-    (its worker processes rename themselves, and are not listed)."""
-    if not argv or len(argv) < 3:
-        return None
-    program = Path(argv[0]).name
-    for flag, value in itertools.pairwise(argv):
-        path = Path(value)
-        if program == "nats-server" and flag == "-c" and path.name == "nats-server.conf" and path.parent.name == "nats":
-            return "nats", path.parent.parent
-        if program == "postgres" and flag == "-D" and path.name == "pg":
-            return "postgres", path.parent
-    return None
 
 
 def status(home: Path) -> dict[str, ServerInfo | None]:

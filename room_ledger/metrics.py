@@ -44,8 +44,8 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from room_ledger import tracing
-from room_ledger.embedded import pid_alive
 from room_ledger.errors import SettingsError
+from room_ledger.processes import pid_alive
 
 log = logging.getLogger("ledger.metrics")
 

@@ -24,7 +24,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from room_ledger import embedded
+from room_ledger import embedded, processes
 from room_ledger.embedded import EmbeddedError, ServerInfo
 from tests.conftest import fresh_home
 
@@ -328,7 +328,7 @@ def test_ledger_down_stops_this_homes_servers_by_their_pids(home: Path) -> None:
     report = json.loads(result.stdout)
     assert report["stopped"] == {"nats": True, "postgres": True}
     assert report["pids"] == {"nats": nats.pid, "postgres": pg.pid}
-    assert not embedded.pid_alive(nats.pid) and not embedded.pid_alive(pg.pid)
+    assert not processes.pid_alive(nats.pid) and not processes.pid_alive(pg.pid)
     assert embedded.status(home) == {"nats": None, "postgres": None}
     again = CliRunner().invoke(app, ["down"], env=env, catch_exceptions=False)
     assert again.exit_code == 0 and "was not running" in again.stdout

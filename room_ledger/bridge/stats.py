@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from room_ledger.embedded import pid_alive
+from room_ledger.processes import pid_alive
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from room_ledger import embedded
+from room_ledger import embedded, processes
 from room_ledger.bridge.stats import read_stats
 from room_ledger.cli.common import format_duration
 from room_ledger.cli.doctor_metrics import check_metrics, render_metrics
@@ -340,7 +340,7 @@ def _list_embedded(report: Report, settings: Settings) -> None:
     here = settings.home.resolve()
     report.embedded = [{"kind": server.kind, "pid": server.pid, "home": str(server.home),
                         "this_home": server.home.resolve() == here}
-                       for server in embedded.running_anywhere()]
+                       for server in processes.running_anywhere()]
     elsewhere = sorted({entry["home"] for entry in report.embedded if not entry["this_home"]})
     if elsewhere:
         report.problem("info", f"embedded servers of other homes are running: {', '.join(elsewhere)} "
