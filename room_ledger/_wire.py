@@ -17,7 +17,8 @@ One more, for tidiness rather than speed: :func:`consumer_name` reads the name o
 consumer's current server-side consumer (``PushSubscription._consumer``; nats-py renames it each
 time it recreates the consumer), so a finished read deletes it instead of leaving it to expire.
 And for ``ledger doctor``: :func:`server_info`, the server's INFO (``Client._server_info``; the
-public API has its version only).
+public API has its version only). And one reading of the server's words: :func:`credentials_refused`
+matches the NATS protocol's ``-ERR`` texts for refused credentials, which carry no code.
 
 tests/test_wire.py checks each of these internals (its name, signature and effect), so a nats-py
 upgrade that changes one fails there, and only there.
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 
@@ -178,3 +180,17 @@ def server_info(nc: NatsClient) -> dict[str, Any]:
     """The INFO the connected server sent (version, server_name, cluster, jetstream, ...)."""
     info = getattr(nc, "_server_info", None)
     return dict(info) if isinstance(info, dict) else {}
+
+
+#: The NATS protocol's -ERR texts for refused credentials. Core NATS errors carry no code, and at
+#: connect nats-py raises the server's line as a plain ``nats.errors.Error``.
+_CREDENTIALS_REFUSED: Final = ("authorization violation", "authentication timeout", "authentication expired",
+                               "user authentication revoked")
+
+
+def credentials_refused(exc: nats.errors.Error) -> bool:
+    """Whether NATS refused the connection's credentials (a permanent error: retrying cannot help)."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    text = str(exc).lower()
+    return any(refusal in text for refusal in _CREDENTIALS_REFUSED)

@@ -20,7 +20,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Seque
 from datetime import datetime
 
 from room_ledger import events as ev
-from room_ledger.connection import ACK_TIMEOUT_S, Connection, credentials_refused
+from room_ledger._wire import credentials_refused
+from room_ledger.connection import ACK_TIMEOUT_S, Connection
 from room_ledger.eventlog import ATOMIC_BATCH_SIZE, ERR_BATCH_DUPLICATE, MSG_ID, EventLog
 from room_ledger.payloads import ObjectUpload, Payloads
 from room_ledger.records import (

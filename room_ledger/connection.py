@@ -35,12 +35,6 @@ ACK_TIMEOUT_S: Final = 10.0
 #: JetStream's "wrong last sequence" error code, and the header that asks for a last sequence.
 ERR_WRONG_LAST_SEQUENCE: Final = 10071
 EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-#: The NATS protocol's -ERR texts for refused credentials. Core NATS errors carry no code, and at
-#: connect nats-py raises the server's line as a plain ``nats.errors.Error``.
-_CREDENTIALS_REFUSED: Final = ("authorization violation", "authentication timeout", "authentication expired",
-                               "user authentication revoked")
-
-
 class ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -57,14 +51,6 @@ class PubAck(msgspec.Struct):
 
 
 _ack_decoder: Final = msgspec.json.Decoder(PubAck)
-
-
-def credentials_refused(exc: nats.errors.Error) -> bool:
-    """Whether NATS refused the connection's credentials (a permanent error: retrying cannot help)."""
-    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
-        return True
-    text = str(exc).lower()
-    return any(refusal in text for refusal in _CREDENTIALS_REFUSED)
 
 
 class Connection:
@@ -163,7 +149,7 @@ class Connection:
                 "and LEDGER_NATS_TLS_KEY"
             ) from exc
         except nats.errors.Error as exc:
-            if credentials_refused(exc):
+            if _wire.credentials_refused(exc):
                 raise ConnectError(
                     f"NATS at {where} refused the credentials ({exc}): check LEDGER_NATS_USER and "
                     "LEDGER_NATS_PASSWORD, LEDGER_NATS_CREDS or LEDGER_NATS_NKEY_SEED"

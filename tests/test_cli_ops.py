@@ -142,6 +142,33 @@ def test_doctor_json(pg_settings: Settings, room: str) -> None:
     assert "stream ROOMS" in out and "PostgreSQL" in out
 
 
+def test_doctor_on_a_database_never_migrated_says_migrate(pg_settings: Settings) -> None:
+    """A PostgreSQL without the projection tables: one warning, to run `ledger migrate`, and not a
+    second one about the projector's status (PostgreSQL's "undefined table", SQLSTATE 42P01, is
+    recognised through SQLAlchemy's and asyncpg's wrappings, not by its text)."""
+    import uuid
+
+    import asyncpg
+
+    assert pg_settings.database_url is not None
+    base = pg_settings.database_url.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"fresh_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        connection = await asyncpg.connect(base)
+        try:
+            await connection.execute(f"CREATE DATABASE {name}")
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    fresh = pg_settings.replace(database_url=base.rsplit("/", 1)[0] + f"/{name}")
+    report = json_of(invoke(fresh, ["doctor", "--json"]))
+    messages = [p["message"] for p in report["problems"]]
+    assert any("not migrated" in m and "ledger migrate" in m for m in messages), messages
+    assert not any("projector's status" in m for m in messages), messages
+
+
 def test_doctor_reports_stream_differences(settings: Settings) -> None:
     name = "DOCTOR_" + str(int(time.time() * 1000))
     prefix = name.lower()

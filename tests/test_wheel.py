@@ -9,11 +9,14 @@ into a fresh virtual environment with the agent side only (no ``server`` extra).
 - where the server extra is missing, the ``ledger`` command and an embedded default say what to
   install instead of failing with a traceback.
 
-Building and installing take a minute or two (the packages come from pip's cache or the index).
+Offline, as the suite runs (inside a network namespace): the wheel is built with this
+environment's setuptools, and the fresh venv gets the dependencies its metadata names from this
+environment's installed files.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -24,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from room_ledger import embedded
 
@@ -35,30 +39,70 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # Built from a copy: setuptools leaves a build/ folder in the tree it builds.
+    # Built from a copy (setuptools leaves a build/ folder in the tree it builds), with this
+    # environment's setuptools: the suite runs in a network namespace with no index to fetch an
+    # isolated build's backend from.
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "room_ledger", source / "room_ledger",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
-    done = subprocess.run(build, capture_output=True, text=True)
-    if done.returncode != 0:
-        # pip fetches the build backend (setuptools) from the index or its cache for an isolated
-        # build; once, in a full run beside other pip processes, that failed without a message.
-        done = subprocess.run(build, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-w", str(out), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (built,) = out.glob("room_ledger-*.whl")
     return built
 
 
+def _base_requirements(wheel: Path) -> list[Requirement]:
+    """The wheel's own Requires-Dist without extras: what ``pip install room-ledger`` installs."""
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = archive.read(metadata).decode().splitlines()
+    requirements = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def _installed_closure(requirements: list[Requirement]) -> list[importlib.metadata.Distribution]:
+    """The distributions of this environment that ``requirements`` pull in, transitively."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(requirements)
+    while todo:
+        requirement = todo.pop()
+        key = requirement.name.lower().replace("_", "-")
+        if key in found:
+            continue
+        dist = importlib.metadata.distribution(requirement.name)
+        found[key] = dist
+        for line in dist.requires or []:
+            nested = Requirement(line)
+            if nested.marker is None or nested.marker.evaluate({"extra": ""}):
+                todo.append(nested)
+    return list(found.values())
+
+
 @pytest.fixture(scope="module")
 def agent_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv holding the wheel and exactly what its base requirements pull in.
+
+    The suite runs without a package index (a network namespace), so the dependencies are this
+    environment's own installed files, linked in per distribution as the wheel's metadata names
+    them (transitively): anything the metadata leaves out is missing, as after a real install."""
     venv = tmp_path_factory.mktemp("agent-venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    done = subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True)
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    deps = tmp_path_factory.mktemp("agent-deps")
+    for dist in _installed_closure(_base_requirements(wheel)):
+        root = Path(str(dist.locate_file("")))
+        for entry in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            if (root / entry).exists() and not (deps / entry).exists():
+                (deps / entry).symlink_to(root / entry)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "agent-deps.pth").write_text(f"{deps}\n")
     return python
 
 

@@ -303,15 +303,32 @@ async def _check_postgres(report: Report, settings: Settings) -> None:
     await _check_projector(report, settings.replace(database_url=url))
 
 
+def _undefined_table(exc: BaseException) -> bool:
+    """Whether PostgreSQL said a table does not exist (SQLSTATE 42P01), through SQLAlchemy's and
+    asyncpg's wrappings."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, asyncpg.UndefinedTableError) or getattr(current, "sqlstate", None) == "42P01":
+            return True
+        orig = getattr(current, "orig", None)
+        todo.extend([current.__cause__, current.__context__, orig if isinstance(orig, BaseException) else None])
+    return False
+
+
 async def _check_projector(report: Report, settings: Settings) -> None:
     """Projector checkpoints, lag and its errors table."""
     head = report.stream.get("last_stored_seq", report.stream.get("last_seq")) if report.stream.get("exists") else None
     try:
         status = await projector_module.status(settings, head=head)
     except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "projection_checkpoints" in text or "does not exist" in text:
+        if _undefined_table(exc):
             return  # not migrated: reported above
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         report.problem("warning", f"cannot read the projector's status: {text}")
         return
     report.projector = msgspec.to_builtins(status)
