@@ -80,10 +80,8 @@ async def test_a_running_tool_call_is_in_the_log_and_the_conversation(
         async with api.LiveKitAPI(http_url(livekit_server.url), livekit_server.api_key,
                                   livekit_server.api_secret) as lk:
             await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=tool_worker, room=room))
-        await log.until(lambda rs: any(r.type == "participant.joined" and body_of(r).kind == "agent" for r in rs),
-                        timeout=30, what="the agent's join")
-        # the session's text input is up once the agent has joined and published its state
-        await log.until(lambda rs: any(r.type == "agent.state" for r in rs), timeout=30, what="the agent's state")
+        greeting = await replies.next(timeout=30)  # the session, and its text input, are up
+        assert greeting.text == "How can I help?"
         await caller.local_participant.send_text("where is my order?", topic="lk.chat")
 
         def started(records: list[Record]) -> bool:

@@ -1,9 +1,10 @@
 """An agent worker whose one tool takes a while (``tests/test_tool_execution_livekit.py``).
 
-A real ``AgentSession`` in text mode with the handoff example's scripted LLM: "where is my order"
-calls ``look_up_order``, which takes ``TOOL_WORKER_SECONDS`` (default 2) before it returns; the
-tool's output is answered with "Your order 42 has shipped.". Registered under
-``TOOL_WORKER_AGENT``; LIVEKIT_URL/_API_KEY/_API_SECRET as for any worker.
+A real ``AgentSession`` in text mode with the handoff example's scripted LLM. The agent greets
+the caller ("How can I help?"); "where is my order" calls ``look_up_order``, which takes
+``TOOL_WORKER_SECONDS`` (default 2) before it returns; its output is answered with "Your order 42
+has shipped.". Registered under ``TOOL_WORKER_AGENT``; LIVEKIT_URL/_API_KEY/_API_SECRET as for
+any worker.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class OrderDesk(Agent):
         """Look an order up by its number (slow: a remote system)."""
         await asyncio.sleep(TOOL_SECONDS)
         return f"order {order}: shipped"
+
+    async def on_enter(self) -> None:
+        # A greeting: the caller's cue that the session (and its text input) is up.
+        self.session.generate_reply()
 
 
 async def entrypoint(ctx: JobContext) -> None:
