@@ -149,7 +149,7 @@ TEU = pb.AgentSessionEvent.ToolExecutionUpdated
     (pb.AgentSessionEvent(tool_execution_updated=TEU(ended=TEU.Ended(status=pb.TC_ERROR))),
      "tool_execution_updated: ended names no call"),
     (pb.AgentSessionEvent(tool_execution_updated=TEU(reply_updated=TEU.ReplyUpdated(update_ids=["u"]))),
-     "tool_execution_updated: reply_updated names no call"),
+     "tool_execution_updated: reply_updated names no speech"),
     (pb.AgentSessionEvent(function_tools_started=pb.AgentSessionEvent.FunctionToolsStarted()),
      "function_tools_started: no call with a call id"),
 ])
@@ -163,6 +163,33 @@ def test_a_tool_step_naming_no_call_is_recorded_untyped_with_the_reason(event: p
     assert recorded.body.topic == FEED and recorded.body.json is not None
     assert recorded.body.attributes["event"] == event.WhichOneof("event")
     assert ingest.counters.rejected == 1
+
+
+_texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12)
+_steps = st.one_of(
+    st.builds(lambda c, i, n, a: TEU(started=TEU.Started(function_call=pb.FunctionCall(call_id=c, id=i, name=n,
+                                                                                        arguments=a))),
+              _texts, _texts, _texts, _texts),
+    st.builds(lambda c, i, m: TEU(call_updated=TEU.CallUpdated(call_id=c, id=i, message=m)), _texts, _texts, _texts),
+    st.builds(lambda c, s, m: TEU(ended=TEU.Ended(call_id=c, status=s, **({"message": m} if m is not None else {}))),
+              _texts, st.integers(0, 9), st.none() | _texts),
+    st.builds(lambda u, s, sp: TEU(reply_updated=TEU.ReplyUpdated(update_ids=u, status=s, speech_id=sp)),
+              st.lists(_texts, max_size=3), st.integers(0, 9), _texts),
+    st.just(TEU()),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(step=_steps)
+def test_any_tool_step_is_recorded_once_typed_or_with_the_reason(step: Any) -> None:
+    ingest, out = make()
+    feed(ingest, [_message(pb.AgentSessionEvent(tool_execution_updated=step))])
+    (recorded,) = out
+    assert ev.decode(ev.encode(recorded)) == recorded
+    if isinstance(recorded.body, ev.ToolExecution):
+        assert recorded.body.call_id or recorded.body.speech_id
+    else:
+        assert isinstance(recorded.body, ev.Data) and recorded.body.reason.startswith("tool_execution_updated: ")
 
 
 def test_function_tools_started_is_a_start_of_each_call() -> None:

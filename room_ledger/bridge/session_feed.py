@@ -146,7 +146,8 @@ def _tool_execution(updated: pb.AgentSessionEvent.ToolExecutionUpdated, created:
         body = ev.ToolExecution(stage="reply", update_ids=list(r.update_ids), status=status, speech_id=r.speech_id,
                                 created_at=created)
         return FeedItem(body, at, f"tool:reply:{r.speech_id}:{status}")
-    why = f"tool_execution_updated: {step} names no call" if step else "tool_execution_updated: no step"
+    missing = "speech" if step == "reply_updated" else "call"
+    why = f"tool_execution_updated: {step} names no {missing}" if step else "tool_execution_updated: no step"
     return Other("tool_execution_updated", _as_json(updated), at, why)
 
 
