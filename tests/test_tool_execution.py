@@ -406,3 +406,20 @@ def test_every_combination_of_stage_and_fields_has_words() -> None:
                                                     [None, "done"], [None, "x"]):
         body = ev.ToolExecution(stage=stage, status=status, message=message)
         assert words.summary(_event(body, "e"))
+
+
+def test_replay_at_a_moment_shows_a_call_still_running() -> None:
+    import io
+
+    from rich.console import Console
+
+    from room_ledger.cli.timeline import TimelinePrinter
+    from room_ledger.cli.views import render_state
+
+    records = records_of([_event(START, "e1")])
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    render_state(console, fold(records), title="r1 at #1")
+    TimelinePrinter(console).print(records[0])
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "calls lookup({}) (started, no output yet)" in shown
+    assert "tool.execution" in shown and "agent starts lookup({}) [call_1]" in shown
