@@ -50,7 +50,8 @@ async def tool_worker(livekit_server: Any, tmp_path: Path) -> AsyncIterator[str]
     mark = livekit_server.log_mark()
     output = tmp_path / "worker.log"
     with output.open("ab") as log:
-        proc = await processes.start(sys.executable, str(REPO / "tests" / "tool_worker.py"), env={**os.environ, **env},
+        # as a module: a script's own folder comes first on its path, and tests/livekit is not livekit
+        proc = await processes.start(sys.executable, "-m", "tests.tool_worker", env={**os.environ, **env},
                                      stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         registered = asyncio.ensure_future(livekit_server.worker_registered(name, 60, after=mark))

@@ -4,7 +4,8 @@ A real ``AgentSession`` in text mode with the handoff example's scripted LLM. Th
 the caller ("How can I help?"); "where is my order" calls ``look_up_order``, which takes
 ``TOOL_WORKER_SECONDS`` (default 2) before it returns; its output is answered with "Your order 42
 has shipped.". Registered under ``TOOL_WORKER_AGENT``; LIVEKIT_URL/_API_KEY/_API_SECRET as for
-any worker.
+any worker. Run it as a module (``python -m tests.tool_worker`` from the repository): as a script,
+its folder would come first on the path, and ``tests/livekit`` would shadow ``livekit``.
 """
 
 from __future__ import annotations
