@@ -14,17 +14,32 @@ go through :func:`chat_items`:
 System and developer messages and agent config updates (instructions) are left out of both;
 timestamps are kept in ``created_at``, and the items are in the sessions' own time order, as a
 ``ChatContext`` is kept (:func:`in_time_order`).
+
+A function call with no output (its tool was still running when the log was read, or its
+process died before the tool returned) is mapped as it is: LiveKit Agents leaves such a call
+out of what it sends the LLM. A resumed agent that must not lose it asks for
+``close_open_calls=INTERRUPTED_OUTPUT``: each open call in view then gets a synthetic
+``function_call_output`` right after it, marked as an error, with that text and the id
+``interrupted:<call id>`` (the call itself gets ``extra["interrupted"]``), so the LLM sees that
+the call was made and that its outcome is unknown: it neither repeats it blindly nor believes it
+ran.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from livekit.agents.llm import ChatContext
 
     from room_ledger.state import ConversationItem, RoomState
+
+
+#: The output a resumed agent's LLM sees for a call whose tool never returned (``close_open_calls``).
+INTERRUPTED_OUTPUT: Final = "interrupted: outcome unknown"
+#: The id prefix of such a synthetic output (then the call id).
+INTERRUPTED_OUTPUT_ID_PREFIX: Final = "interrupted:"
 
 
 class SnapshotLike(Protocol):
@@ -61,8 +76,12 @@ def in_time_order(items: list[ChatItemT]) -> list[ChatItemT]:
 
 
 def chat_items(conversation: Iterable[ConversationItem], *, perspective: str | None = None,
-               owners: Mapping[str, str] | None = None) -> list[Any]:
-    """The conversation's items as ``llm`` chat items, in time order (see the module docstring)."""
+               owners: Mapping[str, str] | None = None, close_open_calls: str | None = None) -> list[Any]:
+    """The conversation's items as ``llm`` chat items, in time order (see the module docstring).
+
+    ``close_open_calls``: the text of the synthetic output each function call in view without
+    one gets (``INTERRUPTED_OUTPUT``); None maps the calls as they are.
+    """
     from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded by those who map
 
     owners = owners or {}
@@ -99,10 +118,30 @@ def chat_items(conversation: Iterable[ConversationItem], *, perspective: str | N
                 perspective is None or owner in (None, perspective)):
             items.append(llm.AgentHandoff(id=item.item_id, old_agent_id=item.old_agent_id,
                                           new_agent_id=item.new_agent_id, created_at=created_at))
+    if close_open_calls is not None:
+        items.extend(_close_open_calls(items, close_open_calls))
     return in_time_order(items)
 
 
-def snapshot_chat_ctx(snapshot: SnapshotLike) -> ChatContext:
+def _close_open_calls(items: list[Any], text: str) -> list[Any]:
+    """A synthetic output, marked interrupted, for each function call among ``items`` with none."""
+    from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded by those who map
+
+    answered = {item.call_id for item in items if isinstance(item, llm.FunctionCallOutput)}
+    closing: list[Any] = []
+    for call in items:
+        if not isinstance(call, llm.FunctionCall) or call.call_id in answered:
+            continue
+        answered.add(call.call_id)
+        call.extra["interrupted"] = True
+        # Just after its call: an output is read as the answer to the call before it.
+        closing.append(llm.FunctionCallOutput(
+            id=f"{INTERRUPTED_OUTPUT_ID_PREFIX}{call.call_id}", call_id=call.call_id, name=call.name,
+            output=text, is_error=True, created_at=call.created_at + 1e-6))
+    return closing
+
+
+def snapshot_chat_ctx(snapshot: SnapshotLike, *, close_open_calls: str | None = None) -> ChatContext:
     """A snapshot's conversation as a LiveKit Agents ``llm.ChatContext`` (``Snapshot.chat_ctx()``).
 
     User messages -> ``user``; the agents' speech -> ``assistant`` (speaker in
@@ -110,10 +149,11 @@ def snapshot_chat_ctx(snapshot: SnapshotLike) -> ChatContext:
     developer messages and agent config updates (instructions) left out; timestamps kept in
     ``created_at``. When the snapshot starts at a summary, the summary comes first as an
     assistant message marked ``extra["is_summary"]`` (as LiveKit's own summarization does).
+    ``close_open_calls``: see :func:`chat_items` (None, the default: calls mapped as they are).
     """
     from livekit.agents import llm  # noqa: PLC0415 - livekit-agents: optional and heavy, loaded by those who map
 
-    items = chat_items(snapshot.conversation)
+    items = chat_items(snapshot.conversation, close_open_calls=close_open_calls)
     summary = snapshot.state.summary
     if summary is not None and not snapshot.full_conversation:
         # Just before the first item it did not cover, as LiveKit's own summarization stamps it.
@@ -128,4 +168,5 @@ def snapshot_chat_ctx(snapshot: SnapshotLike) -> ChatContext:
     return llm.ChatContext(items)
 
 
-__all__ = ["SnapshotLike", "chat_items", "in_time_order", "snapshot_chat_ctx"]
+__all__ = ["INTERRUPTED_OUTPUT", "INTERRUPTED_OUTPUT_ID_PREFIX", "SnapshotLike", "chat_items", "in_time_order",
+           "snapshot_chat_ctx"]

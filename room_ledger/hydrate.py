@@ -161,9 +161,13 @@ class Snapshot:
         data["seq"] = self.seq
         return data
 
-    def chat_ctx(self) -> ChatContext:
-        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`room_ledger.chat.snapshot_chat_ctx`."""
-        return snapshot_chat_ctx(self)
+    def chat_ctx(self, *, close_open_calls: str | None = None) -> ChatContext:
+        """The conversation as a LiveKit Agents ``llm.ChatContext``: see :func:`room_ledger.chat.snapshot_chat_ctx`.
+
+        ``close_open_calls=room_ledger.chat.INTERRUPTED_OUTPUT`` (opt-in): a function call whose
+        tool never returned gets a synthetic output saying its outcome is unknown.
+        """
+        return snapshot_chat_ctx(self, close_open_calls=close_open_calls)
 
 
 # --- the database side ----------------------------------------------------------------------

@@ -31,6 +31,19 @@ a later event with the same item id updates the content in place.
   (``track_id``, else the speaker): the first in log order, until it leaves; the others'
   segments are duplicates and are skipped. Role: ``assistant`` when the speaker is an agent.
 - ``chat.message``: kept (role from the sender's kind), keyed by message id.
+- Function calls are one item per call id, from the moment the tool starts. LiveKit Agents'
+  feed puts a call in its conversation only with its output, once the tool has returned; the
+  ``tool.execution`` step ``started`` puts the call there first: a ``function_call`` item (name,
+  arguments, the feed owner as speaker) keyed ``call:<call id>``, the key the feed's own item of
+  the call takes. A ``conversation.item`` of type ``function_call`` whose call id is known goes to
+  the item already kept for it, whatever its own item id: the feed's item completes the started
+  one in place (its content, the first appearance's place). A start of a call already kept (a
+  start after the feed's item, a second bridge's copy) changes nothing. Other steps (progress,
+  end, the deferred reply) add nothing to the conversation: the output is the feed's
+  ``function_call_output`` item (``output:<call id>``), so a call and its output are there once
+  each, in any order their events reach the log. A call whose output never came (its process
+  died) stays without one: :func:`room_ledger.chat.chat_items` can close it for a resumed LLM.
+  Only the last ``MAX_CALLS`` call ids are remembered.
 - Echoes: an agent session repeats in its feed what it heard or said — a typed ``lk.chat``
   message becomes the session's user item, and an agent's first reply can reach the log as a
   transcript before its feed is known. A feed message item whose role and text equal a chat or
@@ -144,7 +157,7 @@ class ConversationItem(msgspec.Struct, kw_only=True, omit_defaults=True, gc=Fals
     text: str = ""
     seq: int
     time: datetime
-    #: conversation.item, transcript or chat.message
+    #: conversation.item, transcript, chat.message or tool.execution (a call still running)
     source: str = "conversation.item"
     interrupted: bool = False
     created_at: float | None = None
@@ -196,6 +209,10 @@ FED_EARLIER_S: Final = 2.0
 #: Two final transcripts of one track with the same words, begun this close, are one utterance
 #: transcribed twice (by two agents): their transcripts start within tens of ms of each other.
 SAME_SPEECH_S: Final = 1.5
+
+
+#: How many call ids the conversation remembers, to keep each call's function call once.
+MAX_CALLS: Final = 256
 
 
 class Echo(msgspec.Struct, kw_only=True, gc=False):
@@ -251,6 +268,8 @@ class RoomState(msgspec.Struct, kw_only=True):
     #: track -> the last final transcript kept of it: several agents transcribing one caller
     #: publish on the caller's behalf, so their copies carry the same sender (see _on_transcript).
     last_heard: dict[str, Echo] = msgspec.field(default_factory=dict)
+    #: Call id -> the item id its function call is kept under (the last MAX_CALLS calls).
+    calls: dict[str, str] = msgspec.field(default_factory=dict)
 
     @property
     def seq(self) -> int:
@@ -652,6 +671,8 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
             if len(state.echoed) > 4 * MAX_ECHOES:
                 del state.echoed[next(iter(state.echoed))]
     item_id = echo.item_id if echo is not None else body.item_id
+    if body.item_type == "function_call" and body.call_id:
+        item_id = _call_item_id(state, body.call_id, item_id)
     if body.item_type == "message" and role == "user":
         # The chat or transcript copy knows who spoke; the feed does not (its sender is the agent).
         speaker = echo.speaker if echo is not None and echo.speaker else _user_speaker(state, body.speaker, owner)
@@ -684,6 +705,30 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
     _put_item(state, item)
     if echo is None and body.item_type == "message":
         _remember_fed(state, item, arrived)
+
+
+def _call_item_id(state: RoomState, call_id: str, item_id: str) -> str:
+    """The item id a call's function call is kept under: the first one given for its call id."""
+    kept = state.calls.get(call_id)
+    if kept is not None:
+        return kept
+    state.calls[call_id] = item_id
+    if len(state.calls) > MAX_CALLS:
+        del state.calls[next(iter(state.calls))]
+    return item_id
+
+
+def _on_tool_execution(state: RoomState, event: ev.ToolExecutionEvent, seq: int, time: datetime) -> None:
+    body: ev.ToolExecution = event.body
+    if body.stage != "started" or not body.call_id or body.call_id in state.calls:
+        return
+    owner = event.sender.identity or None
+    item_id = _call_item_id(state, body.call_id, f"call:{body.call_id}")
+    _put_item(state, ConversationItem(
+        item_id=item_id, type="function_call", speaker=owner, seq=seq, time=event.at or time,
+        source="tool.execution", created_at=body.created_at, name=body.name, call_id=body.call_id,
+        arguments=body.arguments,
+    ))
 
 
 def _on_transcript(state: RoomState, event: ev.TranscriptEvent, seq: int, time: datetime) -> None:
@@ -761,6 +806,7 @@ _HANDLERS: Final[dict[type, _Handler]] = dict([
     _on(ev.TranscriptEvent, _on_transcript),
     _on(ev.ChatMessageEvent, _on_chat),
     _on(ev.ConversationItemEvent, _on_conversation_item),
+    _on(ev.ToolExecutionEvent, _on_tool_execution),
     _on(ev.HandoffEvent, _on_handoff),
     _on(ev.SessionPatchEvent, _on_session_patch),
     _on(ev.ContextSummaryEvent, _on_summary),

@@ -110,6 +110,8 @@ def _summary(event: ev.Event) -> str:
             return f"{who} (chat): “{clip(b.text)}”"
         case ev.ConversationItemEvent(body=b):
             return _conversation_summary(b)
+        case ev.ToolExecutionEvent(body=b):
+            return _tool_summary(b, event.sender.identity)
         case ev.HandoffEvent(body=b):
             reason = f": {b.reason}" if b.reason else ""
             return f"{b.from_agent} hands the caller to {b.to_agent}{reason}"
@@ -161,6 +163,23 @@ def _server_summary(b: ev.ServerEvent) -> str:
         if value:
             text += f" {label} {value}"
     return text
+
+
+def _tool_summary(b: ev.ToolExecution, owner: str) -> str:
+    """A step of a tool's run (``tool.execution``): its call id, so the call's items can be found."""
+    call = f" [{b.call_id}]" if b.call_id else ""
+    match b.stage:
+        case "started":
+            return f"{owner or '?'} starts {b.name or '?'}({clip(b.arguments or '', 80)}){call}"
+        case "updated":
+            return f"tool{call} reports: {clip(b.message or '', 100)}"
+        case "ended":
+            said = f" → {clip(b.message, 100)}" if b.message else ""
+            return f"tool{call} ended: {b.status or '?'}{said}"
+        case "reply":
+            covers = ", ".join(b.update_ids[:4]) + (" …" if len(b.update_ids) > 4 else "")
+            return f"tool reply {b.status or '?'} (speech {b.speech_id or '?'}; updates {covers or 'none'})"
+    return f"tool{call} {b.stage or 'step'}"
 
 
 def _conversation_summary(b: ev.ConversationItem) -> str:

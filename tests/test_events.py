@@ -16,6 +16,8 @@ def test_every_type_has_a_permanent_tag() -> None:
         "chat.message", "conversation.item", "handoff", "session.patch", "context.summary",
         "data", "bridge.joined", "bridge.gap", "bridge.left",
         "dispatch.created", "role.claim", "role.release",
+        # a tool call of an AgentSession while it runs (issue 23)
+        "tool.execution",
         # livekit-server's own view, from its webhook (issue 17)
         "server.room_started", "server.room_finished", "server.participant_joined", "server.participant_left",
         "server.participant_connection_aborted", "server.track_published", "server.track_unpublished",

@@ -174,6 +174,12 @@ bodies = st.one_of(
               segment_id=st.sampled_from(["s1", "s2", "s3"]), track_id=st.sampled_from(["TU", "TA"])),
     st.builds(ev.ChatMessage, message_id=st.sampled_from(["m1", "m2"]), text=st.text(max_size=5)),
     st.builds(ev.ContextSummary, text=st.just("sum"), covers_seq=st.integers(0, 10)),
+    # a tool call from its start, then the feed's call (its own key, or an id of its own) and output
+    st.builds(ev.ToolExecution, stage=st.sampled_from(["started", "ended"]), call_id=st.sampled_from(["c1", "c2"]),
+              name=st.just("lookup"), arguments=st.sampled_from(["{}", '{"x": 1}'])),
+    st.builds(ev.ConversationItem, item_id=st.sampled_from(["call:c1", "call:c2", "item_c1"]),
+              item_type=st.sampled_from(["function_call", "function_call_output"]),
+              call_id=st.sampled_from(["c1", "c2"]), name=st.just("lookup"), output=st.just("ok")),
 )
 room_logs = st.lists(st.tuples(bodies, agent), min_size=1, max_size=30)
 

@@ -722,8 +722,10 @@ class Ingest:
         for item in items:
             if isinstance(item, session_feed.Other):
                 body: ev.Body = ev.Data(topic=TOPIC_AGENT_SESSION, transport="byte_stream", json=item.json,
-                                        size=len(raw), attributes={"event": item.kind})
-                self._emit(body, sender=sender, at=item.at or at, kind="raw")
+                                        size=len(raw), reason=item.reason, attributes={"event": item.kind})
+                if item.reason:
+                    self.counters.reject(item.reason)
+                self._emit(body, sender=sender, at=item.at or at, kind="rejected" if item.reason else "raw")
                 continue
             body = item.body
             if isinstance(body, ev.ConversationItem):

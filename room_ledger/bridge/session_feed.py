@@ -2,8 +2,23 @@
 
 The primary AgentSession of a job broadcasts its events as byte streams (marked experimental
 upstream). We keep: conversation items (messages, function calls and outputs, handoffs, config
-updates) with their ids and timestamps, and agent state changes. Other session events (user
-state, usage, metrics …) are returned as :class:`Other` and recorded as untyped ``data``.
+updates) with their ids and timestamps, agent state changes, and the steps of tool runs
+(``tool_execution_updated``, and ``function_tools_started`` should a session send it) as
+``tool.execution``: the feed puts a function call in the conversation only with its output, so
+this is the only trace of a call cut off before it returned.
+
+The other session events are returned as :class:`Other` and recorded as untyped ``data`` (their
+JSON whole, the kind in ``attributes["event"]``); no reader folds them into state:
+
+- ``user_state_changed``: the caller's VAD; ``room_ledger.timeline``'s speech lanes read it from
+  ``data`` already (in logs of every age), so a new type would give it two shapes to read;
+- ``user_input_transcribed``: interim and final transcripts of the caller, whose final words
+  reach the log as the feed's user message (and as ``transcript`` without a feed);
+- ``session_usage_updated``, ``eot_prediction``, ``overlapping_speech``,
+  ``agent_false_interruption``, ``amd_prediction``, ``error``, ``debug_message``: metrics and
+  diagnostics, shown by ``ledger replay`` as they came.
+
+A ``tool_execution_updated`` that names no step, or no call, is one of them too, with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +34,9 @@ from livekit.protocol.agent_pb import agent_session as pb
 from room_ledger import events as ev
 
 _ROLES = {pb.DEVELOPER: "developer", pb.SYSTEM: "system", pb.USER: "user", pb.ASSISTANT: "assistant"}
+_CALL_STATUSES = {pb.TC_RUNNING: "running", pb.TC_DONE: "done", pb.TC_ERROR: "error", pb.TC_CANCELLED: "cancelled"}
+_REPLY_STATUSES = {pb.TR_SCHEDULED: "scheduled", pb.TR_COMPLETED: "completed", pb.TR_INTERRUPTED: "interrupted",
+                   pb.TR_SKIPPED: "skipped"}
 _STATES = {
     pb.AS_INITIALIZING: "initializing",
     pb.AS_IDLE: "idle",
@@ -88,6 +106,49 @@ class Other:
     kind: str
     json: dict[str, Any]
     at: datetime | None
+    #: Why an event of a kind we type was not typed ("" for the kinds we keep untyped).
+    reason: str = ""
+
+
+def _as_json(message: Any) -> dict[str, Any]:
+    # Fields at their default printed too: an enum's first value (US_SPEAKING, AS_INITIALIZING) is its
+    # default, which a plain MessageToDict leaves out, so {"old_state": "US_LISTENING"} meant
+    # "now speaking" without saying so.
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _tool_started(call: pb.FunctionCall, created: float | None, at: datetime | None) -> FeedItem:
+    body = ev.ToolExecution(stage="started", call_id=call.call_id, item_id=call.id, name=call.name,
+                            arguments=call.arguments, created_at=_ts(call.created_at) or created)
+    return FeedItem(body, at, f"tool:started:{call.call_id}")
+
+
+def _tool_execution(updated: pb.AgentSessionEvent.ToolExecutionUpdated, created: float | None,
+                    at: datetime | None) -> FeedItem | Other:
+    """One step of a tool's run; a step with no call to name it by stays untyped, with the reason."""
+    step = updated.WhichOneof("update")
+    if step == "started" and updated.started.function_call.call_id:
+        return _tool_started(updated.started.function_call, created, at)
+    if step == "call_updated" and updated.call_updated.call_id:
+        u = updated.call_updated
+        body = ev.ToolExecution(stage="updated", call_id=u.call_id, item_id=u.id, message=u.message,
+                                created_at=created)
+        return FeedItem(body, at, f"tool:updated:{u.call_id}:{u.id}")
+    if step == "ended" and updated.ended.call_id:
+        e = updated.ended
+        body = ev.ToolExecution(stage="ended", call_id=e.call_id, item_id=e.id,
+                                message=e.message if e.HasField("message") else None,
+                                status=_CALL_STATUSES.get(e.status, "unknown"), created_at=created)
+        return FeedItem(body, at, f"tool:ended:{e.call_id}")
+    if step == "reply_updated" and updated.reply_updated.speech_id:
+        r = updated.reply_updated
+        status = _REPLY_STATUSES.get(r.status, "unknown")
+        body = ev.ToolExecution(stage="reply", update_ids=list(r.update_ids), status=status, speech_id=r.speech_id,
+                                created_at=created)
+        return FeedItem(body, at, f"tool:reply:{r.speech_id}:{status}")
+    missing = "speech" if step == "reply_updated" else "call"
+    why = f"tool_execution_updated: {step} names no {missing}" if step else "tool_execution_updated: no step"
+    return Other("tool_execution_updated", _as_json(updated), at, why)
 
 
 def decode(raw: bytes) -> list[FeedItem | Other] | None:
@@ -129,8 +190,13 @@ def decode(raw: bytes) -> list[FeedItem | Other] | None:
                                        created_at=_ts(o.created_at) or created)
             items.append(FeedItem(body, at, f"item:{body.item_id}"))
         return items
-    # Fields at their default printed too: an enum's first value (US_SPEAKING, AS_INITIALIZING) is its
-    # default, which a plain MessageToDict leaves out, so {"old_state": "US_LISTENING"} meant
-    # "now speaking" without saying so.
-    return [Other(which, MessageToDict(getattr(event, which), preserving_proto_field_name=True,
-                                       always_print_fields_with_no_presence=True), at)]
+    if which == "tool_execution_updated":
+        return [_tool_execution(event.tool_execution_updated, created, at)]
+    if which == "function_tools_started":
+        # Not sent by LiveKit Agents 1.8's SessionHost (it sends tool_execution_updated), but in the
+        # protocol: the same start, as a session that sends it means it.
+        started: list[FeedItem | Other] = [_tool_started(call, created, at)
+                                           for call in event.function_tools_started.function_calls if call.call_id]
+        return started or [Other(which, _as_json(event.function_tools_started), at,
+                                 "function_tools_started: no call with a call id")]
+    return [Other(which, _as_json(getattr(event, which)), at)]

@@ -29,6 +29,7 @@ CATEGORY_STYLES: Final[dict[str, str]] = {
     "transcript": "green",
     "chat": "bright_green",
     "conversation": "blue",
+    "tool": "bright_cyan",
     "handoff": "bold bright_magenta",
     "session": "bright_blue",
     "context": "bright_black",

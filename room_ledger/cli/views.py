@@ -102,6 +102,8 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
             what = item.text
         elif item.type == "function_call":
             what = f"calls {item.name}({item.arguments or ''})"
+            if item.source == "tool.execution":  # only its start is in the log: running, or cut off
+                what += " (started, no output yet)"
         elif item.type == "function_call_output":
             what = f"{item.name or 'tool'} → {item.output or ''}"
         elif item.type == "agent_handoff":

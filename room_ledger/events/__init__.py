@@ -83,6 +83,7 @@ from room_ledger.events.bodies import (
     ServerTrackUnpublished,
     ServerWebhook,
     SessionPatch,
+    ToolExecution,
     Transcript,
     derived_event_id,
     new_event_id,
@@ -145,6 +146,7 @@ from room_ledger.events.envelopes import (
     ServerTrackUnpublishedEvent,
     ServerWebhookEvent,
     SessionPatchEvent,
+    ToolExecutionEvent,
     TranscriptEvent,
 )
 
@@ -232,6 +234,8 @@ __all__ = [
     "ServerWebhookEvent",
     "SessionPatch",
     "SessionPatchEvent",
+    "ToolExecution",
+    "ToolExecutionEvent",
     "Transcript",
     "TranscriptEvent",
     "body_from_dict",

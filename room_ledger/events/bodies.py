@@ -189,6 +189,35 @@ class ConversationItem(Body, frozen=True):
     created_at: float | None = None
 
 
+class ToolExecution(Body, frozen=True):
+    """One step of a function tool's run in an AgentSession, from its ``lk.agent.session`` feed
+    (``tool_execution_updated``; ``function_tools_started`` too, as ``started``).
+
+    LiveKit Agents puts a function call in the feed's conversation only together with its output,
+    once the tool has returned; this is the call while it runs. ``stage`` says which step (a
+    string, not a closed set: a step a later LiveKit version adds still decodes):
+
+    - ``started``: the call was dispatched (``item_id`` the call's chat item id, ``name``, ``arguments``);
+    - ``updated``: a progress update the tool sent (``item_id`` the update's entry id, ``message``);
+    - ``ended``: its one terminal step (``status`` done, error or cancelled; ``message`` the result
+      or error text, when there is one to voice);
+    - ``reply``: the deferred reply voicing updates (``status`` scheduled, completed, interrupted or
+      skipped; ``update_ids``, ``speech_id``).
+    """
+
+    stage: str = ""
+    call_id: str = ""
+    item_id: str = ""
+    name: str | None = None
+    arguments: str | None = None
+    message: str | None = None
+    status: str | None = None
+    update_ids: list[str] = []
+    speech_id: str | None = None
+    #: Unix seconds, as the session stamped the step.
+    created_at: float | None = None
+
+
 class Handoff(Body, frozen=True):
     from_agent: str
     to_agent: str

@@ -49,6 +49,7 @@ from room_ledger.events.bodies import (
     ServerTrackUnpublished,
     ServerWebhook,
     SessionPatch,
+    ToolExecution,
     Transcript,
     utcnow,
 )
@@ -116,6 +117,10 @@ class ChatMessageEvent(_Envelope, frozen=True, tag="chat.message"):
 
 class ConversationItemEvent(_Envelope, frozen=True, tag="conversation.item"):
     body: ConversationItem
+
+
+class ToolExecutionEvent(_Envelope, frozen=True, tag="tool.execution"):
+    body: ToolExecution
 
 
 class HandoffEvent(_Envelope, frozen=True, tag="handoff"):
@@ -222,6 +227,7 @@ KnownEvent: TypeAlias = (
     | TranscriptEvent
     | ChatMessageEvent
     | ConversationItemEvent
+    | ToolExecutionEvent
     | HandoffEvent
     | SessionPatchEvent
     | ContextSummaryEvent
@@ -282,6 +288,7 @@ EVENT_TYPES: Final[dict[str, type[_Envelope]]] = {
         TranscriptEvent,
         ChatMessageEvent,
         ConversationItemEvent,
+        ToolExecutionEvent,
         HandoffEvent,
         SessionPatchEvent,
         ContextSummaryEvent,
