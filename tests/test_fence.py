@@ -3,20 +3,27 @@ rejected, and every reader (one fold, a fold resumed from a stored state, replay
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from room_ledger import events as ev
 from room_ledger.agents import encode_protocol
 from room_ledger.bridge.ingest import Ingest
-from room_ledger.client import Record
+from room_ledger.cli.replay import replay_ndjson
+from room_ledger.cli.timeline import TimelinePrinter
+from room_ledger.client import Ledger, Record
 from room_ledger.errors import LedgerError, Superseded
 from room_ledger.ownership import REJECTIONS_KEPT, grant_of
 from room_ledger.projections.rows import decode_state, encode_state
 from room_ledger.state import RoomState, fold
+from room_ledger.timeline import RejectionTracker
+from room_ledger.window import Point, Window
 from tests.test_reducers import ROOM, rec
 
 
@@ -270,3 +277,54 @@ def test_folding_with_rejections_is_the_same_in_one_pass_and_in_any_split(log: l
             after.index = before.index
             after.ownership.rejected = before.ownership.rejected
             assert msgspec.to_builtins(after) == msgspec.to_builtins(before)
+
+
+# --- ledger replay marks them ---------------------------------------------------------------------
+
+def stale_write_log() -> list[Record]:
+    return log_of(*triage_to_billing(), patch("triage", 1, caller="Bob"), patch("billing", 3, ok=True))
+
+
+def test_the_timeline_marks_a_rejected_write_and_says_why() -> None:
+    out = io.StringIO()
+    printer = TimelinePrinter(Console(file=out, width=220, color_system=None))
+    tracker = RejectionTracker()
+    for record in stale_write_log():
+        printer.print(record, tracker.feed(record))
+    lines = out.getvalue().splitlines()[1:]  # after the date line
+    marked = [line for line in lines if "REJECTED" in line]
+    assert len(marked) == 1 and " 5 " in marked[0] and "session.patch" in marked[0]
+    assert "REJECTED ('triage' handed the call to 'billing' at 3)" in marked[0]
+    assert printer.rejected == 1
+
+
+async def test_replay_json_carries_the_rejection_whatever_the_window(ledger: Ledger, room: str) -> None:
+    async def append(body: ev.Body) -> int:
+        position = await ledger.append(ev.make_event(room, body, sender=ev.Sender(identity="agent", kind="agent")))
+        return position.seq
+
+    # triage_to_billing(), at the stream's own sequences
+    triage = await append(claim("triage"))
+    await append(patch("triage", triage, caller="Ana"))
+    handoff = await append(ev.Handoff(from_agent="triage", to_agent="billing", reason="bill"))
+    await append(claim("billing", handoff))
+    stale = await append(patch("triage", triage, caller="Bob"))
+    await append(patch("billing", handoff, ok=True))
+
+    async def lines(window: Window) -> list[dict[str, Any]]:
+        out = io.BytesIO()
+        await replay_ndjson(ledger, room, window, out=out)
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    # the whole room, from its start, and a part of it (the fence's inputs read first)
+    for window in (Window(), Window(since=Point(seq=stale)), Window(types=("session.patch",)),
+                   Window(senders=("agent",))):
+        shown = await lines(window)
+        rejected = [line for line in shown if "rejected" in line]
+        assert [line["seq"] for line in rejected] == [stale], window
+        assert rejected[0]["rejected"] == {"agent_id": "triage", "epoch": triage,
+                                           "reason": f"'triage' handed the call to 'billing' at {handoff}"}
+        assert rejected[0]["type"] == "session.patch" and rejected[0]["body"]["epoch"] == triage
+    # and every reader's fold agrees
+    state = fold([r async for r in ledger.read(room)])
+    assert [r.seq for r in state.ownership.rejected] == [stale] and state.session == {"caller": "Ana", "ok": True}
