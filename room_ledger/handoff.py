@@ -522,9 +522,9 @@ class LedgerLink:
                 await self.sync_userdata()
             except Superseded as exc:
                 # Another process has the call (this one handed it off, or was paused past its
-                # successor's take-over): nothing this one writes would count.
-                log.info("%s: userdata no longer published: %s", self.agent_id, exc)
-                return
+                # successor's take-over): nothing it writes would count. Not an end: a failed
+                # handoff's record gives the call back, and the next turn publishes again.
+                log.info("%s: userdata not published: %s", self.agent_id, exc)
             except Exception:
                 log.warning("%s: publishing the userdata failed; retried at the end of the next turn",
                             self.agent_id, exc_info=True)
