@@ -13,6 +13,12 @@ followed log, so every agent computes the same holder::
     await agent.sync_userdata(session.userdata)   # publishes only what changed
     role = await agent.claim_role({"customer", "support"})             # decided by log order
 
+Session patches, floor claims and releases, and status carry the agent's ownership epoch (the
+sequence of its first claim, or of the handoff it resumed from, seen in its followed log): a
+write from an epoch the log has superseded is ignored by every reader (:mod:`room_ledger.ownership`),
+so once the followed log shows it superseded, those helpers raise
+:class:`~room_ledger.errors.Superseded` instead of sending: the process should shut its session down.
+
 Handing a caller to another agent's process is :mod:`room_ledger.handoff` (``transfer_tool``,
 ``LedgerLink``); this module has the rule it applies (:func:`handoff_took_effect`) and the
 dispatch metadata (:func:`handoff_from_metadata`).

@@ -36,6 +36,12 @@ conversation as a ``ChatContext`` (function calls, outputs and timestamps kept),
 userdata and the reason; :meth:`LedgerLink.attach` takes the floor, which is what the source
 waits for.
 
+Fencing (:mod:`room_ledger.ownership`): the target owns the call from the handoff's sequence (its
+epoch, which its session patches, floor claims and status carry), and the source's epoch is
+superseded there; the record of a failed handoff gives the source the call back at a new one. A
+process whose epoch the log has superseded (paused while its successor took over) gets
+:class:`~room_ledger.errors.Superseded` from the link's helpers, and its writes count for nothing.
+
 Warm standby: :meth:`LedgerLink.warm_up` dispatches the target when the call starts; its job
 starts its session and calls :meth:`LedgerLink.standby`, which follows the room's log, announces
 the standby (``agent.status`` idle, task ``standby``) and returns at the first handoff naming it

@@ -116,9 +116,11 @@ def grant_of(ownership: Ownership, floor_holder: str | None, event: ev.Event) ->
                     and target.superseded_at is None):
                 return Grant(to_agent=body.to_agent, kind="handoff failed", from_agent=body.from_agent)
         return None
-    agent_id = claimant(event)
-    if agent_id is not None and agent_id not in ownership.owners:
-        return Grant(to_agent=agent_id, kind="claim")
+    if isinstance(event, ev.FloorRequestEvent | ev.AgentStatusEvent) and event.body.agent_id not in ownership.owners:
+        # (the cheap test first: most claims and statuses come from agents that have an epoch)
+        agent_id = claimant(event)
+        if agent_id is not None:
+            return Grant(to_agent=agent_id, kind="claim")
     return None
 
 
