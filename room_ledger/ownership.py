@@ -132,7 +132,8 @@ def take(ownership: Ownership, grant: Grant, seq: int) -> None:
             previous.superseded_at = seq
             previous.successor = grant.to_agent
         elif previous is None:
-            # An owner the log never saw claim (it wrote no claim, or before this rule): superseded all the same.
+            # A holder whose claim this state never saw (folded from a checkpoint older than this
+            # rule): superseded all the same, so none of its epochs before this one counts.
             ownership.owners[grant.from_agent] = Owner(agent_id=grant.from_agent, epoch=seq, granted_by="unknown",
                                                        superseded_at=seq, successor=grant.to_agent)
     ownership.owners[grant.to_agent] = Owner(agent_id=grant.to_agent, epoch=seq, granted_by=grant.kind)
@@ -152,10 +153,10 @@ def stale_reason(ownership: Ownership, agent_id: str | None, epoch: int | None) 
     owner = ownership.owners.get(agent_id)
     if owner is None:
         return None
-    if epoch < owner.epoch:
-        return f"epoch {epoch} of {agent_id!r} superseded by its epoch {owner.epoch} ({owner.granted_by})"
     if owner.superseded_at is not None and epoch < owner.superseded_at:
         return f"{agent_id!r} handed the call to {owner.successor!r} at {owner.superseded_at}"
+    if epoch < owner.epoch:
+        return f"epoch {epoch} of {agent_id!r} superseded by its epoch {owner.epoch} ({owner.granted_by})"
     return None
 
 
