@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -61,7 +62,11 @@ async def wait_for_stall() -> None:
 
 
 async def main(room_name: str) -> None:
+    # Its stderr is the test's owner.log: what the SDK did across the pause (a resume, a rejoin).
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     room = rtc.Room()
+    for change in ("reconnecting", "reconnected", "disconnected", "connection_state_changed"):
+        room.on(change, lambda *args, change=change: logging.info("room: %s %s", change, args))
     await room.connect(os.environ["LIVEKIT_URL"], os.environ["FENCE_OWNER_TOKEN"])
     identity = room.local_participant.identity
     async with Ledger(Settings.from_env(), name="fence-owner") as ledger:

@@ -128,6 +128,11 @@ async def test_a_paused_owner_resumed_after_a_handoff_changes_nothing_and_is_tol
             assert all(f"agent {AGENT_ID!r} in room {room!r} owned its call at epoch {epoch}" in why
                        for why in told["superseded"].values()), told
             # (its exit status is not checked: the FFI has been seen to abort at exit, tests/README.md)
+        except BaseException:
+            # what the log and the owner saw, for a failure on a loaded machine
+            print("the log:", [(r.seq, r.type, r.event.sender.identity) for r in log.records], "\nthe owner:",
+                  tail(output))
+            raise
         finally:
             if owner.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
