@@ -13,6 +13,12 @@ followed log, so every agent computes the same holder::
     await agent.sync_userdata(session.userdata)   # publishes only what changed
     role = await agent.claim_role({"customer", "support"})             # decided by log order
 
+Session patches, floor claims and releases, and status carry the agent's ownership epoch (the
+sequence of its first claim, or of the handoff it resumed from, seen in its followed log): a
+write from an epoch the log has superseded is ignored by every reader (:mod:`room_ledger.ownership`),
+so once the followed log shows it superseded, those helpers raise
+:class:`~room_ledger.errors.Superseded` instead of sending: the process should shut its session down.
+
 Handing a caller to another agent's process is :mod:`room_ledger.handoff` (``transfer_tool``,
 ``LedgerLink``); this module has the rule it applies (:func:`handoff_took_effect`) and the
 dispatch metadata (:func:`handoff_from_metadata`).
@@ -31,7 +37,9 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from room_ledger import events as ev
+from room_ledger import ownership as ownership_rules
 from room_ledger import protocol
+from room_ledger.errors import Superseded
 from room_ledger.events import derived_event_id
 from room_ledger.following import FollowedRoom
 from room_ledger.hydrate import hydrate
@@ -60,6 +68,11 @@ AGENT_EVENT_TYPES: Final = frozenset(
 MAX_PACKET_BYTES: Final = 15 * 1024
 #: Keys of the dispatch metadata a handoff sends (and nothing else).
 HANDOFF_METADATA_KEYS: Final = ("room", "ledger_seq")
+#: Writes the fold fences by epoch (:mod:`room_ledger.ownership`): the helpers stamp them and
+#: refuse them once this process's epoch is superseded.
+FENCED_EVENT_TYPES: Final = frozenset({"session.patch", "floor.request", "floor.release", "agent.status"})
+#: How many of its own published event ids an agent remembers (to know a grant it caused as its own).
+OWN_IDS_KEPT: Final = 1_000
 
 
 def protocol_event_id(room: str, payload_id: str) -> str:
@@ -231,6 +244,11 @@ class LedgerAgent:
         self.last_streamed = False
         #: Called with each followed record once :attr:`state` includes it (see :meth:`on_record`).
         self._listeners: list[Callable[[Record], None]] = []
+        #: This process's ownership epoch (None: it owns no call, and its writes are never fenced).
+        self._epoch: int | None = None
+        #: Log ids of the events this process published, newest last: a grant made by one of them
+        #: (its first floor claim, the record of its failed handoff) is this process's epoch.
+        self._own_ids: dict[str, None] = {}
 
     @property
     def agent_id(self) -> str:
@@ -244,7 +262,14 @@ class LedgerAgent:
 
     async def publish(self, type_name: str, body: ev.Body | Mapping[str, Any], *, payload_id: str | None = None,
                       extra: Mapping[str, Any] | None = None) -> str:
-        """Publish one event; returns the id it will have in the log."""
+        """Publish one event; returns the id it will have in the log.
+
+        Raises :class:`~room_ledger.errors.Superseded` for a write the fold fences (session
+        patch, floor claim or release, status) once the followed log shows this process's epoch
+        superseded: it would be ignored.
+        """
+        if type_name in FENCED_EVENT_TYPES:
+            self.check_not_superseded()
         pid, data = encode_protocol(type_name, body, payload_id=payload_id, extra=extra)
         # Large messages go as a text stream (any size the bridge can store); only over the hard
         # limit is one refused, here, before anything is sent (issue 13).
@@ -257,18 +282,25 @@ class LedgerAgent:
             await participant.publish_data(data, reliable=True, topic=LEDGER_TOPIC)
         else:
             await participant.send_text(data.decode("utf-8"), topic=LEDGER_TOPIC)
-        return protocol_event_id(self.room_name, pid)
+        event_id = protocol_event_id(self.room_name, pid)
+        self._own_ids[event_id] = None
+        if len(self._own_ids) > OWN_IDS_KEPT:
+            del self._own_ids[next(iter(self._own_ids))]
+        return event_id
 
     async def status(self, status: ev.AgentStatusValue, *, action_lock: bool = False, task: str | None = None) -> str:
         """The seed's coordination payload (``agent_id``, ``status``, ``action_lock``, ``task``)."""
         return await self.publish("agent.status", ev.AgentStatus(agent_id=self.agent_id, status=status,
-                                                                 action_lock=action_lock, task=task))
+                                                                 action_lock=action_lock, task=task,
+                                                                 epoch=self._epoch))
 
     async def request_floor(self, task: str | None = None) -> str:
-        return await self.publish("floor.request", ev.FloorRequest(agent_id=self.agent_id, task=task))
+        return await self.publish("floor.request", ev.FloorRequest(agent_id=self.agent_id, task=task,
+                                                                   epoch=self._epoch))
 
     async def release_floor(self, reason: str | None = None) -> str:
-        return await self.publish("floor.release", ev.FloorRelease(agent_id=self.agent_id, reason=reason))
+        return await self.publish("floor.release", ev.FloorRelease(agent_id=self.agent_id, reason=reason,
+                                                                   epoch=self._epoch))
 
     async def patch_session(self, patch: Mapping[str, Any] | None = None, *,
                             set_values: Mapping[str, Any] | None = None) -> str:
@@ -278,7 +310,10 @@ class LedgerAgent:
         Pointer -> value, stored exactly after the patch (``{"/promo_code": None}`` makes the
         field null; a merge patch cannot).
         """
-        body = ev.SessionPatch(patch=dict(patch or {}), set_values=dict(set_values or {}))
+        self.check_not_superseded()
+        epoch = self._epoch
+        body = ev.SessionPatch(patch=dict(patch or {}), set_values=dict(set_values or {}),
+                               agent_id=self.agent_id if epoch is not None else None, epoch=epoch)
         # The agent's own copy (see adopt_session), so patched in place.
         self._published_session = apply_session_patch(self._published_session, body)
         return await self.publish("session.patch", body)
@@ -380,6 +415,12 @@ class LedgerAgent:
             # Skipped the way every reader skips it (the state notes its sequence): the follow goes on.
             log.warning("room event %d could not be folded and is skipped (%s)", record.seq,
                         type(failure).__name__)
+        elif record.event.id in self._own_ids:
+            owner = self._state.ownership.owners.get(self.agent_id)
+            if owner is not None and owner.epoch == record.seq:
+                # A grant this process caused (its first claim, its failed handoff's record): another
+                # process of the same agent id seeing it must not take it for its own.
+                self._epoch = record.seq
         self._seq = record.seq
         self._seen_ids[record.event.id] = record.seq
         if len(self._seen_ids) > 10_000:
@@ -402,6 +443,36 @@ class LedgerAgent:
     def seq(self) -> int:
         """The last log sequence folded into :attr:`state`."""
         return self._seq
+
+    # --- ownership: the fence -----------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        """The sequence that made this process the owner of its call (None: it owns none), which
+        its fenced writes carry (:mod:`room_ledger.ownership`)."""
+        return self._epoch
+
+    def adopt_epoch(self, seq: int) -> None:
+        """Own the call from the grant at ``seq`` (a handoff this process resumed from)."""
+        self._epoch = seq
+
+    @property
+    def superseded_because(self) -> str | None:
+        """Why this process's epoch is superseded in the followed log (None: it is not, or has none)."""
+        if self._epoch is None or self._state is None:
+            return None
+        return ownership_rules.stale_reason(self._state.ownership, self.agent_id, self._epoch)
+
+    @property
+    def superseded(self) -> bool:
+        return self.superseded_because is not None
+
+    def check_not_superseded(self) -> None:
+        """Raise :class:`~room_ledger.errors.Superseded` if the followed log superseded this epoch."""
+        reason = self.superseded_because
+        if reason is not None:
+            assert self._epoch is not None
+            raise Superseded(self.agent_id, self._epoch, reason, self.room_name)
 
     @property
     def floor_holder(self) -> str | None:

@@ -21,6 +21,7 @@
     ├── RoleUnavailable         (ledger.roles) no role of a claim was free in time
     ├── WatchTimeout            (ledger.watch) what a watch waited for did not come in time (says what the log has)
     ├── HandoffFailed           (ledger.handoff) a handoff did not complete; the source keeps the caller
+    ├── Superseded              this process's ownership epoch was superseded (another took the call): shut down
     ├── WebhookRejected, WebhookUnroutable   (bridge.webhooks: the ingest wing)
     └── CliError                (cli.common) a command cannot do what was asked (one line, exit 1)
 
@@ -135,3 +136,21 @@ class UnknownRoom(LedgerError):
         super().__init__(f"no events for room {room!r} in the log{hint}")
         self.room = room
         self.close_matches = close_matches
+
+
+class Superseded(LedgerError):
+    """This process owned a call at an epoch the room's log has since superseded (its call was
+    handed to another agent, or to a newer process of the same agent, while it was paused or cut
+    off): the fold ignores its writes, so the helpers refuse them. Stop the process's session."""
+
+    def __init__(self, agent_id: str, epoch: int, reason: str, room: str = "") -> None:
+        where = f" in room {room!r}" if room else ""
+        super().__init__(
+            f"agent {agent_id!r}{where} owned its call at epoch {epoch}, which the log has superseded ({reason}): "
+            "another process has the call now and every write from this one is ignored; shut this session down "
+            "(a new owner hydrates the room and goes on)"
+        )
+        self.agent_id = agent_id
+        self.epoch = epoch
+        self.reason = reason
+        self.room = room

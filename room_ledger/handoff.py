@@ -36,6 +36,12 @@ conversation as a ``ChatContext`` (function calls, outputs and timestamps kept),
 userdata and the reason; :meth:`LedgerLink.attach` takes the floor, which is what the source
 waits for.
 
+Fencing (:mod:`room_ledger.ownership`): the target owns the call from the handoff's sequence (its
+epoch, which its session patches, floor claims and status carry), and the source's epoch is
+superseded there; the record of a failed handoff gives the source the call back at a new one. A
+process whose epoch the log has superseded (paused while its successor took over) gets
+:class:`~room_ledger.errors.Superseded` from the link's helpers, and its writes count for nothing.
+
 Warm standby: :meth:`LedgerLink.warm_up` dispatches the target when the call starts; its job
 starts its session and calls :meth:`LedgerLink.standby`, which follows the room's log, announces
 the standby (``agent.status`` idle, task ``standby``) and returns at the first handoff naming it
@@ -67,7 +73,7 @@ from room_ledger import state as rd
 from room_ledger import tracing
 from room_ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from room_ledger.client import Ledger
-from room_ledger.errors import LedgerError, SettingsError
+from room_ledger.errors import LedgerError, SettingsError, Superseded
 from room_ledger.hydrate import Snapshot, hydrate  # (and the reducers: loaded now, not on a job's event loop)
 from room_ledger.livekit_api import livekit_api
 from room_ledger.settings import Settings
@@ -110,6 +116,10 @@ CALLER_QUIET_S: Final = 6.0
 CATCH_UP_ECHO_S: Final = 5.0
 #: How long the source waits for its tool's call and output to reach the log before handing off.
 TOOL_OUTPUT_WAIT_S: Final = 5.0
+#: How long a source taking the call back waits to see its failed handoff's record in the log: the
+#: record is its new epoch, which its floor claim must carry (a claim stamped with the epoch it
+#: handed off would be fenced). A packet reaches the log in milliseconds.
+RECLAIM_WAIT_S: Final = 5.0
 #: Agent states that end a turn (the session waits for the user again).
 _TURN_OVER: Final = frozenset({"listening", "idle"})
 _IN_TURN: Final = frozenset({"thinking", "speaking"})
@@ -236,7 +246,15 @@ class LedgerLink:
             reason=handoff.reason if handoff else None, from_agent=handoff.from_agent if handoff else "",
             seq=request.ledger_seq, snapshot=snapshot)
         self._resumed = resumed
+        self._own_from(snapshot.state, request.ledger_seq)
         return resumed
+
+    def _own_from(self, state: rd.RoomState, seq: int) -> None:
+        """This process owns the call from the handoff at ``seq``, if the log says that handoff made
+        this agent the owner (it passed the floor): its writes carry that epoch from now on."""
+        owner = state.ownership.owners.get(self.agent_id)
+        if owner is not None and owner.epoch == seq:
+            self.agent.adopt_epoch(seq)
 
     async def _handoff_at(self, request: HandoffRequest) -> tuple[ev.Handoff | None, str | None, str]:
         """The handoff at the request's sequence, the trace context its source sent with it, and the
@@ -455,6 +473,7 @@ class LedgerLink:
                                       reason=handoff.reason, from_agent=handoff.from_agent, seq=self._handed_seq,
                                       snapshot=snapshot)
         self._resumed = resumed
+        self._own_from(state, self._handed_seq)
         session.userdata = resumed.userdata
         self.agent.adopt_session(dict(state.session))
         self._release_input(replay=False)  # what the caller typed meanwhile was the source's to answer
@@ -507,6 +526,11 @@ class LedgerLink:
             self._sync_wanted.clear()
             try:
                 await self.sync_userdata()
+            except Superseded as exc:
+                # Another process has the call (this one handed it off, or was paused past its
+                # successor's take-over): nothing it writes would count. Not an end: a failed
+                # handoff's record gives the call back, and the next turn publishes again.
+                log.info("%s: userdata not published: %s", self.agent_id, exc)
             except Exception:
                 log.warning("%s: publishing the userdata failed; retried at the end of the next turn",
                             self.agent_id, exc_info=True)
@@ -684,9 +708,13 @@ class LedgerLink:
             if outcome.seq is not None:
                 # The caller handed back: releases the target's floor if it got it, and shows in
                 # `ledger replay --handoffs` as what it was.
-                await agent.publish("handoff", ev.Handoff(from_agent=outcome.to_agent, to_agent=self.agent_id,
-                                                          reason=f"{FAILED_PREFIX}{outcome.error}",
-                                                          min_seq=outcome.seq))
+                record_id = await agent.publish("handoff", ev.Handoff(
+                    from_agent=outcome.to_agent, to_agent=self.agent_id, reason=f"{FAILED_PREFIX}{outcome.error}",
+                    min_seq=outcome.seq))
+                # The record gives this process the call back at a new epoch (room_ledger.ownership),
+                # which the claim below must carry: the epoch it handed off is superseded.
+                with contextlib.suppress(TimeoutError):
+                    await agent.wait_for_event(record_id, RECLAIM_WAIT_S)
             await agent.request_floor(task=f"{FAILED_PREFIX}{outcome.to_agent}")
         except Exception:
             log.warning("%s: recording the failed handoff failed", self.agent_id, exc_info=True)

@@ -63,6 +63,19 @@ Session: ``session.patch`` events applied in log order (an RFC 7386 merge patch,
 exactly at JSON Pointers, so a field can be null); ``session_version`` is the sequence of
 the last patch. Summary: the latest ``context.summary`` in log order.
 
+Ownership and the fence (:mod:`room_ledger.ownership`, issue 23): each agent id that owns a call
+has an epoch, the sequence of the event that made it the owner. A ``handoff`` from A to B that
+passes the floor makes B the owner at its sequence and supersedes A; the record of a failed
+handoff (B back to A, reason ``handoff failed: …``) gives A the call back and supersedes B, if B
+is the one that superseded A and has not passed the call on; an agent id's first floor claim
+makes it an owner (its later claims grant nothing). ``session.patch``, ``floor.request``,
+``floor.release`` and ``agent.status`` may carry the writer's ``epoch`` (and its agent id: a
+patch names it in ``agent_id``); one whose epoch is older than its agent id's latest grant, or
+than the handoff that superseded that agent, is rejected: it changes nothing but the index
+(``index.rejected`` counts it) and ``ownership.rejected`` (the latest ``REJECTIONS_KEPT``, with
+sequence, agent, type and reason). Ownership is per agent id: agents sharing a room without
+handing off to each other never fence one another. A write without an epoch is never rejected.
+
 Unknown event types are counted (``skipped_unknown``) and skipped. A record at or below the
 state's last sequence is ignored, so applying the same records twice changes nothing.
 """
@@ -79,19 +92,25 @@ import msgspec
 
 from room_ledger import events as ev
 from room_ledger import floor as floor_rules
+from room_ledger import ownership as ownership_rules
 from room_ledger import protocol
 from room_ledger import roles as role_rules
 from room_ledger.floor import FLOOR_HISTORY_KEPT, Floor, FloorClaim, FloorTenure
+from room_ledger.ownership import REJECTIONS_KEPT, Owner, Ownership, Rejection
 from room_ledger.roles import Roles
 
 __all__ = [
     "FLOOR_HISTORY_KEPT",
+    "REJECTIONS_KEPT",
     "ConversationItem",
     "Floor",
     "FloorClaim",
     "FloorTenure",
     "Gap",
+    "Owner",
+    "Ownership",
     "Participant",
+    "Rejection",
     "RoomIndex",
     "RoomState",
     "Summary",
@@ -196,6 +215,8 @@ class RoomIndex(msgspec.Struct, kw_only=True):
     gaps: list[Gap] = msgspec.field(default_factory=list)
     #: Sequences of events that made a reducer raise (skipped; the projector records why).
     failed: list[int] = msgspec.field(default_factory=list)
+    #: Writes rejected by the fence, ever (the latest are in ``RoomState.ownership.rejected``).
+    rejected: int = 0
 
 
 #: How many kept chat/transcript items wait to be matched by a feed item repeating them.
@@ -258,6 +279,8 @@ class RoomState(msgspec.Struct, kw_only=True):
     positions: dict[str, int] = msgspec.field(default_factory=dict)
     #: Roles claimed by agents, decided by log order (``role.claim``; see :mod:`room_ledger.roles`).
     roles: Roles = msgspec.field(default_factory=Roles)
+    #: Who owns the room's calls, by epoch, and the writes the fence rejected (:mod:`room_ledger.ownership`).
+    ownership: Ownership = msgspec.field(default_factory=Ownership)
     #: Item id -> the last MAX_ECHOES chat and transcript items (oldest first), matched or not.
     echoes: dict[str, Echo] = msgspec.field(default_factory=dict)
     #: Feed item id -> the chat/transcript item it repeated (its later updates go there too).
@@ -403,7 +426,32 @@ def apply(state: RoomState, record: RecordLike) -> None:
     if handler is None:
         state.skipped_unknown += 1
         return
+    if type(event) in _OWNERSHIP_TYPES:
+        _apply_owned(state, event, handler, seq, time)
+        return
     handler(state, event, seq, time)
+
+
+#: Types the fence checks or that may grant ownership (a set lookup keeps the hot path cheap).
+_OWNERSHIP_TYPES: Final = ownership_rules.FENCED_TYPES | ownership_rules.GRANTING_TYPES
+
+
+def _apply_owned(state: RoomState, event: Any, handler: _Handler, seq: int, time: datetime) -> None:
+    """A write the fence may reject, or an event that may grant ownership (decided on the state
+    before it: a handoff grants only if it passes the floor)."""
+    ownership = state.ownership
+    agent_id, epoch = ownership_rules.writer(event)
+    reason = ownership_rules.stale_reason(ownership, agent_id, epoch)
+    if reason is not None:
+        assert agent_id is not None and epoch is not None
+        state.index.rejected += 1
+        ownership_rules.reject(ownership, Rejection(seq=seq, time=time, agent_id=agent_id,
+                                                    kind=ev.event_type(event), epoch=epoch, reason=reason))
+        return
+    grant = ownership_rules.grant_of(ownership, state.floor.holder, event)
+    handler(state, event, seq, time)
+    if grant is not None:
+        ownership_rules.take(ownership, grant, seq)
 
 
 # --- participants ---------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal
 import msgspec
 
 from room_ledger import events as ev
+from room_ledger import ownership as ownership_rules
 from room_ledger import protocol
+from room_ledger.ownership import Rejection
 from room_ledger.state import RoomState, apply_safely
 
 if TYPE_CHECKING:
@@ -30,8 +32,9 @@ CONVERSATION_WINDOW: Final = 500
 # --- NDJSON ---------------------------------------------------------------------------------
 
 
-def ndjson_line(record: Record) -> bytes:
-    """``{"seq":…,"subject":…,"time":…, <the event's own fields>}`` + newline."""
+def ndjson_line(record: Record, rejection: Rejection | None = None) -> bytes:
+    """``{"seq":…,"subject":…,"time":…, <the event's own fields>}`` + newline; a write the fold
+    rejected (a superseded epoch's) has ``"rejected": {"agent_id", "epoch", "reason"}`` after ``time``."""
     event = record.event
     body = event.raw.strip() if isinstance(event, ev.OpaqueEvent) else ev.encode(event)
     if not body.startswith(b"{") or len(body) < 2:
@@ -41,12 +44,17 @@ def ndjson_line(record: Record) -> bytes:
         msgspec.json.encode(record.subject),
         msgspec.json.encode(record.time),
     )
+    if rejection is not None:
+        head += b',"rejected":' + msgspec.json.encode(
+            {"agent_id": rejection.agent_id, "epoch": rejection.epoch, "reason": rejection.reason})
     rest = body[1:]
     return head + (b"," + rest if rest != b"}" else rest) + b"\n"
 
 
-async def write_ndjson(records: AsyncIterable[Record], out: IO[bytes], *, follow: bool = False) -> int:
-    """Write records as NDJSON lines to ``out``; returns how many.
+async def write_ndjson(records: AsyncIterable[Record], out: IO[bytes], *, follow: bool = False,
+                       rejections: RejectionTracker | None = None) -> int:
+    """Write records as NDJSON lines to ``out``; returns how many. ``rejections``: marks the
+    writes the fold rejected (fed every record written).
 
     Output is buffered, and flushed at the first line (so it shows at once) and, when following,
     after every line.
@@ -54,12 +62,52 @@ async def write_ndjson(records: AsyncIterable[Record], out: IO[bytes], *, follow
     count = 0
     write = out.write
     async for record in records:
-        write(ndjson_line(record))
+        write(ndjson_line(record, rejections.feed(record) if rejections is not None else None))
         count += 1
         if follow or count == 1:
             out.flush()
     out.flush()
     return count
+
+
+# --- writes the fence rejected ------------------------------------------------------------------
+
+#: What the fence's decisions depend on: the fenced writes, the events that may grant ownership,
+#: and what else moves the floor (a handoff grants only if its source holds the floor).
+FENCE_INPUTS: Final[frozenset[type]] = (
+    ownership_rules.FENCED_TYPES | ownership_rules.GRANTING_TYPES | {ev.ParticipantLeftEvent})
+FENCE_INPUT_TYPES: Final = sorted(tag for tag, cls in ev.EVENT_TYPES.items() if cls in FENCE_INPUTS)
+
+
+class RejectionTracker:
+    """Which records the fold rejects as writes from a superseded epoch (:mod:`room_ledger.ownership`).
+
+    Fed records in log order; it folds only the fence's inputs (the floor and ownership), with the
+    same reducers as every reader, so a timeline marks what the projector and hydration ignored.
+    A view showing part of a room (``--since``, ``--type``, ``--sender``) calls :meth:`read_ahead`
+    first: the fence's inputs of the whole room, to the head as of then.
+    """
+
+    def __init__(self) -> None:
+        self.state = RoomState()
+        #: Rejections found by read_ahead, by sequence (the records a view shows are looked up).
+        self._ahead: dict[int, Rejection] = {}
+
+    def feed(self, record: Record) -> Rejection | None:
+        """The record's rejection, or None when the fold applies it (or it is no fenced write)."""
+        if record.seq <= self.state.seq:
+            return self._ahead.get(record.seq)
+        if type(record.event) not in FENCE_INPUTS:
+            return None
+        counted = self.state.index.rejected
+        apply_safely(self.state, record)
+        return self.state.ownership.rejected[-1] if self.state.index.rejected != counted else None
+
+    async def read_ahead(self, ledger: Ledger, room: str, until: int | None = None) -> None:
+        async for record in ledger.read(room, types=FENCE_INPUT_TYPES, until=until):
+            rejection = self.feed(record)
+            if rejection is not None:
+                self._ahead[record.seq] = rejection
 
 
 # --- state --------------------------------------------------------------------------------------

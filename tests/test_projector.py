@@ -157,17 +157,20 @@ async def test_migration_0004_pages_rooms_projected_before_it(pg_settings: Setti
 
 AGENT_IDS = ["a", "b", "c"]
 agent = st.sampled_from(AGENT_IDS)
+# Older than any grant (a stream sequence) or newer than all: the fence rejects some writes.
+epoch = st.none() | st.sampled_from([1, 10**12])
 bodies = st.one_of(
-    st.builds(ev.FloorRequest, agent_id=agent, task=st.none() | st.sampled_from(["t1", "t2"])),
-    st.builds(ev.FloorRelease, agent_id=agent),
+    st.builds(ev.FloorRequest, agent_id=agent, task=st.none() | st.sampled_from(["t1", "t2"]), epoch=epoch),
+    st.builds(ev.FloorRelease, agent_id=agent, epoch=epoch),
     st.builds(ev.AgentStatus, agent_id=agent, status=st.sampled_from(["processing", "idle", "resolved"]),
-              action_lock=st.booleans()),
+              action_lock=st.booleans(), epoch=epoch),
     st.builds(ev.Handoff, from_agent=agent, to_agent=agent),
     st.builds(ev.ParticipantJoined, identity=agent, kind=st.just("agent")),
     st.builds(ev.ParticipantLeft, identity=agent),
     st.builds(ev.AgentState, identity=agent, state=st.sampled_from(["idle", "speaking"])),
     st.builds(ev.SessionPatch, patch=st.dictionaries(st.sampled_from(["x", "y", "z"]),
-                                                     st.none() | st.integers(0, 3) | st.just({"k": [1]}))),
+                                                     st.none() | st.integers(0, 3) | st.just({"k": [1]})),
+              agent_id=st.none() | agent, epoch=epoch),
     st.builds(ev.ConversationItem, item_id=st.sampled_from(["i1", "i2", "i3", "i4", "i5"]),
               role=st.sampled_from(["user", "assistant"]), text=st.text(max_size=8)),
     st.builds(ev.Transcript, speaker=st.sampled_from(["user", "a"]), text=st.text(max_size=5),

@@ -199,7 +199,9 @@ async def test_two_agents_dispatched_at_once_take_distinct_roles_room_after_room
             assert sorted(a["test.role"] for a in reported.values()) == ["customer", "support"], reported
             # A sorted set: the claim first in the log gets "customer". (The claim may reach the bridge
             # before the server announces its sender, so the event's sender can be empty: the body says who.)
-            first = claims[0].event.body.agent_id  # type: ignore[union-attr]
+            claim = claims[0].event
+            assert isinstance(claim, ev.RoleClaimEvent)
+            first = claim.body.agent_id
             assert reported[first]["test.role"] == "customer"
             snapshot = await hydrate(ledger, room)
             assert {h.agent_id: role for role, h in snapshot.state.roles.holders.items()} == {

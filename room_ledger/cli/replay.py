@@ -23,6 +23,7 @@ from room_ledger.timeline import (
     FloorTracker,
     HandoffRow,
     HandoffTracker,
+    RejectionTracker,
     trim_conversation,
     write_ndjson,
 )
@@ -51,7 +52,22 @@ async def replay_ndjson(
     after every line.
     """
     out = out if out is not None else _binary_stdout()
-    return await write_ndjson(records(ledger, room, window, follow=follow), out, follow=follow)
+    marks = await rejection_tracker(ledger, room, window)
+    return await write_ndjson(records(ledger, room, window, follow=follow), out, follow=follow, rejections=marks)
+
+
+async def rejection_tracker(ledger: Ledger, room: str, window: Window) -> RejectionTracker:
+    """What marks the writes the fold rejected among the records of ``window``.
+
+    A window from the room's first event feeds it every record as it is shown (nothing more is
+    read); a window showing part of the room reads the fence's inputs of the whole room first.
+    Following with a filter, later records the filter hides are not folded: a rejection that
+    depends on one of them is not marked.
+    """
+    tracker = RejectionTracker()
+    if window.since is not None or window.types or window.senders:
+        await tracker.read_ahead(ledger, room, window.until.seq if window.until is not None else None)
+    return tracker
 
 
 # --- state at a point ---------------------------------------------------------------------------

@@ -140,17 +140,19 @@ async def replay(request: ReplayRequest) -> None:
 
 async def _timeline(ledger: Ledger, room: str, window: Any, *, follow: bool) -> None:
     printer = TimelinePrinter(console)
+    marks = await core.rejection_tracker(ledger, room, window)
     first = last = 0
     try:
         async for record in core.records(ledger, room, window, follow=follow):
             if not printer.count:
                 first = record.seq
             last = record.seq
-            printer.print(record)
+            printer.print(record, marks.feed(record))
     finally:
         if printer.count:
             gaps = f", {printer.gaps} bridge gap(s)" if printer.gaps else ""
-            console.print(Text(f"{printer.count} events, #{first}–#{last}{gaps}", style="bright_black"))
+            rejected = f", {printer.rejected} rejected (superseded epoch)" if printer.rejected else ""
+            console.print(Text(f"{printer.count} events, #{first}–#{last}{gaps}{rejected}", style="bright_black"))
     if not printer.count and not follow:
         console.print(f"No events of room {room!r} match these filters.")
 

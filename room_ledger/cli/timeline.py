@@ -17,6 +17,7 @@ from rich.text import Text
 
 from room_ledger import events as ev
 from room_ledger.client import Record
+from room_ledger.ownership import Rejection
 from room_ledger.settings import format_duration
 from room_ledger.words import clean, clip, event_time, sender_label, summary
 
@@ -37,6 +38,9 @@ CATEGORY_STYLES: Final[dict[str, str]] = {
     "bridge": "red",
 }
 GAP_STYLE: Final = "bold white on red"
+#: A write the fold rejected (a superseded epoch's): shown, struck through, with why.
+REJECTED_STYLE: Final = "strike bright_black"
+REJECTED_MARK_STYLE: Final = "bold red"
 #: A quiet spell longer than this between two shown events gets a separator line.
 QUIET_GAP_S: Final = 60.0
 
@@ -59,6 +63,8 @@ class TimelinePrinter:
         self.quiet_gap_s = quiet_gap_s
         self.count = 0
         self.gaps = 0
+        #: Writes shown as rejected by the fence.
+        self.rejected = 0
         self._last_time: datetime | None = None
         self._last_date: date | None = None
         self._styles: dict[str, tuple[str, str]] = {}
@@ -75,8 +81,9 @@ class TimelinePrinter:
             codes = self._styles[style] = (before, after)
         return f"{codes[0]}{text}{codes[1]}"
 
-    def compose(self, record: Record) -> str:
-        """The record's line, with ANSI styles when the console has colour."""
+    def compose(self, record: Record, rejection: Rejection | None = None) -> str:
+        """The record's line, with ANSI styles when the console has colour; a rejected write's
+        line says so first (the cropping keeps that, and cuts the event's own words)."""
         event = record.event
         name = ev.event_type(event)
         when = event_time(record)
@@ -84,11 +91,20 @@ class TimelinePrinter:
         head = f"{when:%H:%M:%S.%f}"[:12] + f" {record.seq:>7} "
         sender = f"{clip(sender_label(event), 28):<28} "
         kind = f"{clean(name):<22} "
+        mark = f"REJECTED ({clean(rejection.reason)}) " if rejection is not None else ""
         text = summary(event)
         if self._crop:
-            room = self.console.width - len(head) - cell_len(sender) - len(kind)
+            room = self.console.width - len(head) - cell_len(sender) - len(kind) - cell_len(mark)
             if cell_len(text) > room:
                 text = set_cell_size(text, max(room - 1, 0)) + "…"
+        if rejection is not None:
+            return (
+                self._paint(head, "bright_black")
+                + self._paint(sender, "bold" if event.sender.kind == "agent" else "")
+                + self._paint(kind, REJECTED_STYLE)
+                + self._paint(mark, REJECTED_MARK_STYLE)
+                + self._paint(text, REJECTED_STYLE)
+            )
         return (
             self._paint(head, "bright_black")
             + self._paint(sender, "bold" if event.sender.kind == "agent" else "")
@@ -96,7 +112,7 @@ class TimelinePrinter:
             + self._paint(text, GAP_STYLE if name == "bridge.gap" else "")
         )
 
-    def print(self, record: Record) -> None:
+    def print(self, record: Record, rejection: Rejection | None = None) -> None:
         when = event_time(record)
         local_date = when.date()
         if self._last_date != local_date:
@@ -111,5 +127,7 @@ class TimelinePrinter:
         self._last_time = when
         if ev.event_type(record.event) == "bridge.gap":
             self.gaps += 1
-        self.console.file.write(self.compose(record) + "\n")
+        if rejection is not None:
+            self.rejected += 1
+        self.console.file.write(self.compose(record, rejection) + "\n")
         self.count += 1

@@ -61,6 +61,9 @@ def render_state(console: Console, state: Any, *, title: str, last_items: int = 
     head.append(f"\nlast sequence #{state.seq}, {state.index.events} events", style="bright_black")
     if state.index.gaps:
         head.append(f", {len(state.index.gaps)} bridge gap(s)", style="bold red")
+    if state.index.rejected:
+        head.append(f", {state.index.rejected} write(s) rejected (superseded epoch; `ledger replay` marks them)",
+                    style="bold red")
 
     people = Table(box=box.SIMPLE_HEAD, title="participants", title_justify="left", expand=False)
     for column in ("identity", "kind", "present", "agent state", "status", "task", "lock", "also sent"):

@@ -141,16 +141,25 @@ class AgentStatus(Body, frozen=True):
     status: AgentStatusValue
     action_lock: bool | None = None
     task: str | None = None
+    #: The sender's ownership epoch (the log sequence that made it the owner of its call): a write
+    #: from a superseded epoch is ignored by the fold (see :mod:`room_ledger.ownership`). None: never fenced.
+    epoch: int | None = None
 
 
 class FloorRequest(Body, frozen=True):
     agent_id: str
     task: str | None = None
+    #: The sender's ownership epoch (the log sequence that made it the owner of its call): a write
+    #: from a superseded epoch is ignored by the fold (see :mod:`room_ledger.ownership`). None: never fenced.
+    epoch: int | None = None
 
 
 class FloorRelease(Body, frozen=True):
     agent_id: str
     reason: str | None = None
+    #: The sender's ownership epoch (the log sequence that made it the owner of its call): a write
+    #: from a superseded epoch is ignored by the fold (see :mod:`room_ledger.ownership`). None: never fenced.
+    epoch: int | None = None
 
 
 class Transcript(Body, frozen=True):
@@ -242,6 +251,10 @@ class SessionPatch(Body, frozen=True):
 
     patch: dict[str, Any] = {}
     set_values: dict[str, Any] = msgspec.field(default_factory=dict, name="set")
+    #: The agent that wrote it and its ownership epoch: a patch carrying both is fenced like the
+    #: agent's floor claims (see :mod:`room_ledger.ownership`); one without either never is.
+    agent_id: str | None = None
+    epoch: int | None = None
 
 
 class ContextSummary(Body, frozen=True):
