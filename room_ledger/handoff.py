@@ -59,13 +59,12 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 from livekit import api
 from livekit.agents import AgentSession, RunContext, ToolError, function_tool
-from livekit.agents.llm import ChatContext, FunctionTool
+from livekit.agents.llm import FunctionTool
 
 from room_ledger import events as ev
 from room_ledger import handoff_input as caller_side
@@ -73,7 +72,8 @@ from room_ledger import state as rd
 from room_ledger import tracing
 from room_ledger.agents import HandoffRequest, LedgerAgent, handoff_from_metadata, handoff_took_effect
 from room_ledger.client import Ledger
-from room_ledger.errors import LedgerError, SettingsError, Superseded
+from room_ledger.errors import SettingsError, Superseded
+from room_ledger.handoff_results import HandoffFailed, HandoffOutcome, Resumed
 from room_ledger.hydrate import Snapshot, hydrate  # (and the reducers: loaded now, not on a job's event loop)
 from room_ledger.livekit_api import livekit_api
 from room_ledger.settings import Settings
@@ -125,46 +125,6 @@ _TURN_OVER: Final = frozenset({"listening", "idle"})
 _IN_TURN: Final = frozenset({"thinking", "speaking"})
 
 _links: weakref.WeakKeyDictionary[AgentSession[Any], LedgerLink] = weakref.WeakKeyDictionary()
-
-
-class HandoffFailed(LedgerError):
-    """A handoff did not complete: the source keeps the caller (``reason`` says why)."""
-
-    def __init__(self, to_agent: str, reason: str) -> None:
-        super().__init__(f"handoff to {to_agent!r} failed: {reason}")
-        self.to_agent = to_agent
-        self.reason = reason
-
-
-@dataclass
-class Resumed(Generic[T]):
-    """What the target of a handoff resumes with."""
-
-    #: The conversation so far: messages, function calls and outputs, handoffs, with timestamps.
-    chat_ctx: ChatContext
-    #: The shared session document as the developer's userdata type.
-    userdata: T
-    reason: str | None
-    from_agent: str
-    #: The handoff's log sequence; the snapshot covers at least this.
-    seq: int
-    snapshot: Snapshot
-
-
-@dataclass
-class HandoffOutcome:
-    """How a transfer ended (``LedgerLink.transfers`` keeps them, newest last)."""
-
-    to_agent: str
-    reason: str | None
-    seq: int | None = None
-    ok: bool = False
-    error: str | None = None
-    dispatch_id: str | None = None
-    #: Seconds from the tool call to the target holding the floor (or to the failure).
-    elapsed_s: float = 0.0
-    #: "dispatch" (the target was dispatched) or "standby" (a warm standby took over).
-    via: str = "dispatch"
 
 
 class LedgerLink:

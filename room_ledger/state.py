@@ -82,8 +82,6 @@ state's last sequence is ignored, so applying the same records twice changes not
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Final, Protocol, TypeAlias, TypeVar
@@ -98,10 +96,36 @@ from room_ledger import roles as role_rules
 from room_ledger.floor import FLOOR_HISTORY_KEPT, Floor, FloorClaim, FloorTenure
 from room_ledger.ownership import REJECTIONS_KEPT, Owner, Ownership, Rejection
 from room_ledger.roles import Roles
+from room_ledger.room_model import (
+    FED_EARLIER_S,
+    FED_WINDOW_S,
+    MAX_CALLS,
+    MAX_ECHOES,
+    SAME_SPEECH_S,
+    ConversationItem,
+    Echo,
+    Gap,
+    Participant,
+    RoomIndex,
+    Summary,
+    text_digest,
+)
+from room_ledger.session_doc import (
+    apply_session_patch,
+    json_pointer,
+    merge_patch,
+    pointer_keys,
+    set_at,
+)
 
 __all__ = [
+    "FED_EARLIER_S",
+    "FED_WINDOW_S",
     "FLOOR_HISTORY_KEPT",
+    "MAX_CALLS",
+    "MAX_ECHOES",
     "REJECTIONS_KEPT",
+    "SAME_SPEECH_S",
     "ConversationItem",
     "Floor",
     "FloorClaim",
@@ -139,119 +163,6 @@ class RecordLike(Protocol):
 
 
 # --- state ----------------------------------------------------------------------------------
-
-
-class Participant(msgspec.Struct, kw_only=True):
-    identity: str
-    kind: str = "unknown"
-    name: str = ""
-    sid: str = ""
-    metadata: str = ""
-    attributes: dict[str, str] = msgspec.field(default_factory=dict)
-    present: bool = False
-    #: ``lk.agent.state``: initializing, idle, listening, thinking, speaking.
-    agent_state: str | None = None
-    #: Coordination status (``agent.status``): processing, idle, resolved.
-    status: str | None = None
-    task: str | None = None
-    lock: bool = False
-    #: Fields of the last ``agent.status`` packet its type does not know (kept as sent).
-    status_extra: dict[str, Any] = msgspec.field(default_factory=dict)
-    joined_seq: int | None = None
-    left_seq: int | None = None
-    last_seq: int = 0
-
-    @property
-    def is_agent(self) -> bool:
-        return self.kind == "agent" or self.status is not None or self.agent_state is not None
-
-
-class ConversationItem(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    item_id: str
-    #: message, function_call, function_call_output, agent_handoff, agent_config_update
-    type: str = "message"
-    #: user, assistant, system, developer (None for non-message items)
-    role: str | None = None
-    speaker: str | None = None
-    text: str = ""
-    seq: int
-    time: datetime
-    #: conversation.item, transcript, chat.message or tool.execution (a call still running)
-    source: str = "conversation.item"
-    interrupted: bool = False
-    created_at: float | None = None
-    name: str | None = None
-    call_id: str | None = None
-    arguments: str | None = None
-    output: str | None = None
-    is_error: bool = False
-    old_agent_id: str | None = None
-    new_agent_id: str | None = None
-    language: str | None = None
-
-
-class Summary(msgspec.Struct, kw_only=True):
-    text: str
-    covers_seq: int
-    seq: int
-    time: datetime
-    author: str = ""
-
-
-class Gap(msgspec.Struct, kw_only=True):
-    seq: int
-    bridge_id: str
-    started_at: datetime
-    ended_at: datetime
-    reason: str = ""
-
-
-class RoomIndex(msgspec.Struct, kw_only=True):
-    first_seq: int | None = None
-    last_seq: int = 0
-    last_activity: datetime | None = None
-    events: int = 0
-    counts: dict[str, int] = msgspec.field(default_factory=dict)
-    gaps: list[Gap] = msgspec.field(default_factory=list)
-    #: Sequences of events that made a reducer raise (skipped; the projector records why).
-    failed: list[int] = msgspec.field(default_factory=list)
-    #: Writes rejected by the fence, ever (the latest are in ``RoomState.ownership.rejected``).
-    rejected: int = 0
-
-
-#: How many kept chat/transcript items wait to be matched by a feed item repeating them.
-MAX_ECHOES: Final = 64
-#: How late a chat or transcript copy of a user's feed message may reach the log and still be
-#: taken for its copy (packets of two senders crossing in the SFU: milliseconds, not seconds).
-FED_WINDOW_S: Final = 10.0
-#: ... and its own timestamp may be a little earlier than the feed item's: a transcript is stamped
-#: when its stream opens, on the transcribing agent's clock, the feed item when the session added it.
-FED_EARLIER_S: Final = 2.0
-#: Two final transcripts of one track with the same words, begun this close, are one utterance
-#: transcribed twice (by two agents): their transcripts start within tens of ms of each other.
-SAME_SPEECH_S: Final = 1.5
-
-
-#: How many call ids the conversation remembers, to keep each call's function call once.
-MAX_CALLS: Final = 256
-
-
-class Echo(msgspec.Struct, kw_only=True, gc=False):
-    """A kept chat or transcript item an agent session's feed may repeat."""
-
-    role: str
-    #: A digest of the stripped text: small, and safe in PostgreSQL's JSON (no NUL).
-    digest: str
-    item_id: str
-    speaker: str | None = None
-    #: A feed item repeated it already: it is not matched again.
-    matched: bool = False
-    #: When it was recorded (feed messages only: a later copy is matched within FED_WINDOW_S).
-    at: datetime | None = None
-
-
-def _text_digest(text: str) -> str:
-    return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 class RoomState(msgspec.Struct, kw_only=True):
@@ -340,62 +251,6 @@ def apply_safely(state: RoomState, record: RecordLike) -> Exception | None:
             state.index.failed.append(record.seq)
         return exc
     return None
-
-
-def json_pointer(keys: Iterable[str]) -> str:
-    """The RFC 6901 JSON Pointer of a path of object keys (``["a", "b/c"]`` -> ``"/a/b~1c"``)."""
-    return "".join("/" + key.replace("~", "~0").replace("/", "~1") for key in keys)
-
-
-def pointer_keys(pointer: str) -> list[str]:
-    """The object keys of an RFC 6901 JSON Pointer (``""`` is the whole document: no keys)."""
-    if pointer == "":
-        return []
-    if not pointer.startswith("/"):
-        raise ValueError(f"{pointer!r} is not a JSON Pointer: it must be empty or start with '/'")
-    return [part.replace("~1", "/").replace("~0", "~") for part in pointer[1:].split("/")]
-
-
-def set_at(document: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
-    """Store ``value`` exactly at ``pointer`` (objects missing on the way are created, as a merge
-    patch creates them); returns the document. The whole document is replaced only by an object."""
-    keys = pointer_keys(pointer)
-    if not keys:
-        return copy.deepcopy(value) if isinstance(value, dict) else document
-    node = document
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {}
-        node = child
-    node[keys[-1]] = copy.deepcopy(value)
-    return document
-
-
-def apply_session_patch(document: dict[str, Any], body: ev.SessionPatch) -> dict[str, Any]:
-    """``document`` changed by one ``session.patch``: its merge patch, then its exact values."""
-    result = merge_patch(document, body.patch) if body.patch else document
-    if not isinstance(result, dict):
-        result = {}
-    for pointer, value in body.set_values.items():
-        result = set_at(result, pointer, value)
-    return result
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch; returns the patched value (dicts are changed in place)."""
-    if not isinstance(patch, dict):
-        return patch
-    if not isinstance(target, dict):
-        target = {}
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict):
-            target[key] = merge_patch(target.get(key), value)
-        else:
-            target[key] = value
-    return target
 
 
 # --- apply ----------------------------------------------------------------------------------
@@ -621,7 +476,7 @@ def _remember_echo(state: RoomState, item: ConversationItem) -> None:
     old = state.echoes.get(item.item_id)
     if not item.text or not item.role or (old is not None and old.matched):
         return
-    state.echoes[item.item_id] = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id,
+    state.echoes[item.item_id] = Echo(role=item.role, digest=text_digest(item.text), item_id=item.item_id,
                                       speaker=item.speaker)
     if old is None and len(state.echoes) > MAX_ECHOES:
         del state.echoes[next(iter(state.echoes))]
@@ -631,7 +486,7 @@ def _remember_fed(state: RoomState, item: ConversationItem, arrived: datetime) -
     """Remember a user's feed message that repeated no earlier item: its chat copy may come later."""
     if item.role != "user" or not item.text or item.item_id in state.fed:
         return
-    state.fed[item.item_id] = Echo(role=item.role, digest=_text_digest(item.text), item_id=item.item_id,
+    state.fed[item.item_id] = Echo(role=item.role, digest=text_digest(item.text), item_id=item.item_id,
                                    at=arrived)
     if len(state.fed) > MAX_ECHOES:
         del state.fed[next(iter(state.fed))]
@@ -644,7 +499,7 @@ def _repeats_feed(state: RoomState, item: ConversationItem) -> bool:
     now would make the projector, which has written it already, and a whole fold disagree."""
     if item.role != "user" or not item.text or not state.fed:
         return False
-    digest = _text_digest(item.text)
+    digest = text_digest(item.text)
     fed = next((e for e in state.fed.values()
                 if not e.matched and e.digest == digest and e.at is not None
                 and -FED_EARLIER_S <= (item.time - e.at).total_seconds() <= FED_WINDOW_S), None)
@@ -710,7 +565,7 @@ def _on_conversation_item(state: RoomState, event: ev.ConversationItemEvent, seq
     # timestamps, item type) at that item's id and position, so the message is there once.
     echo = state.echoed.get(body.item_id)
     if echo is None and body.item_type == "message" and body.text:
-        digest = _text_digest(body.text)
+        digest = text_digest(body.text)
         echo = next((e for e in state.echoes.values()
                      if not e.matched and e.role == role and e.digest == digest), None)
         if echo is not None:
@@ -795,7 +650,7 @@ def _on_transcript(state: RoomState, event: ev.TranscriptEvent, seq: int, time: 
     role = "assistant" if _is_agent(state, body.speaker) else "user"
     item_id = f"tr:{body.segment_id}" if body.segment_id else f"tr:{event.id}"
     when = event.at or time
-    digest = _text_digest(body.text)
+    digest = text_digest(body.text)
     heard = state.last_heard.get(track)
     if (heard is not None and heard.item_id != item_id and heard.digest == digest and heard.at is not None
             and abs((when - heard.at).total_seconds()) <= SAME_SPEECH_S):

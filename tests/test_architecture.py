@@ -233,3 +233,10 @@ def test_the_log_client_loads_nothing_of_the_agent_side() -> None:
             "'room_ledger.handoff', 'room_ledger.turns', 'livekit', 'livekit.agents') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_no_product_file_is_over_800_lines() -> None:
+    """A module a newcomer can read: past 800 lines a file holds more than one idea."""
+    long = {str(path.relative_to(ROOT)): n for path in (ROOT / "room_ledger").rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 800}
+    assert long == {}
