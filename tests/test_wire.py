@@ -67,6 +67,9 @@ async def test_lazy_headers_replace_the_parser_of_one_connection(settings: Setti
         sub2 = await other.subscribe(inbox2)
         await other.flush()
         await nc.publish(inbox2, b"y", headers={"A": "b"})
+        # Sent now, not when nc's flusher task gets its turn (once, late in a loaded full run, the
+        # message had not arrived within 5 s).
+        await nc.flush()
         msg2 = await sub2.next_msg(timeout=5)
         assert not isinstance(msg2.headers, _wire.LazyHeaders) and msg2.headers == {"A": "b"}
     finally:
