@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -227,14 +228,10 @@ def _session_bytes() -> tuple[list[bytes], str]:
     return asyncio.run(produce_session_bytes())
 
 
-async def produce_session_bytes() -> tuple[list[bytes], str]:
-    """Bytes from LiveKit Agents' own SessionHost encoder, fed by a real AgentSession's events."""
-    from livekit.agents import AgentSession, llm
-    from livekit.agents.voice.events import (
-        AgentStateChangedEvent,
-        ConversationItemAddedEvent,
-        FunctionToolsExecutedEvent,
-    )
+async def capture_session_feed(emit: Callable[[Any], None]) -> list[bytes]:
+    """What LiveKit Agents' own SessionHost publishes on ``lk.agent.session`` for the events
+    ``emit(session)`` makes a real ``AgentSession`` emit."""
+    from livekit.agents import AgentSession
     from livekit.agents.voice.remote_session import SessionHost, SessionTransport
 
     class Capture(SessionTransport):
@@ -259,14 +256,30 @@ async def produce_session_bytes() -> tuple[list[bytes], str]:
     session: AgentSession[None] = AgentSession()
     host.register_session(session)
     await host.start()
-    message = llm.ChatMessage(role="user", content=["my order is late"])
-    session.emit("conversation_item_added", ConversationItemAddedEvent(item=message))
-    session.emit("agent_state_changed", AgentStateChangedEvent(old_state="listening", new_state="thinking"))
-    session.emit("function_tools_executed", FunctionToolsExecutedEvent(
-        function_calls=[llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")],
-        function_call_outputs=[llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)]))
+    emit(session)
     await host.aclose()
-    return transport.out, message.id
+    return transport.out
+
+
+async def produce_session_bytes() -> tuple[list[bytes], str]:
+    """Bytes from LiveKit Agents' own SessionHost encoder, fed by a real AgentSession's events."""
+    from livekit.agents import llm
+    from livekit.agents.voice.events import (
+        AgentStateChangedEvent,
+        ConversationItemAddedEvent,
+        FunctionToolsExecutedEvent,
+    )
+
+    message = llm.ChatMessage(role="user", content=["my order is late"])
+
+    def emit(session: Any) -> None:
+        session.emit("conversation_item_added", ConversationItemAddedEvent(item=message))
+        session.emit("agent_state_changed", AgentStateChangedEvent(old_state="listening", new_state="thinking"))
+        session.emit("function_tools_executed", FunctionToolsExecutedEvent(
+            function_calls=[llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")],
+            function_call_outputs=[llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)]))
+
+    return await capture_session_feed(emit), message.id
 
 
 def test_agent_session_feed_from_livekit_agents_encoder() -> None:

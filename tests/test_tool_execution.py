@@ -23,6 +23,7 @@ from room_ledger.chat import INTERRUPTED_OUTPUT, chat_items
 from room_ledger.client import Record
 from room_ledger.projections.rows import decode_state, encode_state
 from room_ledger.state import ConversationItem, RoomState, apply, fold
+from tests.test_bridge_ingest import capture_session_feed
 
 ROOM = "r1"
 AGENT = "agent"
@@ -49,38 +50,7 @@ def feed(ingest: Ingest, messages: list[bytes]) -> None:
 def session_bytes(emit: Callable[[Any], None]) -> list[bytes]:
     """What LiveKit Agents' SessionHost publishes on ``lk.agent.session`` for the events ``emit``
     makes a real ``AgentSession`` emit."""
-
-    async def run() -> list[bytes]:
-        from livekit.agents import AgentSession
-        from livekit.agents.voice.remote_session import SessionHost, SessionTransport
-
-        class Capture(SessionTransport):
-            def __init__(self) -> None:
-                self.out: list[bytes] = []
-
-            async def start(self) -> None: ...
-
-            async def send_message(self, msg: Any) -> None:
-                self.out.append(msg.SerializeToString())
-
-            async def close(self) -> None: ...
-
-            def __aiter__(self) -> Any:
-                return self
-
-            async def __anext__(self) -> Any:
-                await asyncio.Event().wait()
-
-        transport = Capture()
-        host = SessionHost(transport)
-        session: AgentSession[None] = AgentSession()
-        host.register_session(session)
-        await host.start()
-        emit(session)
-        await host.aclose()
-        return transport.out
-
-    return asyncio.run(run())
+    return asyncio.run(capture_session_feed(emit))
 
 
 def a_tool_call_and_its_output(session: Any) -> None:
